@@ -1,0 +1,483 @@
+"""n-gram language models, serving side: load an ARPA or Laplace counts file and score with numpy.
+
+This module owns reading the two n-gram file formats written by `models/ngram.py` (and any ARPA file, e.g.
+one from KenLM's lmplz) and answering the two questions a server asks: the log10 probability of each word
+of a sentence (`score_words`, equal to KenLM's `full_scores`) and the distribution of the next word
+(`next_log10probs`, vectorised over the vocabulary). It imports numpy and the standard library only.
+
+Storage: per order k >= 2, the n-grams as a lexicographically sorted (n_k, k) id matrix plus one dict from
+context (the first k-1 ids, a tuple) to its row range; order 1 is dense over the vocabulary. A lookup is a
+dict hit and a binary search in the context's rows, and a context's continuations are one slice.
+"""
+
+from __future__ import annotations
+
+import abc
+import gc
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+COUNTS_MAGIC = "# plm-ngram-counts"
+# KenLM gives a missing <unk> this log10 probability (and warns); we do the same so scores agree.
+KENLM_MISSING_UNK_LOG10 = -100.0
+
+IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
+
+
+class _Order:
+    """The n-grams of one order k >= 2: sorted ids, their values, and the context -> rows index."""
+
+    def __init__(self, ids: IntArray, values: list[npt.NDArray[Any]], vocab: list[str], what: str) -> None:
+        n, k = ids.shape
+        rank = np.lexsort(ids.T[::-1])  # first column is the primary key
+        ids = ids[rank]
+        self.words = np.ascontiguousarray(ids[:, -1])  # (n,) last word of each n-gram
+        self.values = [v[rank] for v in values]
+        ctx = ids[:, :-1]  # (n, k-1)
+        new_ctx = np.ones(n, dtype=bool)
+        if n:
+            new_ctx[1:] = np.any(ctx[1:] != ctx[:-1], axis=1)
+            same_word = self.words[1:] == self.words[:-1]
+            dup = np.flatnonzero(~new_ctx[1:] & same_word)
+            if len(dup):
+                gram = " ".join(vocab[i] for i in ids[dup[0] + 1].tolist())
+                raise ValueError(f"{what}: duplicate {k}-gram {gram!r}")
+        starts = np.flatnonzero(new_ctx)
+        ends = np.append(starts[1:], n)
+        keys = map(tuple, ctx[starts].tolist())
+        self.index: dict[tuple[int, ...], tuple[int, int]] = dict(
+            zip(keys, zip(starts.tolist(), ends.tolist(), strict=True), strict=True)
+        )
+
+    def find(self, context: tuple[int, ...], word: int) -> int:
+        """Row of the n-gram (context, word), or -1."""
+        span = self.index.get(context)
+        if span is None:
+            return -1
+        start, end = span
+        row = start + int(np.searchsorted(self.words[start:end], word))
+        return row if row < end and self.words[row] == word else -1
+
+
+class NgramModel(abc.ABC):
+    """A loaded n-gram model: vocabulary, order, and scoring. Build one with `load_arpa`/`load_counts`."""
+
+    kind = ""
+
+    def __init__(self, vocab: list[str], order: int) -> None:
+        self.vocab = vocab
+        self.order = order
+        self.word_to_id = {w: i for i, w in enumerate(vocab)}
+        if len(self.word_to_id) != len(vocab):
+            raise ValueError("the vocabulary has duplicate words")
+        for special in (BOS, EOS, UNK):
+            if special not in self.word_to_id:
+                raise ValueError(f"the vocabulary lacks {special}")
+        self.bos, self.eos = BOS, EOS
+        self.bos_id = self.word_to_id[BOS]
+        self.eos_id = self.word_to_id[EOS]
+        self.unk_id = self.word_to_id[UNK]
+
+    @classmethod
+    def load_arpa(cls, path: str | Path) -> NgramModel:
+        """Load an ARPA backoff model (ours are interpolated Kneser-Ney). Raises ValueError on a bad file."""
+        with _gc_paused():
+            return _read_arpa(Path(path))
+
+    @classmethod
+    def load_counts(cls, path: str | Path) -> NgramModel:
+        """Load a Laplace counts file written by `models.ngram.LaplaceLM.write_counts`."""
+        with _gc_paused():
+            return _read_counts(Path(path))
+
+    def ids(self, words: list[str]) -> list[int]:
+        """Vocabulary ids of the words, out-of-vocabulary words as `<unk>`."""
+        get, unk = self.word_to_id.get, self.unk_id
+        return [get(w, unk) for w in words]
+
+    def score_words(self, words: list[str], *, bos: bool = True, eos: bool = True) -> list[tuple[float, int]]:
+        """(log10 P(w | history), n-gram length used) for each word and then `</s>` (KenLM's `full_scores`).
+
+        The n-gram length is, for a backoff (ARPA) model, the length of the longest matching n-gram, and
+        for Laplace the history length plus one (the history is shorter at the start of a sentence).
+        """
+        history = [self.bos_id] if bos else []
+        targets = self.ids(words) + ([self.eos_id] if eos else [])
+        keep = self.order - 1
+        out = []
+        for w in targets:
+            context = tuple(history[max(0, len(history) - keep) :]) if keep else ()
+            out.append(self._score(context, w))
+            history.append(w)
+        return out
+
+    def score(self, words: list[str], *, bos: bool = True, eos: bool = True) -> float:
+        """log10 probability of the sentence (KenLM's `score`)."""
+        return sum(p for p, _ in self.score_words(words, bos=bos, eos=eos))
+
+    def next_log10probs(self, context_words: list[str], *, bos: bool = True) -> FloatArray:
+        """(V,) log10 P(w | context) for every vocabulary id; `<s>` is -inf (it is never predicted)."""
+        history = ([self.bos_id] if bos else []) + self.ids(context_words)
+        keep = self.order - 1
+        context = tuple(history[max(0, len(history) - keep) :]) if keep else ()
+        out = self._next(context)
+        out[self.bos_id] = -np.inf
+        return out
+
+    @abc.abstractmethod
+    def _score(self, context: tuple[int, ...], word: int) -> tuple[float, int]:
+        """(log10 P(word | context), n-gram length); `context` is at most the last N-1 ids."""
+
+    @abc.abstractmethod
+    def _next(self, context: tuple[int, ...]) -> FloatArray:
+        """(V,) log10 P(. | context) for every id; `context` is at most the last N-1 ids."""
+
+
+class BackoffNgramModel(NgramModel):
+    """ARPA semantics: P(w|h) = p(h w) if listed, else bo(h) P(w|h'), in log10 (as KenLM queries it)."""
+
+    kind = "arpa"
+
+    def __init__(
+        self,
+        vocab: list[str],
+        ids: list[IntArray],
+        log10probs: list[FloatArray],
+        log10backoffs: list[FloatArray],
+        *,
+        source: str = "model",
+    ) -> None:
+        """`ids[k-1]`: (n_k, k) word ids of order k; `log10backoffs` for orders 1..N-1 (0 where absent)."""
+        super().__init__(vocab, len(ids))
+        vsize = len(vocab)
+        self.unigram_log10 = np.full(vsize, KENLM_MISSING_UNK_LOG10)  # (V,)
+        self.unigram_backoff = np.zeros(vsize)  # (V,)
+        uni = ids[0][:, 0]
+        self.unigram_log10[uni] = log10probs[0]
+        if self.order > 1:
+            self.unigram_backoff[uni] = log10backoffs[0]
+        self.orders: list[_Order] = [
+            _Order(
+                ids[k - 1],
+                [log10probs[k - 1], log10backoffs[k - 1] if k < self.order else np.zeros(len(ids[k - 1]))],
+                vocab,
+                source,
+            )
+            for k in range(2, self.order + 1)
+        ]
+
+    def _table(self, k: int) -> _Order:
+        return self.orders[k - 2]
+
+    def _backoff(self, gram: tuple[int, ...]) -> float:
+        if len(gram) == 1:
+            return float(self.unigram_backoff[gram[0]])
+        table = self._table(len(gram))
+        row = table.find(gram[:-1], gram[-1])
+        return float(table.values[1][row]) if row >= 0 else 0.0
+
+    def _score(self, context: tuple[int, ...], word: int) -> tuple[float, int]:
+        # Like KenLM: walk outwards from the unigram while the n-grams exist; the longest one found gives
+        # the probability, and every longer context adds its backoff weight.
+        size = len(context)
+        prob = float(self.unigram_log10[word])
+        matched = 0
+        for j in range(1, size + 1):
+            table = self._table(j + 1)
+            row = table.find(context[size - j :], word)
+            if row < 0:
+                break
+            prob = float(table.values[0][row])
+            matched = j
+        for j in range(matched + 1, size + 1):
+            prob += self._backoff(context[size - j :])
+        return prob, matched + 1
+
+    def _next(self, context: tuple[int, ...]) -> FloatArray:
+        out = self.unigram_log10.copy()  # (V,)
+        size = len(context)
+        for j in range(1, size + 1):
+            sub = context[size - j :]
+            out += self._backoff(sub)
+            table = self._table(j + 1)
+            span = table.index.get(sub)
+            if span is not None:
+                start, end = span
+                out[table.words[start:end]] = table.values[0][start:end]
+        return out
+
+
+class LaplaceNgramModel(NgramModel):
+    """Add-one smoothing: P(w|h) = (count(h,w) + 1) / (count(h) + |V|), h = the previous N-1 tokens.
+
+    count(h) = sum_w count(h,w); for the empty history (order 1) the number of predicted tokens, which
+    leaves out `<s>`. |V| = len(vocab). See `models.ngram.LaplaceLM` for the NLTK correspondence. As in
+    NLTK, `<s>` holds 1/(count(h)+|V|) of every distribution, so `next_log10probs`, which sets `<s>` to
+    -inf, sums to 1 - 1/(count(h)+|V|).
+    """
+
+    kind = "laplace"
+
+    def __init__(self, vocab: list[str], ids: list[IntArray], counts: list[IntArray], *, source: str = "model") -> None:
+        super().__init__(vocab, len(ids))
+        vsize = len(vocab)
+        self.unigram_counts = np.zeros(vsize, dtype=np.int64)  # (V,)
+        self.unigram_counts[ids[0][:, 0]] = counts[0]
+        self.unigram_total = int(self.unigram_counts.sum() - self.unigram_counts[self.bos_id])
+        self.orders = [_Order(ids[k - 1], [counts[k - 1]], vocab, source) for k in range(2, self.order + 1)]
+        # count(h) of each context, in the order of the index's spans.
+        self.context_totals: list[dict[tuple[int, ...], int]] = []
+        for table in self.orders:
+            cumulative = np.concatenate([[0], np.cumsum(table.values[0])]).tolist()
+            self.context_totals.append(
+                {ctx: cumulative[end] - cumulative[start] for ctx, (start, end) in table.index.items()}
+            )
+
+    def _score(self, context: tuple[int, ...], word: int) -> tuple[float, int]:
+        vsize = len(self.vocab)
+        if not context:
+            count, total = int(self.unigram_counts[word]), self.unigram_total
+        else:
+            table = self.orders[len(context) - 1]
+            row = table.find(context, word)
+            count = int(table.values[0][row]) if row >= 0 else 0
+            total = self.context_totals[len(context) - 1].get(context, 0)
+        return math.log10((count + 1) / (total + vsize)), len(context) + 1
+
+    def _next(self, context: tuple[int, ...]) -> FloatArray:
+        vsize = len(self.vocab)
+        if not context:
+            return np.log10((self.unigram_counts + 1.0) / (self.unigram_total + vsize))
+        table = self.orders[len(context) - 1]
+        total = self.context_totals[len(context) - 1].get(context, 0)
+        counts = np.zeros(vsize)  # (V,)
+        span = table.index.get(context)
+        if span is not None:
+            start, end = span
+            counts[table.words[start:end]] = table.values[0][start:end]
+        return np.log10((counts + 1.0) / (total + vsize))
+
+
+# -- file reading ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Parsing creates millions of small lists and tuples, none of them cyclic; with the cyclic collector
+    running, its repeated passes over them made loading 5x slower."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class _Lines:
+    """The lines of a file with 1-based numbering, for errors that name the file and the line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # a missing or unreadable file stays an OSError
+            raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+        self.lines = text.split("\n")
+        if self.lines and self.lines[-1] == "":
+            self.lines.pop()
+        self.pos = 0  # index of the next line to read
+
+    def error(self, index: int, message: str) -> ValueError:
+        return ValueError(f"{self.path}:{index + 1}: {message}")
+
+    def next_nonblank(self, expected: str) -> tuple[int, str]:
+        while self.pos < len(self.lines):
+            index, line = self.pos, self.lines[self.pos].strip()
+            self.pos += 1
+            if line:
+                return index, line
+        raise ValueError(f"{self.path}:{len(self.lines)}: unexpected end of file, expected {expected}")
+
+    def block(self, count: int, what: str) -> list[str]:
+        """The next `count` lines, which must all be non-empty (a section body)."""
+        start = self.pos
+        block = self.lines[start : start + count]
+        if len(block) < count:
+            raise self.error(len(self.lines) - 1, f"unexpected end of file: {what} has fewer lines than declared")
+        if not all(block):
+            blank = start + block.index("")
+            raise self.error(blank, f"{what}: section ended after fewer lines than the declared {count}")
+        self.pos += count
+        return block
+
+
+def _floats(lines: _Lines, first: int, fields: list[str], what: str) -> FloatArray:
+    try:
+        values = np.array(fields, dtype=np.float64)
+    except ValueError:
+        values = np.zeros(0)
+    if len(values) != len(fields) or np.isnan(values).any():
+        for i, field in enumerate(fields):  # slow path, only to name the line
+            try:
+                bad = math.isnan(float(field))
+            except ValueError:
+                bad = True
+            if bad:
+                raise lines.error(first + i, f"{what} {field!r} is not a number") from None
+    return values
+
+
+def _read_arpa(path: Path) -> BackoffNgramModel:
+    lines = _Lines(path)
+    index, line = lines.next_nonblank("\\data\\")
+    if line != "\\data\\":
+        raise lines.error(index, f"expected \\data\\, found {line[:40]!r}")
+    declared: list[int] = []
+    index, line = lines.next_nonblank("ngram counts")
+    while line.startswith("ngram "):
+        k_str, sep, n_str = line[6:].partition("=")
+        try:
+            k, n = int(k_str), int(n_str)
+        except ValueError:
+            k, n = -1, -1
+        if not sep or k != len(declared) + 1 or n < 0:
+            raise lines.error(index, f"bad count line {line!r} (expected 'ngram {len(declared) + 1}=<count>')")
+        declared.append(n)
+        index, line = lines.next_nonblank("an n-gram section")
+    if not declared:
+        raise lines.error(index, "no 'ngram k=count' lines after \\data\\")
+    order = len(declared)
+
+    vocab: list[str] = []
+    word_to_id: dict[str, int] = {}
+    ids: list[IntArray] = []
+    probs: list[FloatArray] = []
+    backoffs: list[FloatArray] = []
+    for k in range(1, order + 1):
+        if k > 1:
+            index, line = lines.next_nonblank(f"\\{k}-grams:")
+        if line != f"\\{k}-grams:":
+            hint = f" (more {k - 1}-grams than the declared {declared[k - 2]}?)" if k > 1 else ""
+            raise lines.error(index, f"expected \\{k}-grams:{hint}, found {line[:40]!r}")
+        first = lines.pos
+        what = f"\\{k}-grams:"
+        rows = [ln.split() for ln in lines.block(declared[k - 1], what)]
+        with_backoff = k + 2 if k < order else k + 1
+        for i, parts in enumerate(rows):
+            if len(parts) != k + 1 and len(parts) != with_backoff:
+                raise lines.error(
+                    first + i,
+                    f"a {k}-gram line needs {k} words, a log10 probability"
+                    + (" and optionally a backoff" if k < order else ""),
+                )
+        probs.append(_floats(lines, first, [p[0] for p in rows], "log10 probability"))
+        if k < order:
+            backoffs.append(_floats(lines, first, [p[k + 1] if len(p) == k + 2 else "0" for p in rows], "backoff"))
+        if k == 1:
+            vocab = [p[1] for p in rows]
+            word_to_id = {w: i for i, w in enumerate(vocab)}
+            if len(word_to_id) != len(vocab):
+                seen: set[str] = set()
+                for i, w in enumerate(vocab):
+                    if w in seen:
+                        raise lines.error(first + i, f"duplicate unigram {w!r}")
+                    seen.add(w)
+            ids.append(np.arange(len(vocab), dtype=np.int64)[:, None])
+        else:
+            try:
+                flat = [word_to_id[w] for p in rows for w in p[1 : k + 1]]
+            except KeyError:
+                for i, p in enumerate(rows):
+                    for w in p[1 : k + 1]:
+                        if w not in word_to_id:
+                            raise lines.error(first + i, f"word {w!r} is not a unigram") from None
+                raise
+            ids.append(np.array(flat, dtype=np.int64).reshape(-1, k))
+    index, line = lines.next_nonblank("\\end\\")
+    if line != "\\end\\":
+        raise lines.error(
+            index, f"expected \\end\\ after the declared {declared[-1]} {order}-grams, found {line[:40]!r}"
+        )
+
+    for special in (BOS, EOS):
+        if special not in word_to_id:
+            raise ValueError(f"{path}: the ARPA file has no {special} unigram")
+    if UNK not in word_to_id:  # KenLM substitutes one rather than failing
+        vocab.append(UNK)
+        ids[0] = np.arange(len(vocab), dtype=np.int64)[:, None]
+        probs[0] = np.append(probs[0], KENLM_MISSING_UNK_LOG10)
+        if order > 1:
+            backoffs[0] = np.append(backoffs[0], 0.0)
+    return BackoffNgramModel(vocab, ids, probs, backoffs, source=str(path))
+
+
+def _read_counts(path: Path) -> LaplaceNgramModel:
+    lines = _Lines(path)
+    index, header = lines.next_nonblank(COUNTS_MAGIC)
+    if not header.startswith(COUNTS_MAGIC):
+        raise lines.error(index, f"not a plm n-gram counts file (expected a {COUNTS_MAGIC!r} header)")
+    fields = {}
+    for field in header[len(COUNTS_MAGIC) :].split():
+        key, _, value = field.partition("=")
+        fields[key] = value
+    try:
+        order, vsize = int(fields["order"]), int(fields["vocab_size"])
+    except (KeyError, ValueError):
+        raise lines.error(index, "the header needs order=<int> vocab_size=<int>") from None
+    if order < 1 or vsize < 3:
+        raise lines.error(index, f"bad order {order} or vocab_size {vsize}")
+
+    grams: list[list[str]] = [[] for _ in range(order)]
+    counts: list[list[str]] = [[] for _ in range(order)]
+    line_of: list[list[int]] = [[] for _ in range(order)]
+    for i in range(lines.pos, len(lines.lines)):
+        line = lines.lines[i]
+        if not line:
+            continue
+        gram, tab, count = line.partition("\t")
+        k = gram.count(" ") + 1
+        if not gram or not tab or not count or k > order:
+            raise lines.error(i, f"expected 'w1 ... wk<TAB>count' with k <= {order}")
+        grams[k - 1].append(gram)
+        counts[k - 1].append(count)
+        line_of[k - 1].append(i)
+
+    vocab = grams[0]
+    if len(vocab) != vsize:
+        raise ValueError(f"{path}: the header declares vocab_size={vsize} but there are {len(vocab)} unigram lines")
+    word_to_id = {w: i for i, w in enumerate(vocab)}
+    if len(word_to_id) != vsize:
+        raise ValueError(f"{path}: duplicate unigram lines")
+    ids: list[IntArray] = [np.arange(vsize, dtype=np.int64)[:, None]]
+    values: list[IntArray] = []
+    for k in range(1, order + 1):
+        parsed = []
+        for i, c in zip(line_of[k - 1], counts[k - 1], strict=True):
+            try:
+                n = int(c)
+            except ValueError:
+                n = -1
+            if n < 0:
+                raise lines.error(i, f"count {c!r} is not a non-negative integer")
+            parsed.append(n)
+        values.append(np.array(parsed, dtype=np.int64))
+        if k > 1:
+            try:
+                flat = [word_to_id[w] for g in grams[k - 1] for w in g.split(" ")]
+            except KeyError:
+                for i, g in zip(line_of[k - 1], grams[k - 1], strict=True):
+                    for w in g.split(" "):
+                        if w not in word_to_id:
+                            raise lines.error(i, f"word {w!r} is not in the vocabulary (unigram lines)") from None
+                raise
+            ids.append(np.array(flat, dtype=np.int64).reshape(-1, k))
+    return LaplaceNgramModel(vocab, ids, values, source=str(path))
