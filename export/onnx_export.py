@@ -1,0 +1,172 @@
+"""PyTorch -> ONNX for the `gpt` family: the scoring graph, its I/O contract, and the parity check.
+
+The server (no torch) depends on this contract, and `export_gpt` returns it for the model manifest:
+
+inputs (int64, dynamic batch B and sequence T):
+  input_ids       [B, T]
+  attention_mask  [B, T]   1 real token, 0 pad; left or right padding
+  position_ids    [B, T]   `cumsum(mask) - 1` at real tokens, 0 at pads (models.gpt.position_ids_from_mask)
+outputs (float32):
+  token_logprobs  [B, T]   log P(x_t | x_<t) where tokens t-1 and t are both real; 0.0 elsewhere: column 0,
+                           the first real token of a left-padded row (nothing before it), and pads. A row's
+                           sum is therefore the log-probability of its tokens after the first.
+  next_logprobs   [B, V]   log-softmax over the token that follows each row's last real token
+  hidden_states   [B, T, C] final-LayerNorm output (sentence embeddings pool it over real tokens)
+
+Log-softmax and the gathers run in the graph, so the [B, T, V] logits never leave it.
+The exporter is the TorchScript one (`dynamo=False`): it maps `scaled_dot_product_attention` with a
+boolean mask to MatMul/Where/Add/Softmax from opset 14, and keeps `dynamic_axes` as given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn import functional as F
+
+from models.gpt import GPT, position_ids_from_mask
+
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+OUTPUT_NAMES = ("token_logprobs", "next_logprobs", "hidden_states")
+PARITY_TOLERANCE = 1e-4  # float32 through a few layers: ~1e-6 is typical, 1e-4 still catches a wrong graph
+# Shapes that differ from the export dummy (2, 8) in both batch and length, and include batch 1 and 7.
+PARITY_SHAPES = ((1, 1), (1, 5), (3, 11), (7, 9), (5, 16))
+_DUMMY_SHAPE = (2, 8)
+
+# Exporter messages that are noise for us: the notice that the TorchScript exporter is legacy (we choose
+# it on purpose, see the module docstring) and a deprecation inside its own implementation.
+_NOISE = ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed")
+
+
+class GPTScoringGraph(nn.Module):
+    """The graph the server runs: GPT hidden states, then log-probabilities computed in-graph."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, ...]:
+        B, T = input_ids.size()
+        hidden = self.model.hidden_states(input_ids, attention_mask, position_ids)  # (B, T, C)
+        logprobs = F.log_softmax(self.model.lm_head(hidden), dim=-1)  # (B, T, V)
+        # log P(x_t | x_<t) is read at position t-1: gather input_ids[:, 1:] from logprobs[:, :-1].
+        scored = logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1))[..., 0]  # (B, T-1)
+        real = attention_mask > 0  # (B, T)
+        scored = torch.where(real[:, 1:] & real[:, :-1], scored, torch.zeros_like(scored))
+        first = torch.zeros_like(input_ids[:, :1], dtype=scored.dtype)  # (B, 1); scored is empty at T=1
+        token_logprobs = torch.cat((first, scored), dim=1)  # (B, T)
+        # The last real column of each row, left or right padded: argmax_t of mask[t] * (t + 1).
+        ranks = attention_mask * torch.arange(1, T + 1, device=input_ids.device)  # (B, T)
+        last = ranks.argmax(dim=1)  # (B,); the maximum is unique, as real columns have distinct ranks
+        index = last.view(B, 1, 1).expand(B, 1, logprobs.size(-1))  # (B, 1, V)
+        next_logprobs = logprobs.gather(1, index)[:, 0]  # (B, V); squeeze(1) would export as an If
+        return token_logprobs, next_logprobs, hidden
+
+
+def _random_batch(
+    vocab_size: int, batch: int, length: int, padding: str, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Random ids with rows of random real lengths (one row full) padded on `padding` ('left'|'right')."""
+    ids = torch.randint(0, vocab_size, (batch, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    cols = torch.arange(length)
+    if padding == "right":
+        mask = (cols[None, :] < lengths[:, None]).long()
+    else:
+        mask = (cols[None, :] >= length - lengths[:, None]).long()
+    ids = ids * mask  # pad id 0, as the server pads (any id must do)
+    return ids, mask, position_ids_from_mask(mask)
+
+
+def check_parity(
+    model: GPT, path: Path, shapes: tuple[tuple[int, int], ...] = PARITY_SHAPES, seed: int = 0
+) -> dict[str, Any]:
+    """Run ONNX Runtime and PyTorch on random left- and right-padded batches of `shapes` (one session, so
+    the batch and sequence axes are shown to be dynamic); max |ONNX - PyTorch| over the three outputs at
+    real positions (hidden_states at real tokens; the other two are defined everywhere)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    graph = GPTScoringGraph(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    max_diff = 0.0
+    checked: list[list[Any]] = []
+    for batch, length in shapes:
+        length = min(length, model.config.block_size)
+        for padding in ("right", "left"):
+            inputs = _random_batch(model.config.vocab_size, batch, length, padding, generator)
+            with torch.no_grad():
+                expected = [t.numpy() for t in graph(*inputs)]
+            feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
+            got = session.run(list(OUTPUT_NAMES), feeds)
+            real = feeds["attention_mask"] > 0
+            for name, e, g in zip(OUTPUT_NAMES, expected, got, strict=True):
+                if g.shape != e.shape:
+                    raise RuntimeError(f"{name}: ONNX shape {g.shape} != PyTorch {e.shape}")
+                diff = np.abs(g - e)[real] if name == "hidden_states" else np.abs(g - e)
+                max_diff = max(max_diff, float(diff.max()))
+            checked.append([batch, length, padding])
+    return {"max_abs_diff": max_diff, "tolerance": PARITY_TOLERANCE, "checked_shapes": checked}
+
+
+def export_gpt(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
+    """Export `model`'s scoring graph to `path`, check it (onnx.checker, parity with PyTorch) and return
+    its manifest entry. Raises RuntimeError when ONNX and PyTorch differ by more than PARITY_TOLERANCE."""
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    graph = GPTScoringGraph(model).eval()
+    dummy = _random_batch(cfg.vocab_size, *_DUMMY_SHAPE, "left", torch.Generator().manual_seed(0))
+    axes = {0: "batch", 1: "sequence"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        for message in _NOISE:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        torch.onnx.export(
+            graph,
+            dummy,
+            str(path),
+            dynamo=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={
+                **{name: axes for name in INPUT_NAMES},
+                "token_logprobs": axes,
+                "next_logprobs": {0: "batch"},
+                "hidden_states": axes,
+            },
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(path))
+    # The exporter's shape inference loses V behind the gather; declare it, as hidden_states declares C.
+    next_output = next(o for o in proto.graph.output if o.name == "next_logprobs")
+    next_output.type.tensor_type.shape.dim[1].dim_value = cfg.vocab_size
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    parity = check_parity(model, path)
+    model.train(was_training)
+    if parity["max_abs_diff"] > PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"ONNX and PyTorch differ by {parity['max_abs_diff']:.3g} > {PARITY_TOLERANCE:g} on {path.name}"
+        )
+    seq = ["batch", "sequence"]
+    return {
+        "file": path.name,
+        "opset": opset,
+        "inputs": [{"name": name, "dtype": "int64", "shape": seq} for name in INPUT_NAMES],
+        "outputs": [
+            {"name": "token_logprobs", "dtype": "float32", "shape": seq},
+            {"name": "next_logprobs", "dtype": "float32", "shape": ["batch", cfg.vocab_size]},
+            {"name": "hidden_states", "dtype": "float32", "shape": [*seq, cfg.n_embd]},
+        ],
+        "parity": parity,
+        "onnx_checker": "passed",
+    }
