@@ -1,0 +1,179 @@
+"""The `plm` command: `plm build` (train + export models), `plm serve` (run the server), `plm client …`.
+
+Heavy imports happen inside each verb, so `plm client` starts fast and `plm serve` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plm", description="Train, export and serve classic language models over gRPC.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="train the models and write the model repository",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--profile", choices=["tiny", "small"], default="small",
+                   help="tiny: everything in under a minute (tests); small: the default models")
+    b.add_argument("--repository", type=Path, default=Path("repository"), help="model repository folder")
+    b.add_argument("--corpus", type=Path, nargs="+", help="your own UTF-8 text files instead of the default corpus")
+    b.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("PLM_CACHE", "cache")),
+                   help="downloads and corpus cache (env PLM_CACHE)")
+    b.add_argument("--models", nargs="+", help="build only these families (ngram, gpt)")
+    b.add_argument("--force", action="store_true", help="rebuild models even when an up-to-date build exists")
+    b.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("serve", help="serve the model repository over gRPC",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--repository", type=Path, help="model repository folder [repository]")
+    s.add_argument("--host", help="address to bind [127.0.0.1]")
+    s.add_argument("--port", type=int, help="gRPC port [50051]")
+    s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off [9090]")
+    s.add_argument("--config", type=Path, help="TOML config file (see README: Configuration)")
+    s.add_argument("--log-format", choices=["text", "json"], help="log format [text]")
+    s.add_argument("--models", nargs="+", help="serve only these models")
+
+    c = sub.add_parser("client", help="call a running server")
+    c.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port of the server [{DEFAULT_TARGET}]")
+    c.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    c.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds [60]")
+    verbs = c.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("models", help="list the models")
+    m = verbs.add_parser("model", help="one model's metadata")
+    m.add_argument("name")
+    h = verbs.add_parser("health", help="health status (overall, or of one model)")
+    h.add_argument("service", nargs="?", default="")
+    sc = verbs.add_parser("score", help="sentence probability of each text (ranked)")
+    sc.add_argument("model")
+    sc.add_argument("texts", nargs="+")
+    sc.add_argument("--no-eos", action="store_true", help="do not score the end of sentence")
+    n = verbs.add_parser("next", help="most likely next words")
+    n.add_argument("model")
+    n.add_argument("contexts", nargs="+")
+    n.add_argument("-k", "--top-k", type=int, default=5)
+    n.add_argument("--tokens", action="store_true", help="also show the top next tokens")
+    for name, help_ in (("generate", "generate text (one response)"), ("stream", "generate text, streamed")):
+        g = verbs.add_parser(name, help=help_)
+        g.add_argument("model")
+        g.add_argument("prompts", nargs="+")
+        g.add_argument("-n", "--max-new-tokens", type=int, default=32)
+        g.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy [1.0]")
+        g.add_argument("--top-k", type=int, default=None)
+        g.add_argument("--top-p", type=float, default=None)
+        g.add_argument("--repetition-penalty", type=float, default=None)
+        g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+        g.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "build":
+        from export.build import build_repository
+
+        build_repository(profile=args.profile, repository=args.repository, corpus_files=args.corpus,
+                         cache_dir=args.cache_dir, families=args.models, force=args.force, seed=args.seed)
+        return 0
+    if args.command == "serve":
+        return _serve(args)
+    return _client(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.config import load_config
+    from service.server import serve, setup_logging
+
+    overrides = {"repository": args.repository, "host": args.host, "port": args.port,
+                 "metrics_port": args.metrics_port, "log_format": args.log_format,
+                 "models": tuple(args.models) if args.models else None}
+    try:
+        config = load_config(args.config, overrides)
+    except ValueError as e:
+        print(f"plm serve: {e}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from client.client import PlmClient
+    from service.pb.plm.v1 import plm_pb2 as pb
+
+    def show(msg: Any, text: str) -> None:
+        if args.json:
+            print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), ensure_ascii=False, indent=2))
+        else:
+            print(text)
+
+    with PlmClient(args.target, timeout=args.timeout) as cl:
+        try:
+            if args.verb == "models":
+                r = cl.list_models()
+                show(r, "\n".join(f"{m.name:20} {m.family:8} v{m.version:16} tasks={','.join(m.tasks)} "
+                                  f"vocab={m.vocab_size} max_length={m.max_length}" for m in r.models))
+            elif args.verb == "model":
+                r = cl.get_model(args.name)
+                show(r, str(r))
+            elif args.verb == "health":
+                status = cl.health_status(args.service)
+                print(json.dumps({"service": args.service, "status": status}) if args.json else status)
+            elif args.verb == "score":
+                r = cl.score(args.model, args.texts, add_eos=not args.no_eos)
+                lines = []
+                for rank, i in enumerate(r.ranking, 1):
+                    s = r.scores[i]
+                    lines.append(f"#{rank} log_prob={s.log_prob:.4f} (log10 {s.log10_prob:.4f}) "
+                                 f"ppl/token={s.perplexity:.2f} ppl/word={s.word_perplexity:.2f} "
+                                 f"tokens={s.num_tokens} oov={s.num_oov}  {s.text}")
+                    lines.extend(f"      {t.log_prob:9.4f}  {t.token}" for t in s.tokens)
+                show(r, "\n".join(lines))
+            elif args.verb == "next":
+                r = cl.predict_next(args.model, args.contexts, top_k=args.top_k, include_tokens=args.tokens)
+                lines = []
+                for pred in r.predictions:
+                    lines.append(f"{pred.context!r} →")
+                    lines.extend(f"  {c.prob:8.4f}  {c.text}" for c in pred.words)
+                    if pred.tokens:
+                        lines.append("  tokens:")
+                        lines.extend(f"  {c.prob:8.4f}  {c.text!r}" for c in pred.tokens)
+                show(r, "\n".join(lines))
+            else:
+                sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop)
+                for field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+                    if getattr(args, field) is not None:
+                        setattr(sampling, field, getattr(args, field))
+                if args.verb == "generate":
+                    g = cl.generate(args.model, args.prompts, sampling)
+                    show(g, "\n".join(
+                        f"{x.prompt}\033[1m{x.text}\033[0m  [{pb.FinishReason.Name(x.finish_reason)}, "
+                        f"{x.generated_tokens} tokens]" for x in g.generations))
+                else:
+                    for ev in cl.generate_stream(args.model, args.prompts, sampling):
+                        if args.json:
+                            show(ev, "")
+                        elif ev.finish_reason:
+                            print(f"  [{ev.index}: {pb.FinishReason.Name(ev.finish_reason)}, "
+                                  f"{ev.generated_tokens} tokens]", flush=True)
+                        else:
+                            print(ev.text_delta, end="", flush=True)
+        except grpc.RpcError as e:
+            print(f"plm client: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""`plm build`: corpus → tokenizers → models → exported, checked model folders in the repository.
+
+Each family builds into its own folder(s) atomically (export/repository.py) and is skipped when a build
+with the same key (profile, seed, corpus files, order) is already there — the `make serve` cache. The end
+of the build prints a summary table with each model's held-out per-word perplexity on the same test text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.repository import build_key, is_current, staging, write_manifest
+from models import corpus as corpus_mod
+from models import tokenization
+
+log = logging.getLogger("plm.build")
+
+FAMILIES = ("ngram", "gpt")
+
+
+@dataclass(frozen=True)
+class GptProfile:
+    bpe_vocab: int
+    block_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    batch_size: int
+    max_steps: int
+    max_seconds: float  # the wall-clock budget that keeps `make serve`'s first run within 5 minutes
+    eval_interval: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    max_documents: int | None  # None = the whole corpus
+    word_min_count: int
+    ngram_order: int
+    gpt: GptProfile
+
+
+PROFILES = {
+    # Everything in well under a minute: the test fixture.
+    "tiny": Profile("tiny", max_documents=8, word_min_count=1, ngram_order=3, gpt=GptProfile(
+        bpe_vocab=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=16, max_steps=300,
+        max_seconds=12.0, eval_interval=50, lr=3e-3)),
+    # The default models: the whole corpus; GPT sized to train in ~2.5 minutes on 2 cores.
+    "small": Profile("small", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
+        bpe_vocab=8000, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=20000,
+        max_seconds=150.0, eval_interval=200, lr=2e-3)),
+}
+
+
+@dataclass
+class _Data:
+    corpus: corpus_mod.Corpus
+    word_tokenizer: Any
+    words: dict[str, list[list[str]]]  # split -> sentences as words
+
+
+def prepare_data(profile: Profile, corpus_files: Sequence[Path] | None, cache_dir: Path, seed: int) -> _Data:
+    """The corpus and the word-level view every model is evaluated on (deterministic)."""
+    paths = list(corpus_files) if corpus_files else corpus_mod.fetch_default_sources(cache_dir)
+    corpus = corpus_mod.build_corpus(paths, max_documents=profile.max_documents, seed=seed)
+    word_tok = tokenization.train_word_tokenizer(corpus.train, min_count=profile.word_min_count)
+    words = {split: [w for s in getattr(corpus, split) if (w := tokenization.words(word_tok, s))]
+             for split in ("train", "valid", "test")}
+    return _Data(corpus, word_tok, words)
+
+
+def _source_facts(corpus_files: Sequence[Path] | None, cache_dir: Path) -> list[tuple[str, int]]:
+    """Cheap identity of the corpus files (name, size) for the build key, without reading them."""
+    if corpus_files:
+        return sorted((str(Path(p).resolve()), Path(p).stat().st_size) for p in corpus_files)
+    return [("default", 0)]
+
+
+def build_repository(*, profile: str = "small", repository: Path = Path("repository"),
+                     corpus_files: Sequence[Path] | None = None, cache_dir: Path = Path("cache"),
+                     families: Sequence[str] | None = None, force: bool = False, seed: int = 0,
+                     ngram_order: int | None = None) -> dict[str, dict[str, Any]]:
+    """Build every requested family into `repository`; returns the manifests written (or found current)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prof = PROFILES[profile]
+    order = ngram_order or prof.ngram_order
+    wanted = tuple(families or FAMILIES)
+    for f in wanted:
+        if f not in FAMILIES:
+            raise ValueError(f"unknown family {f!r}; known: {', '.join(FAMILIES)}")
+    facts = {"profile": asdict(prof), "seed": seed, "sources": _source_facts(corpus_files, cache_dir),
+             "order": order, "schema": 1}
+    keys = {"ngram": build_key(family="ngram", **facts), "gpt": build_key(family="gpt", **facts)}
+    folders = {"ngram": ("ngram-kn", "ngram-laplace"), "gpt": ("gpt",)}
+    todo = [f for f in wanted if force or not all(is_current(repository / n, keys[f]) for n in folders[f])]
+    manifests: dict[str, dict[str, Any]] = {}
+    for f in wanted:
+        if f not in todo:
+            for n in folders[f]:
+                manifests[n] = json.loads((repository / n / "manifest.json").read_text(encoding="utf-8"))
+            log.info("%s: up to date in %s (use --force to rebuild)", f, repository)
+    if todo:
+        started = time.perf_counter()
+        data = prepare_data(prof, corpus_files, cache_dir, seed)
+        log.info("corpus: %s sentences train / %s valid / %s test (%.1fs)", len(data.corpus.train),
+                 len(data.corpus.valid), len(data.corpus.test), time.perf_counter() - started)
+        repository.mkdir(parents=True, exist_ok=True)
+        corpus_mod.write_manifest(data.corpus, repository / "corpus.json")
+        if "ngram" in todo:
+            manifests.update(build_ngram(data, repository, order, keys["ngram"]))
+        if "gpt" in todo:
+            manifests.update(build_gpt(data, prof, repository, keys["gpt"], seed))
+    _print_summary(manifests)
+    return manifests
+
+
+def _common(data: _Data, key: str) -> dict[str, Any]:
+    return {"build_key": key, "corpus_sha256": data.corpus.manifest.get("corpus_sha256", "")}
+
+
+def build_ngram(data: _Data, repository: Path, order: int, key: str) -> dict[str, dict[str, Any]]:
+    """Kneser-Ney (ARPA) and Laplace (counts) models over the word-level vocabulary."""
+    from models.ngram import KneserNeyLM, LaplaceLM, count_ngrams, perplexity
+
+    vocab = [w for w, _ in sorted(data.word_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+             if w != tokenization.PAD]
+    started = time.perf_counter()
+    counts = count_ngrams(data.words["train"], vocab, order)
+    log.info("ngram: counted %d-grams over %d sentences in %.1fs", order, len(data.words["train"]),
+             time.perf_counter() - started)
+    out: dict[str, dict[str, Any]] = {}
+    for name, lm, fmt, file, smoothing in (
+        ("ngram-kn", KneserNeyLM(counts), "arpa", "model.arpa", "interpolated modified Kneser-Ney"),
+        ("ngram-laplace", LaplaceLM(counts), "counts", "counts.txt", "add-one (Laplace)"),
+    ):
+        t0 = time.perf_counter()
+        with staging(repository, name) as folder:
+            if fmt == "arpa":
+                lm.write_arpa(folder / file)  # type: ignore[union-attr]
+            else:
+                lm.write_counts(folder / file)  # type: ignore[union-attr]
+            tokenization.save(data.word_tokenizer, folder / "tokenizer.json")
+            scorer = lm.to_model()
+            evaluation = {
+                "valid_word_perplexity": perplexity(scorer, data.words["valid"]),
+                "test_word_perplexity": perplexity(scorer, data.words["test"]),
+                "test_sentences": len(data.words["test"]),
+                "test_words": sum(len(s) for s in data.words["test"]),
+            }
+            out[name] = write_manifest(folder, {
+                "name": name, "family": "ngram", "tasks": ["score", "predict_next"],
+                "description": f"{order}-gram, {smoothing}",
+                "max_length": 1024, "vocab_size": len(vocab),
+                "tokenizer": {"file": "tokenizer.json", "kind": "word", "bos": "<s>", "eos": "</s>", "unk": "<unk>"},
+                "ngram": {"file": file, "format": fmt, "order": order, "smoothing": smoothing},
+                "training": {"seconds": round(time.perf_counter() - t0, 2),
+                             "train_sentences": len(data.words["train"])},
+                "evaluation": evaluation, **_common(data, key),
+            })
+        log.info("%s: test per-word perplexity %.1f (%.1fs)", name, evaluation["test_word_perplexity"],
+                 time.perf_counter() - t0)
+    return out
+
+
+def build_gpt(data: _Data, prof: Profile, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
+    import torch
+
+    from export.onnx_export import export_gpt
+    from models.gpt import GPT, GPTConfig
+    from models.train import TrainConfig, lm_batches, train
+
+    g = prof.gpt
+    started = time.perf_counter()
+    tok = tokenization.train_bpe_tokenizer(data.corpus.train, vocab_size=g.bpe_vocab)
+    eot = tok.token_to_id(tokenization.ENDOFTEXT)
+    assert eot is not None, "train_bpe_tokenizer always adds <|endoftext|>"
+
+    def stream(sentences: list[str]) -> np.ndarray:
+        ids: list[int] = [eot]
+        for enc in tok.encode_batch(sentences, add_special_tokens=False):
+            ids.extend(enc.ids)
+            ids.append(eot)  # sentences are separated by <|endoftext|>, which is also the BOS when scoring
+        return np.asarray(ids, dtype=np.int32)
+
+    streams = {"train": stream(data.corpus.train), "valid": stream(data.corpus.valid)}
+    log.info("gpt: BPE vocab %d, %d train tokens (%.1fs)", tok.get_vocab_size(), len(streams["train"]),
+             time.perf_counter() - started)
+    cfg = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=g.block_size, n_layer=g.n_layer,
+                    n_head=g.n_head, n_embd=g.n_embd, dropout=0.0)
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    tcfg = TrainConfig(max_steps=g.max_steps, batch_size=g.batch_size, lr=g.lr, min_lr=g.lr / 10,
+                       warmup_steps=min(100, g.max_steps // 10), eval_interval=g.eval_interval,
+                       max_seconds=g.max_seconds, seed=seed)
+    with staging(repository, "gpt") as folder:
+        result = train(model, lm_batches(streams, g.block_size, g.batch_size, np.random.default_rng(seed)),
+                       tcfg, folder, desc="gpt")
+        print(result.summary(), flush=True)
+        graph = export_gpt(model, folder / "model.onnx")
+        tokenization.save(tok, folder / "tokenizer.json")
+        valid_ppl = gpt_word_perplexity(model, tok, data.corpus.valid, data.words["valid"])
+        test_ppl = gpt_word_perplexity(model, tok, data.corpus.test, data.words["test"])
+        manifest = write_manifest(folder, {
+            "name": "gpt", "family": "gpt", "tasks": ["score", "predict_next", "generate"],
+            "description": f"GPT {cfg.n_layer} layers × {cfg.n_embd}, {model.num_params():,} parameters",
+            "max_length": cfg.block_size, "vocab_size": cfg.vocab_size,
+            "tokenizer": {"file": "tokenizer.json", "kind": "bpe", "bos": tokenization.ENDOFTEXT,
+                          "eos": tokenization.ENDOFTEXT, "pad": tokenization.ENDOFTEXT},
+            "graphs": {"model": graph},
+            "parity": graph.get("parity", {}),
+            "config": asdict(cfg),
+            "training": {"steps": result.steps, "best_valid_loss": result.best_valid_loss,
+                         "final_train_loss": result.final_train_loss, "seconds": round(result.seconds, 1),
+                         "tokens_seen": result.tokens_seen, "stopped_because": result.stopped_because,
+                         "parameters": model.num_params()},
+            "evaluation": {"valid_word_perplexity": valid_ppl, "test_word_perplexity": test_ppl,
+                           "test_sentences": len(data.words["test"])},
+            **_common(data, key),
+        })
+    log.info("gpt: test per-word perplexity %.1f (%.1fs in all)", test_ppl, time.perf_counter() - started)
+    return {"gpt": manifest}
+
+
+def gpt_word_perplexity(model: Any, tok: Any, sentences: list[str], word_sents: list[list[str]]) -> float:
+    """exp(−Σ ln P(tokens, EOS | BOS) / Σ (words + 1)): per *word* (the word-level count), as for n-grams."""
+    import torch
+
+    eot = tok.token_to_id(tokenization.ENDOFTEXT)
+    seqs = [[eot, *e.ids, eot] for e in tok.encode_batch(sentences, add_special_tokens=False) if e.ids]
+    seqs = [s[: model.config.block_size] for s in seqs]
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(seqs), 64):
+            chunk = seqs[i: i + 64]
+            t = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), t), eot, dtype=torch.long)
+            mask = torch.zeros((len(chunk), t), dtype=torch.long)
+            for j, s in enumerate(chunk):
+                ids[j, : len(s)] = torch.tensor(s)
+                mask[j, : len(s)] = 1
+            logits = model(ids, attention_mask=mask)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            lp = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            total += float((lp * mask[:, 1:]).sum())
+    n = sum(len(w) + 1 for w in word_sents)
+    return math.exp(-total / n)
+
+
+def _print_summary(manifests: dict[str, dict[str, Any]]) -> None:
+    rows = [(n, m.get("description", ""), m.get("evaluation", {}).get("test_word_perplexity"))
+            for n, m in sorted(manifests.items())]
+    width = max((len(r[1]) for r in rows), default=10)
+    print(f"\n{'model':16} {'what':{width}}  test per-word perplexity")
+    for name, what, ppl in rows:
+        print(f"{name:16} {what:{width}}  {ppl:.1f}" if ppl is not None else f"{name:16} {what:{width}}  -")
+    print()

@@ -1,0 +1,171 @@
+"""Dynamic batching: one queue and one worker per model (DESIGN.md §2, §7.7).
+
+Callers submit rows (one sequence each) and await their results. The worker takes the oldest row, waits up
+to `max_queue_delay_ms` for company, and forms a batch bounded by a row count and a padded-token budget
+(rows × longest row). Rows whose deadline passed are failed with DEADLINE_EXCEEDED and never run; rows whose
+caller went away are dropped. The batch runs on the model's own thread (blocking ONNX work stays off the
+event loop) and each row's result goes back to its caller. A full queue refuses a request at once with
+RESOURCE_EXHAUSTED, before any work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from service.config import Batching
+from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from service.metrics import Metrics
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row(Generic[P, R]):
+    payload: P
+    length: int  # tokens in this row, for the padded-token budget
+    future: asyncio.Future[R]
+    enqueued: float
+    deadline: float | None  # time.monotonic() value, None = no deadline
+
+
+class DynamicBatcher(Generic[P, R]):
+    """Batches rows of one model. `run` maps a list of payloads to a list of results (same order)."""
+
+    def __init__(
+        self,
+        model: str,
+        run: Callable[[Sequence[P]], list[R]],
+        batching: Batching,
+        metrics: Metrics,
+    ) -> None:
+        self.model = model
+        self._run = run
+        self.cfg = batching
+        self._metrics = metrics
+        self._queue: collections.deque[_Row[P, R]] = collections.deque()
+        # NOTE: asyncio primitives are created in start(), inside the running loop that will use them.
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run-{model}")
+        self._closed = False
+        self.batches_run = 0
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.model}")
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, payloads: Sequence[P], lengths: Sequence[int], deadline: float | None = None) -> list[R]:
+        """Queue rows and wait for their results; all-or-nothing admission against the queue bound."""
+        if self._closed or self._wakeup is None:
+            raise Unavailable(f"model {self.model!r} is not serving (shutting down or not started)")
+        if len(self._queue) + len(payloads) > self.cfg.max_queue_size:
+            self._metrics.rejections.labels(self.model, "queue_full").inc()
+            raise ResourceExhausted(
+                f"model {self.model!r}: queue full ({len(self._queue)} rows queued, max_queue_size "
+                f"{self.cfg.max_queue_size}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        rows = [_Row(p, n, loop.create_future(), now, deadline) for p, n in zip(payloads, lengths, strict=True)]
+        self._queue.extend(rows)
+        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._wakeup.set()
+        try:
+            return list(await asyncio.gather(*(r.future for r in rows)))
+        except BaseException:
+            for r in rows:  # the caller is gone or one row failed: the others need not run
+                r.future.cancel()
+            raise
+
+    async def close(self) -> None:
+        """Stop taking rows, fail the queued ones with UNAVAILABLE, stop the worker."""
+        self._closed = True
+        while self._queue:
+            row = self._queue.popleft()
+            if not row.future.done():
+                row.future.set_exception(Unavailable(f"model {self.model!r} was unloaded"))
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._executor.shutdown(wait=True)
+
+    def _take_batch(self) -> list[_Row[P, R]]:
+        """Pop live rows from the head while they fit the count and padded-token budget."""
+        batch: list[_Row[P, R]] = []
+        longest = 0
+        now = time.monotonic()
+        while self._queue and len(batch) < self.cfg.max_batch_size:
+            row = self._queue[0]
+            if row.future.done():  # cancelled by its caller
+                self._queue.popleft()
+                continue
+            if row.deadline is not None and now >= row.deadline:
+                self._queue.popleft()
+                self._metrics.rejections.labels(self.model, "deadline").inc()
+                row.future.set_exception(DeadlineExceeded(
+                    f"model {self.model!r}: the deadline passed after {now - row.enqueued:.3f}s in the queue; "
+                    "the request was not run"
+                ))
+                continue
+            new_longest = max(longest, row.length)
+            if batch and new_longest * (len(batch) + 1) > self.cfg.max_batch_tokens:
+                break
+            longest = new_longest
+            batch.append(self._queue.popleft())
+        return batch
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        delay = self.cfg.max_queue_delay_ms / 1000.0
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            # Wait for company until the oldest row has waited `delay`, or the batch is full.
+            oldest = self._queue[0].enqueued
+            while len(self._queue) < self.cfg.max_batch_size:
+                remaining = oldest + delay - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take_batch()
+            self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+            if not batch:
+                continue
+            started = time.monotonic()
+            for row in batch:
+                self._metrics.queue_wait.labels(self.model).observe(started - row.enqueued)
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, [r.payload for r in batch])
+            except Exception as e:  # the whole batch failed: every caller hears about it
+                log.exception("model %s: batch of %d rows failed", self.model, len(batch))
+                for row in batch:
+                    if not row.future.done():
+                        row.future.set_exception(e)
+                continue
+            self.batches_run += 1
+            self._metrics.batch_size.labels(self.model).observe(len(batch))
+            for row, result in zip(batch, results, strict=True):
+                if not row.future.done():
+                    row.future.set_result(result)

@@ -1,0 +1,140 @@
+"""The server's one configuration object, built once from defaults ← TOML file ← environment ← flags.
+
+Only this module reads `os.environ`. Everything downstream receives the frozen `ServerConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; violating one is INVALID_ARGUMENT naming the field and the limit."""
+
+    max_inputs_per_request: int = 64  # texts/contexts/prompts in one request: bounds one request's share of a batch
+    max_text_chars: int = 20_000  # characters per input, checked before tokenizing (tokenizing is O(n))
+    max_top_k: int = 100  # top_k above this is never useful to a caller and costs a larger sort
+    max_beam_width: int = 16  # word-completion beam: each step is one batched forward of this many rows
+    max_word_tokens: int = 8  # longest word followed by the completion search
+    max_new_tokens: int = 512  # still capped by the model's window minus the prompt
+    max_stop_sequences: int = 8
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC's own default; raise it for big batched requests
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching of one model's requests (overridable per model in the config file)."""
+
+    max_batch_size: int = 32  # rows per ONNX run: past ~32 the 2-core CPU gains no throughput
+    max_batch_tokens: int = 8192  # padded rows × length per run; bounds memory of a [B,T,V] log-softmax
+    max_queue_delay_ms: float = 2.0  # how long the first request waits for company; small vs inference time
+    max_queue_size: int = 1024  # queued rows beyond this are refused with RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """ONNX Runtime session settings."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # priority order; unavailable ones are skipped
+    intra_op_threads: int = 0  # 0 = one per core: one batch runs at a time per model, so it may use them all
+    graph_optimization: str = "all"  # disable | basic | extended | all
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default: exposing the port is a deliberate choice
+    port: int = 50051
+    metrics_port: int = 9090  # 0 turns the metrics HTTP endpoint off
+    repository: Path = Path("repository")
+    models: tuple[str, ...] = ()  # serve only these model names; empty = every model in the repository
+    log_format: str = "text"  # text | json
+    log_level: str = "INFO"
+    grace_seconds: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
+    limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
+    runtime: Runtime = field(default_factory=Runtime)
+    model_batching: dict[str, Batching] = field(default_factory=dict)  # per-model overrides by name
+
+    def batching_for(self, model: str, manifest_batching: dict[str, Any] | None = None) -> Batching:
+        """The batching settings of one model: server default ← manifest ← config file's per-model section."""
+        if model in self.model_batching:
+            return self.model_batching[model]
+        if manifest_batching:
+            return _replace_checked(self.batching, manifest_batching, f"manifest of {model}: batching")
+        return self.batching
+
+
+def _replace_checked(obj: Any, values: dict[str, Any], where: str) -> Any:
+    """dataclasses.replace, but unknown keys and wrong types are an error naming `where`."""
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        current = getattr(obj, key)
+        if isinstance(current, Path):
+            value = Path(value)
+        elif isinstance(current, tuple):
+            value = tuple(value) if isinstance(value, list | tuple) else tuple(str(value).split(","))
+        elif isinstance(current, bool):
+            value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, int | float) and not isinstance(value, int | float):
+            try:
+                value = type(current)(value)
+            except ValueError as e:
+                raise ValueError(f"{where}: {key} must be a number, got {value!r}") from e
+        elif isinstance(current, float):
+            value = float(value)
+        changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+_SECTIONS = {"limits": Limits, "batching": Batching, "runtime": Runtime}
+
+
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> ServerConfig:
+    """Build the config: defaults, then the TOML file, then `PLM_*` environment variables, then overrides.
+
+    Environment variables name top-level settings (`PLM_PORT`, `PLM_REPOSITORY`) or sectioned ones
+    (`PLM_BATCHING__MAX_BATCH_SIZE`). `overrides` are command-line flags already parsed (None = not given).
+    """
+    cfg = ServerConfig()
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"config file {path}: {e}") from e
+    env = os.environ if environ is None else environ
+    top = {f.name for f in dataclasses.fields(ServerConfig)}
+    for key, value in env.items():
+        if not key.startswith("PLM_"):
+            continue
+        name = key[4:].lower()
+        section, _, sub = name.partition("__")
+        # Only names of settings count: other PLM_* variables (PLM_CACHE for `plm build`) are not ours.
+        if sub and section in _SECTIONS and sub in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
+            data.setdefault(section, {})[sub] = value
+        elif not sub and name in top and name not in _SECTIONS and name != "model_batching":
+            data[name] = value
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _replace_checked(cls(), data.pop(name, {}), f"config [{name}]")
+    per_model: dict[str, Batching] = {}
+    for model, settings in data.pop("model", {}).items():
+        batching = _replace_checked(sections["batching"], settings.get("batching", {}), f"config [model.{model}]")
+        per_model[model] = batching
+    cfg = _replace_checked(cfg, data, "config")
+    return dataclasses.replace(cfg, model_batching=per_model, **sections)

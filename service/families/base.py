@@ -1,0 +1,121 @@
+"""The contract every model family's adapter fulfils, so the tasks (service/tasks/) stay family-agnostic.
+
+An adapter knows its model's files, tokenizer and graphs: how to turn text into token ids and how to get
+log-probabilities for token sequences. What a log-probability *means* for a request (a sentence score, the
+next word, the next sampled token) is the tasks' business.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import FailedPrecondition
+
+# The task names a manifest may list, and the RPCs that need them.
+TASK_SCORE = "score"
+TASK_PREDICT_NEXT = "predict_next"
+TASK_GENERATE = "generate"
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One text, tokenized by the model's tokenizer (no BOS/EOS)."""
+
+    ids: list[int]
+    tokens: list[str]  # readable text of each token
+    word_index: list[int]  # for each token, the index of the word it belongs to
+    words: list[str]
+    oov: list[bool]  # the token is out of vocabulary (scored as <unk>)
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Natural-log probabilities of each scored token of one sequence (the text's tokens, then EOS)."""
+
+    log_probs: np.ndarray  # (N,) float64
+    ngram_lengths: list[int] | None = None  # n-gram models only: KenLM's ngram_length per token
+
+
+class ModelAdapter(abc.ABC):
+    """A loaded model. Subclasses are built by the registry from a model folder."""
+
+    family: str = ""
+
+    def __init__(self, name: str, folder: Path, manifest: dict[str, Any]) -> None:
+        self.name = name
+        self.folder = folder
+        self.manifest = manifest
+        self.version = str(manifest.get("version", "1"))
+        self.tasks: tuple[str, ...] = tuple(manifest.get("tasks", ()))
+        self.max_length = int(manifest["max_length"])
+        self.vocab_size = int(manifest["vocab_size"])
+        self.tokenizer_kind = str(manifest.get("tokenizer", {}).get("kind", ""))
+        self.providers: list[str] = []
+
+    def require(self, task: str) -> None:
+        if task not in self.tasks:
+            raise FailedPrecondition(
+                f"model {self.name!r} ({self.family}) does not serve {task!r}; it serves: {', '.join(self.tasks)}"
+            )
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:  # noqa: B027 — optional hook, most adapters need none
+        """Called inside the server's event loop once loaded (start batch workers here)."""
+
+    async def close(self) -> None:  # noqa: B027 — optional hook
+        """Release the model's resources; queued work fails with UNAVAILABLE."""
+
+    # -- text ---------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode(self, text: str) -> Encoded: ...
+
+    @abc.abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids, as a continuation (word models join with spaces)."""
+
+    @abc.abstractmethod
+    def token_text(self, token_id: int) -> str: ...
+
+    @property
+    @abc.abstractmethod
+    def eos_id(self) -> int: ...
+
+    @property
+    def context_budget(self) -> int:
+        """Most text tokens a sequence may hold (the window minus the BOS the adapter adds)."""
+        return self.max_length - 1
+
+    @abc.abstractmethod
+    def word_start_mask(self) -> np.ndarray:
+        """(V,) bool: the token begins a new word (the rest continue the word before them)."""
+
+    @abc.abstractmethod
+    def never_generate_mask(self) -> np.ndarray:
+        """(V,) bool: tokens that must never be predicted or sampled (BOS, padding, <unk>)."""
+
+    # -- log-probabilities --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
+        """For each id sequence: log P(token_i | BOS, tokens_<i) for every token (and EOS when add_eos)."""
+
+    @abc.abstractmethod
+    async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
+        """(B, V) float32: log P(next token | BOS, context) for each context."""
+
+    def info(self) -> dict[str, Any]:
+        """Facts for ListModels/GetModel beyond the common ones."""
+        return {}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data

@@ -1,0 +1,161 @@
+"""GPT adapter: a byte-level BPE tokenizer and one ONNX graph, run through the model's dynamic batcher.
+
+Graph contract (export/onnx_export.py): inputs `input_ids`, `attention_mask`, `position_ids` int64 (B, T);
+outputs `token_logprobs` (B, T) = log P(x_t | x_<t) (position 0 unused), `next_logprobs` (B, V) = the
+distribution after each row's last real token, `hidden_states` (B, T, C). Rows are right-padded and
+`position_ids` come from the mask, so a row's numbers do not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.batcher import DynamicBatcher
+from service.config import ServerConfig
+from service.families.base import Encoded, ModelAdapter, TokenScores
+from service.metrics import Metrics
+from service.runtime import OrtSession
+
+
+@dataclass(frozen=True)
+class _Row:
+    ids: tuple[int, ...]  # BOS + tokens (+ EOS)
+    want_tokens: bool  # fetch token_logprobs
+    want_next: bool  # fetch next_logprobs
+
+
+@dataclass(frozen=True)
+class _RowOut:
+    token_logprobs: np.ndarray | None  # (n,)
+    next_logprobs: np.ndarray | None  # (V,)
+
+
+def _is_word_start(token: str) -> bool:
+    """Byte-level BPE marks a leading space as 'Ġ' (newline 'Ċ', tab 'ĉ'); punctuation is a word of its own."""
+    if not token:
+        return False
+    first = token[0]
+    if first in "ĠĊĉ":
+        return True
+    return not unicodedata.category(first).startswith(("L", "N", "M"))
+
+
+class GptAdapter(ModelAdapter):
+    family = "gpt"
+
+    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig, metrics: Metrics):
+        super().__init__(name, folder, manifest)
+        tok = manifest["tokenizer"]
+        self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
+        self._eos = self._special_id(tok.get("eos", "<|endoftext|>"))
+        self._bos = self._special_id(tok.get("bos", "<|endoftext|>"))
+        graph = manifest["graphs"]["model"]
+        self.session = OrtSession(folder / graph["file"], config.runtime, name)
+        self.providers = self.session.providers
+        self._metrics = metrics
+        self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
+            name, self._run, config.batching_for(name, manifest.get("batching")), metrics
+        )
+        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
+        self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
+        self._never = np.zeros(self.vocab_size, dtype=bool)
+        if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
+            self._never[self._bos] = True
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.folder.name}: the tokenizer has no {token!r} token named by the manifest")
+        return int(token_id)
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    @property
+    def batcher(self) -> DynamicBatcher[_Row, _RowOut]:
+        return self._batcher
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> Encoded:
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        tokens = [self.tokenizer.decode([i]) for i in ids]
+        word_index: list[int] = []
+        groups: list[list[int]] = []
+        for k, i in enumerate(ids):
+            if k == 0 or self._word_start[i]:
+                groups.append([])
+            groups[-1].append(i)
+            word_index.append(len(groups) - 1)
+        words = [self.tokenizer.decode(g).strip() for g in groups]
+        return Encoded(ids, tokens, word_index, words, [False] * len(ids))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    def word_start_mask(self) -> np.ndarray:
+        return self._word_start
+
+    def never_generate_mask(self) -> np.ndarray:
+        return self._never
+
+    # -- log-probabilities --------------------------------------------------------------------------------
+    async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
+        rows = [_Row((self._bos, *s, *((self._eos,) if add_eos else ())), True, False) for s in seqs]
+        outs = await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
+        # Position t of token_logprobs scores ids[t]; position 0 is the BOS, which is given, not scored.
+        return [TokenScores(o.token_logprobs[1:].astype(np.float64)) for o in outs if o.token_logprobs is not None]
+
+    async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
+        rows = [_Row((self._bos, *c), False, True) for c in contexts]
+        outs = await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
+        return np.stack([o.next_logprobs for o in outs if o.next_logprobs is not None])
+
+    def _run(self, rows: Sequence[_Row]) -> list[_RowOut]:
+        """One padded ONNX run over a batch (on the batcher's thread)."""
+        b, t = len(rows), max(len(r.ids) for r in rows)
+        input_ids = np.full((b, t), self._eos, dtype=np.int64)  # (B, T), right-padded
+        mask = np.zeros((b, t), dtype=np.int64)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r.ids)] = r.ids
+            mask[i, : len(r.ids)] = 1
+        position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        names = [n for n, want in (("token_logprobs", any(r.want_tokens for r in rows)),
+                                   ("next_logprobs", any(r.want_next for r in rows))) if want]
+        started = time.perf_counter()
+        results = dict(zip(names, self.session.run(names, {
+            "input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+        }), strict=True))
+        m = self._metrics
+        m.inference_duration.labels(self.name, "forward").observe(time.perf_counter() - started)
+        m.batch_tokens.labels(self.name).observe(b * t)
+        m.padding_efficiency.labels(self.name).observe(float(mask.sum()) / (b * t))
+        tok, nxt = results.get("token_logprobs"), results.get("next_logprobs")  # (B, T), (B, V)
+        return [
+            _RowOut(
+                tok[i, : len(r.ids)].copy() if (tok is not None and r.want_tokens) else None,
+                nxt[i].copy() if (nxt is not None and r.want_next) else None,
+            )
+            for i, r in enumerate(rows)
+        ]
+
+    def info(self) -> dict[str, Any]:
+        return {"providers": self.providers}

@@ -1,0 +1,81 @@
+"""n-gram adapter: a word-level tokenizer and an ARPA (Kneser-Ney) or counts (Laplace) model, in numpy.
+
+Scoring a sentence takes microseconds, so requests are answered inline on the event loop: a batcher would
+only add a thread hop. Ids are the model's vocabulary ids; the tokenizer only normalises and splits words.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.families.base import Encoded, ModelAdapter, TokenScores
+from service.ngram import NgramModel
+
+_LN10 = math.log(10.0)
+
+
+class NgramAdapter(ModelAdapter):
+    family = "ngram"
+
+    def __init__(self, name: str, folder: Path, manifest: dict[str, Any]) -> None:
+        super().__init__(name, folder, manifest)
+        self.tokenizer = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
+        spec = manifest["ngram"]
+        path = folder / spec["file"]
+        self.lm = NgramModel.load_arpa(path) if spec["format"] == "arpa" else NgramModel.load_counts(path)
+        self.vocab_size = len(self.lm.vocab)
+        self._eos = self.lm.word_to_id[self.lm.eos]
+        self._never = np.zeros(self.vocab_size, dtype=bool)
+        for special in (self.lm.bos, "<unk>", "<pad>"):
+            if special in self.lm.word_to_id:
+                self._never[self.lm.word_to_id[special]] = True
+        self._all_words = np.ones(self.vocab_size, dtype=bool)
+
+    def words(self, text: str) -> list[str]:
+        """The normalised words of a text, exactly as the model was trained on them."""
+        normalizer, pre = self.tokenizer.normalizer, self.tokenizer.pre_tokenizer
+        norm = normalizer.normalize_str(text) if normalizer is not None else text
+        return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
+
+    def encode(self, text: str) -> Encoded:
+        words = self.words(text)
+        ids = [self.lm.word_to_id.get(w, self.lm.unk_id) for w in words]
+        oov = [w not in self.lm.word_to_id for w in words]
+        return Encoded(ids, words, list(range(len(words))), words, oov)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(" " + self.lm.vocab[i] for i in ids if not self._never[i] and i != self._eos)
+
+    def token_text(self, token_id: int) -> str:
+        return self.lm.vocab[token_id]
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    def word_start_mask(self) -> np.ndarray:
+        return self._all_words
+
+    def never_generate_mask(self) -> np.ndarray:
+        return self._never
+
+    async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
+        out = []
+        for ids in seqs:
+            scored = self.lm.score_words([self.lm.vocab[i] for i in ids], bos=True, eos=add_eos)
+            out.append(TokenScores(
+                np.array([lp * _LN10 for lp, _ in scored], dtype=np.float64), [n for _, n in scored]
+            ))
+        return out
+
+    async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
+        rows = [self.lm.next_log10probs([self.lm.vocab[i] for i in c]) for c in contexts]
+        return (np.stack(rows) * _LN10).astype(np.float32)  # (B, V)
+
+    def info(self) -> dict[str, Any]:
+        return {"order": self.lm.order}

@@ -1,0 +1,74 @@
+"""Every Prometheus metric of the server, defined once (DESIGN.md §5).
+
+A `Metrics` object owns its own `CollectorRegistry`, so several servers can live in one process (the tests
+start many). Metrics are recorded at two boundaries: the request (servicer) and the batch (batcher/runtime).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+
+# Latency buckets from 0.5 ms to 30 s: n-gram requests take well under a millisecond, long generations seconds.
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
+_RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "plm_requests", "RPCs handled, by method, model and gRPC status code.",
+            ["method", "model", "code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "plm_request_duration_seconds", "RPC wall time from arrival to response.",
+            ["method", "model"], buckets=_LATENCY, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "plm_queue_wait_seconds", "Time a request waited in its model's queue before its batch ran.",
+            ["model"], buckets=_LATENCY, registry=r,
+        )
+        self.queue_depth = Gauge("plm_queue_depth", "Rows waiting in a model's queue.", ["model"], registry=r)
+        self.batch_size = Histogram(
+            "plm_batch_size", "Rows per ONNX Runtime run.", ["model"], buckets=_SIZES, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "plm_batch_tokens", "Padded tokens (rows × length) per run.", ["model"], buckets=_TOKENS, registry=r
+        )
+        self.padding_efficiency = Histogram(
+            "plm_padding_efficiency_ratio", "Real tokens ÷ padded tokens per run (1.0 = no padding).",
+            ["model"], buckets=_RATIO, registry=r,
+        )
+        self.inference_duration = Histogram(
+            "plm_inference_duration_seconds", "Model execution time per batch, by stage.",
+            ["model", "stage"], buckets=_LATENCY, registry=r,
+        )
+        self.generated_tokens = Counter(
+            "plm_generated_tokens", "Tokens produced by generation.", ["model"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "plm_time_to_first_token_seconds", "Generation: request arrival to the first token.",
+            ["model"], buckets=_LATENCY, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "plm_inter_token_latency_seconds", "Generation: time between consecutive tokens of one sequence.",
+            ["model"], buckets=_LATENCY, registry=r,
+        )
+        self.rejections = Counter(
+            "plm_rejections", "Requests refused before any work, by reason.", ["model", "reason"], registry=r
+        )
+        self.model_ready = Gauge("plm_model_ready", "1 when the model is loaded and serving.", ["model"], registry=r)
+        self.model_load_seconds = Gauge(
+            "plm_model_load_seconds", "Time the last load of the model took.", ["model"], registry=r
+        )
+
+    def exposition(self) -> bytes:
+        """The text exposition format, as /metrics serves it."""
+        return generate_latest(self.registry)
+
+    def serve_http(self, host: str, port: int) -> None:
+        """Serve /metrics on a background thread (prometheus_client's own HTTP server)."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,121 @@
+"""The server process: load the repository, start gRPC (plm.v1 + health + reflection) and /metrics, stop cleanly.
+
+Health: the overall service ("") and `plm.v1.LanguageModelService` are SERVING once every model is loaded;
+each model name is its own health service, SERVING when that model is ready. On SIGTERM/SIGINT health turns
+NOT_SERVING first, new calls are refused, in-flight calls get `grace_seconds` to finish, then it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.config import ServerConfig
+from service.metrics import Metrics
+from service.pb.plm.v1 import plm_pb2, plm_pb2_grpc
+from service.registry import Registry
+from service.servicer import LanguageModelServicer
+
+log = logging.getLogger("plm.server")
+
+SERVICE_NAME = plm_pb2.DESCRIPTOR.services_by_name["LanguageModelService"].full_name
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(config: ServerConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+@dataclass
+class RunningServer:
+    """A started server: what tests and `serve` hold on to."""
+
+    server: grpc.aio.Server
+    port: int
+    registry: Registry
+    metrics: Metrics
+    health: health.aio.HealthServicer
+    config: ServerConfig
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING before the port closes
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        for model in self.registry.models.values():
+            await model.close()
+
+
+async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> RunningServer:
+    """Load every model, then bind and start. Returns once the server accepts calls."""
+    metrics = metrics or Metrics()
+    started = time.perf_counter()
+    registry = Registry(config, metrics)
+    await asyncio.to_thread(registry.load_all)
+    for model in registry.models.values():
+        await model.start()
+
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.max_send_message_length", config.limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
+    ])
+    plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(LanguageModelServicer(registry, config, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    await server.start()
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in registry.models:
+        await health_servicer.set(name, serving)
+    for name in registry.failed:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set("", serving)
+    await health_servicer.set(SERVICE_NAME, serving)
+    log.info("serving %d model(s) [%s] on %s:%d in %.2fs", len(registry.models), ", ".join(registry.models),
+             config.host, port, time.perf_counter() - started)
+    return RunningServer(server, port, registry, metrics, health_servicer, config)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    metrics = Metrics()
+    if config.metrics_port:
+        metrics.serve_http(config.host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+    running = await start_server(config, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", config.grace_seconds)
+    await running.stop()
+    log.info("stopped")

@@ -1,0 +1,226 @@
+"""gRPC servicer: protobuf in, task call, protobuf out — and nothing else (DESIGN.md §7.2).
+
+One wrapper per RPC kind gives every method the same edge: request id (from `x-request-id` or new), the
+deadline, error → status mapping (service/errors.py), request metrics and one access-log line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service import validation
+from service.config import ServerConfig
+from service.errors import ServiceError
+from service.families.base import ModelAdapter
+from service.metrics import Metrics
+from service.pb.plm.v1 import plm_pb2 as pb
+from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from service.registry import Registry
+from service.tasks import generate as gen_task
+from service.tasks import next_word, score
+
+log = logging.getLogger("plm.access")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+_FINISH = {
+    gen_task.FINISH_LENGTH: pb.FINISH_REASON_LENGTH,
+    gen_task.FINISH_STOP: pb.FINISH_REASON_STOP,
+    gen_task.FINISH_EOS: pb.FINISH_REASON_EOS,
+}
+
+
+class _Call:
+    """Per-call facts gathered at the edge."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, registry: Registry) -> None:
+        md = dict(context.invocation_metadata() or ())
+        self.request_id = str(md.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
+        remaining = context.time_remaining()
+        self.deadline = time.monotonic() + remaining if remaining is not None else None
+        self.model_label = "-"
+        self._registry = registry
+
+    def model(self, name: str) -> ModelAdapter:
+        model = self._registry.get(validation.model_name(name))
+        self.model_label = model.name  # only known names become label values: bounded cardinality
+        return model
+
+
+async def _fail(context: grpc.aio.ServicerContext, call: _Call, method: str, err: Exception) -> grpc.StatusCode:
+    if isinstance(err, ServiceError):
+        code, message = err.code, err.message
+    else:
+        log.exception("request_id=%s method=%s: unexpected error", call.request_id, method)
+        code, message = grpc.StatusCode.INTERNAL, "internal error"
+    await context.abort(code, f"{message} (request_id={call.request_id})")
+    return code  # unreachable: abort raises
+
+
+def _finish(svc: LanguageModelServicer, method: str, call: _Call, code: grpc.StatusCode, started: float,
+            extra: str = "") -> None:
+    elapsed = time.perf_counter() - started
+    svc.metrics.requests.labels(method, call.model_label, code.name).inc()
+    svc.metrics.request_duration.labels(method, call.model_label).observe(elapsed)
+    log.info("request_id=%s method=%s model=%s code=%s duration_ms=%.2f%s",
+             call.request_id, method, call.model_label, code.name, elapsed * 1000, extra)
+
+
+def unary(method: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
+    def wrap(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+        @functools.wraps(fn)
+        async def handler(self: LanguageModelServicer, request: Any, context: grpc.aio.ServicerContext) -> Resp:
+            started = time.perf_counter()
+            call = _Call(context, self.registry)
+            await context.send_initial_metadata((("x-request-id", call.request_id),))
+            code = grpc.StatusCode.OK
+            try:
+                return await fn(self, request, call)
+            except Exception as err:
+                code = err.code if isinstance(err, ServiceError) else grpc.StatusCode.INTERNAL
+                await _fail(context, call, method, err)
+                raise
+            except BaseException:  # cancelled by the client
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                _finish(self, method, call, code, started)
+        return handler
+    return wrap
+
+
+def streaming(method: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], Callable[..., AsyncIterator[Resp]]]:
+    def wrap(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
+        @functools.wraps(fn)
+        async def handler(self: LanguageModelServicer, request: Any,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+            started = time.perf_counter()
+            call = _Call(context, self.registry)
+            await context.send_initial_metadata((("x-request-id", call.request_id),))
+            code = grpc.StatusCode.OK
+            try:
+                async for item in fn(self, request, call):
+                    yield item
+            except Exception as err:
+                code = err.code if isinstance(err, ServiceError) else grpc.StatusCode.INTERNAL
+                await _fail(context, call, method, err)
+                raise
+            except BaseException:  # cancelled by the client: the generation stops here
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                _finish(self, method, call, code, started)
+        return handler
+    return wrap
+
+
+class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
+    def __init__(self, registry: Registry, config: ServerConfig, metrics: Metrics) -> None:
+        self.registry = registry
+        self.limits = config.limits
+        self.metrics = metrics
+
+    @unary("Score")
+    async def Score(self, request: pb.ScoreRequest, call: _Call) -> pb.ScoreResponse:
+        model = call.model(request.model)
+        params = validation.score_params(request, self.limits)
+        result = await score.score(model, params, call.deadline)
+        return pb.ScoreResponse(
+            model=model.name, model_version=model.version, method=result.method, ranking=result.ranking,
+            scores=[pb.SentenceScore(
+                text=s.text, log_prob=s.log_prob, log10_prob=s.log10_prob, perplexity=s.perplexity,
+                word_perplexity=s.word_perplexity(params.add_eos), num_tokens=s.num_tokens,
+                num_words=s.num_words, num_oov=s.num_oov,
+                tokens=[pb.TokenScore(id=t.id, token=t.token, log_prob=t.log_prob, ngram_length=t.ngram_length,
+                                      oov=t.oov) for t in s.tokens],
+                words=[pb.WordScore(word=w, log_prob=lp) for w, lp in s.words],
+            ) for s in result.sentences],
+        )
+
+    @unary("PredictNext")
+    async def PredictNext(self, request: pb.PredictNextRequest, call: _Call) -> pb.PredictNextResponse:
+        model = call.model(request.model)
+        results = await next_word.predict_next(model, validation.next_params(request, self.limits), call.deadline)
+
+        def cands(cs: tuple[next_word.CandidateResult, ...]) -> list[pb.Candidate]:
+            return [pb.Candidate(text=c.text, prob=float(_exp(c.log_prob)), log_prob=c.log_prob,
+                                 token_ids=c.token_ids) for c in cs]
+
+        return pb.PredictNextResponse(model=model.name, model_version=model.version, predictions=[
+            pb.NextPrediction(context=r.context, words=cands(r.words), tokens=cands(r.tokens)) for r in results
+        ])
+
+    @unary("Generate")
+    async def Generate(self, request: pb.GenerateRequest, call: _Call) -> pb.GenerateResponse:
+        model = call.model(request.model)
+        params = validation.generate_params(request, self.limits)
+        gens = [pb.Generation(prompt=p) for p in params.prompts]
+        async for ev in gen_task.generate(model, params, call.deadline, self.metrics):
+            g = gens[ev.index]
+            g.text += ev.text_delta
+            g.token_ids.extend(ev.token_ids)
+            g.tokens.extend(model.token_text(t) for t in ev.token_ids)
+            if ev.finish_reason is not None:
+                g.finish_reason = _FINISH[ev.finish_reason]
+                g.prompt_tokens, g.generated_tokens = ev.prompt_tokens, ev.generated_tokens
+        return pb.GenerateResponse(model=model.name, model_version=model.version, generations=gens)
+
+    @streaming("GenerateStream")
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, call: _Call
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        model = call.model(request.model)
+        params = validation.generate_params(request, self.limits)
+        async for ev in gen_task.generate(model, params, call.deadline, self.metrics):
+            yield pb.GenerateStreamResponse(
+                model=model.name, model_version=model.version, index=ev.index, text_delta=ev.text_delta,
+                token_ids=ev.token_ids,
+                finish_reason=_FINISH[ev.finish_reason] if ev.finish_reason else pb.FINISH_REASON_UNSPECIFIED,
+                prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens,
+            )
+
+    @unary("ListModels")
+    async def ListModels(self, request: pb.ListModelsRequest, call: _Call) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(m) for _, m in sorted(self.registry.models.items())])
+
+    @unary("GetModel")
+    async def GetModel(self, request: pb.GetModelRequest, call: _Call) -> pb.ModelInfo:
+        return model_info(call.model(request.name))
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x > -745 else 0.0  # below that exp underflows to 0 anyway; avoid -inf warnings
+
+
+def model_info(m: ModelAdapter) -> pb.ModelInfo:
+    """Manifest facts → ModelInfo. Numbers go to `figures`, short strings to `details`."""
+    man = m.manifest
+    info = pb.ModelInfo(
+        name=m.name, version=m.version, family=m.family, tasks=m.tasks, vocab_size=m.vocab_size,
+        max_length=m.max_length, tokenizer=m.tokenizer_kind, ready=True, providers=m.providers,
+    )
+    parity = man.get("parity") or {}
+    if "max_abs_diff" in parity:
+        info.parity_max_abs_diff = float(parity["max_abs_diff"])
+        info.parity_tolerance = float(parity.get("tolerance", 0.0))
+    for section in ("training", "evaluation"):
+        for key, value in (man.get(section) or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                info.figures[f"{section}.{key}"] = float(value)
+            elif isinstance(value, str) and len(value) <= 200:
+                info.details[f"{section}.{key}"] = value
+    for key in ("created_at", "corpus_sha256", "description"):
+        if isinstance(man.get(key), str):
+            info.details[key] = man[key]
+    for key, value in m.info().items():
+        info.details[key] = ",".join(value) if isinstance(value, list) else str(value)
+    return info

@@ -1,0 +1,122 @@
+"""PredictNext: the most likely next words (and tokens) after a context.
+
+For word-level models a token is a word and the answer is the top of one distribution. For sub-word models
+a word is a path of tokens: a beam search extends word-initial tokens with continuation tokens and closes a
+word when the model's next token would start a new word (or end the text):
+
+    P(word | ctx) = P(t1 | ctx) · P(t2 | ctx, t1) · … · P(tn | ctx, t1..tn-1) · P(boundary | ctx, t1..tn)
+
+where P(boundary) sums the probability of every word-initial token and EOS. Spellings of the same word that
+the beam finds are summed. Every search step is one batched forward over all beams of all contexts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.families.base import TASK_PREDICT_NEXT, ModelAdapter
+from service.tasks.common import encode_checked
+
+
+@dataclass(frozen=True)
+class NextParams:
+    contexts: tuple[str, ...]
+    top_k: int = 5
+    include_tokens: bool = False
+    beam_width: int = 0  # 0 = max(top_k, 4)
+    max_word_tokens: int = 4
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    text: str
+    log_prob: float
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NextResult:
+    context: str
+    words: tuple[CandidateResult, ...]
+    tokens: tuple[CandidateResult, ...]
+
+
+def _top(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest allowed entries, best first."""
+    masked = np.where(allowed, logprobs, -np.inf)
+    k = min(k, int(allowed.sum()))
+    idx = np.argpartition(-masked, k - 1)[:k] if k > 0 else np.array([], dtype=np.int64)
+    idx = idx[np.isfinite(masked[idx])]
+    return idx[np.argsort(-masked[idx], kind="stable")]
+
+
+async def predict_next(model: ModelAdapter, params: NextParams, deadline: float | None) -> list[NextResult]:
+    model.require(TASK_PREDICT_NEXT)
+    encoded = encode_checked(model, params.contexts, "contexts", allow_empty=True)
+    contexts = [e.ids for e in encoded]
+    first = await model.next_logprobs(contexts, deadline)  # (B, V)
+    starts = model.word_start_mask()
+    never = model.never_generate_mask()
+    eos = model.eos_id
+    word_initial = starts & ~never
+    word_initial[eos] = False
+    token_ok = ~never
+
+    if bool(starts.all()):  # word-level model: one distribution answers it
+        words = [[CandidateResult(model.token_text(int(t)), float(row[t]), (int(t),))
+                  for t in _top(row, word_initial, params.top_k)] for row in first]
+    else:
+        words = await _complete_words(model, contexts, first, params, deadline)
+
+    results = []
+    for ctx, row, w in zip(params.contexts, first, words, strict=True):
+        toks: tuple[CandidateResult, ...] = ()
+        if params.include_tokens:
+            toks = tuple(CandidateResult(model.token_text(int(t)), float(row[t]), (int(t),))
+                         for t in _top(row, token_ok, params.top_k))
+        results.append(NextResult(ctx, tuple(w), toks))
+    return results
+
+
+async def _complete_words(
+    model: ModelAdapter, contexts: list[list[int]], first: np.ndarray, params: NextParams, deadline: float | None
+) -> list[list[CandidateResult]]:
+    starts, never, eos = model.word_start_mask(), model.never_generate_mask(), model.eos_id
+    boundary = starts.copy()
+    boundary[eos] = True  # ending the text also ends the word
+    initial = starts & ~never
+    initial[eos] = False
+    continuation = ~starts & ~never
+    beam = params.beam_width or max(params.top_k, 4)
+    # Per context: open paths (token ids, log-prob) and finished words {text: (log-prob, ids)}.
+    beams: list[list[tuple[tuple[int, ...], float]]] = [
+        [((int(t),), float(row[t])) for t in _top(row, initial, beam)] for row in first
+    ]
+    done: list[dict[str, tuple[float, tuple[int, ...]]]] = [{} for _ in contexts]
+    for _ in range(params.max_word_tokens):
+        flat = [(c, path, lp) for c, paths in enumerate(beams) for path, lp in paths
+                if len(contexts[c]) + len(path) < model.context_budget]
+        if not flat:
+            break
+        out = await model.next_logprobs([contexts[c] + list(path) for c, path, _ in flat], deadline)
+        new_beams: list[list[tuple[tuple[int, ...], float]]] = [[] for _ in contexts]
+        for (c, path, lp), row in zip(flat, out, strict=True):
+            end = float(np.logaddexp.reduce(row[boundary].astype(np.float64)))
+            word = model.decode(list(path)).strip()
+            if word:
+                old = done[c].get(word)
+                total = lp + end if old is None else float(np.logaddexp(old[0], lp + end))
+                done[c][word] = (total, old[1] if old is not None and old[0] > lp + end else path)
+            for t in _top(row, continuation, beam):
+                new_beams[c].append(((*path, int(t)), lp + float(row[t])))
+        for c in range(len(contexts)):
+            # A path's probability only shrinks as it grows: drop paths that can no longer reach the top k.
+            best = sorted((v[0] for v in done[c].values()), reverse=True)
+            floor = best[params.top_k - 1] if len(best) >= params.top_k else -np.inf
+            beams[c] = sorted((p for p in new_beams[c] if p[1] > floor), key=lambda p: -p[1])[:beam]
+    return [
+        [CandidateResult(w, lp, ids) for w, (lp, ids) in sorted(d.items(), key=lambda kv: -kv[1][0])[: params.top_k]]
+        for d in done
+    ]

@@ -1,0 +1,81 @@
+"""Score: sentence probability by the chain rule, per token and per word, and the ranking of candidates."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from service.families.base import TASK_SCORE, ModelAdapter
+from service.tasks.common import encode_checked
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    texts: tuple[str, ...]
+    add_eos: bool = True
+    per_token: bool = True
+
+
+@dataclass(frozen=True)
+class TokenResult:
+    id: int
+    token: str
+    log_prob: float
+    ngram_length: int
+    oov: bool
+
+
+@dataclass(frozen=True)
+class SentenceResult:
+    text: str
+    log_prob: float
+    num_tokens: int
+    num_words: int
+    num_oov: int
+    tokens: tuple[TokenResult, ...]
+    words: tuple[tuple[str, float], ...]
+
+    @property
+    def log10_prob(self) -> float:
+        return self.log_prob / math.log(10.0)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.log_prob / max(self.num_tokens, 1))
+
+    def word_perplexity(self, add_eos: bool) -> float:
+        return math.exp(-self.log_prob / max(self.num_words + (1 if add_eos else 0), 1))
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    method: str
+    sentences: tuple[SentenceResult, ...]
+    ranking: tuple[int, ...]
+
+
+async def score(model: ModelAdapter, params: ScoreParams, deadline: float | None) -> ScoreResult:
+    model.require(TASK_SCORE)
+    encoded = encode_checked(model, params.texts, "texts", reserve=1)  # room for EOS
+    scored = await model.score([e.ids for e in encoded], params.add_eos, deadline)
+    sentences = []
+    for text, enc, sc in zip(params.texts, encoded, scored, strict=True):
+        lps = [float(x) for x in sc.log_probs]
+        ids, names, oov = list(enc.ids), list(enc.tokens), list(enc.oov)
+        if params.add_eos:
+            ids.append(model.eos_id)
+            names.append(model.token_text(model.eos_id))
+            oov.append(False)
+        lengths = sc.ngram_lengths or [0] * len(lps)
+        tokens = tuple(TokenResult(i, n, lp, ln, o) for i, n, lp, ln, o in zip(ids, names, lps, lengths, oov,
+                                                                            strict=True))
+        word_lps = [0.0] * len(enc.words)
+        for k, w in enumerate(enc.word_index):
+            word_lps[w] += lps[k]
+        sentences.append(SentenceResult(
+            text=text, log_prob=sum(lps), num_tokens=len(lps), num_words=len(enc.words), num_oov=sum(enc.oov),
+            tokens=tokens if params.per_token else (),
+            words=tuple(zip(enc.words, word_lps, strict=True)) if params.per_token else (),
+        ))
+    ranking = tuple(sorted(range(len(sentences)), key=lambda i: -sentences[i].log_prob))
+    return ScoreResult("causal", tuple(sentences), ranking)

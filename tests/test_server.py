@@ -1,0 +1,351 @@
+"""End-to-end: the real server on a loopback port with the tiny models, called through the generated stubs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client.client import PlmClient
+from service.pb.plm.v1 import plm_pb2 as pb
+from tests.conftest import ServerThread, make_config
+
+HELD_OUT = [
+    "To be, or not to be, that is the question.",
+    "The king is dead.",
+    "I will not speak with thee, my lord, until the morning comes.",
+    "What light through yonder window breaks?",
+    "The government said on Tuesday that the talks would continue.",
+    "Zyxwv qqq unknownword, the end.",
+]
+
+
+def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return exc.value.code()  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+
+def test_list_and_get_models(client: PlmClient) -> None:
+    models = {m.name: m for m in client.list_models().models}
+    assert set(models) >= {"ngram-kn", "ngram-laplace", "gpt"}
+    gpt = models["gpt"]
+    assert gpt.family == "gpt" and set(gpt.tasks) == {"score", "predict_next", "generate"}
+    assert gpt.vocab_size > 256 and gpt.max_length == 64
+    assert gpt.HasField("parity_max_abs_diff") and gpt.parity_max_abs_diff <= gpt.parity_tolerance == 1e-4
+    assert gpt.figures["training.steps"] > 0 and gpt.figures["evaluation.test_word_perplexity"] > 1
+    assert "CPUExecutionProvider" in gpt.providers
+    kn = client.get_model("ngram-kn")
+    assert kn.family == "ngram" and set(kn.tasks) == {"score", "predict_next"}
+    assert kn.details["order"] == "3"
+    assert client.get_model("gpt") == gpt
+
+
+def test_health_overall_and_per_model(client: PlmClient) -> None:
+    assert client.health_status("") == "SERVING"
+    assert client.health_status("plm.v1.LanguageModelService") == "SERVING"
+    for name in ("gpt", "ngram-kn", "ngram-laplace"):
+        assert client.health_status(name) == "SERVING"
+    with pytest.raises(grpc.RpcError) as e:
+        client.health_status("no-such-model")
+    assert _code(e) == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_services(server: ServerThread) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"plm.v1.LanguageModelService", "grpc.health.v1.Health"} <= names
+
+
+# ----------------------------------------------------------------------------------------------- Score
+
+
+def test_score_kn_matches_kenlm(client: PlmClient, tiny_repo: Path) -> None:
+    """The outside oracle: KenLM loads our ARPA file and scores each word as the server does."""
+    kenlm = pytest.importorskip("kenlm")
+    lm = kenlm.Model(str(tiny_repo / "ngram-kn" / "model.arpa"))
+    resp = client.score("ngram-kn", HELD_OUT)
+    assert resp.method == "causal"
+    for s in resp.scores:
+        words = [t.token for t in s.tokens[:-1]]  # the normalised words; the last token is </s>
+        expected = list(lm.full_scores(" ".join(words)))
+        assert len(expected) == len(s.tokens)
+        for (log10p, ngram_len, oov), t in zip(expected, s.tokens, strict=True):
+            assert t.log_prob / math.log(10) == pytest.approx(log10p, abs=1e-4)
+            assert t.ngram_length == ngram_len and t.oov == oov
+        assert s.log10_prob == pytest.approx(lm.score(" ".join(words)), abs=1e-4)
+    assert resp.scores[-1].num_oov >= 2
+
+
+def test_score_fields_are_consistent(client: PlmClient) -> None:
+    for model in ("gpt", "ngram-kn", "ngram-laplace"):
+        resp = client.score(model, HELD_OUT)
+        assert [s.text for s in resp.scores] == HELD_OUT
+        for s in resp.scores:
+            assert s.log_prob == pytest.approx(sum(t.log_prob for t in s.tokens), abs=1e-9)
+            eos = s.tokens[-1].log_prob  # the words are the text's; the end of sentence is scored after them
+            assert s.log_prob == pytest.approx(sum(w.log_prob for w in s.words) + eos, abs=1e-9)
+            assert s.log10_prob == pytest.approx(s.log_prob / math.log(10))
+            assert s.num_tokens == len(s.tokens) and s.num_words == len(s.words)
+            assert s.perplexity == pytest.approx(math.exp(-s.log_prob / s.num_tokens))
+            assert s.word_perplexity == pytest.approx(math.exp(-s.log_prob / (s.num_words + 1)))
+            assert all(t.log_prob <= 0 for t in s.tokens)
+        ranked = [resp.scores[i].log_prob for i in resp.ranking]
+        assert sorted(resp.ranking) == list(range(len(HELD_OUT))) and ranked == sorted(ranked, reverse=True)
+
+
+def test_score_without_eos_and_without_tokens(client: PlmClient) -> None:
+    full = client.score("gpt", ["The king is dead."]).scores[0]
+    r = client.stub.Score(pb.ScoreRequest(model="gpt", texts=["The king is dead."], add_eos=False, per_token=False))
+    s = r.scores[0]
+    assert not s.tokens and s.num_tokens == full.num_tokens - 1
+    assert s.log_prob == pytest.approx(full.log_prob - full.tokens[-1].log_prob, abs=1e-5)
+
+
+def test_score_ranks_candidates_chinese(client: PlmClient) -> None:
+    """The notes' example: any Unicode works; GPT's byte-level BPE tells the two sentences apart."""
+    texts = ["判断这个词的词性", "判断这个词的磁性"]
+    for model in ("gpt", "ngram-kn", "ngram-laplace"):
+        r = client.score(model, texts)
+        assert len(r.scores) == 2 and all(math.isfinite(s.log_prob) for s in r.scores)
+    kn = client.score("ngram-kn", texts).scores[0]
+    assert kn.num_words == 8  # one word per CJK ideograph
+
+
+# ------------------------------------------------------------------------------- batching invariants
+
+
+def _score_many(target: str, model: str, texts: list[str], workers: int) -> list[list[float]]:
+    def one(text: str) -> list[float]:
+        with PlmClient(target) as c:
+            return [t.log_prob for t in c.score(model, [text]).scores[0].tokens]
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, texts))
+
+
+@pytest.mark.parametrize("model", ["gpt", "ngram-kn", "ngram-laplace"])
+def test_score_alone_equals_batched(client: PlmClient, server: ServerThread, model: str) -> None:
+    alone = [[t.log_prob for t in client.score(model, [text]).scores[0].tokens] for text in HELD_OUT]
+    together = [[t.log_prob for t in s.tokens] for s in client.score(model, HELD_OUT[::-1]).scores][::-1]
+    concurrent_ = _score_many(server.target, model, HELD_OUT * 4, workers=12)
+    for i, a in enumerate(alone):
+        np.testing.assert_allclose(together[i], a, atol=1e-5, rtol=0)
+        for k in range(4):
+            np.testing.assert_allclose(concurrent_[i + k * len(HELD_OUT)], a, atol=1e-5, rtol=0)
+
+
+def test_concurrent_requests_really_batch(server: ServerThread) -> None:
+    gpt = server.running.registry.get("gpt")
+    before = gpt.batcher.batches_run  # type: ignore[attr-defined]
+    _score_many(server.target, "gpt", HELD_OUT * 8, workers=16)
+    ran = gpt.batcher.batches_run - before  # type: ignore[attr-defined]
+    assert ran < len(HELD_OUT) * 8  # several rows per ONNX run
+    text = server.running.metrics.exposition().decode()
+    assert 'plm_batch_size_bucket{le="1.0",model="gpt"}' in text
+
+
+@pytest.mark.parametrize("model", ["gpt", "ngram-kn"])
+def test_predict_next_alone_equals_batched(client: PlmClient, model: str) -> None:
+    contexts = ["The king", "What light through yonder", "I", "My lord, the queen is"]
+    alone = [client.predict_next(model, [c], top_k=8, include_tokens=True).predictions[0] for c in contexts]
+    together = client.predict_next(model, contexts, top_k=8, include_tokens=True).predictions
+    for a, b in zip(alone, together, strict=True):
+        assert [w.text for w in a.words] == [w.text for w in b.words]
+        np.testing.assert_allclose([w.log_prob for w in a.words], [w.log_prob for w in b.words], atol=1e-5)
+        np.testing.assert_allclose([t.log_prob for t in a.tokens], [t.log_prob for t in b.tokens], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- PredictNext
+
+
+def test_predict_next_ngram_is_the_model_distribution(client: PlmClient, tiny_repo: Path) -> None:
+    kenlm = pytest.importorskip("kenlm")
+    lm = kenlm.Model(str(tiny_repo / "ngram-kn" / "model.arpa"))
+    pred = client.predict_next("ngram-kn", ["the king"], top_k=10).predictions[0]
+    assert len(pred.words) == 10
+    probs = [w.prob for w in pred.words]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    for w in pred.words:  # P(w | <s> the king) from KenLM's own state machinery
+        state, mid, out = kenlm.State(), kenlm.State(), kenlm.State()
+        lm.BeginSentenceWrite(state)
+        lm.BaseScore(state, "the", mid)
+        lm.BaseScore(mid, "king", state)
+        assert math.log10(w.prob) == pytest.approx(lm.BaseScore(state, w.text, out), abs=1e-4)
+
+
+def test_predict_next_gpt_returns_whole_words(client: PlmClient) -> None:
+    pred = client.predict_next("gpt", ["The king is"], top_k=5, include_tokens=True).predictions[0]
+    assert 1 <= len(pred.words) <= 5 and len(pred.tokens) == 5
+    probs = [w.prob for w in pred.words]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    for w in pred.words:
+        assert w.text and w.text == w.text.strip() and len(w.token_ids) >= 1
+        assert w.log_prob == pytest.approx(math.log(w.prob))
+    # A word's probability is at most that of its first token.
+    first = client.predict_next("gpt", ["The king is"], top_k=50, include_tokens=True).predictions[0].tokens
+    by_id = {t.token_ids[0]: t.prob for t in first}
+    for w in pred.words:
+        if w.token_ids[0] in by_id:
+            assert w.prob <= by_id[w.token_ids[0]] + 1e-6
+
+
+# -------------------------------------------------------------------------------------------- Generate
+
+
+def _sampling(**kw: object) -> pb.SamplingParams:
+    return pb.SamplingParams(**kw)  # type: ignore[arg-type]
+
+
+def test_generate_seed_determinism_and_lengths(client: PlmClient) -> None:
+    s = _sampling(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    a = client.generate("gpt", ["The king", "Good morrow"], s).generations
+    b = client.generate("gpt", ["Good morrow"], s).generations  # alone, and as prompt index 0
+    again = client.generate("gpt", ["The king", "Good morrow"], s).generations
+    assert [g.text for g in a] == [g.text for g in again] and [list(g.token_ids) for g in a] == [
+        list(g.token_ids) for g in again]
+    assert len(b) == 1
+    for g in a:
+        assert g.generated_tokens == len(g.token_ids) <= 12 and g.prompt_tokens > 0
+        if g.finish_reason == pb.FINISH_REASON_LENGTH:
+            assert g.generated_tokens == 12
+    other = client.generate("gpt", ["The king"], _sampling(max_new_tokens=12, temperature=1.5, seed=8))
+    greedy1 = client.generate("gpt", ["The king"], _sampling(max_new_tokens=12, temperature=0.0, seed=1))
+    greedy2 = client.generate("gpt", ["The king"], _sampling(max_new_tokens=12, temperature=0.0, seed=2))
+    assert greedy1.generations[0].text == greedy2.generations[0].text
+    assert other.generations[0].token_ids != a[0].token_ids or other.generations[0].text != a[0].text
+
+
+def test_greedy_generation_follows_predict_next(client: PlmClient) -> None:
+    """Greedy's first token is the argmax of the next-token distribution."""
+    g = client.generate("gpt", ["The king"], _sampling(max_new_tokens=1, temperature=0.0)).generations[0]
+    top = client.predict_next("gpt", ["The king"], top_k=1, include_tokens=True).predictions[0].tokens[0]
+    assert g.token_ids[0] == top.token_ids[0] or g.finish_reason == pb.FINISH_REASON_EOS
+
+
+def test_generate_stop_sequence(client: PlmClient) -> None:
+    base = client.generate("gpt", ["The"], _sampling(max_new_tokens=20, temperature=0.0)).generations[0]
+    if len(base.text) < 6:
+        pytest.skip("the tiny model ended its text too early to pick a stop sequence")
+    stop = base.text[3:6]
+    cut = client.generate("gpt", ["The"], _sampling(max_new_tokens=20, temperature=0.0, stop=[stop])).generations[0]
+    assert cut.finish_reason == pb.FINISH_REASON_STOP
+    assert cut.text == base.text[: base.text.find(stop)]
+
+
+def test_stream_equals_unary(client: PlmClient) -> None:
+    s = _sampling(max_new_tokens=16, temperature=0.8, seed=3)
+    unary = client.generate("gpt", ["Thou art", "The sea"], s).generations
+    texts, ids, finals = ["", ""], [[], []], {}
+    messages = 0
+    for ev in client.generate_stream("gpt", ["Thou art", "The sea"], s):
+        messages += 1
+        texts[ev.index] += ev.text_delta
+        ids[ev.index].extend(ev.token_ids)
+        if ev.finish_reason:
+            finals[ev.index] = ev
+    assert messages > 4
+    for i, g in enumerate(unary):
+        assert texts[i] == g.text and ids[i] == list(g.token_ids)
+        assert finals[i].finish_reason == g.finish_reason and finals[i].generated_tokens == g.generated_tokens
+
+
+def test_generate_unicode_prompt_and_empty_prompt(client: PlmClient) -> None:
+    r = client.generate("gpt", ["判断这个词的", "", "😀 émigré"], _sampling(max_new_tokens=5, seed=1))
+    assert len(r.generations) == 3 and r.generations[1].prompt_tokens == 0
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("call", "code", "needle"), [
+    (lambda c: c.score("no-such-model", ["x"]), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    (lambda c: c.get_model("nope"), grpc.StatusCode.NOT_FOUND, "nope"),
+    (lambda c: c.score("", ["x"]), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    (lambda c: c.generate("ngram-kn", ["the"]), grpc.StatusCode.FAILED_PRECONDITION, "generate"),
+    (lambda c: c.score("gpt", []), grpc.StatusCode.INVALID_ARGUMENT, "texts"),
+    (lambda c: c.score("gpt", ["ok", "   "]), grpc.StatusCode.INVALID_ARGUMENT, "texts[1]"),
+    (lambda c: c.score("gpt", ["word " * 200]), grpc.StatusCode.INVALID_ARGUMENT, "at most"),
+    (lambda c: c.score("gpt", ["x" * 30000]), grpc.StatusCode.INVALID_ARGUMENT, "20000"),
+    (lambda c: c.score("gpt", ["x"] * 65), grpc.StatusCode.INVALID_ARGUMENT, "64"),
+    (lambda c: c.predict_next("gpt", ["x"], top_k=0), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (lambda c: c.predict_next("gpt", ["x"], top_k=-3), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (lambda c: c.predict_next("gpt", ["x"], top_k=1000), grpc.StatusCode.INVALID_ARGUMENT, "100"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(temperature=-1.0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.temperature"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(temperature=float("nan"))), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.temperature"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(max_new_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.max_new_tokens"),
+    (lambda c: c.generate("gpt", ["word " * 40], _sampling(max_new_tokens=60)), grpc.StatusCode.INVALID_ARGUMENT,
+     "window"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[0]"),
+])
+def test_errors_have_the_right_status_and_name_the_field(client: PlmClient, call, code, needle) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as e:
+        call(client)
+    assert _code(e) == code
+    assert needle in e.value.details() and "request_id=" in e.value.details()
+
+
+def test_request_id_is_echoed(client: PlmClient) -> None:
+    _, call = client.stub.Score.with_call(pb.ScoreRequest(model="gpt", texts=["hi"]),
+                                             metadata=(("x-request-id", "abc-123"),))
+    assert dict(call.initial_metadata())["x-request-id"] == "abc-123"
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Score(pb.ScoreRequest(model="nope", texts=["hi"]), metadata=(("x-request-id", "req-9"),))
+    assert "request_id=req-9" in e.value.details()
+
+
+def test_queue_full_is_resource_exhausted(tiny_repo: Path) -> None:
+    from service.config import Batching
+
+    tiny_queue = Batching(max_batch_size=1, max_queue_size=2, max_queue_delay_ms=50)
+    srv = ServerThread(make_config(tiny_repo, models=("gpt",), model_batching={"gpt": tiny_queue}))
+    try:
+        def one(_: int) -> grpc.StatusCode:
+            with PlmClient(srv.target) as c:
+                try:
+                    c.score("gpt", ["The king is dead."] * 2)
+                    return grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    return e.code()  # type: ignore[no-any-return]
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(one, range(24)))
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        text = srv.running.metrics.exposition().decode()
+        assert 'plm_rejections_total{model="gpt",reason="queue_full"}' in text
+    finally:
+        srv.stop()
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_exposition(client: PlmClient, server: ServerThread) -> None:
+    client.score("gpt", ["The king is dead."])
+    client.generate("gpt", ["The"], _sampling(max_new_tokens=3, seed=1))
+    with pytest.raises(grpc.RpcError):
+        client.score("nope", ["x"])
+    text = server.running.metrics.exposition().decode()
+    for needle in (
+        'plm_requests_total{code="OK",method="Score",model="gpt"}',
+        'plm_requests_total{code="NOT_FOUND",method="Score",model="-"}',
+        "plm_request_duration_seconds_bucket", "plm_queue_wait_seconds_bucket", "plm_batch_size_bucket",
+        "plm_batch_tokens_bucket", "plm_padding_efficiency_ratio_bucket", "plm_inference_duration_seconds_bucket",
+        'plm_generated_tokens_total{model="gpt"}', "plm_time_to_first_token_seconds_bucket",
+        'plm_model_ready{model="gpt"} 1.0', "plm_model_load_seconds",
+    ):
+        assert needle in text, needle
