@@ -63,20 +63,20 @@ PROFILES = {
 
 
 @dataclass
-class _Data:
+class BuildData:
     corpus: corpus_mod.Corpus
     word_tokenizer: Any
     words: dict[str, list[list[str]]]  # split -> sentences as words
 
 
-def prepare_data(profile: Profile, corpus_files: Sequence[Path] | None, cache_dir: Path, seed: int) -> _Data:
+def prepare_data(profile: Profile, corpus_files: Sequence[Path] | None, cache_dir: Path, seed: int) -> BuildData:
     """The corpus and the word-level view every model is evaluated on (deterministic)."""
     paths = list(corpus_files) if corpus_files else corpus_mod.fetch_default_sources(cache_dir)
     corpus = corpus_mod.build_corpus(paths, max_documents=profile.max_documents, seed=seed)
     word_tok = tokenization.train_word_tokenizer(corpus.train, min_count=profile.word_min_count)
     words = {split: [w for s in getattr(corpus, split) if (w := tokenization.words(word_tok, s))]
              for split in ("train", "valid", "test")}
-    return _Data(corpus, word_tok, words)
+    return BuildData(corpus, word_tok, words)
 
 
 def _source_facts(corpus_files: Sequence[Path] | None, cache_dir: Path) -> list[tuple[str, int]]:
@@ -125,11 +125,11 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
     return manifests
 
 
-def _common(data: _Data, key: str) -> dict[str, Any]:
+def _common(data: BuildData, key: str) -> dict[str, Any]:
     return {"build_key": key, "corpus_sha256": data.corpus.manifest.get("corpus_sha256", "")}
 
 
-def build_ngram(data: _Data, repository: Path, order: int, key: str) -> dict[str, dict[str, Any]]:
+def build_ngram(data: BuildData, repository: Path, order: int, key: str) -> dict[str, dict[str, Any]]:
     """Kneser-Ney (ARPA) and Laplace (counts) models over the word-level vocabulary."""
     from models.ngram import KneserNeyLM, LaplaceLM, count_ngrams, perplexity
 
@@ -173,7 +173,7 @@ def build_ngram(data: _Data, repository: Path, order: int, key: str) -> dict[str
     return out
 
 
-def build_gpt(data: _Data, prof: Profile, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
+def build_gpt(data: BuildData, prof: Profile, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     import torch
 
     from export.onnx_export import export_gpt

@@ -7,6 +7,7 @@ files are loaded (never pickle or code).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import time
@@ -21,6 +22,15 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# family → adapter class; each takes (name, folder, manifest, config, metrics). Imported on first use.
+FAMILIES = {
+    "ngram": "service.families.ngram:NgramAdapter",
+    "gpt": "service.families.gpt:GptAdapter",
+    "nnlm": "service.families.nnlm:NnlmAdapter",
+    "word2vec": "service.families.word2vec:Word2VecAdapter",
+    "elmo": "service.families.elmo:ElmoAdapter",
+    "bert": "service.families.bert:BertAdapter",
+}
 _REQUIRED = ("name", "family", "tasks", "max_length", "vocab_size", "tokenizer")
 
 
@@ -52,15 +62,11 @@ def load_model(folder: Path, config: ServerConfig, metrics: Metrics) -> ModelAda
     manifest = read_json(folder / "manifest.json")
     _check_manifest(folder, manifest)
     family = manifest["family"]
-    if family == "gpt":
-        from service.families.gpt import GptAdapter
-
-        return GptAdapter(folder.name, folder, manifest, config, metrics)
-    if family == "ngram":
-        from service.families.ngram import NgramAdapter
-
-        return NgramAdapter(folder.name, folder, manifest)
-    raise ValueError(f"{folder.name}: unknown family {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"{folder.name}: unknown family {family!r} (known: {', '.join(sorted(FAMILIES))})")
+    module, cls = FAMILIES[family].split(":")
+    adapter: type[ModelAdapter] = getattr(importlib.import_module(module), cls)
+    return adapter(folder.name, folder, manifest, config, metrics)  # type: ignore[call-arg]
 
 
 class Registry:

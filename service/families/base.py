@@ -21,6 +21,11 @@ from service.errors import FailedPrecondition
 TASK_SCORE = "score"
 TASK_PREDICT_NEXT = "predict_next"
 TASK_GENERATE = "generate"
+TASK_FILL_MASK = "fill_mask"
+TASK_EMBED = "embed"
+TASK_NSP = "next_sentence"
+
+MASK = "[MASK]"  # the literal a FillMask text marks its blanks with, for every family
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,14 @@ class Encoded:
     word_index: list[int]  # for each token, the index of the word it belongs to
     words: list[str]
     oov: list[bool]  # the token is out of vocabulary (scored as <unk>)
+
+
+@dataclass(frozen=True)
+class TokenVectors:
+    """Vectors of one sequence: one per text token, plus the [CLS] vector for models that have one."""
+
+    tokens: np.ndarray  # (N, D) float32, one row per token of the text (no BOS/CLS/SEP)
+    cls: np.ndarray | None = None  # (D,) float32
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,35 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
         """(B, V) float32: log P(next token | BOS, context) for each context."""
+
+    # -- optional capabilities: a family implements those its manifest's `tasks` list -------------------
+    score_method: str = "causal"  # how `score` computes: "causal" | "pseudo_log_likelihood"
+
+    @property
+    def mask_id(self) -> int:
+        """The id that stands for a blank in `mask_logprobs` sequences (fill_mask)."""
+        raise NotImplementedError
+
+    async def mask_logprobs(self, seqs: list[list[int]], positions: list[list[int]],
+                            deadline: float | None) -> list[np.ndarray]:
+        """fill_mask: for each sequence (text token ids, `mask_id` at the blanks) and its blank positions
+        (indices into the sequence), the (M, V) float32 log-probabilities of each blank's token."""
+        raise NotImplementedError
+
+    async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,
+                    deadline: float | None) -> list[TokenVectors]:
+        """embed: per-token vectors of each sequence (ELMo mixes its layers with `layer_weights`, or the
+        manifest default when None; other families ignore it)."""
+        raise NotImplementedError
+
+    def word_vectors(self) -> np.ndarray | None:
+        """(V, D) L2-normalised static vectors of the vocabulary (word2vec), for nearest words and analogies."""
+        return None
+
+    async def next_sentence_logprobs(self, pairs: list[tuple[list[int], list[int]]],
+                                     deadline: float | None) -> np.ndarray:
+        """next_sentence: (B,) log P(B follows A) for each (A ids, B ids) pair."""
+        raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
         """Facts for ListModels/GetModel beyond the common ones."""

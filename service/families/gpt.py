@@ -8,7 +8,6 @@ distribution after each row's last real token, `hidden_states` (B, T, C). Rows a
 
 from __future__ import annotations
 
-import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.families.base import Encoded, ModelAdapter, TokenScores
 from service.metrics import Metrics
-from service.runtime import OrtSession
+from service.runtime import OrtSession, pad_right
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class GptAdapter(ModelAdapter):
         self._eos = self._special_id(tok.get("eos", "<|endoftext|>"))
         self._bos = self._special_id(tok.get("bos", "<|endoftext|>"))
         graph = manifest["graphs"]["model"]
-        self.session = OrtSession(folder / graph["file"], config.runtime, name)
+        self.session = OrtSession(folder / graph["file"], config.runtime, name, metrics)
         self.providers = self.session.providers
         self._metrics = metrics
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
@@ -131,23 +130,13 @@ class GptAdapter(ModelAdapter):
 
     def _run(self, rows: Sequence[_Row]) -> list[_RowOut]:
         """One padded ONNX run over a batch (on the batcher's thread)."""
-        b, t = len(rows), max(len(r.ids) for r in rows)
-        input_ids = np.full((b, t), self._eos, dtype=np.int64)  # (B, T), right-padded
-        mask = np.zeros((b, t), dtype=np.int64)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r.ids)] = r.ids
-            mask[i, : len(r.ids)] = 1
+        input_ids, mask = pad_right([r.ids for r in rows], self._eos)  # (B, T), right-padded
         position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         names = [n for n, want in (("token_logprobs", any(r.want_tokens for r in rows)),
                                    ("next_logprobs", any(r.want_next for r in rows))) if want]
-        started = time.perf_counter()
-        results = dict(zip(names, self.session.run(names, {
+        results = self.session.run(names, {
             "input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
-        }), strict=True))
-        m = self._metrics
-        m.inference_duration.labels(self.name, "forward").observe(time.perf_counter() - started)
-        m.batch_tokens.labels(self.name).observe(b * t)
-        m.padding_efficiency.labels(self.name).observe(float(mask.sum()) / (b * t))
+        })
         tok, nxt = results.get("token_logprobs"), results.get("next_logprobs")  # (B, T), (B, V)
         return [
             _RowOut(

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from service.config import ServerConfig
 from service.families.base import Encoded, ModelAdapter, TokenScores
+from service.metrics import Metrics
 from service.ngram import NgramModel
 
 _LN10 = math.log(10.0)
@@ -22,7 +24,8 @@ _LN10 = math.log(10.0)
 class NgramAdapter(ModelAdapter):
     family = "ngram"
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
+                 metrics: Metrics) -> None:
         super().__init__(name, folder, manifest)
         self.tokenizer = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
         spec = manifest["ngram"]
