@@ -28,7 +28,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--corpus", type=Path, nargs="+", help="your own UTF-8 text files instead of the default corpus")
     b.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("PLM_CACHE", "cache")),
                    help="downloads and corpus cache (env PLM_CACHE)")
-    b.add_argument("--models", nargs="+", help="build only these families (ngram, gpt)")
+    b.add_argument("--families", nargs="+", metavar="FAMILY",
+                   help="build only these families: ngram nnlm word2vec elmo gpt bert [all]")
     b.add_argument("--force", action="store_true", help="rebuild models even when an up-to-date build exists")
     b.add_argument("--seed", type=int, default=0)
 
@@ -61,6 +62,23 @@ def _build_parser() -> argparse.ArgumentParser:
     n.add_argument("contexts", nargs="+")
     n.add_argument("-k", "--top-k", type=int, default=5)
     n.add_argument("--tokens", action="store_true", help="also show the top next tokens")
+    f = verbs.add_parser("fill", help="fill the [MASK] blanks of texts")
+    f.add_argument("model")
+    f.add_argument("texts", nargs="+")
+    f.add_argument("-k", "--top-k", type=int, default=5)
+    f.add_argument("--target", dest="targets", action="append", default=[], help="restrict to this word (repeatable)")
+    e = verbs.add_parser("embed", help="vectors of texts; nearest words and analogies (word2vec)")
+    e.add_argument("model")
+    e.add_argument("texts", nargs="*")
+    e.add_argument("--pooling", choices=["mean", "cls", "none"], default="mean")
+    e.add_argument("--normalize", action="store_true")
+    e.add_argument("--nearest", type=int, default=None, help="nearest vocabulary words of each text")
+    e.add_argument("--analogy", nargs=3, action="append", default=[], metavar=("A", "B", "C"),
+                   help="a − b + c (king man woman); repeatable")
+    e.add_argument("--layer-weights", type=float, nargs="+", help="ELMo: weights of its 3 layers")
+    ns = verbs.add_parser("nsp", help="probability that B follows A (pairs given as A B A B ...)")
+    ns.add_argument("model")
+    ns.add_argument("sentences", nargs="+")
     for name, help_ in (("generate", "generate text (one response)"), ("stream", "generate text, streamed")):
         g = verbs.add_parser(name, help=help_)
         g.add_argument("model")
@@ -81,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         from export.build import build_repository
 
         build_repository(profile=args.profile, repository=args.repository, corpus_files=args.corpus,
-                         cache_dir=args.cache_dir, families=args.models, force=args.force, seed=args.seed)
+                         cache_dir=args.cache_dir, families=args.families, force=args.force, seed=args.seed)
         return 0
     if args.command == "serve":
         return _serve(args)
@@ -150,6 +168,42 @@ def _client(args: argparse.Namespace) -> int:
                         lines.append("  tokens:")
                         lines.extend(f"  {c.prob:8.4f}  {c.text!r}" for c in pred.tokens)
                 show(r, "\n".join(lines))
+            elif args.verb == "fill":
+                fr = cl.stub.FillMask(pb.FillMaskRequest(model=args.model, texts=args.texts, top_k=args.top_k,
+                                                         targets=args.targets), timeout=args.timeout)
+                lines = []
+                for res in fr.results:
+                    lines.append(res.text)
+                    for m in res.masks:
+                        lines.append(f"  [MASK] #{m.index}:")
+                        lines.extend(f"    {c.score:8.4f}  {c.token_str:15} {c.sequence}" for c in m.candidates)
+                show(fr, "\n".join(lines))
+            elif args.verb == "embed":
+                pooling = {"mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS, "none": pb.POOLING_NONE}[args.pooling]
+                req = pb.EmbedRequest(model=args.model, texts=args.texts, pooling=pooling, normalize=args.normalize,
+                                      layer_weights=args.layer_weights or [],
+                                      analogies=[pb.Analogy(a=a, b=b, c=c) for a, b, c in args.analogy])
+                if args.nearest is not None:
+                    req.nearest_k = args.nearest
+                er = cl.stub.Embed(req, timeout=args.timeout)
+                lines = [f"dimension {er.dimension}"]
+                for emb in er.embeddings:
+                    head = ", ".join(f"{x:.3f}" for x in emb.vector[:6])
+                    lines.append(f"{emb.text!r}: [{head}{', …' if len(emb.vector) > 6 else ''}]")
+                    lines.extend(f"    {n.cosine:.3f}  {n.word}" for n in emb.nearest)
+                for an in er.analogies:
+                    lines.append(f"{an.query.a} − {an.query.b} + {an.query.c} ≈ "
+                                 + ", ".join(f"{n.word} ({n.cosine:.3f})" for n in an.answers))
+                show(er, "\n".join(lines))
+            elif args.verb == "nsp":
+                if len(args.sentences) % 2:
+                    print("plm client nsp: give sentences in pairs: A B [A B ...]", file=sys.stderr)
+                    return 2
+                it = iter(args.sentences)
+                nr = cl.stub.PredictNextSentence(pb.PredictNextSentenceRequest(
+                    model=args.model, pairs=[pb.SentencePair(a=a, b=b) for a, b in zip(it, it, strict=True)]),
+                    timeout=args.timeout)
+                show(nr, "\n".join(f"{r.is_next_prob:.4f}  {r.a!r} → {r.b!r}" for r in nr.results))
             else:
                 sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop)
                 for field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):

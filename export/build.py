@@ -7,6 +7,7 @@ of the build prints a summary table with each model's held-out per-word perplexi
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -24,7 +25,12 @@ from models import tokenization
 
 log = logging.getLogger("plm.build")
 
-FAMILIES = ("ngram", "gpt")
+# family → (the model folders it writes, its builder `build(data, profile, repository, key, seed)`), in the
+# order of the lineage; each builder module is imported only when its family is built.
+FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
+    "ngram": (("ngram-kn", "ngram-laplace"), "export.build:build_ngram"),
+    "gpt": (("gpt",), "export.build:build_gpt"),
+}
 
 
 @dataclass(frozen=True)
@@ -88,26 +94,23 @@ def _source_facts(corpus_files: Sequence[Path] | None, cache_dir: Path) -> list[
 
 def build_repository(*, profile: str = "small", repository: Path = Path("repository"),
                      corpus_files: Sequence[Path] | None = None, cache_dir: Path = Path("cache"),
-                     families: Sequence[str] | None = None, force: bool = False, seed: int = 0,
-                     ngram_order: int | None = None) -> dict[str, dict[str, Any]]:
+                     families: Sequence[str] | None = None, force: bool = False,
+                     seed: int = 0) -> dict[str, dict[str, Any]]:
     """Build every requested family into `repository`; returns the manifests written (or found current)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prof = PROFILES[profile]
-    order = ngram_order or prof.ngram_order
     wanted = tuple(families or FAMILIES)
     for f in wanted:
         if f not in FAMILIES:
             raise ValueError(f"unknown family {f!r}; known: {', '.join(FAMILIES)}")
-    facts = {"profile": asdict(prof), "seed": seed, "sources": _source_facts(corpus_files, cache_dir),
-             "order": order, "schema": 1}
-    keys = {"ngram": build_key(family="ngram", **facts), "gpt": build_key(family="gpt", **facts)}
-    folders = {"ngram": ("ngram-kn", "ngram-laplace"), "gpt": ("gpt",)}
-    todo = [f for f in wanted if force or not all(is_current(repository / n, keys[f]) for n in folders[f])]
+    facts = {"profile": asdict(prof), "seed": seed, "sources": _source_facts(corpus_files, cache_dir), "schema": 1}
+    keys = {f: build_key(family=f, **facts) for f in wanted}
+    todo = [f for f in wanted if force or not all(is_current(repository / n, keys[f]) for n in FAMILIES[f][0])]
     manifests: dict[str, dict[str, Any]] = {}
     for f in wanted:
         if f not in todo:
-            for n in folders[f]:
+            for n in FAMILIES[f][0]:
                 manifests[n] = json.loads((repository / n / "manifest.json").read_text(encoding="utf-8"))
             log.info("%s: up to date in %s (use --force to rebuild)", f, repository)
     if todo:
@@ -117,10 +120,11 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
                  len(data.corpus.valid), len(data.corpus.test), time.perf_counter() - started)
         repository.mkdir(parents=True, exist_ok=True)
         corpus_mod.write_manifest(data.corpus, repository / "corpus.json")
-        if "ngram" in todo:
-            manifests.update(build_ngram(data, repository, order, keys["ngram"]))
-        if "gpt" in todo:
-            manifests.update(build_gpt(data, prof, repository, keys["gpt"], seed))
+        for f in todo:
+            module, func = FAMILIES[f][1].split(":")
+            t0 = time.perf_counter()
+            manifests.update(getattr(importlib.import_module(module), func)(data, profile, repository, keys[f], seed))
+            log.info("%s: built in %.1fs", f, time.perf_counter() - t0)
     _print_summary(manifests)
     return manifests
 
@@ -129,10 +133,11 @@ def _common(data: BuildData, key: str) -> dict[str, Any]:
     return {"build_key": key, "corpus_sha256": data.corpus.manifest.get("corpus_sha256", "")}
 
 
-def build_ngram(data: BuildData, repository: Path, order: int, key: str) -> dict[str, dict[str, Any]]:
+def build_ngram(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     """Kneser-Ney (ARPA) and Laplace (counts) models over the word-level vocabulary."""
     from models.ngram import KneserNeyLM, LaplaceLM, count_ngrams, perplexity
 
+    order = PROFILES[profile].ngram_order
     vocab = [w for w, _ in sorted(data.word_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
              if w != tokenization.PAD]
     started = time.perf_counter()
@@ -173,14 +178,14 @@ def build_ngram(data: BuildData, repository: Path, order: int, key: str) -> dict
     return out
 
 
-def build_gpt(data: BuildData, prof: Profile, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
+def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     import torch
 
     from export.onnx_export import export_gpt
     from models.gpt import GPT, GPTConfig
     from models.train import TrainConfig, lm_batches, train
 
-    g = prof.gpt
+    g = PROFILES[profile].gpt
     started = time.perf_counter()
     tok = tokenization.train_bpe_tokenizer(data.corpus.train, vocab_size=g.bpe_vocab)
     eot = tok.token_to_id(tokenization.ENDOFTEXT)
@@ -212,7 +217,7 @@ def build_gpt(data: BuildData, prof: Profile, repository: Path, key: str, seed: 
         valid_ppl = gpt_word_perplexity(model, tok, data.corpus.valid, data.words["valid"])
         test_ppl = gpt_word_perplexity(model, tok, data.corpus.test, data.words["test"])
         manifest = write_manifest(folder, {
-            "name": "gpt", "family": "gpt", "tasks": ["score", "predict_next", "generate"],
+            "name": "gpt", "family": "gpt", "tasks": ["score", "predict_next", "generate", "embed"],
             "description": f"GPT {cfg.n_layer} layers × {cfg.n_embd}, {model.num_params():,} parameters",
             "max_length": cfg.block_size, "vocab_size": cfg.vocab_size,
             "tokenizer": {"file": "tokenizer.json", "kind": "bpe", "bos": tokenization.ENDOFTEXT,

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-python3}"
 out=service/pb
-find "$out" -mindepth 1 ! -name __init__.py -delete
+find "$out" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
 "$py" -m grpc_tools.protoc -Iprotos --python_out="$out" --grpc_python_out="$out" --pyi_out="$out" \
   $(find protos -name '*.proto' | sort)
 # protoc writes absolute imports rooted at protos/ (`from plm.v1 import plm_pb2`); make them package-relative.

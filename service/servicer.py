@@ -24,8 +24,9 @@ from service.metrics import Metrics
 from service.pb.plm.v1 import plm_pb2 as pb
 from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
 from service.registry import Registry
+from service.tasks import embed as embed_task
+from service.tasks import fill_mask, next_sentence, next_word, score
 from service.tasks import generate as gen_task
-from service.tasks import next_word, score
 
 log = logging.getLogger("plm.access")
 
@@ -138,7 +139,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
             model=model.name, model_version=model.version, method=result.method, ranking=result.ranking,
             scores=[pb.SentenceScore(
                 text=s.text, log_prob=s.log_prob, log10_prob=s.log10_prob, perplexity=s.perplexity,
-                word_perplexity=s.word_perplexity(params.add_eos), num_tokens=s.num_tokens,
+                word_perplexity=s.word_perplexity(result.add_eos), num_tokens=s.num_tokens,
                 num_words=s.num_words, num_oov=s.num_oov,
                 tokens=[pb.TokenScore(id=t.id, token=t.token, log_prob=t.log_prob, ngram_length=t.ngram_length,
                                       oov=t.oov) for t in s.tokens],
@@ -187,6 +188,46 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
                 finish_reason=_FINISH[ev.finish_reason] if ev.finish_reason else pb.FINISH_REASON_UNSPECIFIED,
                 prompt_tokens=ev.prompt_tokens, generated_tokens=ev.generated_tokens,
             )
+
+    @unary("FillMask")
+    async def FillMask(self, request: pb.FillMaskRequest, call: _Call) -> pb.FillMaskResponse:
+        model = call.model(request.model)
+        results = await fill_mask.fill_mask(model, validation.fill_mask_params(request, self.limits), call.deadline)
+        return pb.FillMaskResponse(model=model.name, model_version=model.version, results=[
+            pb.FillMaskResult(text=r.text, masks=[
+                pb.MaskFill(index=b, candidates=[
+                    pb.FillMaskCandidate(score=_exp(c.log_prob), token=c.token_ids[0], token_str=c.token_str,
+                                         sequence=c.sequence, log_prob=c.log_prob, token_ids=c.token_ids)
+                    for c in cands])
+                for b, cands in enumerate(r.masks)])
+            for r in results])
+
+    @unary("Embed")
+    async def Embed(self, request: pb.EmbedRequest, call: _Call) -> pb.EmbedResponse:
+        model = call.model(request.model)
+        res = await embed_task.embed(model, validation.embed_params(request, self.limits), call.deadline)
+
+        def neighbours(ns: tuple[tuple[str, float], ...]) -> list[pb.Neighbour]:
+            return [pb.Neighbour(word=w, cosine=c) for w, c in ns]
+
+        return pb.EmbedResponse(
+            model=model.name, model_version=model.version, dimension=res.dimension,
+            embeddings=[pb.Embedding(
+                text=e.text, vector=e.vector.tolist() if e.vector is not None else [],
+                tokens=[pb.TokenEmbedding(token=t, vector=v.tolist(), oov=oov) for t, v, oov in e.tokens],
+                nearest=neighbours(e.nearest),
+            ) for e in res.embeddings],
+            analogies=[pb.AnalogyResult(query=pb.Analogy(a=a, b=b, c=c), answers=neighbours(ans))
+                       for (a, b, c), ans in res.analogies],
+        )
+
+    @unary("PredictNextSentence")
+    async def PredictNextSentence(self, request: pb.PredictNextSentenceRequest,
+                                  call: _Call) -> pb.PredictNextSentenceResponse:
+        model = call.model(request.model)
+        results = await next_sentence.next_sentence(model, validation.nsp_params(request, self.limits), call.deadline)
+        return pb.PredictNextSentenceResponse(model=model.name, model_version=model.version, results=[
+            pb.NextSentenceResult(a=r.a, b=r.b, is_next_prob=r.prob, log_prob=r.log_prob) for r in results])
 
     @unary("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, call: _Call) -> pb.ListModelsResponse:

@@ -13,7 +13,10 @@ from typing import Any
 from service.config import Limits
 from service.errors import InvalidArgument
 from service.pb.plm.v1 import plm_pb2 as pb
+from service.tasks.embed import POOL_CLS, POOL_MEAN, POOL_NONE, EmbedParams
+from service.tasks.fill_mask import FillMaskParams
 from service.tasks.generate import GenerateParams, SamplingParams
+from service.tasks.next_sentence import NspParams
 from service.tasks.next_word import NextParams
 from service.tasks.score import ScoreParams
 
@@ -34,13 +37,17 @@ def _texts(values: Sequence[str], field: str, limits: Limits, allow_empty: bool 
             field, f"has {len(values)} entries; at most {limits.max_inputs_per_request} per request"
         )
     for i, text in enumerate(values):
-        if not allow_empty and not text.strip():
-            raise InvalidArgument(f"{field}[{i}]", "is empty")
-        if len(text) > limits.max_text_chars:
-            raise InvalidArgument(f"{field}[{i}]", f"is {len(text)} characters; at most {limits.max_text_chars}")
-        if "\x00" in text:
-            raise InvalidArgument(f"{field}[{i}]", "contains a NUL character")
+        _check_text(text, f"{field}[{i}]", limits, allow_empty)
     return tuple(values)
+
+
+def _check_text(text: str, field: str, limits: Limits, allow_empty: bool = False) -> None:
+    if not allow_empty and not text.strip():
+        raise InvalidArgument(field, "is empty")
+    if len(text) > limits.max_text_chars:
+        raise InvalidArgument(field, f"is {len(text)} characters; at most {limits.max_text_chars}")
+    if "\x00" in text:
+        raise InvalidArgument(field, "contains a NUL character")
 
 
 def _int_in(msg: Any, name: str, default: int, lo: int, hi: int, field: str) -> int:
@@ -100,3 +107,58 @@ def generate_params(req: pb.GenerateRequest, limits: Limits) -> GenerateParams:
         seed=int(s.seed) if s.HasField("seed") else None,
     )
     return GenerateParams(prompts=_texts(req.prompts, "prompts", limits, allow_empty=True), sampling=sampling)
+
+
+def fill_mask_params(req: pb.FillMaskRequest, limits: Limits) -> FillMaskParams:
+    if len(req.targets) > limits.max_top_k:
+        raise InvalidArgument("targets", f"has {len(req.targets)} entries; at most {limits.max_top_k}")
+    for i, t in enumerate(req.targets):
+        if not t.strip() or len(t) > 100:
+            raise InvalidArgument(f"targets[{i}]", "must be a word of 1 to 100 characters")
+    return FillMaskParams(
+        texts=_texts(req.texts, "texts", limits),
+        top_k=_int_in(req, "top_k", 5, 1, limits.max_top_k, "top_k"),
+        targets=tuple(req.targets),
+    )
+
+
+_POOLING = {pb.POOLING_UNSPECIFIED: POOL_MEAN, pb.POOLING_MEAN: POOL_MEAN, pb.POOLING_CLS: POOL_CLS,
+            pb.POOLING_NONE: POOL_NONE}
+
+
+def embed_params(req: pb.EmbedRequest, limits: Limits) -> EmbedParams:
+    if req.pooling not in _POOLING:
+        raise InvalidArgument("pooling", f"unknown value {req.pooling}; use POOLING_MEAN, POOLING_CLS or POOLING_NONE")
+    if not req.texts and not req.analogies:
+        raise InvalidArgument("texts", "is empty; give texts, analogies or both")
+    if len(req.analogies) > limits.max_inputs_per_request:
+        raise InvalidArgument("analogies", f"has {len(req.analogies)} entries; at most {limits.max_inputs_per_request}")
+    weights = tuple(float(w) for w in req.layer_weights)
+    if weights and (len(weights) > 16 or not all(math.isfinite(w) for w in weights)):
+        raise InvalidArgument("layer_weights", "must be finite numbers, one per layer of the model")
+    for i, a in enumerate(req.analogies):
+        for name in ("a", "b", "c"):
+            if not getattr(a, name).strip():
+                raise InvalidArgument(f"analogies[{i}].{name}", "is empty")
+    return EmbedParams(
+        texts=_texts(req.texts, "texts", limits) if req.texts else (),
+        pooling=_POOLING[req.pooling],
+        normalize=req.normalize,
+        layer_weights=weights or None,
+        nearest_k=_int_in(req, "nearest_k", 0, 1, limits.max_top_k, "nearest_k"),
+        analogies=tuple((a.a, a.b, a.c) for a in req.analogies),
+        include_tokens=req.include_tokens,
+    )
+
+
+def nsp_params(req: pb.PredictNextSentenceRequest, limits: Limits) -> NspParams:
+    if not req.pairs:
+        raise InvalidArgument("pairs", "is empty; give at least one")
+    if len(req.pairs) > limits.max_inputs_per_request:
+        raise InvalidArgument("pairs", f"has {len(req.pairs)} entries; at most {limits.max_inputs_per_request}")
+    pairs = []
+    for i, p in enumerate(req.pairs):
+        for name in ("a", "b"):
+            _check_text(getattr(p, name), f"pairs[{i}].{name}", limits)
+        pairs.append((p.a, p.b))
+    return NspParams(tuple(pairs))

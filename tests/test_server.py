@@ -35,7 +35,7 @@ def test_list_and_get_models(client: PlmClient) -> None:
     models = {m.name: m for m in client.list_models().models}
     assert set(models) >= {"ngram-kn", "ngram-laplace", "gpt"}
     gpt = models["gpt"]
-    assert gpt.family == "gpt" and set(gpt.tasks) == {"score", "predict_next", "generate"}
+    assert gpt.family == "gpt" and set(gpt.tasks) == {"score", "predict_next", "generate", "embed"}
     assert gpt.vocab_size > 256 and gpt.max_length == 64
     assert gpt.HasField("parity_max_abs_diff") and gpt.parity_max_abs_diff <= gpt.parity_tolerance == 1e-4
     assert gpt.figures["training.steps"] > 0 and gpt.figures["evaluation.test_word_perplexity"] > 1

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from service.batcher import DynamicBatcher
 from service.config import ServerConfig
-from service.families.base import Encoded, ModelAdapter, TokenScores
+from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
 from service.metrics import Metrics
 from service.runtime import OrtSession, pad_right
 
@@ -27,14 +27,16 @@ from service.runtime import OrtSession, pad_right
 @dataclass(frozen=True)
 class _Row:
     ids: tuple[int, ...]  # BOS + tokens (+ EOS)
-    want_tokens: bool  # fetch token_logprobs
-    want_next: bool  # fetch next_logprobs
+    want_tokens: bool = False  # fetch token_logprobs
+    want_next: bool = False  # fetch next_logprobs
+    want_hidden: bool = False  # fetch hidden_states
 
 
 @dataclass(frozen=True)
 class _RowOut:
     token_logprobs: np.ndarray | None  # (n,)
     next_logprobs: np.ndarray | None  # (V,)
+    hidden_states: np.ndarray | None = None  # (n, C)
 
 
 def _is_word_start(token: str) -> bool:
@@ -118,30 +120,40 @@ class GptAdapter(ModelAdapter):
 
     # -- log-probabilities --------------------------------------------------------------------------------
     async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
-        rows = [_Row((self._bos, *s, *((self._eos,) if add_eos else ())), True, False) for s in seqs]
+        rows = [_Row((self._bos, *s, *((self._eos,) if add_eos else ())), want_tokens=True) for s in seqs]
         outs = await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
         # Position t of token_logprobs scores ids[t]; position 0 is the BOS, which is given, not scored.
         return [TokenScores(o.token_logprobs[1:].astype(np.float64)) for o in outs if o.token_logprobs is not None]
 
     async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
-        rows = [_Row((self._bos, *c), False, True) for c in contexts]
+        rows = [_Row((self._bos, *c), want_next=True) for c in contexts]
         outs = await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
         return np.stack([o.next_logprobs for o in outs if o.next_logprobs is not None])
+
+    async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,
+                    deadline: float | None) -> list[TokenVectors]:
+        """The final layer's hidden state of each text token (after the BOS, which is left out)."""
+        rows = [_Row((self._bos, *s), want_hidden=True) for s in seqs]
+        outs = await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
+        return [TokenVectors(o.hidden_states[1:]) for o in outs if o.hidden_states is not None]
 
     def _run(self, rows: Sequence[_Row]) -> list[_RowOut]:
         """One padded ONNX run over a batch (on the batcher's thread)."""
         input_ids, mask = pad_right([r.ids for r in rows], self._eos)  # (B, T), right-padded
         position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         names = [n for n, want in (("token_logprobs", any(r.want_tokens for r in rows)),
-                                   ("next_logprobs", any(r.want_next for r in rows))) if want]
+                                   ("next_logprobs", any(r.want_next for r in rows)),
+                                   ("hidden_states", any(r.want_hidden for r in rows))) if want]
         results = self.session.run(names, {
             "input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
         })
         tok, nxt = results.get("token_logprobs"), results.get("next_logprobs")  # (B, T), (B, V)
+        hid = results.get("hidden_states")  # (B, T, C)
         return [
             _RowOut(
                 tok[i, : len(r.ids)].copy() if (tok is not None and r.want_tokens) else None,
                 nxt[i].copy() if (nxt is not None and r.want_next) else None,
+                hid[i, : len(r.ids)].copy() if (hid is not None and r.want_hidden) else None,
             )
             for i, r in enumerate(rows)
         ]

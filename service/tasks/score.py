@@ -52,17 +52,19 @@ class ScoreResult:
     method: str
     sentences: tuple[SentenceResult, ...]
     ranking: tuple[int, ...]
+    add_eos: bool  # whether the end of sentence was scored (never for pseudo-log-likelihood)
 
 
 async def score(model: ModelAdapter, params: ScoreParams, deadline: float | None) -> ScoreResult:
     model.require(TASK_SCORE)
-    encoded = encode_checked(model, params.texts, "texts", reserve=1)  # room for EOS
-    scored = await model.score([e.ids for e in encoded], params.add_eos, deadline)
+    add_eos = params.add_eos and model.score_method == "causal"  # a masked LM predicts no end of sentence
+    encoded = encode_checked(model, params.texts, "texts", reserve=1 if add_eos else 0)
+    scored = await model.score([e.ids for e in encoded], add_eos, deadline)
     sentences = []
     for text, enc, sc in zip(params.texts, encoded, scored, strict=True):
         lps = [float(x) for x in sc.log_probs]
         ids, names, oov = list(enc.ids), list(enc.tokens), list(enc.oov)
-        if params.add_eos:
+        if add_eos:
             ids.append(model.eos_id)
             names.append(model.token_text(model.eos_id))
             oov.append(False)
@@ -78,4 +80,4 @@ async def score(model: ModelAdapter, params: ScoreParams, deadline: float | None
             words=tuple(zip(enc.words, word_lps, strict=True)) if params.per_token else (),
         ))
     ranking = tuple(sorted(range(len(sentences)), key=lambda i: -sentences[i].log_prob))
-    return ScoreResult("causal", tuple(sentences), ranking)
+    return ScoreResult(model.score_method, tuple(sentences), ranking, add_eos)

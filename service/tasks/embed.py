@@ -1,0 +1,101 @@
+"""Embed: pooled and per-token vectors of texts; nearest words and analogies over static word vectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import FailedPrecondition, InvalidArgument
+from service.families.base import TASK_EMBED, ModelAdapter
+from service.tasks.common import encode_checked
+
+POOL_MEAN, POOL_CLS, POOL_NONE = "mean", "cls", "none"
+
+
+@dataclass(frozen=True)
+class EmbedParams:
+    texts: tuple[str, ...]
+    pooling: str = POOL_MEAN
+    normalize: bool = False
+    layer_weights: tuple[float, ...] | None = None
+    nearest_k: int = 0
+    analogies: tuple[tuple[str, str, str], ...] = ()
+    include_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    text: str
+    vector: np.ndarray | None  # (D,)
+    tokens: tuple[tuple[str, np.ndarray, bool], ...]  # (token, (D,), oov)
+    nearest: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class EmbedResponse:
+    dimension: int
+    embeddings: tuple[EmbedResult, ...]
+    analogies: tuple[tuple[tuple[str, str, str], tuple[tuple[str, float], ...]], ...]
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def _nearest(matrix: np.ndarray, query: np.ndarray, exclude: set[int], k: int,
+             model: ModelAdapter) -> tuple[tuple[str, float], ...]:
+    cos = matrix @ _unit(query).astype(matrix.dtype)  # (V,)
+    cos[list(exclude)] = -np.inf
+    cos[model.never_generate_mask()] = -np.inf
+    top = np.argpartition(-cos, min(k, cos.size - 1))[:k]
+    top = top[np.argsort(-cos[top], kind="stable")]
+    return tuple((model.token_text(int(i)), float(cos[i])) for i in top if np.isfinite(cos[i]))
+
+
+async def embed(model: ModelAdapter, params: EmbedParams, deadline: float | None) -> EmbedResponse:
+    model.require(TASK_EMBED)
+    matrix = model.word_vectors()
+    if (params.nearest_k or params.analogies) and matrix is None:
+        raise FailedPrecondition(
+            f"model {model.name!r} ({model.family}) has no static word vectors: nearest_k and analogies need a "
+            "word2vec model"
+        )
+    encoded = encode_checked(model, params.texts, "texts")
+    vectors = await model.embed([e.ids for e in encoded], params.layer_weights, deadline) if encoded else []
+    dim = 0
+    results = []
+    for text, enc, tv in zip(params.texts, encoded, vectors, strict=True):
+        dim = int(tv.tokens.shape[1])
+        pooled: np.ndarray | None = None
+        if params.pooling == POOL_CLS:
+            if tv.cls is None:
+                raise InvalidArgument("pooling", f"POOLING_CLS needs a [CLS] token; model {model.name!r} has none")
+            pooled = tv.cls
+        elif params.pooling == POOL_MEAN:
+            keep = ~np.asarray(enc.oov, dtype=bool)
+            pooled = tv.tokens[keep].mean(axis=0) if keep.any() else np.zeros(dim, dtype=np.float32)
+        if params.normalize and pooled is not None:
+            pooled = _unit(pooled)
+        tokens: tuple[tuple[str, np.ndarray, bool], ...] = ()
+        if params.include_tokens or params.pooling == POOL_NONE:
+            tokens = tuple((tok, _unit(v) if params.normalize else v, oov)
+                           for tok, v, oov in zip(enc.tokens, tv.tokens, enc.oov, strict=True))
+        nearest: tuple[tuple[str, float], ...] = ()
+        if params.nearest_k and matrix is not None and pooled is not None:
+            nearest = _nearest(matrix, pooled, set(enc.ids), params.nearest_k, model)
+        results.append(EmbedResult(text, pooled, tokens, nearest))
+    analogies = []
+    if params.analogies and matrix is not None:
+        dim = int(matrix.shape[1])
+        for i, (a, b, c) in enumerate(params.analogies):
+            ids = []
+            for field, word in (("a", a), ("b", b), ("c", c)):
+                enc = model.encode(word)
+                if len(enc.ids) != 1 or enc.oov[0]:
+                    raise InvalidArgument(f"analogies[{i}].{field}", f"{word!r} is not a word of the vocabulary")
+                ids.append(enc.ids[0])
+            query = matrix[ids[0]] - matrix[ids[1]] + matrix[ids[2]]
+            analogies.append(((a, b, c), _nearest(matrix, query, set(ids), params.nearest_k or 5, model)))
+    return EmbedResponse(dim, tuple(results), tuple(analogies))

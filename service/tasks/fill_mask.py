@@ -1,0 +1,105 @@
+"""FillMask: candidates for each [MASK] blank, with the fields of the Hugging Face fill-mask pipeline.
+
+The text is split at the literal "[MASK]" and each piece tokenized on its own, so every family (WordPiece,
+word-level) sees the blank as its `mask_id`. Targets restrict the candidates; a target that is several
+tokens long widens its blank to that many masks and sums the pieces' log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InvalidArgument
+from service.families.base import MASK, TASK_FILL_MASK, ModelAdapter
+
+
+@dataclass(frozen=True)
+class FillMaskParams:
+    texts: tuple[str, ...]
+    top_k: int = 5
+    targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FillCandidate:
+    token_ids: tuple[int, ...]
+    token_str: str
+    log_prob: float
+    sequence: str
+
+
+@dataclass(frozen=True)
+class FillResult:
+    text: str
+    masks: tuple[tuple[FillCandidate, ...], ...]  # per blank, best first
+
+
+def _with_blanks(model: ModelAdapter, text: str, field: str) -> tuple[list[int], list[int]]:
+    """Token ids of the text with `mask_id` at each blank, and the blanks' positions."""
+    pieces = text.split(MASK)
+    if len(pieces) < 2:
+        raise InvalidArgument(field, f"has no {MASK} blank to fill")
+    ids: list[int] = []
+    positions: list[int] = []
+    for k, piece in enumerate(pieces):
+        ids.extend(model.encode(piece).ids if piece.strip() else [])
+        if k < len(pieces) - 1:
+            positions.append(len(ids))
+            ids.append(model.mask_id)
+    if len(ids) > model.context_budget:
+        raise InvalidArgument(field, f"is {len(ids)} tokens; model {model.name!r} takes at most {model.context_budget}")
+    return ids, positions
+
+
+def _fill(text: str, blank: int, word: str) -> str:
+    pieces = text.split(MASK)
+    return MASK.join(pieces[: blank + 1]) + word + MASK.join(pieces[blank + 1:]) if blank < len(pieces) - 1 else text
+
+
+async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float | None) -> list[FillResult]:
+    model.require(TASK_FILL_MASK)
+    rows = [_with_blanks(model, t, f"texts[{i}]") for i, t in enumerate(params.texts)]
+    targets = [(t, model.encode(t).ids) for t in params.targets]
+    for i, (t, ids) in enumerate(targets):
+        if not ids or model.never_generate_mask()[ids].any():
+            raise InvalidArgument(f"targets[{i}]", f"{t!r} is not a word the model can predict (out of vocabulary?)")
+    dists = await model.mask_logprobs([ids for ids, _ in rows], [pos for _, pos in rows], deadline)  # (M, V) each
+    # Several-token targets: one extra row per (text, blank, target) with the blank widened.
+    wide_rows: list[list[int]] = []
+    wide_pos: list[list[int]] = []
+    wide_key: list[tuple[int, int, int]] = []
+    for r, (ids, positions) in enumerate(rows):
+        for b, p in enumerate(positions):
+            for ti, (_, tids) in enumerate(targets):
+                if len(tids) > 1:
+                    wide_rows.append(ids[:p] + [model.mask_id] * len(tids) + ids[p + 1:])
+                    wide_pos.append(list(range(p, p + len(tids))))
+                    wide_key.append((r, b, ti))
+    wide = await model.mask_logprobs(wide_rows, wide_pos, deadline) if wide_rows else []
+    wide_lp = {key: float(sum(d[j, t] for j, t in enumerate(targets[key[2]][1])))
+               for key, d in zip(wide_key, wide, strict=True)}
+
+    allowed = ~model.never_generate_mask()
+    results = []
+    for r, (text, dist) in enumerate(zip(params.texts, dists, strict=True)):
+        masks = []
+        for b, row in enumerate(dist):
+            if targets:
+                cands = [(tuple(tids), t, float(row[tids[0]]) if len(tids) == 1 else wide_lp[(r, b, ti)])
+                         for ti, (t, tids) in enumerate(targets)]
+            else:
+                masked = np.where(allowed, row, -np.inf)
+                k = min(params.top_k, int(allowed.sum()))
+                top = np.argpartition(-masked, k - 1)[:k]
+                top = top[np.argsort(-masked[top], kind="stable")]
+                cands = [((int(t),), model.token_text(int(t)), float(row[t])) for t in top]
+            cands.sort(key=lambda c: -c[2])
+            masks.append(tuple(
+                FillCandidate(ids, word, lp, _fill(text, b, model.decode(list(ids)).strip() or word))
+                for ids, word, lp in cands[: params.top_k] if math.isfinite(lp)
+            ))
+        results.append(FillResult(text, tuple(masks)))
+    return results

@@ -1,0 +1,43 @@
+"""PredictNextSentence: P(B follows A) from a model's next-sentence-prediction head (BERT)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from service.errors import InvalidArgument
+from service.families.base import TASK_NSP, ModelAdapter
+
+
+@dataclass(frozen=True)
+class NspParams:
+    pairs: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class NspResult:
+    a: str
+    b: str
+    log_prob: float
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.log_prob)
+
+
+async def next_sentence(model: ModelAdapter, params: NspParams, deadline: float | None) -> list[NspResult]:
+    model.require(TASK_NSP)
+    pairs = []
+    for i, (a, b) in enumerate(params.pairs):
+        ia, ib = model.encode(a).ids, model.encode(b).ids
+        for field, ids in ((f"pairs[{i}].a", ia), (f"pairs[{i}].b", ib)):
+            if not ids:
+                raise InvalidArgument(field, "has no tokens (empty or only whitespace)")
+        if len(ia) + len(ib) > model.context_budget - 1:  # [CLS] A [SEP] B [SEP]: one more [SEP] than one text
+            raise InvalidArgument(
+                f"pairs[{i}]", f"is {len(ia) + len(ib)} tokens together; model {model.name!r} takes at most "
+                f"{model.context_budget - 1} for a pair"
+            )
+        pairs.append((ia, ib))
+    lps = await model.next_sentence_logprobs(pairs, deadline)
+    return [NspResult(a, b, float(lp)) for (a, b), lp in zip(params.pairs, lps, strict=True)]
