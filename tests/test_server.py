@@ -349,3 +349,52 @@ def test_metrics_exposition(client: PlmClient, server: ServerThread) -> None:
         'plm_model_ready{model="gpt"} 1.0', "plm_model_load_seconds",
     ):
         assert needle in text, needle
+
+
+# ------------------------------------------------------------------------------ Embed (GPT) and errors
+
+
+def test_gpt_embeddings_pool_and_contextualise(client: PlmClient) -> None:
+    req = pb.EmbedRequest(model="gpt", texts=["The bank of the river", "The bank lent money"], include_tokens=True)
+    r = client.stub.Embed(req)
+    assert r.dimension == 64 and len(r.embeddings) == 2
+    for e in r.embeddings:
+        toks = np.array([t.vector for t in e.tokens])
+        assert toks.shape[1] == 64
+        np.testing.assert_allclose(e.vector, toks.mean(axis=0), atol=1e-5)  # mean pooling over the text's tokens
+    # The same word in two contexts: a causal model's vector of "bank" depends only on what came before it,
+    # so identical prefixes give identical vectors; a different prefix gives a different one.
+    assert r.embeddings[0].tokens[1].token == r.embeddings[1].tokens[1].token
+    a, b = (np.array(e.tokens[1].vector) for e in r.embeddings)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    other = client.stub.Embed(pb.EmbedRequest(model="gpt", texts=["A bank"], include_tokens=True)).embeddings[0]
+    c = np.array(other.tokens[1].vector)
+    assert float(a @ c / np.linalg.norm(a) / np.linalg.norm(c)) < 0.9999
+    unit = client.stub.Embed(pb.EmbedRequest(model="gpt", texts=["The king"], normalize=True)).embeddings[0]
+    assert np.linalg.norm(unit.vector) == pytest.approx(1.0, abs=1e-5)
+    none = client.stub.Embed(pb.EmbedRequest(model="gpt", texts=["The king"], pooling=pb.POOLING_NONE)).embeddings[0]
+    assert not none.vector and not unit.tokens  # POOLING_NONE: tokens only; MEAN without include_tokens: vector only
+    detailed = client.stub.Embed(pb.EmbedRequest(model="gpt", texts=["The king"], include_tokens=True)).embeddings[0]
+    assert len(none.tokens) == len(detailed.tokens) >= 2
+
+
+@pytest.mark.parametrize(("request_", "method", "code", "needle"), [
+    (pb.FillMaskRequest(model="gpt", texts=["The [MASK] is dead."]), "FillMask", grpc.StatusCode.FAILED_PRECONDITION,
+     "fill_mask"),
+    (pb.PredictNextSentenceRequest(model="gpt", pairs=[pb.SentencePair(a="a", b="b")]), "PredictNextSentence",
+     grpc.StatusCode.FAILED_PRECONDITION, "next_sentence"),
+    (pb.PredictNextSentenceRequest(model="gpt"), "PredictNextSentence", grpc.StatusCode.INVALID_ARGUMENT, "pairs"),
+    (pb.EmbedRequest(model="gpt", texts=["x"], pooling=pb.POOLING_CLS), "Embed", grpc.StatusCode.INVALID_ARGUMENT,
+     "pooling"),
+    (pb.EmbedRequest(model="gpt", texts=["x"], pooling=99), "Embed", grpc.StatusCode.INVALID_ARGUMENT, "pooling"),
+    (pb.EmbedRequest(model="gpt", texts=["x"], nearest_k=3), "Embed", grpc.StatusCode.FAILED_PRECONDITION,
+     "word2vec"),
+    (pb.EmbedRequest(model="gpt"), "Embed", grpc.StatusCode.INVALID_ARGUMENT, "texts"),
+    (pb.EmbedRequest(model="ngram-kn", texts=["x"]), "Embed", grpc.StatusCode.FAILED_PRECONDITION, "embed"),
+    (pb.FillMaskRequest(model="gpt", texts=["x"], top_k=0), "FillMask", grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+])
+def test_lineage_rpc_errors(client: PlmClient, request_, method: str, code: grpc.StatusCode,  # type: ignore[no-untyped-def]
+                            needle: str) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        getattr(client.stub, method)(request_)
+    assert _code(e) == code and needle in e.value.details()
