@@ -82,13 +82,20 @@ def default_loss_fn(model: nn.Module, batch: Batch) -> Tensor:
     return loss
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps (nanoGPT's get_lr)."""
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr (nanoGPT's get_lr).
+
+    The decay runs to whichever end comes first: cfg.max_steps, or cfg.max_seconds of wall time. A run cut
+    by its time budget then still anneals to min_lr, instead of stopping at the peak learning rate (which
+    costs a short CPU run a good part of its final loss).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    if step >= cfg.max_steps:
-        return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.max_seconds:
+        progress = max(progress, elapsed / cfg.max_seconds)
+    if progress >= 1.0:
+        return cfg.min_lr
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -169,7 +176,10 @@ def train(
     t0 = time.monotonic()
     model.train()
     evaluate(0)
-    bar = tqdm(total=cfg.max_steps, desc=desc, disable=not cfg.progress, dynamic_ncols=True)
+    # With a time budget the bar counts seconds of it (the step count is then unknown in advance).
+    timed = cfg.max_seconds is not None
+    bar = tqdm(total=round(cfg.max_seconds) if cfg.max_seconds is not None else cfg.max_steps, desc=desc,
+               unit="s" if timed else "step", disable=not cfg.progress, dynamic_ncols=True)
     last_eval_step = 0
     while True:
         if step >= cfg.max_steps:
@@ -178,7 +188,7 @@ def train(
         if cfg.max_seconds is not None and time.monotonic() - t0 >= cfg.max_seconds:
             stopped_because = "time_budget"
             break
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, time.monotonic() - t0)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = get_batch("train")
@@ -191,8 +201,8 @@ def train(
         step += 1
         tokens_seen += _count_targets(batch)
         interval_losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{interval_losses[-1]:.4f}", lr=f"{lr:.2e}", valid=f"{history[-1][2]:.4f}")
+        bar.update(min(int(time.monotonic() - t0), bar.total) - bar.n if timed else 1)
+        bar.set_postfix(step=step, loss=f"{interval_losses[-1]:.4f}", lr=f"{lr:.2e}", valid=f"{history[-1][2]:.4f}")
         if step % cfg.eval_interval == 0:
             last_eval_step = step
             if evaluate(step):

@@ -219,9 +219,9 @@ def test_time_budget_stops_training(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=16, block_size=16, n_layer=2, n_head=2, n_embd=32))
     get_batch = lm_batches(_stream(5000, seed=1), block_size=16, batch_size=16, rng=np.random.default_rng(0))
-    result = train(model, get_batch, _fast(max_steps=10**6, max_seconds=0.5), tmp_path)
+    result = train(model, get_batch, _fast(max_steps=10**6, max_seconds=2.0), tmp_path)
     assert result.stopped_because == "time_budget"
-    assert 0 < result.steps < 10**6 and result.seconds < 5.0
+    assert 0 < result.steps < 10**6 and result.seconds < 10.0  # generous: the machine may be busy
     assert result.history[-1][0] == result.steps  # a final evaluation at the stopping step
 
 
