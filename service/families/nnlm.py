@@ -1,0 +1,151 @@
+"""NNLM adapter: a word-level tokenizer and one ONNX graph that maps n−1 previous words to the next word's
+log-probabilities, run through the model's dynamic batcher.
+
+Graph contract (export/rnn_export.py): input `context_ids` int64 (B, n−1), oldest word first; output
+`next_logprobs` float32 (B, V). A batch row is one *window* (a history), not a sentence: scoring a sentence of
+n words submits its n (+1 for `</s>`) windows at once, so the windows of every sequence of a request — and of
+concurrent requests — share ONNX runs. Histories at a sentence start are padded with `<s>`, as in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.batcher import DynamicBatcher
+from service.config import ServerConfig
+from service.families.base import Encoded, ModelAdapter, TokenScores
+from service.metrics import Metrics
+from service.runtime import OrtSession
+
+
+@dataclass(frozen=True)
+class _Window:
+    context: tuple[int, ...]  # the n−1 previous ids
+    target: int | None  # the id to score, or None for the whole next-word distribution
+
+
+class WordVocabulary:
+    """The word tokenizer of a word-level model folder: normalised words, ids, specials (shared with ELMo)."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        tok = manifest["tokenizer"]
+        self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
+        vocab: dict[str, int] = self.tokenizer.get_vocab()
+        self.word_to_id = vocab
+        self.id_to_word = [""] * len(vocab)
+        for w, i in vocab.items():
+            self.id_to_word[i] = w
+        self.bos = vocab[tok.get("bos", "<s>")]
+        self.eos = vocab[tok.get("eos", "</s>")]
+        self.unk = vocab[tok.get("unk", "<unk>")]
+        self.pad = vocab.get(tok.get("pad", "<pad>"), self.eos)
+        self.never = np.zeros(len(vocab), dtype=bool)
+        for special in (self.bos, self.unk, self.pad):
+            self.never[special] = True
+        self.all_words = np.ones(len(vocab), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.id_to_word)
+
+    def words(self, text: str) -> list[str]:
+        """The normalised words of a text, exactly as the model was trained on them."""
+        normalizer, pre = self.tokenizer.normalizer, self.tokenizer.pre_tokenizer
+        norm = normalizer.normalize_str(text) if normalizer is not None else text
+        return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
+
+    def encode(self, text: str) -> Encoded:
+        words = self.words(text)
+        ids = [self.word_to_id.get(w, self.unk) for w in words]
+        oov = [w not in self.word_to_id for w in words]
+        return Encoded(ids, words, list(range(len(words))), words, oov)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(" " + self.id_to_word[i] for i in ids if not self.never[i] and i != self.eos)
+
+
+class NnlmAdapter(ModelAdapter):
+    family = "nnlm"
+
+    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
+                 metrics: Metrics) -> None:
+        super().__init__(name, folder, manifest)
+        self.vocab = WordVocabulary(folder, manifest)
+        self.order = int(manifest["nnlm"]["order"])
+        self.session = OrtSession(folder / manifest["graphs"]["model"]["file"], config.runtime, name, metrics)
+        self.providers = self.session.providers
+        self._batcher: DynamicBatcher[_Window, Any] = DynamicBatcher(
+            name, self._run, config.batching_for(name, manifest.get("batching")), metrics
+        )
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    @property
+    def batcher(self) -> DynamicBatcher[_Window, Any]:
+        return self._batcher
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> Encoded:
+        return self.vocab.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.vocab.decode(ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.vocab.id_to_word[token_id]
+
+    @property
+    def eos_id(self) -> int:
+        return self.vocab.eos
+
+    def word_start_mask(self) -> np.ndarray:
+        return self.vocab.all_words
+
+    def never_generate_mask(self) -> np.ndarray:
+        return self.vocab.never
+
+    # -- log-probabilities --------------------------------------------------------------------------------
+    def _history(self, ids: Sequence[int]) -> tuple[int, ...]:
+        """The last n−1 ids of `<s>`-padded `ids`: the history the model was trained with."""
+        k = self.order - 1
+        padded = (self.vocab.bos,) * k + tuple(ids)
+        return padded[len(padded) - k :]
+
+    async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
+        windows: list[_Window] = []
+        for seq in seqs:
+            targets = [*seq, self.vocab.eos] if add_eos else list(seq)
+            windows.extend(_Window(self._history(seq[:t]), target) for t, target in enumerate(targets))
+        outs = await self._batcher.submit(windows, [self.order - 1] * len(windows), deadline)
+        scores: list[TokenScores] = []
+        at = 0
+        for seq in seqs:
+            n = len(seq) + (1 if add_eos else 0)
+            scores.append(TokenScores(np.asarray(outs[at : at + n], dtype=np.float64)))
+            at += n
+        return scores
+
+    async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
+        windows = [_Window(self._history(c), None) for c in contexts]
+        outs = await self._batcher.submit(windows, [self.order - 1] * len(windows), deadline)
+        return np.stack(outs).astype(np.float32)  # (B, V)
+
+    def _run(self, windows: Sequence[_Window]) -> list[Any]:
+        """One ONNX run over a batch of windows (on the batcher's thread): a float per scored window (its
+        target's log-probability, so (B, V) never leaves this thread for scoring) or a (V,) row."""
+        context_ids = np.asarray([w.context for w in windows], dtype=np.int64)  # (B, n−1)
+        logprobs = self.session.run(["next_logprobs"], {"context_ids": context_ids})["next_logprobs"]  # (B, V)
+        return [float(logprobs[i, w.target]) if w.target is not None else logprobs[i].copy()
+                for i, w in enumerate(windows)]
+
+    def info(self) -> dict[str, Any]:
+        return {"order": self.order, "providers": self.providers}
