@@ -171,3 +171,46 @@ def save(tokenizer: Tokenizer, path: Path) -> None:
 def load(path: Path) -> Tokenizer:
     """Read a tokenizer.json."""
     return Tokenizer.from_file(str(path))
+
+
+# WordPiece (`bert`): BERT's five specials, ids 0..4 in this order; added special tokens, so "[MASK]" in a
+# text is read as the mask token (matched on the raw text, before lowercasing).
+WORDPIECE_SPECIALS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def train_wordpiece_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
+    """A BERT-style (uncased) WordPiece tokenizer: ``[PAD]`` = 0, ``[UNK]`` = 1, ``[CLS]`` = 2, ``[SEP]`` = 3,
+    ``[MASK]`` = 4, then the pieces; continuations carry the ``##`` prefix.
+
+    Normalisation is `text_normalizer` + lowercase; pre-tokenization is BERT's: whitespace, then every CJK
+    ideograph and every punctuation character is a word of its own. The post-processor adds
+    ``[CLS] A [SEP]`` / ``[CLS] A [SEP] B [SEP]`` (segments 0/1) when asked; the server adds them by id.
+    """
+    if vocab_size < len(WORDPIECE_SPECIALS) + 1:
+        raise ValueError(f"vocab_size must be > {len(WORDPIECE_SPECIALS)} (the specials), got {vocab_size}")
+    _, unk, cls, sep, _ = WORDPIECE_SPECIALS
+    tokenizer = Tokenizer(models.WordPiece(unk_token=unk, continuing_subword_prefix="##"))
+    tokenizer.normalizer = normalizers.Sequence([text_normalizer(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(CJK_IDEOGRAPH), behavior="isolated"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    trainer = hf_trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(WORDPIECE_SPECIALS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    cls_id, sep_id = tokenizer.token_to_id(cls), tokenizer.token_to_id(sep)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, cls_id), (sep, sep_id)],
+    )
+    return tokenizer

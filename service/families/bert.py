@@ -1,0 +1,214 @@
+"""BERT adapter: a WordPiece tokenizer and one ONNX graph, run through the model's dynamic batcher.
+
+Graph contract (export/bert_export.py): inputs `input_ids`, `attention_mask`, `token_type_ids` int64 (B, T)
+and `mask_positions` int64 (B, M); outputs `mask_logprobs` (B, M, V) at those positions, `nsp_logprobs`
+(B, 2) (index 0 = IsNext) and `hidden_states` (B, T, C). Rows are `[CLS] text [SEP]` (or `[CLS] A [SEP] B
+[SEP]`), right-padded, so a row's numbers do not depend on what it is batched with.
+
+BERT reads the whole text at once, so there is no left-to-right probability: `score` is the
+pseudo-log-likelihood (Salazar et al. 2020), one row per token with that token alone masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from service.batcher import DynamicBatcher
+from service.config import ServerConfig
+from service.errors import FailedPrecondition, InvalidArgument
+from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
+from service.metrics import Metrics
+from service.runtime import OrtSession, pad_right
+
+CONTINUATION = "##"  # WordPiece's prefix of a piece that continues the word before it
+
+
+@dataclass(frozen=True)
+class _Row:
+    ids: tuple[int, ...]  # with [CLS]/[SEP]
+    types: tuple[int, ...]  # segment of each id
+    positions: tuple[int, ...]  # columns whose MLM log-probs are wanted (may be empty)
+    want_hidden: bool
+    want_nsp: bool
+
+
+@dataclass(frozen=True)
+class _RowOut:
+    mask_logprobs: np.ndarray | None  # (M, V)
+    hidden: np.ndarray | None  # (len(ids), C)
+    nsp: np.ndarray | None  # (2,)
+
+
+class BertAdapter(ModelAdapter):
+    family = "bert"
+    score_method = "pseudo_log_likelihood"
+
+    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig, metrics: Metrics):
+        super().__init__(name, folder, manifest)
+        tok = manifest["tokenizer"]
+        self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
+        self._cls = self._special_id(tok.get("cls", "[CLS]"))
+        self._sep = self._special_id(tok.get("sep", "[SEP]"))
+        self._mask = self._special_id(tok.get("mask", "[MASK]"))
+        self._pad = self._special_id(tok.get("pad", "[PAD]"))
+        self._unk = self._special_id(tok.get("unk", "[UNK]"))
+        graph = manifest["graphs"]["model"]
+        self.session = OrtSession(folder / graph["file"], config.runtime, name, metrics)
+        self.providers = self.session.providers
+        self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
+            name, self._run, config.batching_for(name, manifest.get("batching")), metrics
+        )
+        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
+        self._word_start = np.array([not t.startswith(CONTINUATION) for t in vocab], dtype=bool)
+        self._never = np.zeros(self.vocab_size, dtype=bool)
+        self._never[[self._pad, self._cls, self._sep, self._mask, self._unk]] = True
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.folder.name}: the tokenizer has no {token!r} token named by the manifest")
+        return int(token_id)
+
+    async def start(self) -> None:
+        self._batcher.start()
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    @property
+    def batcher(self) -> DynamicBatcher[_Row, _RowOut]:
+        return self._batcher
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> Encoded:
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        word_index: list[int] = []
+        groups: list[list[int]] = []
+        for k, token in enumerate(enc.tokens):
+            if k == 0 or not token.startswith(CONTINUATION):
+                groups.append([])
+            groups[-1].append(ids[k])
+            word_index.append(len(groups) - 1)
+        words = [self.tokenizer.decode(g, skip_special_tokens=False) for g in groups]
+        return Encoded(ids, list(enc.tokens), word_index, words, [i == self._unk for i in ids])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def eos_id(self) -> int:
+        return self._sep
+
+    @property
+    def mask_id(self) -> int:
+        return self._mask
+
+    @property
+    def context_budget(self) -> int:
+        """Text tokens a single-sentence row holds: the window less [CLS] and [SEP]."""
+        return self.max_length - 2
+
+    def word_start_mask(self) -> np.ndarray:
+        return self._word_start
+
+    def never_generate_mask(self) -> np.ndarray:
+        return self._never
+
+    # -- model --------------------------------------------------------------------------------------------
+    def _single(self, seq: Sequence[int], positions: Sequence[int] = (), want_hidden: bool = False) -> _Row:
+        """`[CLS] seq [SEP]`, segment 0; `positions` index `seq` and are shifted past [CLS]."""
+        if len(seq) > self.context_budget:
+            raise InvalidArgument("text", f"is {len(seq)} tokens; model {self.name!r} takes at most "
+                                          f"{self.context_budget} (window {self.max_length}, less [CLS] and [SEP])")
+        ids = (self._cls, *seq, self._sep)
+        return _Row(ids, (0,) * len(ids), tuple(p + 1 for p in positions), want_hidden, False)
+
+    async def _submit(self, rows: list[_Row], deadline: float | None) -> list[_RowOut]:
+        return await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
+
+    async def mask_logprobs(self, seqs: list[list[int]], positions: list[list[int]],
+                            deadline: float | None) -> list[np.ndarray]:
+        for seq, pos in zip(seqs, positions, strict=True):
+            if any(not 0 <= p < len(seq) for p in pos):
+                raise InvalidArgument("positions", f"must index the sequence of {len(seq)} tokens, got {pos}")
+        outs = await self._submit([self._single(s, p) for s, p in zip(seqs, positions, strict=True)], deadline)
+        empty = np.zeros((0, self.vocab_size), dtype=np.float32)
+        return [o.mask_logprobs if o.mask_logprobs is not None else empty for o in outs]
+
+    async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,
+                    deadline: float | None) -> list[TokenVectors]:
+        # layer_weights is ELMo's; the graph exposes BERT's final layer only.
+        outs = await self._submit([self._single(s, want_hidden=True) for s in seqs], deadline)
+        return [TokenVectors(tokens=o.hidden[1:-1].copy(), cls=o.hidden[0].copy())
+                for o in outs if o.hidden is not None]
+
+    async def next_sentence_logprobs(self, pairs: list[tuple[list[int], list[int]]],
+                                     deadline: float | None) -> np.ndarray:
+        rows = []
+        for a, b in pairs:
+            if len(a) + len(b) + 3 > self.max_length:
+                raise InvalidArgument("pair", f"is {len(a)} + {len(b)} tokens; model {self.name!r} takes at most "
+                                              f"{self.max_length - 3} for both (window {self.max_length}, "
+                                              "less [CLS] and two [SEP])")
+            ids = (self._cls, *a, self._sep, *b, self._sep)
+            types = (0,) * (len(a) + 2) + (1,) * (len(b) + 1)
+            rows.append(_Row(ids, types, (), False, True))
+        outs = await self._submit(rows, deadline)
+        return np.array([o.nsp[0] for o in outs if o.nsp is not None], dtype=np.float32)  # log P(IsNext)
+
+    async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
+        """Pseudo-log-likelihood: log P(token_i | all other tokens) with token i alone masked, one row per
+        (sequence, i), all in one submission. `add_eos` is ignored: BERT does not predict an end."""
+        rows: list[_Row] = []
+        for s in seqs:
+            for i in range(len(s)):
+                rows.append(self._single([*s[:i], self._mask, *s[i + 1:]], (i,)))
+        outs = iter(await self._submit(rows, deadline))
+        scores = []
+        for s in seqs:
+            lp = np.zeros(len(s), dtype=np.float64)
+            for i, token in enumerate(s):
+                row = next(outs).mask_logprobs  # (1, V): the blank at i
+                assert row is not None
+                lp[i] = row[0, token]
+            scores.append(TokenScores(lp))
+        return scores
+
+    async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
+        raise FailedPrecondition(f"model {self.name!r} (bert) is a masked LM: it does not predict the next token")
+
+    def _run(self, rows: Sequence[_Row]) -> list[_RowOut]:
+        """One padded ONNX run over a batch (on the batcher's thread)."""
+        input_ids, mask = pad_right([r.ids for r in rows], self._pad)  # (B, T), right-padded
+        types, _ = pad_right([r.types for r in rows], 0)  # (B, T)
+        positions, _ = pad_right([r.positions for r in rows], 0)  # (B, M), blanks padded with column 0
+        if positions.shape[1] == 0:  # no blanks wanted: one dummy column keeps the graph's shapes valid
+            positions = np.zeros((len(rows), 1), dtype=np.int64)
+        names = [n for n, want in (("mask_logprobs", any(r.positions for r in rows)),
+                                   ("nsp_logprobs", any(r.want_nsp for r in rows)),
+                                   ("hidden_states", any(r.want_hidden for r in rows))) if want]
+        results = self.session.run(names, {
+            "input_ids": input_ids, "attention_mask": mask, "token_type_ids": types, "mask_positions": positions,
+        })
+        mlp, nsp, hid = (results.get(n) for n in ("mask_logprobs", "nsp_logprobs", "hidden_states"))
+        return [
+            _RowOut(
+                mlp[i, : len(r.positions)].copy() if (mlp is not None and r.positions) else None,
+                hid[i, : len(r.ids)].copy() if (hid is not None and r.want_hidden) else None,
+                nsp[i].copy() if (nsp is not None and r.want_nsp) else None,
+            )
+            for i, r in enumerate(rows)
+        ]
+
+    def info(self) -> dict[str, Any]:
+        return {"providers": self.providers}
