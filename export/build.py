@@ -29,7 +29,11 @@ log = logging.getLogger("plm.build")
 # order of the lineage; each builder module is imported only when its family is built.
 FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
     "ngram": (("ngram-kn", "ngram-laplace"), "export.build:build_ngram"),
+    "nnlm": (("nnlm",), "export.build_nnlm:build"),
+    "word2vec": (("word2vec-cbow", "word2vec-skipgram"), "export.build_word2vec:build"),
+    "elmo": (("elmo",), "export.build_elmo:build"),
     "gpt": (("gpt",), "export.build:build_gpt"),
+    "bert": (("bert",), "export.build_bert:build"),
 }
 
 
@@ -45,6 +49,7 @@ class GptProfile:
     max_seconds: float  # the wall-clock budget that keeps `make serve`'s first run within 5 minutes
     eval_interval: int
     lr: float
+    num_threads: int  # torch threads: 1 for the fixture, where a 2nd thread on a busy core costs ~30× per step
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,11 @@ PROFILES = {
     # Everything in well under a minute: the test fixture.
     "tiny": Profile("tiny", max_documents=8, word_min_count=1, ngram_order=3, gpt=GptProfile(
         bpe_vocab=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=16, max_steps=300,
-        max_seconds=12.0, eval_interval=50, lr=3e-3)),
+        max_seconds=12.0, eval_interval=50, lr=3e-3, num_threads=1)),
     # The default models: the whole corpus; GPT sized to train in ~2.5 minutes on 2 cores.
     "small": Profile("small", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
         bpe_vocab=8000, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=20000,
-        max_seconds=150.0, eval_interval=200, lr=2e-3)),
+        max_seconds=150.0, eval_interval=200, lr=2e-3, num_threads=2)),
 }
 
 
@@ -73,6 +78,7 @@ class BuildData:
     corpus: corpus_mod.Corpus
     word_tokenizer: Any
     words: dict[str, list[list[str]]]  # split -> sentences as words
+    cache_dir: Path = Path("cache")  # downloads (e.g. the word-similarity sets the word2vec evaluation fetches)
 
 
 def prepare_data(profile: Profile, corpus_files: Sequence[Path] | None, cache_dir: Path, seed: int) -> BuildData:
@@ -82,7 +88,7 @@ def prepare_data(profile: Profile, corpus_files: Sequence[Path] | None, cache_di
     word_tok = tokenization.train_word_tokenizer(corpus.train, min_count=profile.word_min_count)
     words = {split: [w for s in getattr(corpus, split) if (w := tokenization.words(word_tok, s))]
              for split in ("train", "valid", "test")}
-    return BuildData(corpus, word_tok, words)
+    return BuildData(corpus, word_tok, words, cache_dir)
 
 
 def _source_facts(corpus_files: Sequence[Path] | None, cache_dir: Path) -> list[tuple[str, int]]:
@@ -207,7 +213,8 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
     model = GPT(cfg)
     tcfg = TrainConfig(max_steps=g.max_steps, batch_size=g.batch_size, lr=g.lr, min_lr=g.lr / 10,
                        warmup_steps=min(100, g.max_steps // 10), eval_interval=g.eval_interval,
-                       max_seconds=g.max_seconds, seed=seed)
+                       max_seconds=g.max_seconds, seed=seed, num_threads=g.num_threads,
+                       progress=profile != "tiny")
     with staging(repository, "gpt") as folder:
         result = train(model, lm_batches(streams, g.block_size, g.batch_size, np.random.default_rng(seed)),
                        tcfg, folder, desc="gpt")

@@ -89,14 +89,13 @@ def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
     by its time budget then still anneals to min_lr, instead of stopping at the peak learning rate (which
     costs a short CPU run a good part of its final loss).
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = max(0, step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     if cfg.max_seconds:
         progress = max(progress, elapsed / cfg.max_seconds)
-    if progress >= 1.0:
-        return cfg.min_lr
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    cosine = cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+    if step < cfg.warmup_steps:  # the lower of the ramp and the cosine: no jump when a slow warm-up ends
+        return min(cfg.lr * (step + 1) / (cfg.warmup_steps + 1), cosine)
+    return cosine
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -263,5 +263,5 @@ def model_info(m: ModelAdapter) -> pb.ModelInfo:
         if isinstance(man.get(key), str):
             info.details[key] = man[key]
     for key, value in m.info().items():
-        info.details[key] = ",".join(value) if isinstance(value, list) else str(value)
+        info.details[key] = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
     return info
