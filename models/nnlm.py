@@ -102,8 +102,9 @@ def sentence_logprob_sum(model: NNLM, sentences: list[list[int]], bos: int, eos:
     contexts, targets = windows(sentences, model.config.order, bos, eos)
     model.eval()
     total = 0.0
-    for i in range(0, len(targets), 4096):
-        logits, _ = model(torch.from_numpy(contexts[i : i + 4096]))
-        lp = torch.log_softmax(logits, dim=-1)  # (b, V); float32, summed in float64 below
-        total += float(lp.gather(1, torch.from_numpy(targets[i : i + 4096])[:, None]).double().sum())
+    with torch.no_grad():  # evaluation only: no autograd graph over 4096 × V log-probs
+        for i in range(0, len(targets), 4096):
+            logits, _ = model(torch.from_numpy(contexts[i : i + 4096]))
+            lp = torch.log_softmax(logits, dim=-1)  # (b, V); float32, summed in float64 below
+            total += float(lp.gather(1, torch.from_numpy(targets[i : i + 4096])[:, None]).double().sum())
     return total, len(targets)
