@@ -146,9 +146,9 @@ def test_score_alone_equals_batched(client: PlmClient, server: ServerThread, mod
 
 def test_concurrent_requests_really_batch(server: ServerThread) -> None:
     gpt = server.running.registry.get("gpt")
-    before = gpt.batcher.batches_run  # type: ignore[attr-defined]
+    before = gpt.batcher.batches_run
     _score_many(server.target, "gpt", HELD_OUT * 8, workers=16)
-    ran = gpt.batcher.batches_run - before  # type: ignore[attr-defined]
+    ran = gpt.batcher.batches_run - before
     assert ran < len(HELD_OUT) * 8  # several rows per ONNX run
     text = server.running.metrics.exposition().decode()
     assert 'plm_batch_size_bucket{le="1.0",model="gpt"}' in text

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
+from service.batcher import DynamicBatcher
 from service.errors import FailedPrecondition
 
 # The task names a manifest may list, and the RPCs that need them.
@@ -78,11 +80,29 @@ class ModelAdapter(abc.ABC):
             )
 
     # -- lifecycle ----------------------------------------------------------------------------------------
-    async def start(self) -> None:  # noqa: B027 — optional hook, most adapters need none
-        """Called inside the server's event loop once loaded (start batch workers here)."""
+    _batcher: DynamicBatcher[Any, Any] | None = None  # set by adapters whose model runs batched
 
-    async def close(self) -> None:  # noqa: B027 — optional hook
+    @property
+    def batcher(self) -> DynamicBatcher[Any, Any]:
+        assert self._batcher is not None, f"{self.family} adapters run unbatched"
+        return self._batcher
+
+    async def start(self) -> None:
+        """Called inside the server's event loop once loaded: starts the batch worker, if any."""
+        if self._batcher is not None:
+            self._batcher.start()
+
+    async def close(self) -> None:
         """Release the model's resources; queued work fails with UNAVAILABLE."""
+        if self._batcher is not None:
+            await self._batcher.close()
+
+    def special_id(self, tokenizer: Tokenizer, token: str) -> int:
+        """The id of a special token the manifest names; a tokenizer without it is a broken model folder."""
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.folder.name}: the tokenizer has no {token!r} token named by the manifest")
+        return int(token_id)
 
     # -- text ---------------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -53,11 +53,11 @@ class BertAdapter(ModelAdapter):
         super().__init__(name, folder, manifest)
         tok = manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
-        self._cls = self._special_id(tok.get("cls", "[CLS]"))
-        self._sep = self._special_id(tok.get("sep", "[SEP]"))
-        self._mask = self._special_id(tok.get("mask", "[MASK]"))
-        self._pad = self._special_id(tok.get("pad", "[PAD]"))
-        self._unk = self._special_id(tok.get("unk", "[UNK]"))
+        self._cls = self.special_id(self.tokenizer, tok.get("cls", "[CLS]"))
+        self._sep = self.special_id(self.tokenizer, tok.get("sep", "[SEP]"))
+        self._mask = self.special_id(self.tokenizer, tok.get("mask", "[MASK]"))
+        self._pad = self.special_id(self.tokenizer, tok.get("pad", "[PAD]"))
+        self._unk = self.special_id(self.tokenizer, tok.get("unk", "[UNK]"))
         graph = manifest["graphs"]["model"]
         self.session = OrtSession(folder / graph["file"], config.runtime, name, metrics)
         self.providers = self.session.providers
@@ -68,22 +68,6 @@ class BertAdapter(ModelAdapter):
         self._word_start = np.array([not t.startswith(CONTINUATION) for t in vocab], dtype=bool)
         self._never = np.zeros(self.vocab_size, dtype=bool)
         self._never[[self._pad, self._cls, self._sep, self._mask, self._unk]] = True
-
-    def _special_id(self, token: str) -> int:
-        token_id = self.tokenizer.token_to_id(token)
-        if token_id is None:
-            raise ValueError(f"{self.folder.name}: the tokenizer has no {token!r} token named by the manifest")
-        return int(token_id)
-
-    async def start(self) -> None:
-        self._batcher.start()
-
-    async def close(self) -> None:
-        await self._batcher.close()
-
-    @property
-    def batcher(self) -> DynamicBatcher[_Row, _RowOut]:
-        return self._batcher
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:

@@ -23,8 +23,8 @@ import numpy as np
 from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument
-from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
-from service.families.nnlm import WordVocabulary
+from service.families.base import TokenScores, TokenVectors
+from service.families.words import WordModel, WordVocabulary
 from service.metrics import Metrics
 from service.runtime import OrtSession, pad_right
 
@@ -53,7 +53,7 @@ def mix_weights(layer_weights: Sequence[float], gamma: float) -> np.ndarray:
     return float(gamma) * e / e.sum()
 
 
-class ElmoAdapter(ModelAdapter):
+class ElmoAdapter(WordModel):
     family = "elmo"
 
     def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
@@ -71,39 +71,9 @@ class ElmoAdapter(ModelAdapter):
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
         )
 
-    async def start(self) -> None:
-        self._batcher.start()
-
-    async def close(self) -> None:
-        await self._batcher.close()
-
-    @property
-    def batcher(self) -> DynamicBatcher[_Row, _RowOut]:
-        return self._batcher
-
     @property
     def context_budget(self) -> int:
         return self.max_length - 2  # embed adds both <s> and </s>
-
-    # -- text ---------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> Encoded:
-        return self.vocab.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.vocab.decode(ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self.vocab.id_to_word[token_id]
-
-    @property
-    def eos_id(self) -> int:
-        return self.vocab.eos
-
-    def word_start_mask(self) -> np.ndarray:
-        return self.vocab.all_words
-
-    def never_generate_mask(self) -> np.ndarray:
-        return self.vocab.never
 
     # -- embeddings and log-probabilities -----------------------------------------------------------------
     async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,

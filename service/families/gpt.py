@@ -56,8 +56,8 @@ class GptAdapter(ModelAdapter):
         super().__init__(name, folder, manifest)
         tok = manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
-        self._eos = self._special_id(tok.get("eos", "<|endoftext|>"))
-        self._bos = self._special_id(tok.get("bos", "<|endoftext|>"))
+        self._eos = self.special_id(self.tokenizer, tok.get("eos", "<|endoftext|>"))
+        self._bos = self.special_id(self.tokenizer, tok.get("bos", "<|endoftext|>"))
         graph = manifest["graphs"]["model"]
         self.session = OrtSession(folder / graph["file"], config.runtime, name, metrics)
         self.providers = self.session.providers
@@ -70,22 +70,6 @@ class GptAdapter(ModelAdapter):
         self._never = np.zeros(self.vocab_size, dtype=bool)
         if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
             self._never[self._bos] = True
-
-    def _special_id(self, token: str) -> int:
-        token_id = self.tokenizer.token_to_id(token)
-        if token_id is None:
-            raise ValueError(f"{self.folder.name}: the tokenizer has no {token!r} token named by the manifest")
-        return int(token_id)
-
-    async def start(self) -> None:
-        self._batcher.start()
-
-    async def close(self) -> None:
-        await self._batcher.close()
-
-    @property
-    def batcher(self) -> DynamicBatcher[_Row, _RowOut]:
-        return self._batcher
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:

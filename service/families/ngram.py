@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from service.config import ServerConfig
 from service.families.base import Encoded, ModelAdapter, TokenScores
+from service.families.words import encode_words, join_words
 from service.metrics import Metrics
 from service.ngram import NgramModel
 
@@ -38,21 +39,14 @@ class NgramAdapter(ModelAdapter):
             if special in self.lm.word_to_id:
                 self._never[self.lm.word_to_id[special]] = True
         self._all_words = np.ones(self.vocab_size, dtype=bool)
-
-    def words(self, text: str) -> list[str]:
-        """The normalised words of a text, exactly as the model was trained on them."""
-        normalizer, pre = self.tokenizer.normalizer, self.tokenizer.pre_tokenizer
-        norm = normalizer.normalize_str(text) if normalizer is not None else text
-        return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
+        self._skip = self._never.copy()
+        self._skip[self._eos] = True  # decode: specials and the end of sentence are not text
 
     def encode(self, text: str) -> Encoded:
-        words = self.words(text)
-        ids = [self.lm.word_to_id.get(w, self.lm.unk_id) for w in words]
-        oov = [w not in self.lm.word_to_id for w in words]
-        return Encoded(ids, words, list(range(len(words))), words, oov)
+        return encode_words(self.tokenizer, self.lm.word_to_id, self.lm.unk_id, text)
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(" " + self.lm.vocab[i] for i in ids if not self._never[i] and i != self._eos)
+        return join_words(self.lm.vocab, ids, self._skip)
 
     def token_text(self, token_id: int) -> str:
         return self.lm.vocab[token_id]

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from service.batcher import DynamicBatcher
 from service.config import ServerConfig
-from service.families.base import Encoded, ModelAdapter, TokenScores
+from service.families.base import TokenScores
+from service.families.words import WordModel, WordVocabulary
 from service.metrics import Metrics
 from service.runtime import OrtSession
 
@@ -30,46 +30,7 @@ class _Window:
     target: int | None  # the id to score, or None for the whole next-word distribution
 
 
-class WordVocabulary:
-    """The word tokenizer of a word-level model folder: normalised words, ids, specials (shared with ELMo)."""
-
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
-        tok = manifest["tokenizer"]
-        self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
-        vocab: dict[str, int] = self.tokenizer.get_vocab()
-        self.word_to_id = vocab
-        self.id_to_word = [""] * len(vocab)
-        for w, i in vocab.items():
-            self.id_to_word[i] = w
-        self.bos = vocab[tok.get("bos", "<s>")]
-        self.eos = vocab[tok.get("eos", "</s>")]
-        self.unk = vocab[tok.get("unk", "<unk>")]
-        self.pad = vocab.get(tok.get("pad", "<pad>"), self.eos)
-        self.never = np.zeros(len(vocab), dtype=bool)
-        for special in (self.bos, self.unk, self.pad):
-            self.never[special] = True
-        self.all_words = np.ones(len(vocab), dtype=bool)
-
-    def __len__(self) -> int:
-        return len(self.id_to_word)
-
-    def words(self, text: str) -> list[str]:
-        """The normalised words of a text, exactly as the model was trained on them."""
-        normalizer, pre = self.tokenizer.normalizer, self.tokenizer.pre_tokenizer
-        norm = normalizer.normalize_str(text) if normalizer is not None else text
-        return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
-
-    def encode(self, text: str) -> Encoded:
-        words = self.words(text)
-        ids = [self.word_to_id.get(w, self.unk) for w in words]
-        oov = [w not in self.word_to_id for w in words]
-        return Encoded(ids, words, list(range(len(words))), words, oov)
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(" " + self.id_to_word[i] for i in ids if not self.never[i] and i != self.eos)
-
-
-class NnlmAdapter(ModelAdapter):
+class NnlmAdapter(WordModel):
     family = "nnlm"
 
     def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
@@ -82,36 +43,6 @@ class NnlmAdapter(ModelAdapter):
         self._batcher: DynamicBatcher[_Window, Any] = DynamicBatcher(
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
         )
-
-    async def start(self) -> None:
-        self._batcher.start()
-
-    async def close(self) -> None:
-        await self._batcher.close()
-
-    @property
-    def batcher(self) -> DynamicBatcher[_Window, Any]:
-        return self._batcher
-
-    # -- text ---------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> Encoded:
-        return self.vocab.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.vocab.decode(ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self.vocab.id_to_word[token_id]
-
-    @property
-    def eos_id(self) -> int:
-        return self.vocab.eos
-
-    def word_start_mask(self) -> np.ndarray:
-        return self.vocab.all_words
-
-    def never_generate_mask(self) -> np.ndarray:
-        return self.vocab.never
 
     # -- log-probabilities --------------------------------------------------------------------------------
     def _history(self, ids: Sequence[int]) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.errors import FailedPrecondition
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
+from service.families.words import encode_words, join_words
 from service.metrics import Metrics
 from service.runtime import OrtSession, pad_right
 
@@ -72,27 +73,12 @@ class Word2VecAdapter(ModelAdapter):
             name, self._run_cloze, config.batching_for(name, manifest.get("batching")), metrics
         )
 
-    async def start(self) -> None:
-        self._batcher.start()
-
-    async def close(self) -> None:
-        await self._batcher.close()
-
     # -- text ---------------------------------------------------------------------------------------------
-    def words(self, text: str) -> list[str]:
-        """The normalised words of a text, exactly as the model was trained on them."""
-        normalizer, pre = self.tokenizer.normalizer, self.tokenizer.pre_tokenizer
-        norm = normalizer.normalize_str(text) if normalizer is not None else text
-        return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
-
     def encode(self, text: str) -> Encoded:
-        words = self.words(text)
-        ids = [self.word_to_id.get(w, self._unk) for w in words]
-        oov = [i == self._unk for i in ids]
-        return Encoded(ids, words, list(range(len(words))), words, oov)
+        return encode_words(self.tokenizer, self.word_to_id, self._unk, text)
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(" " + self.vocab[i] for i in ids if not self._never[i])
+        return join_words(self.vocab, ids, self._never)
 
     def token_text(self, token_id: int) -> str:
         return self.vocab[token_id]
