@@ -79,6 +79,15 @@ def _build_parser() -> argparse.ArgumentParser:
     ns = verbs.add_parser("nsp", help="probability that B follows A (pairs given as A B A B ...)")
     ns.add_argument("model")
     ns.add_argument("sentences", nargs="+")
+    cf = verbs.add_parser("classify", help="few-shot in-context classification")
+    cf.add_argument("model")
+    cf.add_argument("queries", nargs="+")
+    cf.add_argument("--label", dest="labels", action="append", required=True, help="a candidate label (repeatable)")
+    cf.add_argument("--demo", action="append", default=[], metavar="TEXT=LABEL",
+                    help="a demonstration, TEXT=LABEL (repeatable)")
+    cf.add_argument("--instruction", default="")
+    cf.add_argument("--scoring", choices=["sum", "token_mean", "per_char"], default="sum")
+    cf.add_argument("--calibrate", action="store_true", help="contextual calibration with a content-free input")
     for name, help_ in (("generate", "generate text (one response)"), ("stream", "generate text, streamed")):
         g = verbs.add_parser(name, help=help_)
         g.add_argument("model")
@@ -204,6 +213,16 @@ def _client(args: argparse.Namespace) -> int:
                     model=args.model, pairs=[pb.SentencePair(a=a, b=b) for a, b in zip(it, it, strict=True)]),
                     timeout=args.timeout)
                 show(nr, "\n".join(f"{r.is_next_prob:.4f}  {r.a!r} → {r.b!r}" for r in nr.results))
+            elif args.verb == "classify":
+                scoring = {"sum": pb.LABEL_SCORING_SUM, "token_mean": pb.LABEL_SCORING_TOKEN_MEAN,
+                           "per_char": pb.LABEL_SCORING_PER_CHAR}[args.scoring]
+                demos = [pb.Demonstration(text=t, label=lab) for t, _, lab in (d.rpartition("=") for d in args.demo)]
+                cr = cl.stub.Classify(pb.ClassifyRequest(
+                    model=args.model, queries=args.queries, labels=args.labels, demonstrations=demos,
+                    instruction=args.instruction, scoring=scoring, calibrate=args.calibrate), timeout=args.timeout)
+                show(cr, "\n".join(f"{c.label:12} {c.query!r}  ("
+                                    + ", ".join(f"{s.label} {s.probability:.3f}" for s in c.scores) + ")"
+                                    for c in cr.results))
             else:
                 sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop)
                 for field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):

@@ -24,8 +24,8 @@ from service.metrics import Metrics
 from service.pb.plm.v1 import plm_pb2 as pb
 from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
 from service.registry import Registry
+from service.tasks import classify, fill_mask, next_sentence, next_word, score
 from service.tasks import embed as embed_task
-from service.tasks import fill_mask, next_sentence, next_word, score
 from service.tasks import generate as gen_task
 
 log = logging.getLogger("plm.access")
@@ -228,6 +228,18 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
         results = await next_sentence.next_sentence(model, validation.nsp_params(request, self.limits), call.deadline)
         return pb.PredictNextSentenceResponse(model=model.name, model_version=model.version, results=[
             pb.NextSentenceResult(a=r.a, b=r.b, is_next_prob=r.prob, log_prob=r.log_prob) for r in results])
+
+    @unary("Classify")
+    async def Classify(self, request: pb.ClassifyRequest, call: _Call) -> pb.ClassifyResponse:
+        model = call.model(request.model)
+        results, prefix_tokens = await classify.classify(
+            model, validation.classify_params(request, self.limits), call.deadline)
+        return pb.ClassifyResponse(model=model.name, model_version=model.version, prefix_tokens=prefix_tokens,
+                                   results=[pb.Classification(query=r.query, label=r.label, scores=[
+                                       pb.LabelScore(label=s.label, probability=s.probability,
+                                                     log_likelihood=s.log_likelihood, score=s.score,
+                                                     num_tokens=s.num_tokens) for s in r.scores])
+                                            for r in results])
 
     @unary("ListModels")
     async def ListModels(self, request: pb.ListModelsRequest, call: _Call) -> pb.ListModelsResponse:

@@ -13,6 +13,14 @@ from typing import Any
 from service.config import Limits
 from service.errors import InvalidArgument
 from service.pb.plm.v1 import plm_pb2 as pb
+from service.tasks.classify import (
+    DEFAULT_TEMPLATE,
+    SCORING_PER_CHAR,
+    SCORING_SUM,
+    SCORING_TOKEN_MEAN,
+    ClassifyParams,
+    split_template,
+)
 from service.tasks.embed import POOL_CLS, POOL_MEAN, POOL_NONE, EmbedParams
 from service.tasks.fill_mask import FillMaskParams
 from service.tasks.generate import GenerateParams, SamplingParams
@@ -162,3 +170,41 @@ def nsp_params(req: pb.PredictNextSentenceRequest, limits: Limits) -> NspParams:
             _check_text(getattr(p, name), f"pairs[{i}].{name}", limits)
         pairs.append((p.a, p.b))
     return NspParams(tuple(pairs))
+
+
+_SCORING = {pb.LABEL_SCORING_UNSPECIFIED: SCORING_SUM, pb.LABEL_SCORING_SUM: SCORING_SUM,
+            pb.LABEL_SCORING_TOKEN_MEAN: SCORING_TOKEN_MEAN, pb.LABEL_SCORING_PER_CHAR: SCORING_PER_CHAR}
+
+
+def classify_params(req: pb.ClassifyRequest, limits: Limits) -> ClassifyParams:
+    if req.scoring not in _SCORING:
+        raise InvalidArgument("scoring", f"unknown value {req.scoring}; use LABEL_SCORING_SUM/_TOKEN_MEAN/_PER_CHAR")
+    if len(req.labels) < 2:
+        raise InvalidArgument("labels", f"has {len(req.labels)} entries; give at least 2 candidate labels")
+    if len(req.labels) > limits.max_top_k:
+        raise InvalidArgument("labels", f"has {len(req.labels)} entries; at most {limits.max_top_k}")
+    if len(set(req.labels)) != len(req.labels):
+        raise InvalidArgument("labels", "has duplicates")
+    for i, label in enumerate(req.labels):
+        _check_text(label, f"labels[{i}]", limits)
+    if len(req.demonstrations) > limits.max_inputs_per_request:
+        raise InvalidArgument("demonstrations", f"has {len(req.demonstrations)} entries; at most "
+                                                f"{limits.max_inputs_per_request}")
+    for i, d in enumerate(req.demonstrations):
+        _check_text(d.text, f"demonstrations[{i}].text", limits)
+        _check_text(d.label, f"demonstrations[{i}].label", limits)
+    template = req.template or DEFAULT_TEMPLATE
+    split_template(template)
+    _check_text(req.instruction, "instruction", limits, allow_empty=True)
+    content_free = req.content_free or "N/A"
+    _check_text(content_free, "content_free", limits)
+    return ClassifyParams(
+        queries=_texts(req.queries, "queries", limits),
+        labels=tuple(req.labels),
+        demonstrations=tuple((d.text, d.label) for d in req.demonstrations),
+        instruction=req.instruction,
+        template=template,
+        scoring=_SCORING[req.scoring],
+        calibrate=req.calibrate,
+        content_free=content_free,
+    )

@@ -70,6 +70,15 @@ def test_client_verbs(served: tuple[str, int, subprocess.Popen[str]]) -> None:
     stream = _plm("client", "--target", target, "stream", "gpt", "The", "-n", "5", "--seed", "1").stdout
     assert "FINISH_REASON" in stream
     assert json.loads(_plm("client", "--target", target, "--json", "model", "gpt").stdout)["family"] == "gpt"
+    cls = _plm("client", "--target", target, "classify", "gpt", "Alas!", "--label", "tragedy", "--label", "comedy",
+               "--demo", "Ha ha!=comedy").stdout
+    assert cls.split()[0] in ("tragedy", "comedy") and "Alas!" in cls
+    fill = _plm("client", "--target", target, "fill", "bert", "the king is [MASK] .").stdout
+    assert fill.count("the king is") >= 5
+    emb = _plm("client", "--target", target, "embed", "word2vec-skipgram", "king", "--nearest", "3").stdout
+    assert emb.startswith("dimension") and emb.count("\n") >= 4
+    nsp = _plm("client", "--target", target, "nsp", "bert", "the king is dead .", "long live the king .").stdout
+    assert 0 <= float(nsp.split()[0]) <= 1
 
 
 def test_client_reports_errors(served: tuple[str, int, subprocess.Popen[str]]) -> None:

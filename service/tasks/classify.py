@@ -1,0 +1,134 @@
+"""Classify: few-shot in-context classification with a causal LM (the GPT-3 idea of the notes).
+
+The prompt is the instruction, then every demonstration written with the template, then the query written
+up to its label; each candidate label is scored as the continuation (lm-evaluation-harness's
+`loglikelihood(context, " " + label)`). The demonstrations are a prefix shared by every query and label.
+All (query, label) pairs — and the content-free ones for calibration — go to the model in one batched call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InvalidArgument
+from service.families.base import TASK_SCORE, ModelAdapter
+
+DEFAULT_TEMPLATE = "Text: {text}\nLabel: {label}\n\n"
+SCORING_SUM, SCORING_TOKEN_MEAN, SCORING_PER_CHAR = "sum", "token_mean", "per_char"
+
+
+@dataclass(frozen=True)
+class ClassifyParams:
+    queries: tuple[str, ...]
+    labels: tuple[str, ...]
+    demonstrations: tuple[tuple[str, str], ...] = ()
+    instruction: str = ""
+    template: str = DEFAULT_TEMPLATE
+    scoring: str = SCORING_SUM
+    calibrate: bool = False
+    content_free: str = "N/A"
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    label: str
+    probability: float
+    log_likelihood: float
+    score: float
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    query: str
+    label: str
+    scores: tuple[LabelResult, ...]
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """(the part before {label}, the rest). The template must hold {text} before {label}."""
+    if "{text}" not in template or "{label}" not in template or template.index("{text}") > template.index("{label}"):
+        raise InvalidArgument("template", "must contain {text} and then {label}")
+    head, tail = template.split("{label}", 1)
+    return head, tail
+
+
+def build_prefix(p: ClassifyParams) -> str:
+    """The instruction and every demonstration: the prompt part that every query shares."""
+    head, tail = split_template(p.template)
+    prefix = p.instruction.strip() + "\n\n" if p.instruction.strip() else ""
+    for text, label in p.demonstrations:
+        prefix += head.replace("{text}", text) + label + tail
+    return prefix
+
+
+async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | None) -> tuple[list[ClassifyResult], int]:
+    model.require(TASK_SCORE)
+    if model.score_method != "causal":
+        raise InvalidArgument("model", f"in-context classification needs a causal LM; {model.name!r} scores by "
+                                       f"{model.score_method}")
+    head, _ = split_template(p.template)
+    prefix = build_prefix(p)
+    # The query is written up to the label; whitespace before {label} belongs to the label (" comedy").
+    stripped = head.rstrip()
+    gap = head[len(stripped):]
+    queries = list(p.queries) + ([p.content_free] if p.calibrate else [])
+    # Whole strings are tokenized (tokenizers normalise whitespace, so pieces tokenized alone would lose the
+    # label's leading space); the label's tokens are those after the context's, where the two agree.
+    prefix_ids = model.encode(prefix).ids if prefix else []
+    seqs: list[list[int]] = []
+    label_lens: list[int] = []
+    shared = len(prefix_ids)
+    for qi, query in enumerate(queries):
+        context = prefix + stripped.replace("{text}", query)
+        ctx_ids = model.encode(context).ids
+        shared = min(shared, _common(prefix_ids, ctx_ids))
+        for li, label in enumerate(p.labels):
+            full = model.encode(context + gap + label).ids
+            n = len(full) - _common(ctx_ids, full)
+            if n == 0:
+                raise InvalidArgument(f"labels[{li}]", "has no tokens")
+            if len(full) > model.context_budget:
+                field = f"queries[{qi}]" if qi < len(p.queries) else "content_free"
+                raise InvalidArgument(
+                    field, f"with its prompt ({len(prefix_ids)} tokens of instruction and demonstrations) and "
+                    f"labels[{li}] is {len(full)} tokens; model {model.name!r} takes at most "
+                    f"{model.context_budget}: use fewer or shorter demonstrations")
+            seqs.append(full)
+            label_lens.append(n)
+    scored = await model.score(seqs, False, deadline)
+    n_labels = len(p.labels)
+    lls = np.array([float(s.log_probs[-n:].sum()) for s, n in zip(scored, label_lens, strict=True)])
+    lls = lls.reshape(len(queries), n_labels)  # (Q, L): Σ log P(label tokens | prompt)
+    lens = np.array(label_lens, dtype=np.float64).reshape(len(queries), n_labels)
+    norm: np.ndarray = np.ones(n_labels)
+    if p.scoring == SCORING_TOKEN_MEAN:
+        norm = lens
+    elif p.scoring == SCORING_PER_CHAR:
+        norm = np.array([len(label) for label in p.labels], dtype=np.float64)
+    scores = lls / norm
+    if p.calibrate:  # divide out P(label | content-free input): subtract in log space
+        scores = scores[:-1] - scores[-1]
+        lls, lens = lls[:-1], lens[:-1]
+    results = []
+    for query, row_ll, row, row_len in zip(p.queries, lls, scores, lens, strict=True):
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        best = int(np.argmax(row))
+        results.append(ClassifyResult(query, p.labels[best], tuple(
+            LabelResult(label, float(pr), float(ll), float(sc), int(n))
+            for label, pr, ll, sc, n in zip(p.labels, probs, row_ll, row, row_len, strict=True)
+        )))
+    return results, shared
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
