@@ -1,0 +1,108 @@
+"""Few-shot in-context classification on real labels: which kind of Shakespeare work a line comes from.
+
+    python benchmarks/icl_genre.py [--target 127.0.0.1:50051] [--model gpt] [--queries 120] [--shots 0 4 8]
+
+Labels are the genres of the Folio tradition (comedy — romances included —, tragedy, history) plus poetry
+for the poems. Queries are lines of 4–8 words from the works held out of training (the corpus's own
+document split), balanced over the genres those works have; demonstrations are lines from training works,
+balanced over the genres. The template is compact ("{text} = {label}") because the default GPT's window is
+128 tokens. For each number of shots, the accuracy of `Classify` (plain and calibrated) is printed beside
+the majority-class baseline and written to results/icl_genre.json. A prompt that does not fit the
+model's window is reported, not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import grpc
+
+from client.client import PlmClient
+from models import corpus as corpus_mod
+from service.pb.plm.v1 import plm_pb2 as pb
+
+GENRES = {
+    "comedy": "alls_well_that_ends_well as_you_like_it comedy_of_errors cymbeline loves_labours_lost "
+              "measure_for_measure merchant_of_venice merry_wives_of_windsor midsummer_nights_dream "
+              "much_ado_about_nothing pericles taming_of_the_shrew tempest twelfth_night two_gentlemen_of_verona "
+              "winters_tale",
+    "tragedy": "antony_and_cleopatra coriolanus hamlet julius_caesar lear macbeth othello romeo_and_juliet "
+               "timon_of_athens tragedy_of_titus_andronicus troilus_and_cressida",
+    "history": "henry_iv_part_1 henry_iv_part_2 henry_v henry_vi_part_1 henry_vi_part_2 henry_vi_part_3 henry_viii "
+               "john richard_ii richard_iii",
+    "poetry": "lovers_complaint passionate_pilgrim phoenix_and_the_turtle rape_of_lucrece sonnets",
+}
+GENRE_OF = {work: genre for genre, works in GENRES.items() for work in works.split()}
+LABELS = list(GENRES)
+
+
+def lines(doc: corpus_mod.Document) -> list[str]:
+    return [s for s in corpus_mod.split_sentences(doc.text) if 4 <= len(s.split()) <= 8]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="127.0.0.1:50051")
+    ap.add_argument("--model", default="gpt")
+    ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
+    ap.add_argument("--queries", type=int, default=120)
+    ap.add_argument("--shots", type=int, nargs="+", default=[0, 4, 8])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("results/icl_genre.json"))
+    args = ap.parse_args()
+    rng = random.Random(args.seed)
+
+    docs = [d for d in corpus_mod.load_documents(corpus_mod.fetch_default_sources(args.cache_dir))
+            if d.source == "shakespeare"]
+    train, valid, test = corpus_mod.split_documents(docs)
+    held_out = {g: [s for d in valid + test if GENRE_OF[d.name] == g for s in lines(d)] for g in LABELS}
+    present = [g for g in LABELS if held_out[g]]
+    queries = []  # balanced over the genres the held-out works have, so the majority baseline stays low
+    for g in present:
+        rng.shuffle(held_out[g])
+        queries += [(s, g) for s in held_out[g][: args.queries // len(present)]]
+    rng.shuffle(queries)
+    pool = {g: [s for d in train if GENRE_OF[d.name] == g for s in lines(d)] for g in LABELS}
+    counts = {g: sum(1 for _, y in queries if y == g) for g in LABELS}
+    majority = max(counts.values()) / len(queries)
+    print(f"{len(queries)} held-out lines from {', '.join(d.name for d in valid + test)}; labels {counts}; "
+          f"majority baseline {majority:.3f}")
+
+    results = []
+    with PlmClient(args.target, timeout=600) as client:
+        for k in args.shots:
+            demos = [pb.Demonstration(text=rng.choice(pool[LABELS[i % len(LABELS)]]), label=LABELS[i % len(LABELS)])
+                     for i in range(k)]
+            rng.shuffle(demos)
+            row: dict[str, object] = {"shots": k}
+            for calibrate in (False, True):
+                started = time.perf_counter()
+                chosen: list[str] = []
+                try:
+                    for i in range(0, len(queries), 32):  # the server takes at most 64 inputs per request
+                        resp = client.stub.Classify(pb.ClassifyRequest(
+                            model=args.model, demonstrations=demos, labels=LABELS, calibrate=calibrate,
+                            queries=[q for q, _ in queries[i: i + 32]], template="{text} = {label}\n"), timeout=600)
+                        chosen += [r.label for r in resp.results]
+                except grpc.RpcError as e:
+                    row["calibrated" if calibrate else "plain"] = f"{e.code().name}: {e.details()}"
+                    continue
+                acc = sum(c == y for c, (_, y) in zip(chosen, queries, strict=True)) / len(queries)
+                row["calibrated" if calibrate else "plain"] = acc
+                row["prefix_tokens"] = resp.prefix_tokens
+                row["seconds" + ("_calibrated" if calibrate else "")] = round(time.perf_counter() - started, 2)
+            results.append(row)
+            print(f"{k}-shot: accuracy {row.get('plain')}  calibrated {row.get('calibrated')}  "
+                  f"(majority {majority:.3f}; prompt prefix {row.get('prefix_tokens', '-')} tokens)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model, "queries": len(queries), "label_counts": counts,
+                                    "majority_baseline": majority, "results": results}, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
