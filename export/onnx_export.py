@@ -14,6 +14,10 @@ outputs (float32):
   hidden_states   [B, T, C] final-LayerNorm output (sentence embeddings pool it over real tokens)
 
 Log-softmax and the gathers run in the graph, so the [B, T, V] logits never leave it.
+
+`export_gpt_decoder` exports a second graph for generation, with a KV cache (GPTDecoderGraph): one merged
+graph for prefill (zero-length pasts) and decode, Optimum's `past_key_values.{i}.key|value` ->
+`present.{i}.key|value` [B, n_head, S, head_dim], LEFT-padded batches; see its docstring for the contract.
 The exporter is the TorchScript one (`dynamo=False`): it maps `scaled_dot_product_attention` with a
 boolean mask to MatMul/Where/Add/Softmax from opset 14, and keeps `dynamic_axes` as given.
 """
@@ -167,6 +171,184 @@ def export_gpt(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
             {"name": "next_logprobs", "dtype": "float32", "shape": ["batch", cfg.vocab_size]},
             {"name": "hidden_states", "dtype": "float32", "shape": [*seq, cfg.n_embd]},
         ],
+        "parity": parity,
+        "onnx_checker": "passed",
+    }
+
+
+# --- the KV-cache decoder graph (generation) ------------------------------------------------------------
+
+DECODER_INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")  # then past_key_values.{i}.key|value
+DECODER_OUTPUT_NAMES = ("next_logprobs",)  # then present.{i}.key|value
+# (batch, prompt length, then the lengths of the following steps): prefill at past 0, one-token decodes,
+# and multi-token steps (T > 1 after a past), in batches of 1 and several with left padding.
+DECODER_PARITY_RUNS = ((1, 1, (1, 1, 1)), (1, 6, (1, 1, 1, 2)), (3, 7, (1, 1, 3, 1)), (5, 4, (2, 1, 1, 1)))
+_DECODER_DUMMY = (2, 3, 4)  # batch, new tokens, past length: all distinct and > 1, so no axis specialises
+
+
+def past_names(n_layer: int) -> list[str]:
+    """`past_key_values.{i}.key`, `past_key_values.{i}.value` for every layer, in graph input order."""
+    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    """`present.{i}.key`, `present.{i}.value` for every layer, in graph output order."""
+    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
+class GPTDecoderGraph(nn.Module):
+    """One step of generation with a KV cache: T new tokens after P cached positions (P may be 0).
+
+    Inputs: input_ids (B, T), attention_mask (B, P + T), position_ids (B, T), then per layer the past
+    key and value (B, nh, P, hs). Outputs: next_logprobs (B, V), the log-softmax after each row's last
+    real new token (the last column for left-padded batches and for every decode step), then per layer the
+    present key and value (B, nh, P + T, hs). Only that one position goes through the LM head.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor
+    ) -> tuple[Tensor, ...]:
+        B, T = input_ids.size()
+        layers = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        hidden, presents = self.model.hidden_states_with_cache(input_ids, attention_mask, position_ids, layers)
+        # The last real column among the T new ones: argmax_t of mask[t] * (t + 1) (see GPTScoringGraph).
+        ranks = attention_mask[:, -T:] * torch.arange(1, T + 1, device=input_ids.device)  # (B, T)
+        last = ranks.argmax(dim=1)  # (B,)
+        index = last.view(B, 1, 1).expand(B, 1, hidden.size(-1))  # (B, 1, C)
+        last_hidden = hidden.gather(1, index)[:, 0]  # (B, C)
+        next_logprobs = F.log_softmax(self.model.lm_head(last_hidden), dim=-1)  # (B, V)
+        return (next_logprobs, *[t for kv in presents for t in kv])
+
+
+def _empty_past(model: GPT, batch: int) -> list[Tensor]:
+    """Past keys and values of length 0 for every layer: what the first (prefill) step takes."""
+    cfg = model.config
+    shape = (batch, cfg.n_head, 0, cfg.n_embd // cfg.n_head)
+    return [torch.zeros(shape) for _ in range(2 * cfg.n_layer)]
+
+
+def check_decoder_parity(
+    model: GPT, path: Path, runs: tuple[tuple[int, int, tuple[int, ...]], ...] = DECODER_PARITY_RUNS, seed: int = 0
+) -> dict[str, Any]:
+    """Prefill random left-padded prompts (past length 0), then run the given decode steps with random
+    tokens, ONNX Runtime feeding its presents back as pasts and PyTorch its own; max |ONNX - PyTorch| over
+    next_logprobs and every present."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    graph = GPTDecoderGraph(model).eval()
+    n_layer = model.config.n_layer
+    output_names = [*DECODER_OUTPUT_NAMES, *present_names(n_layer)]
+    generator = torch.Generator().manual_seed(seed)
+    max_diff = 0.0
+    checked: list[list[Any]] = []
+    for batch, prompt_length, steps in runs:
+        prompt, full_mask, _ = _random_batch(model.config.vocab_size, batch, prompt_length, "left", generator)
+        torch_past = _empty_past(model, batch)
+        ort_past = [t.numpy() for t in torch_past]
+        for step, T in enumerate((prompt_length, *steps)):
+            ids = prompt
+            if step > 0:  # T new real tokens appended at the right
+                ids = torch.randint(0, model.config.vocab_size, (batch, T), generator=generator)
+                full_mask = torch.cat((full_mask, torch.ones_like(ids)), dim=1)
+            pos = position_ids_from_mask(full_mask)[:, -T:]
+            with torch.no_grad():
+                expected = graph(ids, full_mask, pos, *torch_past)
+            feeds = {"input_ids": ids.numpy(), "attention_mask": full_mask.numpy(), "position_ids": pos.numpy()}
+            feeds.update(zip(past_names(n_layer), ort_past, strict=True))
+            got = session.run(output_names, feeds)
+            for name, e, g in zip(output_names, expected, got, strict=True):
+                if g.shape != tuple(e.shape):
+                    raise RuntimeError(f"{name}: ONNX shape {g.shape} != PyTorch {tuple(e.shape)}")
+                max_diff = max(max_diff, float(np.abs(g - e.numpy()).max()))
+            torch_past, ort_past = list(expected[1:]), got[1:]
+            checked.append([batch, int(full_mask.size(1)) - T, T])  # batch, past length, new tokens
+    return {"max_abs_diff": max_diff, "tolerance": PARITY_TOLERANCE, "checked_steps": checked}
+
+
+def export_gpt_decoder(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
+    """Export `model`'s KV-cache decoder (GPTDecoderGraph) to `path`, check it (onnx.checker, parity with
+    PyTorch over prefill and decode steps) and return its manifest entry.
+
+    One merged graph serves prefill (past length 0: ONNX Runtime takes zero-length past tensors) and decode
+    (T >= 1 new tokens). Padding convention: LEFT padding. The prompt batch is left padded, each step
+    appends its tokens at the right with mask 1, so `next_logprobs` is always the last column's; the graph
+    reads the last real new column, so a right-padded prefill also gives the right next_logprobs, but its
+    pads then sit between prompt and continuation (masked, harmless). The caller keeps the mask over past +
+    new columns and passes `position_ids = (cumsum(mask) - 1)` clamped at 0, sliced to the last T columns.
+    Raises RuntimeError when ONNX and PyTorch differ by more than PARITY_TOLERANCE.
+    """
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    graph = GPTDecoderGraph(model).eval()
+    batch, new, past_length = _DECODER_DUMMY
+    generator = torch.Generator().manual_seed(0)
+    ids, mask, _ = _random_batch(cfg.vocab_size, batch, past_length + new, "left", generator)
+    pos = position_ids_from_mask(mask)[:, -new:]
+    past = [torch.randn(batch, cfg.n_head, past_length, head_dim, generator=generator) for _ in range(2 * cfg.n_layer)]
+    dummy = (ids[:, -new:], mask, pos, *past)
+    inputs, pasts, presents = list(DECODER_INPUT_NAMES), past_names(cfg.n_layer), present_names(cfg.n_layer)
+    seq = {0: "batch", 1: "sequence"}
+    kv_in = {0: "batch", 2: "past_sequence"}
+    kv_out = {0: "batch", 2: "past_sequence + sequence"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        for message in _NOISE:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        torch.onnx.export(
+            graph,
+            dummy,
+            str(path),
+            dynamo=False,
+            input_names=inputs + pasts,
+            output_names=[*DECODER_OUTPUT_NAMES, *presents],
+            dynamic_axes={
+                "input_ids": seq,
+                "attention_mask": {0: "batch", 1: "past_sequence + sequence"},
+                "position_ids": seq,
+                **{name: kv_in for name in pasts},
+                "next_logprobs": {0: "batch"},
+                **{name: kv_out for name in presents},
+            },
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(path))
+    next_output = next(o for o in proto.graph.output if o.name == "next_logprobs")
+    next_output.type.tensor_type.shape.dim[1].dim_value = cfg.vocab_size
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    parity = check_decoder_parity(model, path)
+    model.train(was_training)
+    if parity["max_abs_diff"] > PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"ONNX and PyTorch differ by {parity['max_abs_diff']:.3g} > {PARITY_TOLERANCE:g} on {path.name}"
+        )
+
+    def kv_shape(axis: str) -> list[Any]:
+        return ["batch", cfg.n_head, axis, head_dim]
+
+    return {
+        "file": path.name,
+        "opset": opset,
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_sequence + sequence"]},
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+            *[{"name": name, "dtype": "float32", "shape": kv_shape("past_sequence")} for name in pasts],
+        ],
+        "outputs": [
+            {"name": "next_logprobs", "dtype": "float32", "shape": ["batch", cfg.vocab_size]},
+            *[{"name": name, "dtype": "float32", "shape": kv_shape("past_sequence + sequence")} for name in presents],
+        ],
+        "padding": "left",
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "head_dim": head_dim,
         "parity": parity,
         "onnx_checker": "passed",
     }

@@ -15,6 +15,12 @@ A pad query (e.g. the leading columns of a left-padded row) may attend only to i
 every key masked is 0/0 = NaN in a plain softmax (recent PyTorch SDPA and its ONNX export patch that to 0,
 but a fused or hand-written kernel may not). Its output is meaningless but finite.
 
+KV cache (for generation): `forward(..., past_key_values=..., use_cache=True)` takes and returns each
+layer's keys and values, `[B, n_head, S, head_dim]` (the ONNX decoder's `past_key_values.{i}.key|value`).
+With a past of length P and T new tokens, `attention_mask` covers all P + T columns and `position_ids` the
+T new ones. Batches are LEFT padded: the new tokens of every row are appended at the right, so pads stay
+in the past, masked out, forever.
+
 Read bottom-up: CausalSelfAttention, MLP, Block, GPTConfig, GPT.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 import torch.nn as nn
@@ -29,6 +36,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 IGNORE_INDEX = -100  # targets equal to this (padding) do not count in the loss; F.cross_entropy's default
+
+KVCache = list[tuple[Tensor, Tensor]]  # per layer (key, value), each (B, n_head, S, head_dim)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -41,19 +50,23 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return torch.where(mask > 0, mask.cumsum(dim=-1) - 1, torch.zeros_like(mask))
 
 
-def attention_bias(attention_mask: Tensor) -> Tensor:
-    """Boolean (B, 1, T, T) mask, True where query i may attend key j: causal, and no pad keys.
+def attention_bias(attention_mask: Tensor, query_length: int | None = None) -> Tensor:
+    """Boolean (B, 1, T, S) mask, True where query i may attend key j: causal, and no pad keys.
 
-    Query i sees key j when j <= i and (key j is real or j == i). The diagonal term keeps a pad query's row
-    from being all-False (NaN in a plain softmax); a real query's diagonal is itself real, so real
-    tokens are unaffected.
+    `attention_mask` (B, S) covers every key: the P = S - T cached ones, then the T queries' own columns
+    (`query_length` T, default S: no cache). Query i sits at column P + i and sees key j when j <= P + i and
+    (key j is real or j == P + i): every real past key and the current keys up to itself. The diagonal term
+    keeps a pad query's row from being all-False (NaN in a plain softmax); a real query's diagonal is
+    itself real, so real tokens are unaffected.
     """
-    T = attention_mask.size(1)
-    pos = torch.arange(T, device=attention_mask.device)
-    causal = pos[None, :] <= pos[:, None]  # (T, T) key index <= query index
-    diagonal = pos[None, :] == pos[:, None]  # (T, T)
-    key_is_real = (attention_mask > 0)[:, None, None, :]  # (B, 1, 1, T)
-    return causal[None, None] & (key_is_real | diagonal[None, None])  # (B, 1, T, T)
+    S = attention_mask.size(1)
+    T = S if query_length is None else query_length
+    key_pos = torch.arange(S, device=attention_mask.device)  # (S,)
+    query_pos = torch.arange(T, device=attention_mask.device) + (S - T)  # (T,) columns of the queries
+    causal = key_pos[None, :] <= query_pos[:, None]  # (T, S) key column <= query column
+    diagonal = key_pos[None, :] == query_pos[:, None]  # (T, S)
+    key_is_real = (attention_mask > 0)[:, None, None, :]  # (B, 1, 1, S)
+    return causal[None, None] & (key_is_real | diagonal[None, None])  # (B, 1, T, S)
 
 
 class CausalSelfAttention(nn.Module):
@@ -70,17 +83,24 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, attn_mask: Tensor, layer_past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, T, C), mask (B, 1, T, P + T), past keys/values (B, nh, P, hs) each or None
+        -> (output (B, T, C), present keys/values (B, nh, P + T, hs) each)."""
         B, T, C = x.size()  # batch, sequence length, embedding dim (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if layer_past is not None:
+            k = torch.cat((layer_past[0], k), dim=2)  # (B, nh, P + T, hs)
+            v = torch.cat((layer_past[1], v), dim=2)  # (B, nh, P + T, hs)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C) heads side by side again
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
 class MLP(nn.Module):
@@ -105,10 +125,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(
+        self, x: Tensor, attn_mask: Tensor, layer_past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """-> (B, T, C) output, and this layer's present keys/values (see CausalSelfAttention)."""
+        a, present = self.attn(self.ln_1(x), attn_mask, layer_past)
+        x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return x  # (B, T, C)
+        return x, present  # (B, T, C), ((B, nh, P + T, hs), (B, nh, P + T, hs))
 
 
 @dataclass(frozen=True)
@@ -161,17 +185,58 @@ class GPT(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
     ) -> Tensor:
         """(B, T) ids -> (B, T, C) final-LayerNorm outputs: what the LM head reads, and the embeddings."""
+        return self.hidden_states_with_cache(input_ids, attention_mask, position_ids)[0]
+
+    def hidden_states_with_cache(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> tuple[Tensor, KVCache]:
+        """(B, T) new ids after a cache of P positions -> ((B, T, C) hidden states, per-layer presents).
+
+        `attention_mask` is (B, P + T) over past and new columns (default all ones); `position_ids` (B, T)
+        default to `position_ids_from_mask(attention_mask)[:, -T:]`. Presents are (B, nh, P + T, hs).
+        """
+        B, T = input_ids.size()
+        P = 0 if past_key_values is None else past_key_values[0][0].size(2)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(B, P + T, dtype=input_ids.dtype, device=input_ids.device)
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
+            position_ids = position_ids_from_mask(attention_mask)[:, -T:]
         tok_emb = self.wte(input_ids)  # (B, T, C)
         pos_emb = self.wpe(position_ids)  # (B, T, C)
         x = self.drop(tok_emb + pos_emb)
-        mask = attention_bias(attention_mask)  # (B, 1, T, T), built once for all layers
-        for block in self.h:
-            x = block(x, mask)
-        return self.ln_f(x)  # (B, T, C)
+        mask = attention_bias(attention_mask, T)  # (B, 1, T, P + T), built once for all layers
+        presents: KVCache = []
+        for i, block in enumerate(self.h):
+            x, present = block(x, mask, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        return self.ln_f(x), presents  # (B, T, C)
+
+    @overload
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = ...,
+        position_ids: Tensor | None = ...,
+        targets: Tensor | None = ...,
+        past_key_values: KVCache | None = ...,
+        use_cache: Literal[False] = ...,
+    ) -> tuple[Tensor, Tensor | None]: ...
+
+    @overload
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = ...,
+        position_ids: Tensor | None = ...,
+        targets: Tensor | None = ...,
+        past_key_values: KVCache | None = ...,
+        *,
+        use_cache: Literal[True],
+    ) -> tuple[Tensor, Tensor | None, KVCache]: ...
 
     def forward(
         self,
@@ -179,20 +244,30 @@ class GPT(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         targets: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, KVCache]:
         """(B, T) int64 ids, mask (1 real / 0 pad), positions -> (logits (B, T, V), loss or None).
 
         Without `position_ids` they are derived from the mask, so left or right padding never changes a
         real token's logits. `targets` (B, T) holds the next token at each position and IGNORE_INDEX (-100)
         where there is none (padding); the loss is the mean cross entropy over the others.
+
+        KV cache: `past_key_values` holds each layer's (key, value) for P earlier positions, (B, nh, P, hs);
+        `attention_mask` then covers all P + T columns and `position_ids` the T new tokens (default: from
+        the mask). With `use_cache=True` the result gets a third item, the presents (B, nh, P + T, hs).
         """
         T = input_ids.size(1)
-        if not torch.jit.is_tracing() and self.config.block_size < T:
-            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        logits = self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))  # (B, T, V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        P = 0 if past_key_values is None else past_key_values[0][0].size(2)
+        if not torch.jit.is_tracing() and self.config.block_size < P + T:
+            raise ValueError(f"sequence of length {P + T} exceeds block_size {self.config.block_size}")
+        hidden, presents = self.hidden_states_with_cache(input_ids, attention_mask, position_ids, past_key_values)
+        logits = self.lm_head(hidden)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if use_cache:
+            return logits, loss, presents
         return logits, loss
 
     @torch.no_grad()
@@ -204,6 +279,7 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        use_cache: bool = False,
     ) -> Tensor:
         """Reference decoding without a KV cache: (B, T) prompts -> (B, T + max_new_tokens).
 
@@ -211,16 +287,27 @@ class GPT(nn.Module):
         the `top_k` most likely tokens when given. Prompts may be left- or right-padded (`attention_mask`):
         each row continues after its last real token, read from the same forward pass the server uses, and
         the new tokens are appended as real columns (so right-padded rows keep their pads inside).
+
+        `use_cache=True` gives the same tokens with a KV cache: one pass over the prompt, then one position
+        per step. Once the sequence outgrows `block_size` each step re-reads the last `block_size` columns
+        (positions shift, so the cache cannot be reused), exactly as without the cache.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         ids, mask = input_ids, attention_mask
+        past: KVCache | None = None
         for _ in range(max_new_tokens):
-            ids_cond, mask_cond = ids[:, -self.config.block_size :], mask[:, -self.config.block_size :]
-            logits, _ = self(ids_cond, mask_cond)  # (B, T, V)
-            T = mask_cond.size(1)
-            last = (mask_cond * torch.arange(1, T + 1, device=mask.device)).argmax(dim=1)  # (B,)
-            logits = logits[torch.arange(logits.size(0), device=ids.device), last]  # (B, V)
+            if past is not None and past[0][0].size(2) < self.config.block_size:
+                logits, _, past = self(ids[:, -1:], mask, past_key_values=past, use_cache=True)  # (B, 1, V)
+                logits = logits[:, -1]  # (B, V)
+            else:
+                ids_cond, mask_cond = ids[:, -self.config.block_size :], mask[:, -self.config.block_size :]
+                logits, _, past = self(ids_cond, mask_cond, use_cache=True)  # (B, T, V)
+                if not use_cache:
+                    past = None
+                T = mask_cond.size(1)
+                last = (mask_cond * torch.arange(1, T + 1, device=mask.device)).argmax(dim=1)  # (B,)
+                logits = logits[torch.arange(logits.size(0), device=ids.device), last]  # (B, V)
             if temperature == 0.0:
                 next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
