@@ -188,7 +188,7 @@ def build_ngram(data: BuildData, profile: str, repository: Path, key: str, seed:
 def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     import torch
 
-    from export.onnx_export import export_gpt
+    from export.onnx_export import export_gpt, export_gpt_decoder
     from models.gpt import GPT, GPTConfig
     from models.train import TrainConfig, lm_batches, train
 
@@ -221,6 +221,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
                        tcfg, folder, desc="gpt")
         print(result.summary(), flush=True)
         graph = export_gpt(model, folder / "model.onnx")
+        decoder = export_gpt_decoder(model, folder / "decoder.onnx")  # KV-cache generation
         tokenization.save(tok, folder / "tokenizer.json")
         valid_ppl = gpt_word_perplexity(model, tok, data.corpus.valid, data.words["valid"])
         test_ppl = gpt_word_perplexity(model, tok, data.corpus.test, data.words["test"])
@@ -230,8 +231,9 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
             "max_length": cfg.block_size, "vocab_size": cfg.vocab_size,
             "tokenizer": {"file": "tokenizer.json", "kind": "bpe", "bos": tokenization.ENDOFTEXT,
                           "eos": tokenization.ENDOFTEXT, "pad": tokenization.ENDOFTEXT},
-            "graphs": {"model": graph},
-            "parity": graph.get("parity", {}),
+            "graphs": {"model": graph, "decoder": decoder},
+            "parity": {**graph.get("parity", {}), "max_abs_diff": max(graph["parity"]["max_abs_diff"],
+                                                                   decoder["parity"]["max_abs_diff"])},
             "config": asdict(cfg),
             "training": {"steps": result.steps, "best_valid_loss": result.best_valid_loss,
                          "final_train_loss": result.final_train_loss, "seconds": round(result.seconds, 1),

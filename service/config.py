@@ -44,6 +44,7 @@ class Runtime:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # priority order; unavailable ones are skipped
     intra_op_threads: int = 0  # 0 = one per core: one batch runs at a time per model, so it may use them all
     graph_optimization: str = "all"  # disable | basic | extended | all
+    kv_cache: bool = True  # generate with the KV-cache decoder and continuous batching when a model has one
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,10 @@ class Metrics:
         self.rejections = Counter(
             "plm_rejections", "Requests refused before any work, by reason.", ["model", "reason"], registry=r
         )
+        self.active_sequences = Gauge(
+            "plm_active_sequences", "Sequences in a generation engine's running batch (each holds KV memory).",
+            ["model"], registry=r,
+        )
         self.model_ready = Gauge("plm_model_ready", "1 when the model is loaded and serving.", ["model"], registry=r)
         self.model_load_seconds = Gauge(
             "plm_model_load_seconds", "Time the last load of the model took.", ["model"], registry=r

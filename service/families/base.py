@@ -81,6 +81,9 @@ class ModelAdapter(abc.ABC):
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     _batcher: DynamicBatcher[Any, Any] | None = None  # set by adapters whose model runs batched
+    # A KV-cache generation engine (service/engine.py), when the model has a decoder graph and it is enabled;
+    # typed loosely here because the engine depends on the tasks, which depend on this module.
+    engine: Any = None
 
     @property
     def batcher(self) -> DynamicBatcher[Any, Any]:
@@ -88,14 +91,18 @@ class ModelAdapter(abc.ABC):
         return self._batcher
 
     async def start(self) -> None:
-        """Called inside the server's event loop once loaded: starts the batch worker, if any."""
+        """Called inside the server's event loop once loaded: starts the batch worker and engine, if any."""
         if self._batcher is not None:
             self._batcher.start()
+        if self.engine is not None:
+            self.engine.start()
 
     async def close(self) -> None:
         """Release the model's resources; queued work fails with UNAVAILABLE."""
         if self._batcher is not None:
             await self._batcher.close()
+        if self.engine is not None:
+            await self.engine.close()
 
     def special_id(self, tokenizer: Tokenizer, token: str) -> int:
         """The id of a special token the manifest names; a tokenizer without it is a broken model folder."""

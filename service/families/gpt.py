@@ -65,6 +65,14 @@ class GptAdapter(ModelAdapter):
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
         )
+        decoder = manifest["graphs"].get("decoder")
+        if decoder is not None and config.runtime.kv_cache:
+            from service.engine import GenerationEngine
+
+            self.engine = GenerationEngine(
+                name, OrtSession(folder / decoder["file"], config.runtime, name, metrics), int(decoder["n_layer"]),
+                int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos,
+                config.batching_for(name, manifest.get("batching")), metrics)
         vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
         self._never = np.zeros(self.vocab_size, dtype=bool)
@@ -143,4 +151,4 @@ class GptAdapter(ModelAdapter):
         ]
 
     def info(self) -> dict[str, Any]:
-        return {"providers": self.providers}
+        return {"providers": self.providers, "generation": "kv_cache" if self.engine is not None else "recompute"}

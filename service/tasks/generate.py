@@ -92,9 +92,69 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
     return text[:cut]
 
 
-async def generate(model: ModelAdapter, params: GenerateParams, deadline: float | None,
-                   metrics: Metrics) -> AsyncIterator[StepEvent]:
-    """Yield events as tokens are produced; every prompt ends with an event carrying its finish reason."""
+class Sequence:
+    """One prompt's generation: its tokens, random stream and text streamed so far.
+
+    Shared by the step loop below and the KV-cache engine (service/engine.py), so both choose, stop and
+    stream identically.
+    """
+
+    def __init__(self, index: int, prompt_ids: list[int], p: SamplingParams, seed: int, model: ModelAdapter,
+                 metrics: Metrics, started: float) -> None:
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.p = p
+        self.rng = np.random.default_rng([seed, index])
+        self.model = model
+        self.metrics = metrics
+        self.started = started
+        self.generated: list[int] = []
+        self.sent = ""
+        self.last_token_at: float | None = None
+        self.finished = False
+        self._seen = set(prompt_ids)
+        self._allowed = ~model.never_generate_mask()
+
+    def step(self, logprobs: np.ndarray) -> list[StepEvent]:
+        """Choose the next token from (V,) log-probabilities; the events it produces (the last has a finish)."""
+        model, p = self.model, self.p
+        tok = choose(logprobs, self._allowed, self._seen, p, self.rng)
+        now = time.monotonic()
+        self.metrics.generated_tokens.labels(model.name).inc()
+        if self.last_token_at is None:
+            self.metrics.time_to_first_token.labels(model.name).observe(now - self.started)
+        else:
+            self.metrics.inter_token_latency.labels(model.name).observe(now - self.last_token_at)
+        self.last_token_at = now
+        finish = None
+        if tok == model.eos_id:
+            finish = FINISH_EOS
+        else:
+            self.generated.append(tok)
+            self._seen.add(tok)
+        text = model.decode(self.generated)
+        for s in p.stop:
+            at = text.find(s)
+            if s and at >= 0:
+                text, finish = text[:at], FINISH_STOP
+                break
+        if finish is None and len(self.generated) >= p.max_new_tokens:
+            finish = FINISH_LENGTH
+        stable = text if finish else _stable_prefix(text, p.stop)
+        delta = stable[len(self.sent):] if stable.startswith(self.sent) else ""
+        self.sent += delta
+        events = []
+        new_ids = (tok,) if tok != model.eos_id else ()
+        if delta or new_ids:
+            events.append(StepEvent(self.index, delta, new_ids))
+        if finish is not None:
+            self.finished = True
+            events.append(StepEvent(self.index, "", (), finish, len(self.prompt_ids), len(self.generated)))
+        return events
+
+
+def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metrics) -> list[Sequence]:
+    """Check the request against the model's window and set up one Sequence per prompt."""
     model.require(TASK_GENERATE)
     p = params.sampling
     encoded = encode_checked(model, params.prompts, "prompts", allow_empty=True)
@@ -106,48 +166,27 @@ async def generate(model: ModelAdapter, params: GenerateParams, deadline: float 
             f"window of {model.context_budget} tokens; at most {max(model.context_budget - longest, 0)} fit",
         )
     seed = p.seed if p.seed is not None else secrets.randbits(63)
-    rngs = [np.random.default_rng([seed, i]) for i in range(len(encoded))]
-    allowed = ~model.never_generate_mask()
     started = time.monotonic()
-    last_token_at: list[float | None] = [None] * len(encoded)
-    gen: list[list[int]] = [[] for _ in encoded]
-    sent = [""] * len(encoded)
-    active = list(range(len(encoded)))
+    return [Sequence(i, e.ids, p, seed, model, metrics, started) for i, e in enumerate(encoded)]
+
+
+async def generate(model: ModelAdapter, params: GenerateParams, deadline: float | None,
+                   metrics: Metrics) -> AsyncIterator[StepEvent]:
+    """Yield events as tokens are produced; every prompt ends with an event carrying its finish reason.
+
+    Models with a KV-cache engine generate there (continuous batching); the others re-read each sequence
+    every step through their batcher.
+    """
+    seqs = start_sequences(model, params, metrics)
+    engine = model.engine
+    if engine is not None:
+        async for ev in engine.generate(seqs, deadline):
+            yield ev
+        return
+    active = seqs
     while active:
-        rows = await model.next_logprobs([encoded[i].ids + gen[i] for i in active], deadline)
-        now = time.monotonic()
-        still = []
-        for i, row in zip(active, rows, strict=True):
-            seen = set(encoded[i].ids) | set(gen[i])
-            tok = choose(row, allowed, seen, p, rngs[i])
-            metrics.generated_tokens.labels(model.name).inc()
-            prev = last_token_at[i]
-            if prev is None:
-                metrics.time_to_first_token.labels(model.name).observe(now - started)
-            else:
-                metrics.inter_token_latency.labels(model.name).observe(now - prev)
-            last_token_at[i] = now
-            finish = None
-            if tok == model.eos_id:
-                finish = FINISH_EOS
-            else:
-                gen[i].append(tok)
-            text = model.decode(gen[i])
-            for s in p.stop:
-                at = text.find(s)
-                if s and at >= 0:
-                    text, finish = text[:at], FINISH_STOP
-                    break
-            if finish is None and len(gen[i]) >= p.max_new_tokens:
-                finish = FINISH_LENGTH
-            stable = text if finish else _stable_prefix(text, p.stop)
-            delta = stable[len(sent[i]):] if stable.startswith(sent[i]) else ""
-            sent[i] += delta
-            new_ids = (tok,) if tok != model.eos_id else ()
-            if delta or new_ids:
-                yield StepEvent(i, delta, new_ids)
-            if finish is not None:
-                yield StepEvent(i, "", (), finish, len(encoded[i].ids), len(gen[i]))
-            else:
-                still.append(i)
-        active = still
+        rows = await model.next_logprobs([s.prompt_ids + s.generated for s in active], deadline)
+        for seq, row in zip(active, rows, strict=True):
+            for ev in seq.step(row):
+                yield ev
+        active = [s for s in active if not s.finished]

@@ -1,0 +1,231 @@
+"""Iteration-level (continuous) batching over a KV-cache decoder graph (DESIGN.md §2; issue "Generation engine").
+
+One engine per model, one worker task. Between two decode steps, waiting sequences join the running batch
+(their prompts are prefilled together, left-padded, with an empty past) and finished or cancelled ones leave;
+the batch is bounded by a count (`max_batch_size`) and by a token budget (`max_batch_tokens`: prompt plus
+generated tokens of every running sequence). Each sequence keeps its own keys and values, (H, S, D) per
+layer; a step left-pads them to the longest past of the batch, runs the graph on one new token per
+sequence, and keeps each row's real columns of the presents. A sequence's KV memory is freed when it
+finishes, when its client cancels (the request leaves at the next step) or when its deadline passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.config import Batching
+from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from service.metrics import Metrics
+from service.runtime import OrtSession
+from service.tasks.generate import Sequence as GenSequence
+from service.tasks.generate import StepEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    """The sequences of one RPC and the queue its caller reads events from."""
+
+    events: asyncio.Queue[StepEvent | BaseException | None]
+    deadline: float | None
+    running: int  # sequences not finished yet
+    cancelled: bool = False
+
+
+@dataclass
+class _Slot:
+    seq: GenSequence
+    request: _Request
+    past: list[np.ndarray] = field(default_factory=list)  # 2 × n_layer arrays (H, S, D): k0, v0, k1, v1, …
+
+    @property
+    def length(self) -> int:
+        return len(self.seq.prompt_ids) + len(self.seq.generated)
+
+
+class GenerationEngine:
+    def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
+                 pad_id: int, batching: Batching, metrics: Metrics) -> None:
+        self.model = model
+        self.session = session
+        self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
+        self.bos_id, self.pad_id = bos_id, pad_id
+        self.cfg = batching
+        self.metrics = metrics
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        self._waiting: collections.deque[_Slot] = collections.deque()
+        self._running: list[_Slot] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{model}")
+        self._closed = False
+        self.steps = 0  # decode steps run (tests and benchmarks read it)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"engine-{self.model}")
+
+    async def close(self) -> None:
+        self._closed = True
+        for slot in [*self._waiting, *self._running]:
+            slot.request.events.put_nowait(Unavailable(f"model {self.model!r} was unloaded"))
+        self._waiting.clear()
+        self._running.clear()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._executor.shutdown(wait=True)
+
+    @property
+    def active(self) -> int:
+        """Sequences holding KV memory or waiting for it."""
+        return len(self._running) + len(self._waiting)
+
+    # -- the caller's side ---------------------------------------------------------------------------------
+    async def generate(self, seqs: list[GenSequence], deadline: float | None) -> AsyncIterator[StepEvent]:
+        if self._closed or self._wakeup is None:
+            raise Unavailable(f"model {self.model!r} is not serving")
+        if len(self._waiting) + len(seqs) > self.cfg.max_queue_size:
+            self.metrics.rejections.labels(self.model, "queue_full").inc()
+            raise ResourceExhausted(f"model {self.model!r}: {len(self._waiting)} sequences wait to generate "
+                                    f"(max_queue_size {self.cfg.max_queue_size}); retry later")
+        request = _Request(asyncio.Queue(), deadline, len(seqs))
+        self._waiting.extend(_Slot(s, request) for s in seqs)
+        self._wakeup.set()
+        try:
+            while request.running:
+                item = await request.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    break
+                if item.finish_reason is not None:
+                    request.running -= 1
+                yield item
+        finally:  # the caller went away (or failed): its sequences leave at the next step and free their KV
+            request.cancelled = True
+            if request.running:
+                self.metrics.rejections.labels(self.model, "cancelled").inc()
+            self._wakeup.set()
+
+    # -- the worker ----------------------------------------------------------------------------------------
+    def _admit(self) -> list[_Slot]:
+        """Move waiting sequences into the batch while the count and token budgets allow."""
+        admitted: list[_Slot] = []
+        tokens = sum(s.length for s in self._running)
+        while self._waiting and len(self._running) + len(admitted) < self.cfg.max_batch_size:
+            slot = self._waiting[0]
+            budget = len(slot.seq.prompt_ids) + 1 + slot.seq.p.max_new_tokens
+            if (self._running or admitted) and tokens + budget > self.cfg.max_batch_tokens:
+                break
+            tokens += budget
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _drop_finished(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for slot in self._running:
+            req = slot.request
+            if slot.seq.finished or req.cancelled:
+                continue  # its past is released with the slot
+            if req.deadline is not None and now >= req.deadline:
+                req.cancelled = True
+                self.metrics.rejections.labels(self.model, "deadline").inc()
+                req.events.put_nowait(DeadlineExceeded(f"model {self.model!r}: the deadline passed while "
+                                                       "generating"))
+                continue
+            keep.append(slot)
+        self._running = keep
+        self._waiting = collections.deque(s for s in self._waiting if not s.request.cancelled)
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_finished()
+            self.metrics.active_sequences.labels(self.model).set(len(self._running))
+            if not self._running and not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            admitted = self._admit()
+            try:
+                if admitted:
+                    out = await loop.run_in_executor(self._executor, self._prefill, admitted)
+                    self._emit(admitted, out)
+                    self._running.extend(admitted)
+                decoding = [s for s in self._running if s not in admitted and not s.seq.finished
+                            and not s.request.cancelled]
+                if decoding:
+                    out = await loop.run_in_executor(self._executor, self._decode, decoding)
+                    self.steps += 1
+                    self._emit(decoding, out)
+            except Exception as e:  # the step failed: every sequence in it hears about it
+                log.exception("model %s: generation step failed", self.model)
+                for slot in [*admitted, *self._running]:
+                    slot.request.cancelled = True
+                    slot.request.events.put_nowait(e)
+            await asyncio.sleep(0)  # let callers consume events and new requests arrive
+
+    def _emit(self, slots: Sequence[_Slot], logprobs: np.ndarray) -> None:
+        for slot, row in zip(slots, logprobs, strict=True):
+            if slot.request.cancelled:
+                continue
+            for ev in slot.seq.step(row):
+                slot.request.events.put_nowait(ev)
+
+    # -- graph runs (on the engine's thread) -----------------------------------------------------------------
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, pasts: list[np.ndarray],
+             stage: str) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+                 **dict(zip(self.past_names, pasts, strict=True))}
+        self.metrics.batch_size.labels(self.model).observe(len(input_ids))
+        out = self.session.run(["next_logprobs", *self.present_names], feeds, stage=stage)
+        return out["next_logprobs"], [out[n] for n in self.present_names]
+
+    def _prefill(self, slots: Sequence[_Slot]) -> np.ndarray:
+        """Prompts (BOS first) left-padded into one batch with an empty past; keeps each row's presents."""
+        rows = [[self.bos_id, *s.seq.prompt_ids] for s in slots]
+        b, t = len(rows), max(len(r) for r in rows)
+        ids = np.full((b, t), self.pad_id, dtype=np.int64)
+        mask = np.zeros((b, t), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, t - len(r):] = r
+            mask[i, t - len(r):] = 1
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        empty = np.zeros((b, self.n_head, 0, self.head_dim), dtype=np.float32)
+        logprobs, presents = self._run(ids, mask, pos, [empty] * len(self.past_names), "prefill")
+        for i, (slot, r) in enumerate(zip(slots, rows, strict=True)):
+            slot.past = [p[i, :, t - len(r):].copy() for p in presents]  # (H, S_i, D): the real columns
+        return logprobs
+
+    def _decode(self, slots: Sequence[_Slot]) -> np.ndarray:
+        """One new token per sequence; pasts left-padded to the longest, presents trimmed back per row."""
+        lengths = [s.past[0].shape[1] for s in slots]
+        b, p_max = len(slots), max(lengths)
+        ids = np.array([[s.seq.generated[-1]] for s in slots], dtype=np.int64)  # (B, 1)
+        mask = np.zeros((b, p_max + 1), dtype=np.int64)
+        pasts = [np.zeros((b, self.n_head, p_max, self.head_dim), dtype=np.float32) for _ in self.past_names]
+        for i, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+            mask[i, p_max - n:] = 1
+            for j, arr in enumerate(slot.past):
+                pasts[j][i, :, p_max - n:] = arr
+        pos = np.array([[n] for n in lengths], dtype=np.int64)  # the new token's position: after n real ones
+        logprobs, presents = self._run(ids, mask, pos, pasts, "decode")
+        for i, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+            slot.past = [p[i, :, p_max - n:].copy() for p in presents]
+        return logprobs

@@ -1,0 +1,87 @@
+"""The KV-cache generation engine through the real server: same tokens as recomputing, continuous batching,
+cancellation that frees the slot."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client.client import PlmClient
+from service.config import Runtime
+from service.pb.plm.v1 import plm_pb2 as pb
+from tests.conftest import ServerThread, make_config
+
+PROMPTS = ["The king", "Good morrow, my lord", "O", "What light through yonder window breaks"]
+SAMPLINGS = [
+    {"temperature": 0.0, "max_new_tokens": 20},
+    {"temperature": 0.9, "top_k": 40, "top_p": 0.9, "seed": 5, "max_new_tokens": 20},
+    {"temperature": 1.2, "repetition_penalty": 1.3, "seed": 11, "max_new_tokens": 16},
+]
+
+
+@pytest.fixture(scope="module")
+def recompute(tiny_repo: Path) -> Iterator[ServerThread]:
+    """The same models with the KV-cache engine off: every step re-reads the whole sequence."""
+    srv = ServerThread(make_config(tiny_repo, models=("gpt",), runtime=Runtime(kv_cache=False)))
+    yield srv
+    srv.stop()
+
+
+def _gen(target: str, prompts: list[str], **sampling: object) -> list[pb.Generation]:
+    with PlmClient(target) as c:
+        return list(c.generate("gpt", prompts, pb.SamplingParams(**sampling)).generations)  # type: ignore[arg-type]
+
+
+def test_engine_is_on(server: ServerThread, recompute: ServerThread) -> None:
+    assert server.running.registry.get("gpt").engine is not None
+    assert recompute.running.registry.get("gpt").engine is None
+    with PlmClient(server.target) as c:
+        assert c.get_model("gpt").details["generation"] == "kv_cache"
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_kv_cache_generates_what_recomputing_generates(server: ServerThread, recompute: ServerThread,
+                                                        sampling: dict[str, object]) -> None:
+    cached = _gen(server.target, PROMPTS, **sampling)
+    plain = _gen(recompute.target, PROMPTS, **sampling)
+    for a, b in zip(cached, plain, strict=True):
+        assert list(a.token_ids) == list(b.token_ids) and a.text == b.text and a.finish_reason == b.finish_reason
+
+
+def test_concurrent_streams_join_one_batch_and_match_alone(server: ServerThread) -> None:
+    alone = {p: _gen(server.target, [p], temperature=0.0, max_new_tokens=24)[0].token_ids for p in PROMPTS}
+    engine = server.running.registry.get("gpt").engine
+    steps_before = engine.steps
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: _gen(server.target, [p], temperature=0.0, max_new_tokens=24)[0],
+                                 PROMPTS * 2))
+    for g, p in zip(together, PROMPTS * 2, strict=True):
+        assert list(g.token_ids) == list(alone[p])
+    tokens = sum(len(g.token_ids) for g in together)
+    assert engine.steps - steps_before < tokens  # several sequences advanced per decode step
+
+
+def test_cancelled_stream_leaves_the_batch_and_frees_its_slot(server: ServerThread) -> None:
+    engine = server.running.registry.get("gpt").engine
+    metrics = server.running.metrics
+    before = metrics.rejections.labels("gpt", "cancelled")._value.get()
+    with PlmClient(server.target) as c:
+        call = c.generate_stream("gpt", ["The king"] * 16, pb.SamplingParams(temperature=1.0, seed=1,
+                                                                          max_new_tokens=60))
+        next(iter(call))  # the first token has come: the sequences are running
+        call.cancel()  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0  # every sequence left the batch, its KV memory released
+    assert metrics.rejections.labels("gpt", "cancelled")._value.get() == before + 1
+    # The engine goes on serving: the freed slots are reused.
+    assert _gen(server.target, ["The king"], temperature=0.0, max_new_tokens=5)[0].generated_tokens >= 1
