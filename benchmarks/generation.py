@@ -1,0 +1,164 @@
+"""Generation throughput: the KV-cache engine vs the same server recomputing every step vs raw ONNX Runtime.
+
+    python benchmarks/generation.py [--repository repository] [--streams 1 4 16] [--new-tokens 64]
+
+Starts two in-process servers on loopback over the same model folder — the engine on (KV cache, continuous
+batching) and off (each step re-reads the whole sequence through the dynamic batcher) — and drives each with
+1, 4 and 16 concurrent GenerateStream calls of up to `--new-tokens` tokens (seeded top-k sampling; a stream
+that samples EOS ends early, and the throughput counts the tokens actually generated).
+Reference: a raw ONNX Runtime greedy loop over the same decoder graph, requests one after another. Prints
+the ratios measured in this one run, and writes results/generation.json and results/generation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from client.client import PlmClient
+from service.config import Runtime, ServerConfig
+from service.pb.plm.v1 import plm_pb2 as pb
+from service.server import RunningServer, start_server
+
+PROMPTS = ["The king", "Good morrow, my lord", "O Romeo", "What light through yonder window", "My liege",
+           "Now is the winter", "Friends, Romans", "To be, or not"]
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.running: RunningServer = asyncio.run_coroutine_threadsafe(start_server(config), self.loop).result()
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.running.stop(1.0), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def stream_once(target: str, model: str, prompt: str, n: int, seed: int) -> tuple[int, list[float]]:
+    """One GenerateStream; returns tokens generated and the arrival times of the token messages."""
+    times: list[float] = []
+    tokens = 0
+    with PlmClient(target, timeout=600) as c:
+        sampling = pb.SamplingParams(temperature=1.0, top_k=50, seed=seed, max_new_tokens=n)
+        for ev in c.generate_stream(model, [prompt], sampling):
+            if ev.token_ids:
+                tokens += len(ev.token_ids)
+                times.append(time.perf_counter())
+    return tokens, times
+
+
+def drive(target: str, model: str, streams: int, n: int) -> dict[str, float]:
+    stream_once(target, model, PROMPTS[0], 4, 0)  # warm-up
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda i: stream_once(target, model, PROMPTS[i % len(PROMPTS)], n, i),
+                                range(streams)))
+    wall = time.perf_counter() - started
+    tokens = sum(t for t, _ in results)
+    gaps = [b - a for _, ts in results for a, b in itertools.pairwise(ts)]
+    return {"streams": streams, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "mean_inter_token_ms": 1000 * float(np.mean(gaps)) if gaps else float("nan")}
+
+
+def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> dict[str, float]:
+    """Greedy decoding with the bare decoder graph, one request after another (batch 1)."""
+    dec = manifest["graphs"]["decoder"]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 0
+    sess = ort.InferenceSession(str(folder / dec["file"]), opts, providers=["CPUExecutionProvider"])
+    layers, heads, dim = dec["n_layer"], dec["n_head"], dec["head_dim"]
+    pasts = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    presents = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    step_times: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    for r in range(requests):
+        ids = np.array([[0] + [5 + (r + k) % 50 for k in range(4)]], dtype=np.int64)  # BOS + a 4-token prompt
+        kv = [np.zeros((1, heads, 0, dim), dtype=np.float32)] * len(pasts)
+        mask = np.ones_like(ids)
+        pos = np.arange(ids.shape[1], dtype=np.int64)[None]
+        for _ in range(n):
+            t0 = time.perf_counter()
+            out = sess.run(["next_logprobs", *presents], {"input_ids": ids, "attention_mask": mask,
+                                                          "position_ids": pos, **dict(zip(pasts, kv, strict=True))})
+            step_times.append(time.perf_counter() - t0)
+            kv = out[1:]
+            nxt = int(np.argmax(out[0][0]))
+            tokens += 1
+            pos = np.array([[mask.shape[1]]], dtype=np.int64)
+            ids = np.array([[nxt]], dtype=np.int64)
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+    wall = time.perf_counter() - started
+    return {"requests": requests, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "mean_decode_step_ms": 1000 * float(np.mean(step_times[1:]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=Path("repository"))
+    ap.add_argument("--model", default="gpt")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path("results/generation.json"))
+    args = ap.parse_args()
+    folder = args.repository / args.model
+    manifest = json.loads((folder / "manifest.json").read_text())
+    window = int(manifest["max_length"])
+    n = min(args.new_tokens, window - 16)
+    base = replace(ServerConfig(), repository=args.repository, port=0, metrics_port=0, models=(args.model,))
+    rows: dict[str, list[dict[str, float]]] = {"engine": [], "recompute": []}
+    for mode, kv in (("engine", True), ("recompute", False)):
+        srv = Server(replace(base, runtime=Runtime(kv_cache=kv)))
+        try:
+            for s in args.streams:
+                rows[mode].append(drive(srv.target, args.model, s, n))
+                r = rows[mode][-1]
+                print(f"{mode:9} {s:3d} streams: {r['tokens_per_s']:8.1f} tokens/s, "
+                      f"inter-token {r['mean_inter_token_ms']:.2f} ms", flush=True)
+        finally:
+            srv.stop()
+    raw = raw_ort(folder, manifest, max(args.streams), n)
+    print(f"raw ORT sequential: {raw['tokens_per_s']:8.1f} tokens/s, decode step {raw['mean_decode_step_ms']:.2f} ms")
+    ratios = {}
+    for e, r in zip(rows["engine"], rows["recompute"], strict=True):
+        ratios[f"engine_vs_recompute_{e['streams']}"] = e["tokens_per_s"] / r["tokens_per_s"]
+        ratios[f"engine_vs_raw_sequential_{e['streams']}"] = e["tokens_per_s"] / raw["tokens_per_s"]
+    one = rows["engine"][0]
+    ratios["inter_token_1_stream_vs_raw_step"] = one["mean_inter_token_ms"] / raw["mean_decode_step_ms"]
+    for k, v in ratios.items():
+        print(f"{k:40} {v:6.2f}×")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model, "new_tokens": n, "rows": rows, "raw_ort": raw,
+                                    "ratios": ratios}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, style in (("engine", "o-"), ("recompute", "s--")):
+        ax.plot([r["streams"] for r in rows[mode]], [r["tokens_per_s"] for r in rows[mode]], style, label=mode)
+    ax.axhline(raw["tokens_per_s"], color="grey", ls=":", label="raw ORT, sequential")
+    ax.set(xlabel="concurrent streams", ylabel="generated tokens / s", xscale="log",
+           title=f"{args.model}: {n} new tokens per stream")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"))
+    print(f"written to {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
