@@ -15,6 +15,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -71,6 +72,11 @@ class GenerationEngine:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{model}")
         self._closed = False
         self.steps = 0  # decode steps run (tests and benchmarks read it)
+        # Prompt prefixes already run (few-shot demonstrations): sha256 of the ids → (presents, next logprobs),
+        # least recently used first; bounded by bytes.
+        self._prefixes: collections.OrderedDict[str, tuple[list[np.ndarray], np.ndarray]] = collections.OrderedDict()
+        self._prefix_bytes = 0
+        self.prefix_cache_max_bytes = 64 * 1024 * 1024
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -187,6 +193,80 @@ class GenerationEngine:
                 continue
             for ev in slot.seq.step(row):
                 slot.request.events.put_nowait(ev)
+
+    # -- scoring continuations of a shared prefix (Classify) ------------------------------------------------
+    async def score_continuations(self, prefix: list[int], rows: list[tuple[list[int], list[int]]],
+                                  deadline: float | None) -> list[np.ndarray]:
+        """log P of each target token of each row, after BOS + `prefix` + the row's context tokens.
+
+        The prefix's keys and values are computed once and cached (LRU); every row then runs from them:
+        its context tokens in one step, then its target tokens one step each (teacher forcing), all rows
+        batched. Returns, per row, the (n_targets,) log-probabilities.
+        """
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"model {self.model!r}: the deadline passed before scoring")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._score_continuations, [self.bos_id, *prefix], rows)
+
+    def _prefix_state(self, prefix: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        key = hashlib.sha256(np.asarray(prefix, dtype=np.int64).tobytes()).hexdigest()
+        hit = self._prefixes.get(key)
+        if hit is not None:
+            self._prefixes.move_to_end(key)
+            self.metrics.prefix_cache.labels(self.model, "hit").inc()
+            return hit
+        self.metrics.prefix_cache.labels(self.model, "miss").inc()
+        ids = np.asarray([prefix], dtype=np.int64)
+        mask = np.ones_like(ids)
+        empty = np.zeros((1, self.n_head, 0, self.head_dim), dtype=np.float32)
+        logprobs, presents = self._run(ids, mask, np.arange(len(prefix), dtype=np.int64)[None],
+                                       [empty] * len(self.past_names), "prefill")
+        state = (presents, logprobs[0])
+        size = sum(p.nbytes for p in presents)
+        self._prefixes[key] = state
+        self._prefix_bytes += size
+        while self._prefix_bytes > self.prefix_cache_max_bytes and len(self._prefixes) > 1:
+            _, (old, _) = self._prefixes.popitem(last=False)
+            self._prefix_bytes -= sum(p.nbytes for p in old)
+        self.metrics.prefix_cache_bytes.labels(self.model).set(self._prefix_bytes)
+        return state
+
+    def _score_continuations(self, prefix: list[int], rows: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+        presents, after_prefix = self._prefix_state(prefix)
+        b, p_len = len(rows), len(prefix)
+        out = [np.zeros(len(targets), dtype=np.float64) for _, targets in rows]
+        # Step 0: each row's context tokens, left-padded between the shared past and them (masked out).
+        ctx_len = max(len(ctx) for ctx, _ in rows)
+        if ctx_len == 0:  # no context after the prefix: the first target follows the prefix directly
+            logprobs = np.repeat(after_prefix[None], b, axis=0)
+            pasts = [np.repeat(p, b, axis=0) for p in presents]
+            mask = np.ones((b, p_len), dtype=np.int64)
+        else:
+            ids = np.full((b, ctx_len), self.pad_id, dtype=np.int64)
+            mask = np.concatenate([np.ones((b, p_len), dtype=np.int64), np.zeros((b, ctx_len), dtype=np.int64)], 1)
+            for i, (ctx, _) in enumerate(rows):
+                if ctx:
+                    ids[i, ctx_len - len(ctx):] = ctx
+                    mask[i, p_len + ctx_len - len(ctx):] = 1
+                else:  # nothing new for this row: feed the pad, masked, and read the prefix's distribution below
+                    ids[i, -1] = self.pad_id
+            pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p_len:]
+            logprobs, pasts = self._run(ids, mask, pos, [np.repeat(p, b, axis=0) for p in presents], "prefill")
+            for i, (ctx, _) in enumerate(rows):
+                if not ctx:
+                    logprobs[i] = after_prefix
+        # Teacher forcing: target j is scored from the distribution after target j-1.
+        for j in range(max(len(t) for _, t in rows)):
+            for i, (_, targets) in enumerate(rows):
+                if j < len(targets):
+                    out[i][j] = logprobs[i, targets[j]]
+            if j + 1 == max(len(t) for _, t in rows):
+                break
+            ids = np.array([[t[j] if j < len(t) else self.pad_id] for _, t in rows], dtype=np.int64)
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            pos = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
+            logprobs, pasts = self._run(ids, mask, pos, pasts, "decode")
+        return out
 
     # -- graph runs (on the engine's thread) -----------------------------------------------------------------
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, pasts: list[np.ndarray],

@@ -64,6 +64,13 @@ class Metrics:
             "plm_active_sequences", "Sequences in a generation engine's running batch (each holds KV memory).",
             ["model"], registry=r,
         )
+        self.prefix_cache = Counter(
+            "plm_prefix_cache_lookups", "Shared prompt prefixes (few-shot demonstrations) looked up, by result.",
+            ["model", "result"], registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "plm_prefix_cache_bytes", "Keys and values of cached prompt prefixes.", ["model"], registry=r
+        )
         self.model_ready = Gauge("plm_model_ready", "1 when the model is loaded and serving.", ["model"], registry=r)
         self.model_load_seconds = Gauge(
             "plm_model_load_seconds", "Time the last load of the model took.", ["model"], registry=r

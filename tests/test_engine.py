@@ -85,3 +85,19 @@ def test_cancelled_stream_leaves_the_batch_and_frees_its_slot(server: ServerThre
     assert metrics.rejections.labels("gpt", "cancelled")._value.get() == before + 1
     # The engine goes on serving: the freed slots are reused.
     assert _gen(server.target, ["The king"], temperature=0.0, max_new_tokens=5)[0].generated_tokens >= 1
+
+
+def test_classify_from_cached_prefix_equals_full_sequences(server: ServerThread, recompute: ServerThread) -> None:
+    demos = [pb.Demonstration(text="Alas!", label="tragedy"), pb.Demonstration(text="Ha!", label="comedy")]
+    req = pb.ClassifyRequest(model="gpt", demonstrations=demos, labels=["tragedy", "comedy", "history play"],
+                             queries=["To be.", "A horse!", "O"], template="{text} = {label}\n", calibrate=True)
+    hits = server.running.metrics.prefix_cache.labels("gpt", "hit")
+    before = hits._value.get()
+    with PlmClient(server.target) as a, PlmClient(recompute.target) as b:
+        cached, again, plain = a.stub.Classify(req), a.stub.Classify(req), b.stub.Classify(req)
+    assert cached.prefix_tokens > 0 and hits._value.get() >= before + 1  # the second request reused the prefix
+    for x, y, z in zip(cached.results, again.results, plain.results, strict=True):
+        assert x.label == y.label == z.label
+        for sx, sy, sz in zip(x.scores, y.scores, z.scores, strict=True):
+            assert sx.log_likelihood == pytest.approx(sz.log_likelihood, abs=1e-4)
+            assert sx.log_likelihood == sy.log_likelihood and sx.num_tokens == sz.num_tokens

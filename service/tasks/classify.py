@@ -2,8 +2,10 @@
 
 The prompt is the instruction, then every demonstration written with the template, then the query written
 up to its label; each candidate label is scored as the continuation (lm-evaluation-harness's
-`loglikelihood(context, " " + label)`). The demonstrations are a prefix shared by every query and label.
-All (query, label) pairs — and the content-free ones for calibration — go to the model in one batched call.
+`loglikelihood(context, " " + label)`). The demonstrations are a prefix shared by every query and label:
+with a KV-cache engine its keys and values are computed once (and cached across requests, LRU) and every
+(query, label) pair — and the content-free ones for calibration — runs from them in one batched pass;
+without one, the pairs' whole sequences go to the model in one batched call.
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | Non
     for qi, query in enumerate(queries):
         context = prefix + stripped.replace("{text}", query)
         ctx_ids = model.encode(context).ids
-        shared = min(shared, _common(prefix_ids, ctx_ids))
         for li, label in enumerate(p.labels):
             full = model.encode(context + gap + label).ids
+            shared = min(shared, _common(prefix_ids, full))
             n = len(full) - _common(ctx_ids, full)
             if n == 0:
                 raise InvalidArgument(f"labels[{li}]", "has no tokens")
@@ -98,9 +100,16 @@ async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | Non
                     f"{model.context_budget}: use fewer or shorter demonstrations")
             seqs.append(full)
             label_lens.append(n)
-    scored = await model.score(seqs, False, deadline)
+    if model.engine is not None:
+        # The shared prefix's keys and values are computed once (and cached across requests); every row
+        # then runs from them.
+        rows = [(seq[shared:len(seq) - n], seq[len(seq) - n:]) for seq, n in zip(seqs, label_lens, strict=True)]
+        per_row = await model.engine.score_continuations(prefix_ids[:shared], rows, deadline)
+        lls = np.array([float(x.sum()) for x in per_row])
+    else:
+        scored = await model.score(seqs, False, deadline)
+        lls = np.array([float(s.log_probs[-n:].sum()) for s, n in zip(scored, label_lens, strict=True)])
     n_labels = len(p.labels)
-    lls = np.array([float(s.log_probs[-n:].sum()) for s, n in zip(scored, label_lens, strict=True)])
     lls = lls.reshape(len(queries), n_labels)  # (Q, L): Σ log P(label tokens | prompt)
     lens = np.array(label_lens, dtype=np.float64).reshape(len(queries), n_labels)
     norm: np.ndarray = np.ones(n_labels)
