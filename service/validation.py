@@ -114,7 +114,8 @@ def generate_params(req: pb.GenerateRequest, limits: Limits) -> GenerateParams:
         stop=tuple(s.stop),
         seed=int(s.seed) if s.HasField("seed") else None,
     )
-    return GenerateParams(prompts=_texts(req.prompts, "prompts", limits, allow_empty=True), sampling=sampling)
+    return GenerateParams(prompts=_texts(req.prompts, "prompts", limits, allow_empty=True), sampling=sampling,
+                          truncate_prompt=req.truncate_prompt)
 
 
 def fill_mask_params(req: pb.FillMaskRequest, limits: Limits) -> FillMaskParams:

@@ -287,8 +287,10 @@ def test_generate_unicode_prompt_and_empty_prompt(client: PlmClient) -> None:
     (lambda c: c.generate("gpt", ["x"], _sampling(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.top_p"),
     (lambda c: c.generate("gpt", ["x"], _sampling(max_new_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT,
      "sampling.max_new_tokens"),
-    (lambda c: c.generate("gpt", ["word " * 40], _sampling(max_new_tokens=60)), grpc.StatusCode.INVALID_ARGUMENT,
-     "window"),
+    (lambda c: c.generate("gpt", ["word " * 40], _sampling(max_new_tokens=30)), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.max_new_tokens 30"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(max_new_tokens=500)), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.max_new_tokens"),
     (lambda c: c.generate("gpt", ["x"], _sampling(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[0]"),
 ])
 def test_errors_have_the_right_status_and_name_the_field(client: PlmClient, call, code, needle) -> None:  # type: ignore[no-untyped-def]
@@ -467,3 +469,11 @@ def test_classify_errors(client: PlmClient, kw: dict[str, object], code: grpc.St
     with pytest.raises(grpc.RpcError) as e:
         _classify(client, **kw)
     assert e.value.code() == code and needle in e.value.details()
+
+
+def test_generate_truncates_the_prompt_when_asked(client: PlmClient) -> None:
+    long = "the king is dead and the queen is sad " * 8  # longer than the whole window
+    r = client.stub.Generate(pb.GenerateRequest(model="gpt", prompts=[long], truncate_prompt=True,
+                                                sampling=_sampling(max_new_tokens=40, temperature=0.0)))
+    g = r.generations[0]
+    assert g.prompt == long and g.prompt_tokens == 63 - 40 and 1 <= g.generated_tokens <= 40

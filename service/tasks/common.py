@@ -6,10 +6,11 @@ from service.errors import InvalidArgument
 from service.families.base import Encoded, ModelAdapter
 
 
-def encode_checked(model: ModelAdapter, texts: tuple[str, ...], field: str, reserve: int = 0,
+def encode_checked(model: ModelAdapter, texts: tuple[str, ...], field: str, reserve: int | None = 0,
                    allow_empty: bool = False) -> list[Encoded]:
-    """Tokenize each text; refuse empty ones and ones longer than the model's window less `reserve` tokens."""
-    limit = model.context_budget - reserve
+    """Tokenize each text; refuse empty ones and ones longer than the model's window less `reserve` tokens
+    (`reserve=None`: no length check, the caller decides)."""
+    limit = model.context_budget - reserve if reserve is not None else float("inf")
     encoded = []
     for i, text in enumerate(texts):
         enc = model.encode(text)
@@ -19,7 +20,7 @@ def encode_checked(model: ModelAdapter, texts: tuple[str, ...], field: str, rese
             raise InvalidArgument(
                 f"{field}[{i}]",
                 f"is {len(enc.ids)} tokens; model {model.name!r} takes at most {limit} "
-                f"(window {model.max_length}, less {model.max_length - limit} for BOS/EOS/new tokens)",
+                f"(window {model.max_length}, less {model.max_length - int(limit)} for BOS/EOS/new tokens)",
             )
         encoded.append(enc)
     return encoded

@@ -38,6 +38,7 @@ class SamplingParams:
 class GenerateParams:
     prompts: tuple[str, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    truncate_prompt: bool = False  # keep a too-long prompt's last tokens instead of refusing it
 
 
 @dataclass(frozen=True)
@@ -157,17 +158,21 @@ def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metric
     """Check the request against the model's window and set up one Sequence per prompt."""
     model.require(TASK_GENERATE)
     p = params.sampling
-    encoded = encode_checked(model, params.prompts, "prompts", allow_empty=True)
-    longest = max(len(e.ids) for e in encoded)
-    if longest + p.max_new_tokens > model.context_budget:
-        raise InvalidArgument(
-            "sampling.max_new_tokens",
-            f"{p.max_new_tokens} new tokens after a prompt of {longest} tokens exceed model {model.name!r}'s "
-            f"window of {model.context_budget} tokens; at most {max(model.context_budget - longest, 0)} fit",
-        )
+    if p.max_new_tokens >= model.context_budget:
+        raise InvalidArgument("sampling.max_new_tokens", f"is {p.max_new_tokens}; model {model.name!r}'s window "
+                                                         f"holds {model.context_budget} tokens, prompt included")
+    keep = model.context_budget - p.max_new_tokens  # prompt tokens that fit beside the new ones
+    encoded = encode_checked(model, params.prompts, "prompts", allow_empty=True, reserve=None)
+    for i, e in enumerate(encoded):
+        if len(e.ids) > keep and not params.truncate_prompt:
+            raise InvalidArgument(
+                f"prompts[{i}]", f"is {len(e.ids)} tokens; with sampling.max_new_tokens {p.max_new_tokens}, model "
+                f"{model.name!r}'s window of {model.context_budget} leaves {keep} for the prompt (set "
+                "truncate_prompt to keep its last tokens)")
+    prompts = [e.ids[-keep:] if len(e.ids) > keep else e.ids for e in encoded]
     seed = p.seed if p.seed is not None else secrets.randbits(63)
     started = time.monotonic()
-    return [Sequence(i, e.ids, p, seed, model, metrics, started) for i, e in enumerate(encoded)]
+    return [Sequence(i, ids, p, seed, model, metrics, started) for i, ids in enumerate(prompts)]
 
 
 async def generate(model: ModelAdapter, params: GenerateParams, deadline: float | None,
