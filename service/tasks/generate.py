@@ -55,29 +55,34 @@ class StepEvent:
 
 def choose(logprobs: np.ndarray, allowed: np.ndarray, seen: set[int], p: SamplingParams,
            rng: np.random.Generator) -> int:
-    """Pick the next token from (V,) log-probabilities."""
-    x = np.where(allowed, logprobs.astype(np.float64), -np.inf)
+    """Pick the next token from (V,) log-probabilities.
+
+    This runs once per token of every sequence on the engine's critical path, so it works on the top-k
+    candidates only when top_k is set, sorts only when top_p needs an order, and samples by one uniform
+    draw against the cumulative distribution (inverse CDF) rather than `Generator.choice(p=…)`.
+    """
+    x = np.where(allowed, logprobs, -np.inf)
     if p.repetition_penalty != 1.0 and seen:
         idx = np.fromiter(seen, dtype=np.int64)
         # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
         x[idx] = x[idx] * p.repetition_penalty
     if p.temperature == 0.0:
         return int(np.argmax(x))
-    x = x / p.temperature
     if 0 < p.top_k < x.size:
-        kth = np.partition(x, -p.top_k)[-p.top_k]
-        x = np.where(x >= kth, x, -np.inf)
-    probs = np.exp(x - np.max(x))
-    probs /= probs.sum()
-    if p.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]  # the smallest set reaching top_p
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[keep] = True
-        probs = np.where(mask, probs, 0.0)
-        probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+        cand = np.argpartition(-x, p.top_k - 1)[: p.top_k]
+        cand = cand[np.argsort(-x[cand], kind="stable")]  # best first, ties by id
+    elif p.top_p < 1.0:
+        cand = np.argsort(-x, kind="stable")
+    else:
+        cand = np.arange(x.size)
+    v = x[cand].astype(np.float64) / p.temperature
+    probs = np.exp(v - v.max())
+    cum = np.cumsum(probs)
+    if p.top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
+        n = min(int(np.searchsorted(cum, p.top_p * cum[-1])) + 1, cum.size)
+        cum = cum[:n]
+    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+    return int(cand[min(i, cum.size - 1)])
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
