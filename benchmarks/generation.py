@@ -61,15 +61,26 @@ def stream_once(target: str, model: str, prompt: str, n: int, seed: int) -> tupl
     return tokens, times
 
 
+def stream_until(target: str, model: str, i: int, n: int) -> tuple[int, list[float]]:
+    """Stream requests one after another until `n` tokens came (a sampled EOS ends a request early)."""
+    tokens, gaps_from = 0, []
+    for attempt in range(16):
+        t, ts = stream_once(target, model, PROMPTS[(i + attempt) % len(PROMPTS)], n - tokens, 1000 * attempt + i)
+        tokens += t
+        gaps_from.append(ts)
+        if tokens >= n:
+            break
+    return tokens, [g for ts in gaps_from for g in ts]
+
+
 def drive(target: str, model: str, streams: int, n: int) -> dict[str, float]:
     stream_once(target, model, PROMPTS[0], 4, 0)  # warm-up
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-        results = list(pool.map(lambda i: stream_once(target, model, PROMPTS[i % len(PROMPTS)], n, i),
-                                range(streams)))
+        results = list(pool.map(lambda i: stream_until(target, model, i, n), range(streams)))
     wall = time.perf_counter() - started
     tokens = sum(t for t, _ in results)
-    gaps = [b - a for _, ts in results for a, b in itertools.pairwise(ts)]
+    gaps = [b - a for _, ts in results for a, b in itertools.pairwise(ts) if b - a < 1.0]  # not across requests
     return {"streams": streams, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "mean_inter_token_ms": 1000 * float(np.mean(gaps)) if gaps else float("nan")}
 

@@ -70,7 +70,7 @@ PROFILES = {
     # must build from a fresh clone within 10 minutes).
     "small": Profile("small", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
         bpe_vocab=8000, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=20000,
-        max_seconds=120.0, eval_interval=200, lr=2e-3, num_threads=2)),
+        max_seconds=120.0, eval_interval=40, lr=2e-3, num_threads=2)),
 }
 
 
@@ -213,7 +213,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
     torch.manual_seed(seed)
     model = GPT(cfg)
     tcfg = TrainConfig(max_steps=g.max_steps, batch_size=g.batch_size, lr=g.lr, min_lr=g.lr / 10,
-                       warmup_steps=min(100, g.max_steps // 10), eval_interval=g.eval_interval,
+                       warmup_steps=min(100, g.max_steps // 10), eval_interval=g.eval_interval, eval_batches=5,
                        max_seconds=g.max_seconds, seed=seed, num_threads=g.num_threads,
                        progress=profile != "tiny")
     with staging(repository, "gpt") as folder:

@@ -45,7 +45,7 @@ PROFILES = {
     # The full softmax over a ~17k-word vocabulary, twice (both directions), dominates a step on one CPU
     # thread: 32 × 64 positions took ~2 s a step (52 steps in 90 s). Fewer positions per step train more.
     "small": ElmoProfile(n_embd=64, dropout=0.1, batch_size=16, max_len=40, max_steps=20000, max_seconds=60.0,
-                         eval_interval=100, lr=3e-3),
+                         eval_interval=40, lr=3e-3),
 }
 
 
