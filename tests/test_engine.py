@@ -101,3 +101,14 @@ def test_classify_from_cached_prefix_equals_full_sequences(server: ServerThread,
         for sx, sy, sz in zip(x.scores, y.scores, z.scores, strict=True):
             assert sx.log_likelihood == pytest.approx(sz.log_likelihood, abs=1e-4)
             assert sx.log_likelihood == sy.log_likelihood and sx.num_tokens == sz.num_tokens
+
+
+def test_deadline_stops_generation_and_frees_the_slot(server: ServerThread) -> None:
+    engine = server.running.registry.get("gpt").engine
+    with PlmClient(server.target, timeout=0.01) as c, pytest.raises(grpc.RpcError) as e:
+        c.generate("gpt", ["The king"] * 32, pb.SamplingParams(temperature=1.0, seed=2, max_new_tokens=60))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0
