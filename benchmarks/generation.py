@@ -6,7 +6,8 @@ Starts two in-process servers on loopback over the same model folder — the eng
 batching) and off (each step re-reads the whole sequence through the dynamic batcher) — and drives each with
 1, 4 and 16 concurrent GenerateStream calls of up to `--new-tokens` tokens (seeded top-k sampling; a stream
 that samples EOS ends early, and the throughput counts the tokens actually generated).
-Reference: a raw ONNX Runtime greedy loop over the same decoder graph, requests one after another. Also
+References, requests one after another: a raw ONNX Runtime greedy loop over the same decoder graph, and
+Hugging Face `transformers` generating (KV cache on) with the same weights (`weights.npz`). Also
 times Classify (8 demonstrations × 4 labels × 16 queries) with prefix reuse (engine) and without. Prints
 the ratios measured in this one run, and writes results/generation.json and results/generation.png.
 """
@@ -118,6 +119,28 @@ def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> di
             "mean_decode_step_ms": 1000 * float(np.mean(step_times[1:]))}
 
 
+def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> dict[str, float]:
+    """Hugging Face `transformers` generating with the same weights (KV cache on), one request after another."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from export.hf_gpt2 import load_weights, to_hf_gpt2
+    from models.gpt import GPTConfig
+
+    torch.set_num_threads(2)
+    hf = to_hf_gpt2(load_weights(folder / manifest["weights"], GPTConfig(**manifest["config"])))
+    tok = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
+    tokens = 0
+    started = time.perf_counter()
+    with torch.no_grad():
+        for r in range(requests):
+            ids = torch.tensor([[0, *tok.encode(PROMPTS[r % len(PROMPTS)], add_special_tokens=False).ids]])
+            out = hf.generate(ids, max_new_tokens=n, do_sample=True, top_k=50, eos_token_id=None, pad_token_id=0)
+            tokens += out.shape[1] - ids.shape[1]
+    wall = time.perf_counter() - started
+    return {"requests": requests, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
 def classify_timing(target: str, model: str, repeats: int = 3) -> float:
     """Seconds per Classify call of 8 demonstrations × 4 labels × 16 queries (best of `repeats`)."""
     demos = [pb.Demonstration(text=PROMPTS[i % len(PROMPTS)], label=["comedy", "tragedy", "history", "poetry"][i % 4])
@@ -163,10 +186,15 @@ def main() -> None:
             srv.stop()
     raw = raw_ort(folder, manifest, max(args.streams), n)
     print(f"raw ORT sequential: {raw['tokens_per_s']:8.1f} tokens/s, decode step {raw['mean_decode_step_ms']:.2f} ms")
+    hf = hf_sequential(folder, manifest, max(args.streams), n) if "weights" in manifest else None
+    if hf is not None:
+        print(f"transformers sequential: {hf['tokens_per_s']:8.1f} tokens/s")
     ratios = {}
     for e, r in zip(rows["engine"], rows["recompute"], strict=True):
         ratios[f"engine_vs_recompute_{e['streams']}"] = e["tokens_per_s"] / r["tokens_per_s"]
         ratios[f"engine_vs_raw_sequential_{e['streams']}"] = e["tokens_per_s"] / raw["tokens_per_s"]
+        if hf is not None:
+            ratios[f"engine_vs_transformers_sequential_{e['streams']}"] = e["tokens_per_s"] / hf["tokens_per_s"]
     ratios["classify_prefix_reuse_speedup"] = classify_s["recompute"] / classify_s["engine"]
     one = rows["engine"][0]
     ratios["inter_token_1_stream_vs_raw_step"] = one["mean_inter_token_ms"] / raw["mean_decode_step_ms"]
@@ -174,6 +202,7 @@ def main() -> None:
         print(f"{k:40} {v:6.2f}×")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "new_tokens": n, "rows": rows, "raw_ort": raw,
+                                    "transformers": hf,
                                     "classify_seconds": classify_s, "ratios": ratios}, indent=2) + "\n")
     import matplotlib
 
@@ -184,6 +213,8 @@ def main() -> None:
     for mode, style in (("engine", "o-"), ("recompute", "s--")):
         ax.plot([r["streams"] for r in rows[mode]], [r["tokens_per_s"] for r in rows[mode]], style, label=mode)
     ax.axhline(raw["tokens_per_s"], color="grey", ls=":", label="raw ORT, sequential")
+    if hf is not None:
+        ax.axhline(hf["tokens_per_s"], color="red", ls="-.", label="transformers, sequential")
     ax.set(xlabel="concurrent streams", ylabel="generated tokens / s", xscale="log",
            title=f"{args.model}: {n} new tokens per stream")
     ax.legend()

@@ -188,6 +188,7 @@ def build_ngram(data: BuildData, profile: str, repository: Path, key: str, seed:
 def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     import torch
 
+    from export.hf_gpt2 import save_weights
     from export.onnx_export import export_gpt, export_gpt_decoder
     from models.gpt import GPT, GPTConfig
     from models.train import TrainConfig, lm_batches, train
@@ -222,6 +223,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
         print(result.summary(), flush=True)
         graph = export_gpt(model, folder / "model.onnx")
         decoder = export_gpt_decoder(model, folder / "decoder.onnx")  # KV-cache generation
+        save_weights(model, folder / "weights.npz")  # for oracles and benchmarks; the server never reads it
         tokenization.save(tok, folder / "tokenizer.json")
         valid_ppl = gpt_word_perplexity(model, tok, data.corpus.valid, data.words["valid"])
         test_ppl = gpt_word_perplexity(model, tok, data.corpus.test, data.words["test"])
@@ -232,6 +234,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
             "tokenizer": {"file": "tokenizer.json", "kind": "bpe", "bos": tokenization.ENDOFTEXT,
                           "eos": tokenization.ENDOFTEXT, "pad": tokenization.ENDOFTEXT},
             "graphs": {"model": graph, "decoder": decoder},
+            "weights": "weights.npz",
             "parity": {**graph.get("parity", {}), "max_abs_diff": max(graph["parity"]["max_abs_diff"],
                                                                    decoder["parity"]["max_abs_diff"])},
             "config": asdict(cfg),
