@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -30,11 +29,11 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
+from export.parity import PARITY_TOLERANCE, output_diff, require_parity
 from models.bert import Bert
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "mask_positions")
 OUTPUT_NAMES = ("mask_logprobs", "nsp_logprobs", "hidden_states")
-PARITY_TOLERANCE = 1e-4  # float32 through a few layers: ~1e-6 is typical, 1e-4 still catches a wrong graph
 # (batch, sequence, blanks): unlike the export dummy (2, 8, 2) in every axis; batch 1 and 7 included.
 PARITY_SHAPES = ((1, 3, 1), (1, 9, 3), (3, 12, 1), (7, 10, 4), (5, 17, 2))
 _DUMMY_SHAPE = (2, 8, 2)
@@ -91,12 +90,7 @@ def check_parity(
             expected = [t.numpy() for t in graph(*inputs)]
         feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
         got = session.run(list(OUTPUT_NAMES), feeds)
-        real = feeds["attention_mask"] > 0
-        for name, e, g in zip(OUTPUT_NAMES, expected, got, strict=True):
-            if g.shape != e.shape:
-                raise RuntimeError(f"{name}: ONNX shape {g.shape} != PyTorch {e.shape}")
-            diff = np.abs(g - e)[real] if name == "hidden_states" else np.abs(g - e)
-            max_diff = max(max_diff, float(diff.max()))
+        max_diff = max(max_diff, output_diff(OUTPUT_NAMES, expected, got, feeds["attention_mask"] > 0))
         checked.append([batch, length, masks])
     return {"max_abs_diff": max_diff, "tolerance": PARITY_TOLERANCE, "checked_shapes": checked}
 
@@ -142,10 +136,7 @@ def export_bert(model: Bert, path: Path, *, opset: int = 17) -> dict[str, Any]:
     onnx.checker.check_model(proto, full_check=True)
     parity = check_parity(model, path)
     model.train(was_training)
-    if parity["max_abs_diff"] > PARITY_TOLERANCE:
-        raise RuntimeError(
-            f"ONNX and PyTorch differ by {parity['max_abs_diff']:.3g} > {PARITY_TOLERANCE:g} on {path.name}"
-        )
+    require_parity(parity, path.name)
     tokens = ["batch", "sequence"]
     return {
         "file": path.name,

@@ -36,11 +36,11 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
+from export.parity import PARITY_TOLERANCE, output_diff, require_parity
 from models.gpt import GPT, position_ids_from_mask
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 OUTPUT_NAMES = ("token_logprobs", "next_logprobs", "hidden_states")
-PARITY_TOLERANCE = 1e-4  # float32 through a few layers: ~1e-6 is typical, 1e-4 still catches a wrong graph
 # Shapes that differ from the export dummy (2, 8) in both batch and length, and include batch 1 and 7.
 PARITY_SHAPES = ((1, 1), (1, 5), (3, 11), (7, 9), (5, 16))
 _DUMMY_SHAPE = (2, 8)
@@ -110,12 +110,7 @@ def check_parity(
                 expected = [t.numpy() for t in graph(*inputs)]
             feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
             got = session.run(list(OUTPUT_NAMES), feeds)
-            real = feeds["attention_mask"] > 0
-            for name, e, g in zip(OUTPUT_NAMES, expected, got, strict=True):
-                if g.shape != e.shape:
-                    raise RuntimeError(f"{name}: ONNX shape {g.shape} != PyTorch {e.shape}")
-                diff = np.abs(g - e)[real] if name == "hidden_states" else np.abs(g - e)
-                max_diff = max(max_diff, float(diff.max()))
+            max_diff = max(max_diff, output_diff(OUTPUT_NAMES, expected, got, feeds["attention_mask"] > 0))
             checked.append([batch, length, padding])
     return {"max_abs_diff": max_diff, "tolerance": PARITY_TOLERANCE, "checked_shapes": checked}
 
@@ -157,10 +152,7 @@ def export_gpt(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
     onnx.checker.check_model(proto, full_check=True)
     parity = check_parity(model, path)
     model.train(was_training)
-    if parity["max_abs_diff"] > PARITY_TOLERANCE:
-        raise RuntimeError(
-            f"ONNX and PyTorch differ by {parity['max_abs_diff']:.3g} > {PARITY_TOLERANCE:g} on {path.name}"
-        )
+    require_parity(parity, path.name)
     seq = ["batch", "sequence"]
     return {
         "file": path.name,
@@ -324,10 +316,7 @@ def export_gpt_decoder(model: GPT, path: Path, *, opset: int = 17) -> dict[str, 
     onnx.checker.check_model(proto, full_check=True)
     parity = check_decoder_parity(model, path)
     model.train(was_training)
-    if parity["max_abs_diff"] > PARITY_TOLERANCE:
-        raise RuntimeError(
-            f"ONNX and PyTorch differ by {parity['max_abs_diff']:.3g} > {PARITY_TOLERANCE:g} on {path.name}"
-        )
+    require_parity(parity, path.name)
 
     def kv_shape(axis: str) -> list[Any]:
         return ["batch", cfg.n_head, axis, head_dim]

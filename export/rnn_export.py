@@ -29,10 +29,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from export.parity import PARITY_TOLERANCE, require_parity
 from models.elmo import ELMo
 from models.nnlm import NNLM
 
-PARITY_TOLERANCE = 1e-4  # float32 through a few layers: ~1e-6 is typical, 1e-4 still catches a wrong graph
 NNLM_PARITY_BATCHES = (1, 3, 17, 64)  # differ from the export dummy's 2
 ELMO_PARITY_SHAPES = ((1, 1), (1, 5), (3, 11), (7, 9), (5, 16))  # (batch, length), differ from the dummy (2, 8)
 _NOISE = ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed")
@@ -84,10 +84,7 @@ def _max_diff(session: ort.InferenceSession, graph: nn.Module, feeds: dict[str, 
 
 
 def _check(parity: dict[str, Any], path: Path) -> None:
-    if parity["max_abs_diff"] > PARITY_TOLERANCE:
-        raise RuntimeError(
-            f"ONNX and PyTorch differ by {parity['max_abs_diff']:.3g} > {PARITY_TOLERANCE:g} on {path.name}"
-        )
+    require_parity(parity, path.name)
 
 
 # ---------------------------------------------------------------------------------------------------- nnlm

@@ -29,11 +29,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from export.parity import PARITY_TOLERANCE, require_parity
+
 SPECIALS = ("<unk>", "[MASK]")  # served ids 0 and 1, ahead of the trained vocabulary
 UNK_ID, MASK_ID = 0, 1
 # Finite rather than -inf, so JSON manifests and |ONNX - numpy| stay finite; exp(-1e9) is exactly 0 in float32.
 SPECIAL_LOGIT = -1e9
-PARITY_TOLERANCE = 1e-4
 OPSET = 17
 
 
@@ -152,8 +153,7 @@ def export_word2vec(wv: np.ndarray, syn1neg: np.ndarray, folder: Path) -> dict[s
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(folder / f"{name}.onnx"))
     parity = check_parity(folder, swv, ssyn, bias)
-    if parity["max_abs_diff"] > PARITY_TOLERANCE:
-        raise RuntimeError(f"word2vec ONNX and numpy differ by {parity['max_abs_diff']:.3g} > {PARITY_TOLERANCE:g}")
+    require_parity(parity, "word2vec vectors.onnx / cloze.onnx")
     graphs = {
         "vectors": {
             "file": "vectors.onnx", "opset": OPSET,
