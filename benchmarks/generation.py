@@ -2,7 +2,7 @@
 
     python benchmarks/generation.py [--repository repository] [--streams 1 4 16] [--new-tokens 64]
 
-Starts two in-process servers on loopback over the same model folder — the engine on (KV cache, continuous
+Starts two `plm serve` processes on loopback over the same model folder — the engine on (KV cache, continuous
 batching) and off (each step re-reads the whole sequence through the dynamic batcher) — and drives each with
 1, 4 and 16 concurrent GenerateStream calls of up to `--new-tokens` tokens (seeded top-k sampling; a stream
 that samples EOS ends early, and the throughput counts the tokens actually generated).
@@ -15,38 +15,54 @@ the ratios measured in this one run, and writes results/generation.json and resu
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import itertools
 import json
-import threading
+import os
+import socket
+import subprocess
+import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 
 from client.client import PlmClient
-from service.config import Runtime, ServerConfig
 from service.pb.plm.v1 import plm_pb2 as pb
-from service.server import RunningServer, start_server
 
 PROMPTS = ["The king", "Good morrow, my lord", "O Romeo", "What light through yonder window", "My liege",
            "Now is the winter", "Friends, Romans", "To be, or not"]
 
 
 class Server:
-    def __init__(self, config: ServerConfig) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.running: RunningServer = asyncio.run_coroutine_threadsafe(start_server(config), self.loop).result()
-        self.target = f"127.0.0.1:{self.running.port}"
+    """`plm serve` in its own process (its GIL is not the benchmark clients'), on a free loopback port."""
+
+    def __init__(self, repository: Path, model: str, kv_cache: bool) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "PLM_RUNTIME__KV_CACHE": "true" if kv_cache else "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", "serve", "--repository", str(repository), "--port", str(port),
+             "--metrics-port", "0", "--models", model], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.target = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with PlmClient(self.target, timeout=2) as c:
+                    if c.health_status("") == "SERVING":
+                        return
+            except grpc.RpcError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("plm serve did not start within 60 s")
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.stop(1.0), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
 
 
 def stream_once(target: str, model: str, prompt: str, n: int, seed: int) -> tuple[int, list[float]]:
@@ -169,11 +185,10 @@ def main() -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     window = int(manifest["max_length"])
     n = min(args.new_tokens, window - 16)
-    base = replace(ServerConfig(), repository=args.repository, port=0, metrics_port=0, models=(args.model,))
     rows: dict[str, list[dict[str, float]]] = {"engine": [], "recompute": []}
     classify_s: dict[str, float] = {}
     for mode, kv in (("engine", True), ("recompute", False)):
-        srv = Server(replace(base, runtime=Runtime(kv_cache=kv)))
+        srv = Server(args.repository, args.model, kv)
         try:
             classify_s[mode] = classify_timing(srv.target, args.model)
             print(f"{mode:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[mode] * 1000:.1f} ms", flush=True)
