@@ -33,7 +33,7 @@ from service.tasks.generate import StepEvent
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: compared with `in` on the batch lists
 class _Request:
     """The sequences of one RPC and the queue its caller reads events from."""
 
@@ -43,7 +43,7 @@ class _Request:
     cancelled: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
     seq: GenSequence
     request: _Request
