@@ -28,7 +28,7 @@ from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from service.metrics import Metrics
 from service.runtime import OrtSession
 from service.tasks.generate import Sequence as GenSequence
-from service.tasks.generate import StepEvent
+from service.tasks.generate import StepEvent, choose
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,12 @@ class _Slot:
 
 class GenerationEngine:
     def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
-                 pad_id: int, batching: Batching, metrics: Metrics) -> None:
+                 pad_id: int, allowed: np.ndarray, batching: Batching, metrics: Metrics) -> None:
         self.model = model
         self.session = session
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.bos_id, self.pad_id = bos_id, pad_id
+        self.allowed = allowed  # (V,) bool: tokens that may be generated
         self.cfg = batching
         self.metrics = metrics
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
@@ -188,11 +189,13 @@ class GenerationEngine:
             await asyncio.sleep(0)  # let callers consume events and new requests arrive
 
     def _emit(self, slots: Sequence[_Slot], logprobs: np.ndarray) -> None:
-        for slot, row in zip(slots, logprobs, strict=True):
-            if slot.request.cancelled:
-                continue
-            for ev in slot.seq.step(row):
-                slot.request.events.put_nowait(ev)
+        live = [i for i, s in enumerate(slots) if not s.request.cancelled]
+        if not live:
+            return
+        tokens = choose(logprobs[live], self.allowed, [slots[i].seq for i in live])
+        for i, tok in zip(live, tokens, strict=True):
+            for ev in slots[i].seq.advance(tok):
+                slots[i].request.events.put_nowait(ev)
 
     # -- scoring continuations of a shared prefix (Classify) ------------------------------------------------
     async def score_continuations(self, prefix: list[int], rows: list[tuple[list[int], list[int]]],

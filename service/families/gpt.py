@@ -65,19 +65,19 @@ class GptAdapter(ModelAdapter):
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
         )
+        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
+        self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
+        self._never = np.zeros(self.vocab_size, dtype=bool)
+        if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
+            self._never[self._bos] = True
         decoder = manifest["graphs"].get("decoder")
         if decoder is not None and config.runtime.kv_cache:
             from service.engine import GenerationEngine
 
             self.engine = GenerationEngine(
                 name, OrtSession(folder / decoder["file"], config.runtime, name, metrics), int(decoder["n_layer"]),
-                int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos,
+                int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos, ~self._never,
                 config.batching_for(name, manifest.get("batching")), metrics)
-        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
-        self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
-        self._never = np.zeros(self.vocab_size, dtype=bool)
-        if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
-            self._never[self._bos] = True
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:

@@ -53,36 +53,50 @@ class StepEvent:
     generated_tokens: int = 0
 
 
-def choose(logprobs: np.ndarray, allowed: np.ndarray, seen: set[int], p: SamplingParams,
-           rng: np.random.Generator) -> int:
-    """Pick the next token from (V,) log-probabilities.
+def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> list[int]:
+    """The next token of each sequence from its row of (B, V) log-probabilities.
 
-    This runs once per token of every sequence on the engine's critical path, so it works on the top-k
-    candidates only when top_k is set, sorts only when top_p needs an order, and samples by one uniform
-    draw against the cumulative distribution (inverse CDF) rather than `Generator.choice(p=…)`.
+    This runs on the engine's critical path, so it is vectorised over the rows that share sampling settings
+    (usually all of them): the top-k candidates only when top_k is set, a sort only when top_p needs an
+    order, and one uniform draw per row from that sequence's own generator against the cumulative
+    distribution (inverse CDF). Each row's result depends only on its own row and generator, so a sequence
+    gets the same token whatever it is batched with.
     """
-    x = np.where(allowed, logprobs, -np.inf)
-    if p.repetition_penalty != 1.0 and seen:
-        idx = np.fromiter(seen, dtype=np.int64)
-        # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
-        x[idx] = x[idx] * p.repetition_penalty
-    if p.temperature == 0.0:
-        return int(np.argmax(x))
-    if 0 < p.top_k < x.size:
-        cand = np.argpartition(-x, p.top_k - 1)[: p.top_k]
-        cand = cand[np.argsort(-x[cand], kind="stable")]  # best first, ties by id
-    elif p.top_p < 1.0:
-        cand = np.argsort(-x, kind="stable")
-    else:
-        cand = np.arange(x.size)
-    v = x[cand].astype(np.float64) / p.temperature
-    probs = np.exp(v - v.max())
-    cum = np.cumsum(probs)
-    if p.top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
-        n = min(int(np.searchsorted(cum, p.top_p * cum[-1])) + 1, cum.size)
-        cum = cum[:n]
-    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
-    return int(cand[min(i, cum.size - 1)])
+    x = np.where(allowed, logprobs, -np.inf)  # (B, V)
+    for i, seq in enumerate(seqs):
+        if seq.p.repetition_penalty != 1.0 and seq.seen:
+            idx = np.fromiter(seq.seen, dtype=np.int64)
+            # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
+            x[i, idx] = x[i, idx] * seq.p.repetition_penalty
+    out = [0] * len(seqs)
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for i, seq in enumerate(seqs):
+        groups.setdefault((seq.p.temperature, seq.p.top_k, seq.p.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in groups.items():
+        xs = x[rows]  # (G, V)
+        if temperature == 0.0:
+            for i, t in zip(rows, np.argmax(xs, axis=1), strict=True):
+                out[i] = int(t)
+            continue
+        if 0 < top_k < xs.shape[1]:
+            cand = np.argpartition(-xs, top_k - 1, axis=1)[:, :top_k]
+            order = np.argsort(-np.take_along_axis(xs, cand, axis=1), axis=1, kind="stable")
+            cand = np.take_along_axis(cand, order, axis=1)  # best first
+        elif top_p < 1.0:
+            cand = np.argsort(-xs, axis=1, kind="stable")
+        else:
+            cand = np.broadcast_to(np.arange(xs.shape[1]), xs.shape)
+        v = np.take_along_axis(xs, cand, axis=1).astype(np.float64) / temperature
+        cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
+        n = np.full(len(rows), cum.shape[1])
+        if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
+            n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
+        total = cum[np.arange(len(rows)), n - 1]
+        u = np.array([seqs[i].rng.random() for i in rows]) * total
+        pick = np.minimum((cum <= u[:, None]).sum(axis=1), n - 1)
+        for r, i in enumerate(rows):
+            out[i] = int(cand[r, pick[r]])
+    return out
 
 
 def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
@@ -118,13 +132,11 @@ class Sequence:
         self.sent = ""
         self.last_token_at: float | None = None
         self.finished = False
-        self._seen = set(prompt_ids)
-        self._allowed = ~model.never_generate_mask()
+        self.seen = set(prompt_ids)  # for the repetition penalty
 
-    def step(self, logprobs: np.ndarray) -> list[StepEvent]:
-        """Choose the next token from (V,) log-probabilities; the events it produces (the last has a finish)."""
+    def advance(self, tok: int) -> list[StepEvent]:
+        """Take the chosen next token; the events it produces (the last one carries the finish reason)."""
         model, p = self.model, self.p
-        tok = choose(logprobs, self._allowed, self._seen, p, self.rng)
         now = time.monotonic()
         self.metrics.generated_tokens.labels(model.name).inc()
         if self.last_token_at is None:
@@ -137,7 +149,7 @@ class Sequence:
             finish = FINISH_EOS
         else:
             self.generated.append(tok)
-            self._seen.add(tok)
+            self.seen.add(tok)
         text = model.decode(self.generated)
         for s in p.stop:
             at = text.find(s)
@@ -193,10 +205,11 @@ async def generate(model: ModelAdapter, params: GenerateParams, deadline: float 
         async for ev in engine.generate(seqs, deadline):
             yield ev
         return
+    allowed = ~model.never_generate_mask()
     active = seqs
     while active:
         rows = await model.next_logprobs([s.prompt_ids + s.generated for s in active], deadline)
-        for seq, row in zip(active, rows, strict=True):
-            for ev in seq.step(row):
+        for seq, tok in zip(active, choose(rows, allowed, active), strict=True):
+            for ev in seq.advance(tok):
                 yield ev
         active = [s for s in active if not s.finished]
