@@ -1,0 +1,92 @@
+"""Where an engine step's time goes, without gRPC: the ONNX Runtime run vs the engine's own Python.
+
+    python benchmarks/engine_step.py [--repository repository] [--model gpt] [--batch 1 16] [--new-tokens 64]
+
+Loads the model in-process, generates `--new-tokens` tokens for B prompts at once straight through the
+generation task (seeded top-k 50 sampling), and splits the wall time per decode step into the ONNX Runtime
+run, the batch assembly around it (left-padding pasts, trimming presents) and the sampling/detokenising of
+the step's tokens. Writes results/engine_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from service.config import ServerConfig
+from service.metrics import Metrics
+from service.registry import load_model
+from service.tasks.generate import GenerateParams, SamplingParams, generate
+
+
+async def measure(repository: Path, model_name: str, batches: list[int], n: int) -> list[dict[str, Any]]:
+    model = load_model(repository / model_name, replace(ServerConfig(), repository=repository), Metrics())
+    await model.start()
+    engine = model.engine
+    if engine is None:
+        raise SystemExit(f"{model_name} has no KV-cache decoder graph")
+    spent = {"ort": 0.0, "decode_call": 0.0, "emit": 0.0}
+
+    def timed(key: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - started
+        return wrapper
+
+    engine._run = timed("ort", engine._run)
+    engine._decode = timed("decode_call", engine._decode)
+    engine._emit = timed("emit", engine._emit)
+    metrics = Metrics()
+
+    async def one(i: int, tokens: int) -> int:
+        got = 0
+        params = GenerateParams((f"The king {i}",), SamplingParams(temperature=1.0, top_k=50, seed=i,
+                                                                   max_new_tokens=tokens))
+        async for ev in generate(model, params, None, metrics):
+            got += len(ev.token_ids)
+        return got
+
+    rows = []
+    for b in batches:
+        await asyncio.gather(*(one(i, 8) for i in range(b)))  # warm-up
+        for key in spent:
+            spent[key] = 0.0
+        steps_before, started = engine.steps, time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(i, n) for i in range(b))))
+        wall, steps = time.perf_counter() - started, engine.steps - steps_before
+        ms = {k: 1000 * v / steps for k, v in spent.items()}
+        rows.append({"batch": b, "tokens": tokens, "steps": steps, "wall_ms_per_step": 1000 * wall / steps,
+                     "ort_ms_per_step": ms["ort"], "assembly_ms_per_step": ms["decode_call"] - ms["ort"],
+                     "sampling_ms_per_step": ms["emit"], "tokens_per_s": tokens / wall})
+        r = rows[-1]
+        print(f"B={b:3d}: {r['wall_ms_per_step']:.2f} ms/step = ONNX Runtime {r['ort_ms_per_step']:.2f} + assembly "
+              f"{r['assembly_ms_per_step']:.2f} + sampling/detokenising {r['sampling_ms_per_step']:.2f} + rest; "
+              f"{r['tokens_per_s']:.0f} tokens/s ({tokens} tokens, some sequences end early at EOS)")
+    await model.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=Path("repository"))
+    ap.add_argument("--model", default="gpt")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path("results/engine_step.json"))
+    args = ap.parse_args()
+    rows = asyncio.run(measure(args.repository, args.model, args.batch, args.new_tokens))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
