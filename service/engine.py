@@ -54,6 +54,36 @@ class _Slot:
         return len(self.seq.prompt_ids) + len(self.seq.generated)
 
 
+def _drain(queue: asyncio.Queue[StepEvent | BaseException | None]) -> list[StepEvent | BaseException | None]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _coalesce(items: list[StepEvent | BaseException | None]) -> collections.deque[StepEvent | BaseException | None]:
+    """Events that piled up while their reader was busy: one token event per prompt (texts and ids joined,
+    in order), finishes after it. Fewer messages exactly when the server is busiest; nothing is lost."""
+    out: list[StepEvent | BaseException | None] = []
+    open_at: dict[int, int] = {}  # prompt index → position of its pending token event in `out`
+    for ev in items:
+        if not isinstance(ev, StepEvent):
+            open_at.clear()  # never merge across an error or the end
+            out.append(ev)
+        elif ev.finish_reason is None and ev.index in open_at:
+            k = open_at[ev.index]
+            prev = out[k]
+            assert isinstance(prev, StepEvent)
+            out[k] = StepEvent(ev.index, prev.text_delta + ev.text_delta, prev.token_ids + ev.token_ids)
+        else:
+            if ev.finish_reason is None:
+                open_at[ev.index] = len(out)
+            else:
+                open_at.pop(ev.index, None)
+            out.append(ev)
+    return collections.deque(out)
+
+
 class GenerationEngine:
     def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
                  pad_id: int, allowed: np.ndarray, batching: Batching, metrics: Metrics) -> None:
@@ -112,9 +142,14 @@ class GenerationEngine:
         request = _Request(asyncio.Queue(), deadline, len(seqs))
         self._waiting.extend(_Slot(s, request) for s in seqs)
         self._wakeup.set()
+        held: collections.deque[StepEvent | BaseException | None] = collections.deque()
         try:
             while request.running:
-                item = await request.events.get()
+                if not held:
+                    held.append(await request.events.get())
+                    if not request.events.empty():
+                        held = _coalesce([*held, *_drain(request.events)])
+                item = held.popleft()
                 if isinstance(item, BaseException):
                     raise item
                 if item is None:

@@ -3,6 +3,7 @@ cancellation that frees the slot."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 from collections.abc import Iterator
@@ -112,3 +113,29 @@ def test_deadline_stops_generation_and_frees_the_slot(server: ServerThread) -> N
     while engine.active and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.active == 0
+
+
+def test_a_slow_reader_gets_piled_up_tokens_together(server: ServerThread) -> None:
+    """Events that pile up while their reader is busy leave in one message per prompt, nothing lost."""
+    from service.tasks.generate import GenerateParams, SamplingParams, start_sequences
+
+    model = server.running.registry.get("gpt")
+    sampling = SamplingParams(temperature=1.0, seed=4, max_new_tokens=40)
+
+    async def slow_reader() -> list[object]:
+        seqs = start_sequences(model, GenerateParams(tuple(PROMPTS), sampling), server.running.metrics)
+        events = model.engine.generate(seqs, None)
+        first = await events.__anext__()
+        await asyncio.sleep(0.3)  # the engine runs ahead of this reader
+        return [first] + [ev async for ev in events]
+
+    events = server.call(slow_reader())
+    with PlmClient(server.target) as c:
+        unary = c.generate("gpt", PROMPTS, pb.SamplingParams(temperature=1.0, seed=4, max_new_tokens=40)).generations
+    texts, ids = [""] * len(PROMPTS), [[] for _ in PROMPTS]  # type: list[str], list[list[int]]
+    for ev in events:
+        texts[ev.index] += ev.text_delta  # type: ignore[attr-defined]
+        ids[ev.index].extend(ev.token_ids)  # type: ignore[attr-defined]
+    assert texts == [g.text for g in unary] and ids == [list(g.token_ids) for g in unary]
+    token_events = sum(1 for ev in events if ev.token_ids)  # type: ignore[attr-defined]
+    assert token_events < sum(len(g.token_ids) for g in unary)  # several tokens per event
