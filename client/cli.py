@@ -99,6 +99,27 @@ def _build_parser() -> argparse.ArgumentParser:
         g.add_argument("--repetition-penalty", type=float, default=None)
         g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
         g.add_argument("--seed", type=int, default=None)
+
+    lt = sub.add_parser("loadtest", help="load-test running server(s): closed or open loop, weighted request mix",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lt.add_argument("--target", default=DEFAULT_TARGET, help="host:port, or several comma-separated (round-robin)")
+    lt.add_argument("--scenario", type=Path, help="JSON request mix {\"requests\": [{weight, rpc, model, ...}]}")
+    lt.add_argument("--model", default="ngram-kn", help="without --scenario: Score requests on this model")
+    lt.add_argument("--inputs", type=Path, help="sentences, one per line [a built-in list of 30]")
+    mode = lt.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, help="closed loop: this many clients [1]")
+    mode.add_argument("--rate", type=float, help="open loop: Poisson arrivals at this many requests/s")
+    lt.add_argument("--duration", type=float, default=10.0, help="measured seconds (after the warm-up)")
+    lt.add_argument("--requests", type=int, help="stop after this many measured requests instead")
+    lt.add_argument("--warmup", type=float, default=2.0, help="seconds of load excluded from the results")
+    lt.add_argument("--processes", type=int, default=1, help="worker processes sharing the concurrency or rate")
+    lt.add_argument("--max-in-flight", type=int, default=1000,
+                    help="open loop: arrivals beyond this many calls in flight are dropped by the client")
+    lt.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds")
+    lt.add_argument("--metrics-url", help="server /metrics URL, for its queue/inference/batch view of the window")
+    lt.add_argument("--out", type=Path, help="write everything to this JSON (and a PNG beside it)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
@@ -112,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return _serve(args)
+    if args.command == "loadtest":
+        from client import loadtest
+
+        return loadtest.main(args)
     return _client(args)
 
 
