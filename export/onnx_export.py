@@ -25,6 +25,7 @@ boolean mask to MatMul/Where/Add/Softmax from opset 14, and keeps `dynamic_axes`
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,19 @@ def check_parity(
     return {"max_abs_diff": max_diff, "tolerance": PARITY_TOLERANCE, "checked_shapes": checked}
 
 
+def _check_exported(path: Path, vocab_size: int, parity: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Declare `next_logprobs`' vocabulary axis, run the full onnx.checker and the parity check (fatal if off)."""
+    proto = onnx.load(str(path))
+    # The exporter's shape inference loses V behind the gather; declare it, as hidden_states declares C.
+    next_output = next(o for o in proto.graph.output if o.name == "next_logprobs")
+    next_output.type.tensor_type.shape.dim[1].dim_value = vocab_size
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    result = parity()
+    require_parity(result, path.name)
+    return result
+
+
 def export_gpt(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
     """Export `model`'s scoring graph to `path`, check it (onnx.checker, parity with PyTorch) and return
     its manifest entry. Raises RuntimeError when ONNX and PyTorch differ by more than PARITY_TOLERANCE."""
@@ -144,15 +158,8 @@ def export_gpt(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
             opset_version=opset,
             do_constant_folding=True,
         )
-    proto = onnx.load(str(path))
-    # The exporter's shape inference loses V behind the gather; declare it, as hidden_states declares C.
-    next_output = next(o for o in proto.graph.output if o.name == "next_logprobs")
-    next_output.type.tensor_type.shape.dim[1].dim_value = cfg.vocab_size
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(proto, full_check=True)
-    parity = check_parity(model, path)
+    parity = _check_exported(path, cfg.vocab_size, lambda: check_parity(model, path))
     model.train(was_training)
-    require_parity(parity, path.name)
     seq = ["batch", "sequence"]
     return {
         "file": path.name,
@@ -309,14 +316,8 @@ def export_gpt_decoder(model: GPT, path: Path, *, opset: int = 17) -> dict[str, 
             opset_version=opset,
             do_constant_folding=True,
         )
-    proto = onnx.load(str(path))
-    next_output = next(o for o in proto.graph.output if o.name == "next_logprobs")
-    next_output.type.tensor_type.shape.dim[1].dim_value = cfg.vocab_size
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(proto, full_check=True)
-    parity = check_decoder_parity(model, path)
+    parity = _check_exported(path, cfg.vocab_size, lambda: check_decoder_parity(model, path))
     model.train(was_training)
-    require_parity(parity, path.name)
 
     def kv_shape(axis: str) -> list[Any]:
         return ["batch", cfg.n_head, axis, head_dim]
