@@ -2,7 +2,8 @@
 
 Callers submit rows (one sequence each) and await their results. The worker takes the oldest row, waits up
 to `max_queue_delay_ms` for company, and forms a batch bounded by a row count and a padded-token budget
-(rows × longest row). Rows whose deadline passed are failed with DEADLINE_EXCEEDED and never run; rows whose
+(rows × longest row), filled with the queued rows nearest the oldest one in length (little padding). Rows
+whose deadline passed are failed with DEADLINE_EXCEEDED and never run; rows whose
 caller went away are dropped. The batch runs on the model's own thread (blocking ONNX work stays off the
 event loop) and each row's result goes back to its caller. A full queue refuses a request at once with
 RESOURCE_EXHAUSTED, before any work.
@@ -14,6 +15,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -105,29 +107,47 @@ class DynamicBatcher(Generic[P, R]):
                 await self._worker
         self._executor.shutdown(wait=True)
 
-    def _take_batch(self) -> list[_Row[P, R]]:
-        """Pop live rows from the head while they fit the count and padded-token budget."""
-        batch: list[_Row[P, R]] = []
-        longest = 0
+    def _drop_dead(self) -> None:
+        """Forget rows whose caller went away; fail the expired ones (they never run)."""
         now = time.monotonic()
-        while self._queue and len(batch) < self.cfg.max_batch_size:
-            row = self._queue[0]
+        live: collections.deque[_Row[P, R]] = collections.deque()
+        for row in self._queue:
             if row.future.done():  # cancelled by its caller
-                self._queue.popleft()
                 continue
             if row.deadline is not None and now >= row.deadline:
-                self._queue.popleft()
                 self._metrics.rejections.labels(self.model, "deadline").inc()
                 row.future.set_exception(DeadlineExceeded(
                     f"model {self.model!r}: the deadline passed after {now - row.enqueued:.3f}s in the queue; "
                     "the request was not run"
                 ))
                 continue
-            new_longest = max(longest, row.length)
-            if batch and new_longest * (len(batch) + 1) > self.cfg.max_batch_tokens:
+            live.append(row)
+        self._queue = live
+
+    def _take_batch(self) -> list[_Row[P, R]]:
+        """The oldest live row, then the rows nearest to it in length, within the count and padded-token budget.
+
+        Bucketing by length keeps padding low when short and long inputs queue together; always taking the
+        oldest row first bounds every row's wait (a skipped row only gets older, and becomes the oldest).
+        Only the first few batches' worth of the queue is searched, so picking stays cheap.
+        """
+        self._drop_dead()
+        if not self._queue:
+            return []
+        head = self._queue[0]
+        window = list(itertools.islice(self._queue, 1, 4 * self.cfg.max_batch_size))
+        window.sort(key=lambda r: abs(r.length - head.length))  # stable: the older first among equals
+        batch, longest = [head], head.length
+        for row in window:
+            if len(batch) >= self.cfg.max_batch_size:
                 break
+            new_longest = max(longest, row.length)
+            if new_longest * (len(batch) + 1) > self.cfg.max_batch_tokens:
+                continue
             longest = new_longest
-            batch.append(self._queue.popleft())
+            batch.append(row)
+        chosen = {id(r) for r in batch}
+        self._queue = collections.deque(r for r in self._queue if id(r) not in chosen)
         return batch
 
     async def _work(self) -> None:

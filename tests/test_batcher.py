@@ -1,0 +1,76 @@
+"""The dynamic batcher alone: length bucketing, the oldest row first, deadlines, the queue bound."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from service.batcher import DynamicBatcher
+from service.config import Batching
+from service.errors import DeadlineExceeded, ResourceExhausted
+from service.metrics import Metrics
+
+
+def _run_with(batching: Batching, lengths: list[int], deadlines: list[float | None] | None = None,
+              ) -> tuple[list[list[int]], list[object]]:
+    """Queue one row per length at once; returns the batches the model saw and each row's outcome."""
+    seen: list[list[int]] = []
+
+    def run(rows: Sequence[int]) -> list[int]:
+        seen.append(list(rows))
+        time.sleep(0.005)  # a model run: later rows queue meanwhile
+        return [r * 10 for r in rows]
+
+    async def main() -> list[object]:
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", run, batching, Metrics())
+        b.start()
+        now = time.monotonic()
+        calls = [b.submit([n], [n], None if deadlines is None or deadlines[i] is None else now + deadlines[i])
+                 for i, n in enumerate(lengths)]
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        await b.close()
+        return list(out)
+
+    return seen, asyncio.run(main())
+
+
+def test_rows_of_similar_length_share_a_batch() -> None:
+    lengths = [2, 40, 3, 41, 2, 39, 3, 40]
+    seen, out = _run_with(Batching(max_batch_size=2, max_queue_delay_ms=20, max_batch_tokens=10_000), lengths)
+    assert out == [[n * 10] for n in lengths]  # every caller got its own row's result
+    assert seen[0][0] == 2  # the oldest row goes first
+    for batch in seen:
+        assert max(batch) <= 2 * min(batch)  # short with short, long with long: little padding
+
+
+def test_fifo_order_when_lengths_are_equal() -> None:
+    seen, _ = _run_with(Batching(max_batch_size=3, max_queue_delay_ms=20), [5, 6, 7, 8, 9, 10])
+    flat = [r for batch in seen for r in batch]
+    assert flat[0] == 5 and sorted(flat) == [5, 6, 7, 8, 9, 10]
+
+
+def test_padded_token_budget_bounds_a_batch() -> None:
+    seen, _ = _run_with(Batching(max_batch_size=8, max_queue_delay_ms=20, max_batch_tokens=100), [50, 50, 50, 10])
+    for batch in seen:
+        assert max(batch) * len(batch) <= 100 or len(batch) == 1
+
+
+def test_expired_rows_never_run() -> None:
+    seen, out = _run_with(Batching(max_batch_size=1, max_queue_delay_ms=1), [4, 5, 6], deadlines=[None, 0.0, None])
+    assert isinstance(out[1], DeadlineExceeded) and out[0] == [40] and out[2] == [60]
+    assert 5 not in [r for batch in seen for r in batch]
+
+
+def test_full_queue_refuses_at_once() -> None:
+    async def main() -> None:
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", lambda rows: list(rows), Batching(max_queue_size=2),
+                                                     Metrics())
+        b.start()
+        with pytest.raises(ResourceExhausted, match="max_queue_size 2"):
+            await b.submit([1, 2, 3], [1, 1, 1])
+        await b.close()
+
+    asyncio.run(main())
