@@ -18,7 +18,6 @@ the TorchScript one (`dynamo=False`), as for GPT (export/onnx_export.py).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from export.parity import PARITY_TOLERANCE, output_diff, require_parity
+from export.parity import PARITY_TOLERANCE, export_module, output_diff, require_parity
 from models.bert import Bert
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "mask_positions")
@@ -37,7 +36,6 @@ OUTPUT_NAMES = ("mask_logprobs", "nsp_logprobs", "hidden_states")
 # (batch, sequence, blanks): unlike the export dummy (2, 8, 2) in every axis; batch 1 and 7 included.
 PARITY_SHAPES = ((1, 3, 1), (1, 9, 3), (3, 12, 1), (7, 10, 4), (5, 17, 2))
 _DUMMY_SHAPE = (2, 8, 2)
-_NOISE = ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed")
 
 
 class BertServingGraph(nn.Module):
@@ -104,28 +102,13 @@ def export_bert(model: Bert, path: Path, *, opset: int = 17) -> dict[str, Any]:
     graph = BertServingGraph(model).eval()
     dummy = random_batch(cfg.vocab_size, *_DUMMY_SHAPE, torch.Generator().manual_seed(0))
     seq = {0: "batch", 1: "sequence"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        for message in _NOISE:
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        torch.onnx.export(
-            graph,
-            dummy,
-            str(path),
-            dynamo=False,
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={
-                "input_ids": seq, "attention_mask": seq, "token_type_ids": seq,
-                "mask_positions": {0: "batch", 1: "masks"},
-                "mask_logprobs": {0: "batch", 1: "masks"},
-                "nsp_logprobs": {0: "batch"},
-                "hidden_states": seq,
-            },
-            opset_version=opset,
-            do_constant_folding=True,
-        )
-    proto = onnx.load(str(path))
+    proto = export_module(graph, dummy, path, INPUT_NAMES, OUTPUT_NAMES, {
+        "input_ids": seq, "attention_mask": seq, "token_type_ids": seq,
+        "mask_positions": {0: "batch", 1: "masks"},
+        "mask_logprobs": {0: "batch", 1: "masks"},
+        "nsp_logprobs": {0: "batch"},
+        "hidden_states": seq,
+    }, opset)
     # Declare the static sizes that shape inference may lose behind the gathers.
     static = {"mask_logprobs": (2, cfg.vocab_size), "nsp_logprobs": (1, 2), "hidden_states": (2, cfg.n_embd)}
     for output in proto.graph.output:

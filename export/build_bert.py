@@ -111,11 +111,9 @@ def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) 
             "graphs": {"model": graph},
             "parity": graph.get("parity", {}),
             "config": asdict(cfg),
-            "training": {"steps": result.steps, "best_valid_loss": result.best_valid_loss,
-                         "final_train_loss": result.final_train_loss, "seconds": round(result.seconds, 1),
-                         "losses": [list(h) for h in result.history], "tokens_seen": result.tokens_seen,
-                         "stopped_because": result.stopped_because, "parameters": model.num_params(),
-                         "objective": "MLM (15%: 80% [MASK] / 10% random / 10% kept) + NSP (50/50)"},
+            "training": result.manifest(
+                model.num_params(), losses=[list(h) for h in result.history],
+                objective="MLM (15%: 80% [MASK] / 10% random / 10% kept) + NSP (50/50)"),
             "evaluation": evaluation,
             "build_key": key, "corpus_sha256": data.corpus.manifest.get("corpus_sha256", ""),
         })

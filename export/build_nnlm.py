@@ -98,10 +98,7 @@ def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) 
             "graphs": {"model": graph},
             "parity": graph["parity"],
             "config": asdict(cfg),
-            "training": {"steps": result.steps, "best_valid_loss": result.best_valid_loss,
-                         "final_train_loss": result.final_train_loss, "seconds": round(result.seconds, 1),
-                         "tokens_seen": result.tokens_seen, "stopped_because": result.stopped_because,
-                         "parameters": model.num_params(), "profile": profile},
+            "training": result.manifest(model.num_params(), profile=profile),
             "evaluation": evaluation,
             "build_key": key, "corpus_sha256": data.corpus.manifest.get("corpus_sha256", ""),
         })

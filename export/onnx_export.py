@@ -24,7 +24,6 @@ boolean mask to MatMul/Where/Add/Softmax from opset 14, and keeps `dynamic_axes`
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from export.parity import PARITY_TOLERANCE, output_diff, require_parity
+from export.parity import PARITY_TOLERANCE, export_module, output_diff, require_parity
 from models.gpt import GPT, position_ids_from_mask
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -48,7 +47,6 @@ _DUMMY_SHAPE = (2, 8)
 
 # Exporter messages that are noise for us: the notice that the TorchScript exporter is legacy (we choose
 # it on purpose, see the module docstring) and a deprecation inside its own implementation.
-_NOISE = ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed")
 
 
 class GPTScoringGraph(nn.Module):
@@ -117,7 +115,7 @@ def check_parity(
 
 
 def _check_exported(path: Path, vocab_size: int, parity: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Declare `next_logprobs`' vocabulary axis, run the full onnx.checker and the parity check (fatal if off)."""
+    """Declare `next_logprobs`' vocabulary axis, check again, and run the parity check (fatal if off)."""
     proto = onnx.load(str(path))
     # The exporter's shape inference loses V behind the gather; declare it, as hidden_states declares C.
     next_output = next(o for o in proto.graph.output if o.name == "next_logprobs")
@@ -138,26 +136,12 @@ def export_gpt(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
     graph = GPTScoringGraph(model).eval()
     dummy = _random_batch(cfg.vocab_size, *_DUMMY_SHAPE, "left", torch.Generator().manual_seed(0))
     axes = {0: "batch", 1: "sequence"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        for message in _NOISE:
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        torch.onnx.export(
-            graph,
-            dummy,
-            str(path),
-            dynamo=False,
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={
-                **{name: axes for name in INPUT_NAMES},
-                "token_logprobs": axes,
-                "next_logprobs": {0: "batch"},
-                "hidden_states": axes,
-            },
-            opset_version=opset,
-            do_constant_folding=True,
-        )
+    export_module(graph, dummy, path, INPUT_NAMES, OUTPUT_NAMES, {
+        **{name: axes for name in INPUT_NAMES},
+        "token_logprobs": axes,
+        "next_logprobs": {0: "batch"},
+        "hidden_states": axes,
+    }, opset)
     parity = _check_exported(path, cfg.vocab_size, lambda: check_parity(model, path))
     model.train(was_training)
     seq = ["batch", "sequence"]
@@ -294,28 +278,14 @@ def export_gpt_decoder(model: GPT, path: Path, *, opset: int = 17) -> dict[str, 
     seq = {0: "batch", 1: "sequence"}
     kv_in = {0: "batch", 2: "past_sequence"}
     kv_out = {0: "batch", 2: "past_sequence + sequence"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        for message in _NOISE:
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        torch.onnx.export(
-            graph,
-            dummy,
-            str(path),
-            dynamo=False,
-            input_names=inputs + pasts,
-            output_names=[*DECODER_OUTPUT_NAMES, *presents],
-            dynamic_axes={
-                "input_ids": seq,
-                "attention_mask": {0: "batch", 1: "past_sequence + sequence"},
-                "position_ids": seq,
-                **{name: kv_in for name in pasts},
-                "next_logprobs": {0: "batch"},
-                **{name: kv_out for name in presents},
-            },
-            opset_version=opset,
-            do_constant_folding=True,
-        )
+    export_module(graph, dummy, path, inputs + pasts, [*DECODER_OUTPUT_NAMES, *presents], {
+        "input_ids": seq,
+        "attention_mask": {0: "batch", 1: "past_sequence + sequence"},
+        "position_ids": seq,
+        **{name: kv_in for name in pasts},
+        "next_logprobs": {0: "batch"},
+        **{name: kv_out for name in presents},
+    }, opset)
     parity = _check_exported(path, cfg.vocab_size, lambda: check_decoder_parity(model, path))
     model.train(was_training)
 

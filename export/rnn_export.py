@@ -17,25 +17,22 @@ maps `nn.LSTM` to it).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from export.parity import PARITY_TOLERANCE, require_parity
+from export.parity import PARITY_TOLERANCE, export_module, require_parity
 from models.elmo import ELMo
 from models.nnlm import NNLM
 
 NNLM_PARITY_BATCHES = (1, 3, 17, 64)  # differ from the export dummy's 2
 ELMO_PARITY_SHAPES = ((1, 1), (1, 5), (3, 11), (7, 9), (5, 16))  # (batch, length), differ from the dummy (2, 8)
-_NOISE = ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed")
 
 
 class NNLMGraph(nn.Module):
@@ -48,24 +45,6 @@ class NNLMGraph(nn.Module):
     def forward(self, context_ids: Tensor) -> Tensor:
         logits, _ = self.model(context_ids)
         return torch.log_softmax(logits, dim=-1)  # (B, V)
-
-
-def _export(graph: nn.Module, dummy: tuple[Tensor, ...], path: Path, inputs: Sequence[str], outputs: Sequence[str],
-            dynamic_axes: dict[str, dict[int, str]], opset: int) -> onnx.ModelProto:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        for message in _NOISE:
-            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
-        # nn.LSTM with batch_first warns that the exported graph fixes no batch size; it does not (checked).
-        warnings.filterwarnings("ignore", message=".*batch_size.*LSTM.*", category=UserWarning)
-        # nn.LSTM's own shape assertions are Python bools to the tracer; they check, they compute nothing.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="torch.nn.modules.rnn")
-        torch.onnx.export(graph, dummy, str(path), dynamo=False, input_names=list(inputs),
-                          output_names=list(outputs), dynamic_axes=dynamic_axes, opset_version=opset,
-                          do_constant_folding=True)
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
 
 
 def _max_diff(session: ort.InferenceSession, graph: nn.Module, feeds: dict[str, np.ndarray],
@@ -81,10 +60,6 @@ def _max_diff(session: ort.InferenceSession, graph: nn.Module, feeds: dict[str, 
         diff = np.abs(g - e.numpy())
         worst = max(worst, float(diff.max()) if diff.size else 0.0)
     return worst
-
-
-def _check(parity: dict[str, Any], path: Path) -> None:
-    require_parity(parity, path.name)
 
 
 # ---------------------------------------------------------------------------------------------------- nnlm
@@ -109,11 +84,11 @@ def export_nnlm(model: NNLM, path: Path, *, opset: int = 17) -> dict[str, Any]:
     cfg = model.config
     k = cfg.order - 1
     dummy = (torch.randint(0, cfg.vocab_size, (2, k), generator=torch.Generator().manual_seed(0)),)
-    _export(NNLMGraph(model).eval(), dummy, path, ["context_ids"], ["next_logprobs"],
+    export_module(NNLMGraph(model).eval(), dummy, path, ["context_ids"], ["next_logprobs"],
             {"context_ids": {0: "batch"}, "next_logprobs": {0: "batch"}}, opset)
     parity = check_nnlm_parity(model, path)
     model.train(was_training)
-    _check(parity, path)
+    require_parity(parity, path.name)
     return {
         "file": path.name,
         "opset": opset,
@@ -168,7 +143,7 @@ def export_elmo(model: ELMo, path: Path, *, opset: int = 17) -> dict[str, Any]:
     dummy_np = random_padded_batch(cfg.vocab_size, 2, 8, "left", np.random.default_rng(0))
     dummy = tuple(torch.from_numpy(dummy_np[n]) for n in ELMO_INPUTS)
     axes = {0: "batch", 1: "sequence"}
-    proto = _export(model, dummy, path, ELMO_INPUTS, ELMO_OUTPUTS,
+    proto = export_module(model, dummy, path, ELMO_INPUTS, ELMO_OUTPUTS,
                     {"input_ids": axes, "attention_mask": axes, "layers": {0: "batch", 2: "sequence"},
                      "token_logprobs": axes}, opset)
     lstm_nodes = sum(1 for node in proto.graph.node if node.op_type == "LSTM")
@@ -176,7 +151,7 @@ def export_elmo(model: ELMo, path: Path, *, opset: int = 17) -> dict[str, Any]:
         raise RuntimeError(f"{path.name}: expected 4 ONNX LSTM nodes (2 layers × 2 directions), found {lstm_nodes}")
     parity = check_elmo_parity(model, path)
     model.train(was_training)
-    _check(parity, path)
+    require_parity(parity, path.name)
     seq = ["batch", "sequence"]
     return {
         "file": path.name,

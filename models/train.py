@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -64,6 +64,13 @@ class TrainResult:
     tokens_seen: int  # training targets that counted in the loss (targets != -100)
     stopped_because: StopReason
     history: tuple[tuple[int, float, float], ...]  # (step, train_loss, valid_loss) at each evaluation
+
+    def manifest(self, parameters: int, **extra: Any) -> dict[str, Any]:
+        """The `training` section of a model manifest (GetModel shows its numbers as figures)."""
+        return {"steps": self.steps, "best_valid_loss": self.best_valid_loss,
+                "final_train_loss": self.final_train_loss, "seconds": round(self.seconds, 1),
+                "tokens_seen": self.tokens_seen, "stopped_because": self.stopped_because,
+                "parameters": parameters, **extra}
 
     def summary(self) -> str:
         rate = self.tokens_seen / self.seconds if self.seconds > 0 else float("nan")
