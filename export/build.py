@@ -46,7 +46,7 @@ class GptProfile:
     n_embd: int
     batch_size: int
     max_steps: int
-    max_seconds: float  # the wall-clock budget that keeps `make serve`'s first run within 5 minutes
+    max_seconds: float | None  # the wall-clock budget that keeps `make serve`'s first run in time; None: max_steps
     eval_interval: int
     lr: float
     num_threads: int  # torch threads: 1 for the fixture, where a 2nd thread on a busy core costs ~30× per step
@@ -62,10 +62,11 @@ class Profile:
 
 
 PROFILES = {
-    # Everything in well under a minute: the test fixture.
+    # Everything in well under a minute: the test fixture. Tiny profiles stop at max_steps, never on the clock,
+    # so the fixture is the same model on a fast machine and on a loaded CI runner.
     "tiny": Profile("tiny", max_documents=8, word_min_count=1, ngram_order=3, gpt=GptProfile(
         bpe_vocab=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=16, max_steps=300,
-        max_seconds=12.0, eval_interval=50, lr=3e-3, num_threads=1)),
+        max_seconds=None, eval_interval=50, lr=3e-3, num_threads=1)),
     # The default models: the whole corpus; GPT sized to train in 2 minutes on 2 cores (every family together
     # must build from a fresh clone within 10 minutes).
     "small": Profile("small", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
