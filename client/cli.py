@@ -32,6 +32,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="build only these families: ngram nnlm word2vec elmo gpt bert [all]")
     b.add_argument("--force", action="store_true", help="rebuild models even when an up-to-date build exists")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--variants", nargs="+", default=[], choices=["int8", "fused", "fp16"],
+                   help="also write optimised graphs (dynamic int8, ORT transformer fusions, fp16) with their "
+                        "accuracy change on held-out text in the manifest; serve one with runtime.variant")
 
     s = sub.add_parser("serve", help="serve the model repository over gRPC",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         from export.build import build_repository
 
         build_repository(profile=args.profile, repository=args.repository, corpus_files=args.corpus,
-                         cache_dir=args.cache_dir, families=args.families, force=args.force, seed=args.seed)
+                         cache_dir=args.cache_dir, families=args.families, force=args.force, seed=args.seed,
+                         variants=args.variants)
         return 0
     if args.command == "serve":
         return _serve(args)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from export.repository import build_key, is_current, staging, write_manifest
+from export.variants import MAKERS, add_variants, applicable
 from models import corpus as corpus_mod
 from models import tokenization
 
@@ -59,6 +60,7 @@ class Profile:
     word_min_count: int
     ngram_order: int
     gpt: GptProfile
+    variant_sentences: int = 200  # held-out sentences each optimised variant is measured on
 
 
 PROFILES = {
@@ -66,7 +68,7 @@ PROFILES = {
     # so the fixture is the same model on a fast machine and on a loaded CI runner.
     "tiny": Profile("tiny", max_documents=8, word_min_count=1, ngram_order=3, gpt=GptProfile(
         bpe_vocab=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=16, max_steps=300,
-        max_seconds=None, eval_interval=50, lr=3e-3, num_threads=1)),
+        max_seconds=None, eval_interval=50, lr=3e-3, num_threads=1), variant_sentences=40),
     # The default models: the whole corpus; GPT sized to train in 2 minutes on 2 cores (every family together
     # must build from a fresh clone within 10 minutes).
     "small": Profile("small", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
@@ -102,12 +104,19 @@ def _source_facts(corpus_files: Sequence[Path] | None, cache_dir: Path) -> list[
 
 def build_repository(*, profile: str = "small", repository: Path = Path("repository"),
                      corpus_files: Sequence[Path] | None = None, cache_dir: Path = Path("cache"),
-                     families: Sequence[str] | None = None, force: bool = False,
-                     seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Build every requested family into `repository`; returns the manifests written (or found current)."""
+                     families: Sequence[str] | None = None, force: bool = False, seed: int = 0,
+                     variants: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """Build every requested family into `repository`; returns the manifests written (or found current).
+
+    `variants` (int8, fused, fp16: export/variants.py) are added to every model that can have them and lacks
+    them, each measured on held-out sentences; a rebuilt model loses its old variants with its old folder.
+    """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     prof = PROFILES[profile]
+    unknown = [v for v in variants if v not in MAKERS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(MAKERS)}")
     wanted = tuple(families or FAMILIES)
     for f in wanted:
         if f not in FAMILIES:
@@ -121,6 +130,7 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
             for n in FAMILIES[f][0]:
                 manifests[n] = json.loads((repository / n / "manifest.json").read_text(encoding="utf-8"))
             log.info("%s: up to date in %s (use --force to rebuild)", f, repository)
+    data: BuildData | None = None
     if todo:
         started = time.perf_counter()
         data = prepare_data(prof, corpus_files, cache_dir, seed)
@@ -133,6 +143,16 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
             t0 = time.perf_counter()
             manifests.update(getattr(importlib.import_module(module), func)(data, profile, repository, keys[f], seed))
             log.info("%s: built in %.1fs", f, time.perf_counter() - t0)
+    lacking = [n for n, m in manifests.items()
+               if any(applicable(m["family"], v) and v not in m.get("variants", {}) for v in variants)]
+    if lacking:
+        data = data or prepare_data(prof, corpus_files, cache_dir, seed)
+        held_out = data.corpus.test[: prof.variant_sentences]
+        for name in lacking:
+            t0 = time.perf_counter()
+            manifests[name] = add_variants(repository / name, variants, held_out)
+            log.info("%s: variants %s in %.1fs", name, ", ".join(manifests[name].get("variants", {})),
+                     time.perf_counter() - t0)
     _print_summary(manifests)
     return manifests
 

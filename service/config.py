@@ -39,12 +39,21 @@ class Batching:
 
 @dataclass(frozen=True)
 class Runtime:
-    """ONNX Runtime session settings."""
+    """ONNX Runtime session settings (overridable per model: `[model.NAME.runtime]`)."""
 
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # priority order; unavailable ones are skipped
+    # Execution providers in priority order ("tensorrt", "cuda", "cpu" or ORT's full names). Empty = automatic:
+    # TensorRT, then CUDA, then CPU, those this onnxruntime build has. Configured providers that are missing
+    # here are skipped with a warning; CPU is always the last resort.
+    providers: tuple[str, ...] = ()
+    # Options per provider, as ONNX Runtime names them, e.g. {"CUDAExecutionProvider": {"device_id": 0,
+    # "gpu_mem_limit": 2147483648}, "TensorrtExecutionProvider": {"trt_fp16_enable": True,
+    # "trt_engine_cache_enable": True, "trt_engine_cache_path": "cache/trt"}}.
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     intra_op_threads: int = 0  # 0 = one per core: one batch runs at a time per model, so it may use them all
     graph_optimization: str = "all"  # disable | basic | extended | all
+    memory_arena: bool = True  # ORT's CPU arena: reuses buffers between runs of varying shapes (faster, more RSS)
     kv_cache: bool = True  # generate with the KV-cache decoder and continuous batching when a model has one
+    variant: str = ""  # an optimised graph the model folder holds ("int8", "fused", "fp16"); "" = the exported one
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,11 @@ class ServerConfig:
     batching: Batching = field(default_factory=Batching)
     runtime: Runtime = field(default_factory=Runtime)
     model_batching: dict[str, Batching] = field(default_factory=dict)  # per-model overrides by name
+    model_runtime: dict[str, Runtime] = field(default_factory=dict)  # per-model overrides by name
+
+    def runtime_for(self, model: str) -> Runtime:
+        """The ONNX Runtime settings of one model: the server's, or the config file's per-model section."""
+        return self.model_runtime.get(model, self.runtime)
 
     def batching_for(self, model: str, manifest_batching: dict[str, Any] | None = None) -> Batching:
         """The batching settings of one model: server default ← manifest ← config file's per-model section."""
@@ -83,6 +97,10 @@ def _replace_checked(obj: Any, values: dict[str, Any], where: str) -> Any:
             value = Path(value)
         elif isinstance(current, tuple):
             value = tuple(value) if isinstance(value, list | tuple) else tuple(str(value).split(","))
+        elif isinstance(current, dict):
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ValueError(f"{where}: {key} must be a table of tables, got {value!r}")
+            value = {**current, **value}
         elif isinstance(current, bool):
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
         elif isinstance(current, int | float) and not isinstance(value, int | float):
@@ -124,7 +142,7 @@ def load_config(
         # Only names of settings count: other PLM_* variables (PLM_CACHE for `plm build`) are not ours.
         if sub and section in _SECTIONS and sub in {f.name for f in dataclasses.fields(_SECTIONS[section])}:
             data.setdefault(section, {})[sub] = value
-        elif not sub and name in top and name not in _SECTIONS and name != "model_batching":
+        elif not sub and name in top and name not in _SECTIONS and not name.startswith("model_"):
             data[name] = value
     for key, value in (overrides or {}).items():
         if value is not None:
@@ -134,8 +152,17 @@ def load_config(
     for name, cls in _SECTIONS.items():
         sections[name] = _replace_checked(cls(), data.pop(name, {}), f"config [{name}]")
     per_model: dict[str, Batching] = {}
+    per_model_runtime: dict[str, Runtime] = {}
     for model, settings in data.pop("model", {}).items():
-        batching = _replace_checked(sections["batching"], settings.get("batching", {}), f"config [model.{model}]")
-        per_model[model] = batching
+        unknown = set(settings) - {"batching", "runtime"}
+        if unknown:
+            raise ValueError(f"config [model.{model}]: unknown section(s) {', '.join(sorted(unknown))} "
+                             "(known: batching, runtime)")
+        if "batching" in settings:
+            per_model[model] = _replace_checked(sections["batching"], settings["batching"],
+                                                f"config [model.{model}.batching]")
+        if "runtime" in settings:
+            per_model_runtime[model] = _replace_checked(sections["runtime"], settings["runtime"],
+                                                        f"config [model.{model}.runtime]")
     cfg = _replace_checked(cfg, data, "config")
-    return dataclasses.replace(cfg, model_batching=per_model, **sections)
+    return dataclasses.replace(cfg, model_batching=per_model, model_runtime=per_model_runtime, **sections)

@@ -71,6 +71,10 @@ class Metrics:
         self.prefix_cache_bytes = Gauge(
             "plm_prefix_cache_bytes", "Keys and values of cached prompt prefixes.", ["model"], registry=r
         )
+        self.execution_provider = Gauge(
+            "plm_execution_provider_active", "1 for each ONNX Runtime execution provider a model's sessions use.",
+            ["model", "provider"], registry=r,
+        )
         self.model_ready = Gauge("plm_model_ready", "1 when the model is loaded and serving.", ["model"], registry=r)
         self.model_load_seconds = Gauge(
             "plm_model_load_seconds", "Time the last load of the model took.", ["model"], registry=r

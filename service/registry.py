@@ -18,6 +18,7 @@ from service.config import ServerConfig
 from service.errors import NotFound
 from service.families.base import ModelAdapter, read_json
 from service.metrics import Metrics
+from service.runtime import provider_name
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,12 @@ def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     if manifest["name"] != folder.name:
         raise ValueError(f"{folder / 'manifest.json'}: name {manifest['name']!r} differs from the folder name")
     _inside(folder, manifest["tokenizer"]["file"])
-    for graph in manifest.get("graphs", {}).values():
-        if not str(graph["file"]).endswith(".onnx"):
-            raise ValueError(f"{folder.name}: graph {graph['file']!r} is not an .onnx file")
-        _inside(folder, graph["file"])
+    files = [graph["file"] for graph in manifest.get("graphs", {}).values()]
+    files += [f for v in (manifest.get("variants") or {}).values() for f in v.get("graphs", {}).values()]
+    for file in files:
+        if not str(file).endswith(".onnx"):
+            raise ValueError(f"{folder.name}: graph {file!r} is not an .onnx file")
+        _inside(folder, file)
     if "ngram" in manifest:
         _inside(folder, manifest["ngram"]["file"])
 
@@ -79,6 +82,9 @@ class Registry:
         self.failed: dict[str, str] = {}
 
     def load_all(self) -> None:
+        for runtime in (self.config.runtime, *self.config.model_runtime.values()):  # a typo fails the start
+            for name in (*runtime.providers, *runtime.provider_options):
+                provider_name(name)
         root = self.config.repository
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root} does not exist (build it with `plm build`)")

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -28,30 +29,89 @@ _OPT_LEVELS = {
 }
 
 
+# Short names a config may use for ONNX Runtime's provider names.
+ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider",
+}
+CPU = "CPUExecutionProvider"
+AUTO = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU)  # `providers = []`: the best this build has
+
+
+def provider_name(name: str) -> str:
+    """ORT's name of a provider given by full name or alias; an unknown name is a config error naming the list."""
+    full = ALIASES.get(name.lower(), name)
+    if full not in ort.get_all_providers():
+        raise ValueError(f"runtime.providers: unknown execution provider {name!r} (aliases: "
+                         f"{', '.join(sorted(ALIASES))}; ONNX Runtime knows: {', '.join(ort.get_all_providers())})")
+    return full
+
+
+def choose_providers(runtime: Runtime, model: str) -> list[tuple[str, dict[str, Any]]]:
+    """The configured providers this onnxruntime build has, in priority order, each with its options; CPU last.
+
+    A provider that is configured but missing here (a CPU-only wheel, no GPU) is skipped with a warning: the
+    server starts on what it has.
+    """
+    available = set(ort.get_available_providers())
+    options = {provider_name(k): v for k, v in runtime.provider_options.items()}
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for name in map(provider_name, runtime.providers or AUTO):
+        if name in available:
+            chosen.append((name, dict(options.get(name, {}))))
+        elif runtime.providers:  # asked for by name: say that it is not used (automatic choice stays quiet)
+            log.warning("model %s: execution provider %s is not available in this onnxruntime build (it has %s); "
+                        "falling back to the next one", model, name, ", ".join(sorted(available)))
+    if all(name != CPU for name, _ in chosen):
+        chosen.append((CPU, dict(options.get(CPU, {}))))  # the fallback of last resort
+    return chosen
+
+
+def session_options(runtime: Runtime) -> ort.SessionOptions:
+    """Session options for 2-core serving (docs/architecture.md, "ONNX Runtime settings")."""
+    opts = ort.SessionOptions()
+    # One batch runs at a time per model (one batching worker), so intra-op threads may use every core.
+    opts.intra_op_num_threads = runtime.intra_op_threads or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1  # the graphs are sequential chains; parallel mode buys nothing
+    opts.graph_optimization_level = _OPT_LEVELS[runtime.graph_optimization]
+    opts.enable_cpu_mem_arena = runtime.memory_arena
+    opts.log_severity_level = 3  # warnings from ORT about unused initialisers are noise to operators
+    return opts
+
+
 class OrtSession:
     """One ONNX graph, ready to run. `run` is blocking: call it from the model's batch thread."""
 
-    def __init__(self, path: Path, runtime: Runtime, model: str, metrics: Metrics | None = None) -> None:
-        opts = ort.SessionOptions()
-        # One batch runs at a time per model (one batching worker), so intra-op threads may use every core.
-        opts.intra_op_num_threads = runtime.intra_op_threads or (os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1  # the graphs are sequential chains; parallel mode buys nothing
-        opts.graph_optimization_level = _OPT_LEVELS[runtime.graph_optimization]
-        opts.log_severity_level = 3  # warnings from ORT about unused initialisers are noise to operators
-        available = set(ort.get_available_providers())
-        wanted = list(runtime.providers)
-        providers = [p for p in wanted if p in available]
-        for p in wanted:
-            if p not in available:
-                log.warning("model %s: execution provider %s is not available here; skipped", model, p)
-        if "CPUExecutionProvider" not in providers:
-            providers.append("CPUExecutionProvider")  # the fallback of last resort
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    def __init__(self, path: Path, runtime: Runtime, model: str, metrics: Metrics | None = None,
+                 variant: str = "") -> None:
+        self.variant = variant  # the optimised graph this is ("" = the exported graph)
+        opts = session_options(runtime)
+        chosen = choose_providers(runtime, model)
+        while True:
+            try:
+                self.session = ort.InferenceSession(str(path), sess_options=opts, providers=[n for n, _ in chosen],
+                                                    provider_options=[o for _, o in chosen])
+                break
+            except Exception as e:  # a provider in the build may still fail: driver, libraries, memory, options
+                if len(chosen) == 1:
+                    raise
+                log.warning("model %s: ONNX Runtime could not start %s (%s); trying %s", model, chosen[0][0],
+                            str(e).splitlines()[0] if str(e) else type(e).__name__, chosen[1][0])
+                chosen = chosen[1:]
         self.providers: list[str] = self.session.get_providers()
+        wanted_first = chosen[0][0]
+        if self.providers[0] != wanted_first:  # ORT itself may drop a provider it cannot initialise
+            log.warning("model %s: %s requested but ONNX Runtime runs it on %s", model, wanted_first,
+                        ", ".join(self.providers))
+        self.provider_options = {n: o for n, o in self.session.get_provider_options().items() if n in self.providers}
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.model = model
         self._metrics = metrics
+        if metrics is not None:
+            for name in self.providers:
+                metrics.execution_provider.labels(model, name).set(1)
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray], stage: str = "forward") -> dict[str, np.ndarray]:
         """Run the graph for the named outputs; records the batch metrics when `feeds` has an attention mask."""
@@ -65,6 +125,23 @@ class OrtSession:
                 m.batch_tokens.labels(self.model).observe(mask.size)
                 m.padding_efficiency.labels(self.model).observe(float(mask.sum()) / mask.size)
         return results
+
+
+def open_graph(folder: Path, manifest: dict[str, Any], key: str, runtime: Runtime, model: str,
+               metrics: Metrics | None) -> OrtSession:
+    """A session on the manifest's graph `key`: the configured optimised variant when the folder has one.
+
+    Variants (`plm build --variants`) are listed in the manifest as {"int8": {"graphs": {"model": FILE}, ...}};
+    a model without the requested variant serves its exported graph, and says so in the log.
+    """
+    path, variant = folder / manifest["graphs"][key]["file"], ""
+    if runtime.variant:
+        file = ((manifest.get("variants") or {}).get(runtime.variant) or {}).get("graphs", {}).get(key)
+        if file:
+            path, variant = folder / file, runtime.variant
+        else:
+            log.info("model %s: no %r variant of graph %r; serving the exported graph", model, runtime.variant, key)
+    return OrtSession(path, runtime, model, metrics, variant)
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -271,6 +271,11 @@ def model_info(m: ModelAdapter) -> pb.ModelInfo:
                 info.figures[f"{section}.{key}"] = float(value)
             elif isinstance(value, str) and len(value) <= 200:
                 info.details[f"{section}.{key}"] = value
+    for variant, spec in (man.get("variants") or {}).items():  # optimised graphs and what they cost in accuracy
+        for key, value in (spec.get("accuracy") or {}).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                info.figures[f"variants.{variant}.{key}"] = float(value)
+    info.details["variant"] = m.variant or "exported"
     for key in ("created_at", "corpus_sha256", "description"):
         if isinstance(man.get(key), str):
             info.details[key] = man[key]

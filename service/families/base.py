@@ -71,7 +71,13 @@ class ModelAdapter(abc.ABC):
         self.max_length = int(manifest["max_length"])
         self.vocab_size = int(manifest["vocab_size"])
         self.tokenizer_kind = str(manifest.get("tokenizer", {}).get("kind", ""))
-        self.providers: list[str] = []
+        self.providers: list[str] = []  # the execution providers of the model's sessions, first = preferred
+        self.variant = ""  # the optimised graph variant served ("" = the exported graph)
+
+    def served_by(self, session: Any) -> None:
+        """Record which execution providers and graph variant serve the model (for GetModel and the logs)."""
+        self.providers = list(session.providers)
+        self.variant = session.variant
 
     def require(self, task: str) -> None:
         if task not in self.tasks:

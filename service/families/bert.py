@@ -24,7 +24,7 @@ from service.config import ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
 from service.metrics import Metrics
-from service.runtime import OrtSession, pad_right
+from service.runtime import open_graph, pad_right
 
 CONTINUATION = "##"  # WordPiece's prefix of a piece that continues the word before it
 
@@ -58,9 +58,8 @@ class BertAdapter(ModelAdapter):
         self._mask = self.special_id(self.tokenizer, tok.get("mask", "[MASK]"))
         self._pad = self.special_id(self.tokenizer, tok.get("pad", "[PAD]"))
         self._unk = self.special_id(self.tokenizer, tok.get("unk", "[UNK]"))
-        graph = manifest["graphs"]["model"]
-        self.session = OrtSession(folder / graph["file"], config.runtime, name, metrics)
-        self.providers = self.session.providers
+        self.session = open_graph(folder, manifest, "model", config.runtime_for(name), name, metrics)
+        self.served_by(self.session)
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
         )

@@ -26,7 +26,7 @@ from service.errors import FailedPrecondition, InvalidArgument
 from service.families.base import TokenScores, TokenVectors
 from service.families.words import WordModel, WordVocabulary
 from service.metrics import Metrics
-from service.runtime import OrtSession, pad_right
+from service.runtime import open_graph, pad_right
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,8 @@ class ElmoAdapter(WordModel):
         self.gamma = float(spec.get("gamma", 1.0))
         if len(self.default_weights) != 3 or not all(math.isfinite(w) for w in self.default_weights):
             raise ValueError(f"{folder.name}: manifest elmo.layer_weights must be 3 finite numbers")
-        self.session = OrtSession(folder / manifest["graphs"]["model"]["file"], config.runtime, name, metrics)
-        self.providers = self.session.providers
+        self.session = open_graph(folder, manifest, "model", config.runtime_for(name), name, metrics)
+        self.served_by(self.session)
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
         )

@@ -21,7 +21,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
 from service.metrics import Metrics
-from service.runtime import OrtSession, pad_right
+from service.runtime import open_graph, pad_right
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,9 @@ class GptAdapter(ModelAdapter):
         self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
         self._eos = self.special_id(self.tokenizer, tok.get("eos", "<|endoftext|>"))
         self._bos = self.special_id(self.tokenizer, tok.get("bos", "<|endoftext|>"))
-        graph = manifest["graphs"]["model"]
-        self.session = OrtSession(folder / graph["file"], config.runtime, name, metrics)
-        self.providers = self.session.providers
+        runtime = config.runtime_for(name)
+        self.session = open_graph(folder, manifest, "model", runtime, name, metrics)
+        self.served_by(self.session)
         self._metrics = metrics
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
@@ -71,11 +71,11 @@ class GptAdapter(ModelAdapter):
         if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
             self._never[self._bos] = True
         decoder = manifest["graphs"].get("decoder")
-        if decoder is not None and config.runtime.kv_cache:
+        if decoder is not None and runtime.kv_cache:
             from service.engine import GenerationEngine
 
             self.engine = GenerationEngine(
-                name, OrtSession(folder / decoder["file"], config.runtime, name, metrics), int(decoder["n_layer"]),
+                name, open_graph(folder, manifest, "decoder", runtime, name, metrics), int(decoder["n_layer"]),
                 int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos, ~self._never,
                 config.batching_for(name, manifest.get("batching")), metrics)
 

@@ -21,7 +21,7 @@ from service.config import ServerConfig
 from service.families.base import TokenScores
 from service.families.words import WordModel, WordVocabulary
 from service.metrics import Metrics
-from service.runtime import OrtSession
+from service.runtime import open_graph
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class NnlmAdapter(WordModel):
         super().__init__(name, folder, manifest)
         self.vocab = WordVocabulary(folder, manifest)
         self.order = int(manifest["nnlm"]["order"])
-        self.session = OrtSession(folder / manifest["graphs"]["model"]["file"], config.runtime, name, metrics)
-        self.providers = self.session.providers
+        self.session = open_graph(folder, manifest, "model", config.runtime_for(name), name, metrics)
+        self.served_by(self.session)
         self._batcher: DynamicBatcher[_Window, Any] = DynamicBatcher(
             name, self._run, config.batching_for(name, manifest.get("batching")), metrics
         )

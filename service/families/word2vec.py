@@ -34,7 +34,7 @@ from service.errors import FailedPrecondition
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
 from service.families.words import encode_words, join_words
 from service.metrics import Metrics
-from service.runtime import OrtSession, pad_right
+from service.runtime import open_graph, pad_right
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,13 @@ class Word2VecAdapter(ModelAdapter):
         self._never = np.zeros(self.vocab_size, dtype=bool)
         self._never[[self._unk, self._mask]] = True
         self._all_words = np.ones(self.vocab_size, dtype=bool)
-        graphs = manifest["graphs"]
         # No metrics for this one load-time run: they describe requests.
-        vectors = OrtSession(folder / graphs["vectors"]["file"], config.runtime, name, None)
+        vectors = open_graph(folder, manifest, "vectors", config.runtime_for(name), name, None)
         all_ids = np.arange(self.vocab_size, dtype=np.int64)
         self._matrix: np.ndarray = vectors.run(["vectors"], {"input_ids": all_ids})["vectors"]  # (V, D)
         self._matrix.setflags(write=False)
-        self.cloze = OrtSession(folder / graphs["cloze"]["file"], config.runtime, name, metrics)
-        self.providers = self.cloze.providers
+        self.cloze = open_graph(folder, manifest, "cloze", config.runtime_for(name), name, metrics)
+        self.served_by(self.cloze)
         self._batcher: DynamicBatcher[_ClozeRow, np.ndarray] = DynamicBatcher(
             name, self._run_cloze, config.batching_for(name, manifest.get("batching")), metrics
         )
