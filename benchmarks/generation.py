@@ -18,51 +18,19 @@ import argparse
 import concurrent.futures
 import itertools
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 
 from client.client import PlmClient
+from client.local_server import LocalServer
 from service.pb.plm.v1 import plm_pb2 as pb
 
 PROMPTS = ["The king", "Good morrow, my lord", "O Romeo", "What light through yonder window", "My liege",
            "Now is the winter", "Friends, Romans", "To be, or not"]
-
-
-class Server:
-    """`plm serve` in its own process (its GIL is not the benchmark clients'), on a free loopback port."""
-
-    def __init__(self, repository: Path, model: str, kv_cache: bool) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "PLM_RUNTIME__KV_CACHE": "true" if kv_cache else "false"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "serve", "--repository", str(repository), "--port", str(port),
-             "--metrics-port", "0", "--models", model], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.target = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with PlmClient(self.target, timeout=2) as c:
-                    if c.health_status("") == "SERVING":
-                        return
-            except grpc.RpcError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("plm serve did not start within 60 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 def stream_once(target: str, model: str, prompt: str, n: int, seed: int) -> tuple[int, list[float]]:
@@ -188,7 +156,7 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {"engine": [], "recompute": []}
     classify_s: dict[str, float] = {}
     for mode, kv in (("engine", True), ("recompute", False)):
-        srv = Server(args.repository, args.model, kv)
+        srv = LocalServer(args.repository, [args.model], {"PLM_RUNTIME__KV_CACHE": "true" if kv else "false"})
         try:
             classify_s[mode] = classify_timing(srv.target, args.model)
             print(f"{mode:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[mode] * 1000:.1f} ms", flush=True)

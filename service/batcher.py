@@ -1,7 +1,7 @@
 """Dynamic batching: one queue and one worker per model (DESIGN.md §2, §7.7).
 
 Callers submit rows (one sequence each) and await their results. The worker takes the oldest row, waits up
-to `max_queue_delay_ms` for company, and forms a batch bounded by a row count and a padded-token budget
+to `max_queue_delay_ms` for company when the model is busy (an idle model runs a lone row at once), and forms a batch bounded by a row count and a padded-token budget
 (rows × longest row), filled with the queued rows nearest the oldest one in length (little padding). Rows
 whose deadline passed are failed with DEADLINE_EXCEEDED and never run; rows whose
 caller went away are dropped. The batch runs on the model's own thread (blocking ONNX work stays off the
@@ -62,6 +62,8 @@ class DynamicBatcher(Generic[P, R]):
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run-{model}")
         self._closed = False
         self.batches_run = 0
+        self._arrivals = 0  # rows ever submitted
+        self._busy = False  # rows arrived while the last batch ran: the model is under load
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -85,6 +87,7 @@ class DynamicBatcher(Generic[P, R]):
         now = time.monotonic()
         rows = [_Row(p, n, loop.create_future(), now, deadline) for p, n in zip(payloads, lengths, strict=True)]
         self._queue.extend(rows)
+        self._arrivals += len(rows)
         self._metrics.queue_depth.labels(self.model).set(len(self._queue))
         self._wakeup.set()
         try:
@@ -158,9 +161,11 @@ class DynamicBatcher(Generic[P, R]):
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait for company until the oldest row has waited `delay`, or the batch is full.
+            # Under load (rows arrived while the last batch ran), wait for company until the oldest row has
+            # waited `delay` or the batch is full. An idle model runs what it has at once: at low load nobody
+            # is coming, and waiting would only add `delay` to every request's latency.
             oldest = self._queue[0].enqueued
-            while len(self._queue) < self.cfg.max_batch_size:
+            while (self._busy or not self.cfg.idle_dispatch) and len(self._queue) < self.cfg.max_batch_size:
                 remaining = oldest + delay - time.monotonic()
                 if remaining <= 0:
                     break
@@ -176,6 +181,7 @@ class DynamicBatcher(Generic[P, R]):
             started = time.monotonic()
             for row in batch:
                 self._metrics.queue_wait.labels(self.model).observe(started - row.enqueued)
+            arrivals = self._arrivals
             try:
                 results = await loop.run_in_executor(self._executor, self._run, [r.payload for r in batch])
             except Exception as e:  # the whole batch failed: every caller hears about it
@@ -184,6 +190,8 @@ class DynamicBatcher(Generic[P, R]):
                     if not row.future.done():
                         row.future.set_exception(e)
                 continue
+            finally:
+                self._busy = self._arrivals > arrivals
             self.batches_run += 1
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for row, result in zip(batch, results, strict=True):

@@ -34,6 +34,7 @@ class Batching:
     max_batch_size: int = 32  # rows per ONNX run: past ~32 the 2-core CPU gains no throughput
     max_batch_tokens: int = 8192  # padded rows × length per run; bounds memory of a [B,T,V] log-softmax
     max_queue_delay_ms: float = 2.0  # how long the first request waits for company; small vs inference time
+    idle_dispatch: bool = True  # wait for company only under load; an idle model runs a lone request at once
     max_queue_size: int = 1024  # queued rows beyond this are refused with RESOURCE_EXHAUSTED
 
 

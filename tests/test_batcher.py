@@ -74,3 +74,29 @@ def test_full_queue_refuses_at_once() -> None:
         await b.close()
 
     asyncio.run(main())
+
+
+def test_an_idle_model_does_not_wait_for_company_a_busy_one_does() -> None:
+    """max_queue_delay_ms of 60 s: a lone request on an idle model must not wait it out (the test's 30 s
+    timeout would fail); with idle_dispatch off it would. Under load, rows that queued while a batch ran
+    wait for company and leave together."""
+    seen: list[list[int]] = []
+
+    def run(rows: Sequence[int]) -> list[int]:
+        seen.append(list(rows))
+        time.sleep(0.05)
+        return list(rows)
+
+    async def main() -> None:
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", run, Batching(max_batch_size=3, max_queue_delay_ms=60_000),
+                                                     Metrics())
+        b.start()
+        assert await asyncio.wait_for(b.submit([1], [1]), 10) == [1]  # idle: ran at once
+        first = asyncio.ensure_future(b.submit([2], [1]))
+        await asyncio.sleep(0.01)  # row 2's batch is running: the model is busy now
+        later = [asyncio.ensure_future(b.submit([n], [1])) for n in (3, 4, 5)]
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)  # 3 rows fill a batch: no 60 s wait
+        await b.close()
+
+    asyncio.run(main())
+    assert seen == [[1], [2], [3, 4, 5]]

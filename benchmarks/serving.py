@@ -1,0 +1,225 @@
+"""Serving overhead and batching, as ratios measured in one run (issue 5's benchmark).
+
+    python benchmarks/serving.py [--repository repository] [--duration 8] [--out results/serving.json]
+
+Each served figure comes from `plm serve` in its own process (client/local_server.py) driven by the
+`plm loadtest` engine (closed loop, warm-up excluded, client CPU reported); each raw figure from an
+in-process ONNX Runtime session over the same graph file, with the same session options and the same token
+ids, padded the same way:
+
+1. `Score` on GPT and `FillMask` on BERT at concurrency 64 ÷ raw ONNX Runtime at its best batch size
+   (target ≥ 0.8 on CPU).
+2. Dynamic batching on ÷ off (`max_batch_size` 1) for GPT `Score` at concurrency 64 (target ≥ 1.5×).
+3. `PredictNext` on the neural LM at concurrency 1: served p50 − raw ONNX Runtime p50 (one run + top-k;
+   target ≤ 1 ms).
+4. n-gram `PredictNext` throughput at concurrency 32 (target ≥ 2,000 requests/s on 2 cores, the client on the
+   same machine; its CPU is reported — it competes with the server for the same cores).
+
+Writes the JSON and a PNG (throughput bars and the latency CDFs) and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.local_server import LocalServer
+from client.loadtest import BUILTIN_INPUTS, LoadConfig, RequestSpec, mask_one_word, run_loadtest
+from service.config import Runtime, ServerConfig
+from service.metrics import Metrics
+from service.registry import load_model
+from service.runtime import OrtSession, pad_right
+
+BATCHES = (1, 4, 8, 16, 32, 64)
+
+
+def held_out_texts(n: int = 256) -> list[str]:
+    """The load tester's built-in held-out sentences (Shakespeare and news the models never trained on)."""
+    texts = list(BUILTIN_INPUTS)
+    return (texts * (n // len(texts) + 1))[:n]
+
+
+def best_rate(run: Callable[[list[int]], None], n_items: int, seconds: float = 1.5) -> dict[str, Any]:
+    """Items/s of `run(indices)` at each batch size over a fixed time; the best batch wins."""
+    rows = []
+    for b in BATCHES:
+        run(list(range(b)))  # warm-up: ORT allocates for this shape
+        done, started = 0, time.perf_counter()
+        i = 0
+        while time.perf_counter() - started < seconds:
+            run([(i + k) % n_items for k in range(b)])
+            i += b
+            done += b
+        rows.append({"batch": b, "items_per_s": done / (time.perf_counter() - started)})
+    best = max(rows, key=lambda r: r["items_per_s"])
+    return {"by_batch": rows, "best_batch": best["batch"], "best_items_per_s": best["items_per_s"]}
+
+
+def raw_latency(run: Callable[[list[int]], None], n_items: int, count: int = 400) -> list[float]:
+    out = []
+    for i in range(count):
+        t = time.perf_counter()
+        run([i % n_items])
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+class Raw:
+    """The graphs of the served models, run directly (the server's session options, no server)."""
+
+    def __init__(self, repository: Path, texts: list[str]) -> None:
+        config = ServerConfig(repository=repository, runtime=Runtime())
+        m = Metrics()
+        self.gpt, self.bert, self.nnlm = (load_model(repository / n, config, m) for n in ("gpt", "bert", "nnlm"))
+        runtime = config.runtime
+        self.gpt_s = OrtSession(repository / "gpt" / self.gpt.manifest["graphs"]["model"]["file"], runtime, "gpt")
+        self.bert_s = OrtSession(repository / "bert" / self.bert.manifest["graphs"]["model"]["file"], runtime, "bert")
+        self.nnlm_s = OrtSession(repository / "nnlm" / self.nnlm.manifest["graphs"]["model"]["file"], runtime, "nnlm")
+        g = self.gpt
+        self.gpt_rows = [[g._bos, *g.encode(t).ids, g.eos_id] for t in texts]  # noqa: SLF001 — as Score builds them
+        rng = np.random.default_rng(0)
+        self.masked = [mask_one_word(t, rng) for t in texts]
+        b = self.bert
+        cls, sep = b.special_id(b.tokenizer, "[CLS]"), b.eos_id
+        self.bert_rows = [[cls, *b.encode(t).ids, sep] for t in self.masked]
+        self.bert_pos = [[r.index(b.mask_id)] for r in self.bert_rows]
+        self.nnlm_ctx = [self.nnlm._history(self.nnlm.encode(t).ids) for t in texts]  # noqa: SLF001
+
+    def gpt_score(self, idx: list[int]) -> None:
+        ids, mask = pad_right([self.gpt_rows[i] for i in idx], self.gpt.eos_id)
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        self.gpt_s.run(["token_logprobs"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+
+    def bert_fill(self, idx: list[int]) -> None:
+        ids, mask = pad_right([self.bert_rows[i] for i in idx], self.bert._pad)  # noqa: SLF001
+        lp = self.bert_s.run(["mask_logprobs"], {
+            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+            "mask_positions": np.asarray([self.bert_pos[i] for i in idx], dtype=np.int64)})["mask_logprobs"]
+        np.argpartition(-lp[:, 0], 5, axis=-1)[:, :5]
+
+    def nnlm_next(self, idx: list[int]) -> None:
+        lp = self.nnlm_s.run(["next_logprobs"], {
+            "context_ids": np.asarray([self.nnlm_ctx[i] for i in idx], dtype=np.int64)})["next_logprobs"]
+        np.argpartition(-lp, 5, axis=-1)[:, :5]
+
+
+def drive(target: str, rpc: str, model: str, texts: list[str], concurrency: int, duration: float,
+          metrics_url: str | None = None, processes: int = 1, **params: Any) -> dict[str, Any]:
+    cfg = LoadConfig(targets=(target,), specs=(RequestSpec(1.0, rpc, model, 1, params),), inputs=tuple(texts),
+                     concurrency=concurrency, duration=duration, warmup=2.0)
+    result = run_loadtest(cfg, processes=processes, metrics_url=metrics_url, progress=False)
+    s = result["summary"]
+    lat = [r[1] for r in result["records"] if r[5] == "OK"]
+    errors = s["errors"]
+    print(f"  served {rpc:11} {model:9} conc {concurrency:3}: {s['throughput_ok_per_s']:8.1f} req/s, "
+          f"p50 {s['latency_ms']['p50']:.2f} ms, p99 {s['latency_ms']['p99']:.2f} ms, client CPU "
+          f"{s['client_cpu_percent']:.0f}%{', errors ' + str(errors) if errors else ''}", flush=True)
+    return {"rpc": rpc, "model": model, "concurrency": concurrency, "summary": s, "latencies_ms": lat,
+            "server": result.get("server")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=Path("repository"))
+    ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per served run")
+    ap.add_argument("--processes", type=int, default=1, help="load-generator processes for the n-gram run")
+    ap.add_argument("--out", type=Path, default=Path("results/serving.json"))
+    args = ap.parse_args()
+    texts = held_out_texts()
+    started = time.perf_counter()
+
+    print("raw ONNX Runtime (in process, best batch size):", flush=True)
+    raw = Raw(args.repository, texts)
+    raw_rates = {"gpt_score": best_rate(raw.gpt_score, len(texts)), "bert_fill": best_rate(raw.bert_fill, len(texts))}
+    for k, v in raw_rates.items():
+        print(f"  raw {k:10}: {v['best_items_per_s']:8.1f} items/s at batch {v['best_batch']}", flush=True)
+    raw_nnlm = raw_latency(raw.nnlm_next, len(texts))
+    print(f"  raw nnlm next: p50 {np.percentile(raw_nnlm, 50):.3f} ms", flush=True)
+    del raw
+
+    served: dict[str, Any] = {}
+    models = ["gpt", "bert", "nnlm", "ngram-kn"]
+    with LocalServer(args.repository, models, metrics=True) as srv:
+        served["gpt_score"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
+        served["bert_fill"] = drive(srv.target, "FillMask", "bert", [mask_one_word(t, np.random.default_rng(i))
+                                                                      for i, t in enumerate(texts)], 64,
+                                    args.duration, srv.metrics_url)
+        served["nnlm_next"] = drive(srv.target, "PredictNext", "nnlm", texts, 1, args.duration)
+        served["ngram_next"] = drive(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
+                                     processes=args.processes)
+    with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
+        served["gpt_score_unbatched"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+
+    def ok(key: str) -> float:
+        return float(served[key]["summary"]["throughput_ok_per_s"])
+
+    p50 = float(served["nnlm_next"]["summary"]["latency_ms"]["p50"])
+    ratios = {
+        "score_gpt_served_vs_raw": ok("gpt_score") / raw_rates["gpt_score"]["best_items_per_s"],
+        "fillmask_bert_served_vs_raw": ok("bert_fill") / raw_rates["bert_fill"]["best_items_per_s"],
+        "batching_on_vs_off_gpt_score": ok("gpt_score") / ok("gpt_score_unbatched"),
+        "predict_next_nnlm_p50_overhead_ms": p50 - float(np.percentile(raw_nnlm, 50)),
+        "ngram_predict_next_req_per_s": ok("ngram_next"),
+    }
+    targets = {"score_gpt_served_vs_raw": (">=", 0.8), "fillmask_bert_served_vs_raw": (">=", 0.8),
+               "batching_on_vs_off_gpt_score": (">=", 1.5), "predict_next_nnlm_p50_overhead_ms": ("<=", 1.0),
+               "ngram_predict_next_req_per_s": (">=", 2000.0)}
+    print(f"\nratios (one run, {os.cpu_count()} cores, {time.perf_counter() - started:.0f} s):")
+    for k, v in ratios.items():
+        op, t = targets[k]
+        met = v >= t if op == ">=" else v <= t
+        print(f"  {k:36} {v:9.2f}   target {op} {t:g}  {'✓' if met else '✗'}")
+    print(f"  (n-gram run: client CPU {served['ngram_next']['summary']['client_cpu_percent']:.0f}% of one core)")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    slim = {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in served.items()}
+    args.out.write_text(json.dumps({"raw": raw_rates, "raw_nnlm_next_ms": {
+        "p50": float(np.percentile(raw_nnlm, 50)), "p99": float(np.percentile(raw_nnlm, 99))},
+        "served": slim, "ratios": ratios, "targets": targets, "cpu_count": os.cpu_count()}, indent=1) + "\n")
+    plot(served, raw_rates, ratios, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(served: dict[str, Any], raw: dict[str, Any], ratios: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = ["GPT Score", "BERT FillMask"]
+    x = np.arange(2)
+    a.bar(x - 0.27, [raw["gpt_score"]["best_items_per_s"], raw["bert_fill"]["best_items_per_s"]], 0.27,
+          label="raw ORT, best batch")
+    a.bar(x, [served["gpt_score"]["summary"]["throughput_ok_per_s"],
+              served["bert_fill"]["summary"]["throughput_ok_per_s"]], 0.27, label="served, conc 64")
+    a.bar(x[:1] + 0.27, [served["gpt_score_unbatched"]["summary"]["throughput_ok_per_s"]], 0.27,
+          label="served, batching off")
+    a.set_xticks(x, labels)
+    a.set_ylabel("sequences / s")
+    a.legend(fontsize=8)
+    a.set_title("throughput")
+    for key, label in (("gpt_score", "GPT Score c64"), ("bert_fill", "BERT FillMask c64"),
+                       ("gpt_score_unbatched", "GPT Score c64, unbatched"), ("nnlm_next", "NNLM PredictNext c1"),
+                       ("ngram_next", "n-gram PredictNext c32")):
+        lat = np.sort(served[key]["latencies_ms"])
+        if lat.size:
+            b.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=label)
+    b.set_xscale("log")
+    b.set_xlabel("latency (ms)")
+    b.set_ylabel("fraction of requests")
+    b.set_title("latency CDF")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
