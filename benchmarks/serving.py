@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from client.local_server import LocalServer
 from client.loadtest import BUILTIN_INPUTS, LoadConfig, RequestSpec, mask_one_word, run_loadtest
+from client.local_server import LocalServer
 from service.config import Runtime, ServerConfig
 from service.metrics import Metrics
 from service.registry import load_model
@@ -83,14 +83,14 @@ class Raw:
         self.bert_s = OrtSession(repository / "bert" / self.bert.manifest["graphs"]["model"]["file"], runtime, "bert")
         self.nnlm_s = OrtSession(repository / "nnlm" / self.nnlm.manifest["graphs"]["model"]["file"], runtime, "nnlm")
         g = self.gpt
-        self.gpt_rows = [[g._bos, *g.encode(t).ids, g.eos_id] for t in texts]  # noqa: SLF001 — as Score builds them
+        self.gpt_rows = [[g._bos, *g.encode(t).ids, g.eos_id] for t in texts]
         rng = np.random.default_rng(0)
         self.masked = [mask_one_word(t, rng) for t in texts]
         b = self.bert
         cls, sep = b.special_id(b.tokenizer, "[CLS]"), b.eos_id
         self.bert_rows = [[cls, *b.encode(t).ids, sep] for t in self.masked]
         self.bert_pos = [[r.index(b.mask_id)] for r in self.bert_rows]
-        self.nnlm_ctx = [self.nnlm._history(self.nnlm.encode(t).ids) for t in texts]  # noqa: SLF001
+        self.nnlm_ctx = [self.nnlm._history(self.nnlm.encode(t).ids) for t in texts]
 
     def gpt_score(self, idx: list[int]) -> None:
         ids, mask = pad_right([self.gpt_rows[i] for i in idx], self.gpt.eos_id)
@@ -98,7 +98,7 @@ class Raw:
         self.gpt_s.run(["token_logprobs"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
 
     def bert_fill(self, idx: list[int]) -> None:
-        ids, mask = pad_right([self.bert_rows[i] for i in idx], self.bert._pad)  # noqa: SLF001
+        ids, mask = pad_right([self.bert_rows[i] for i in idx], self.bert._pad)
         lp = self.bert_s.run(["mask_logprobs"], {
             "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
             "mask_positions": np.asarray([self.bert_pos[i] for i in idx], dtype=np.int64)})["mask_logprobs"]

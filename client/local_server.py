@@ -27,7 +27,7 @@ class LocalServer:
                  metrics: bool = False, start_timeout: float = 120.0) -> None:
         self.port, self.metrics_port = _free_port(), (_free_port() if metrics else 0)
         # The log goes to a file: a pipe nobody reads fills up and blocks the server's event loop mid-run.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 — closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "client.cli", "serve", "--repository", str(repository), "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--models", *models],
@@ -56,7 +56,9 @@ class LocalServer:
             self.proc.wait()
         self.log.seek(0, os.SEEK_END)
         self.log.seek(max(0, self.log.tell() - 20_000))
-        return self.log.read().decode(errors="replace")
+        tail = self.log.read().decode(errors="replace")
+        self.log.close()
+        return tail
 
     def __enter__(self) -> LocalServer:
         return self

@@ -1,12 +1,12 @@
 """Dynamic batching: one queue and one worker per model (DESIGN.md §2, §7.7).
 
-Callers submit rows (one sequence each) and await their results. The worker takes the oldest row, waits up
-to `max_queue_delay_ms` for company when the model is busy (an idle model runs a lone row at once), and forms a batch bounded by a row count and a padded-token budget
-(rows × longest row), filled with the queued rows nearest the oldest one in length (little padding). Rows
-whose deadline passed are failed with DEADLINE_EXCEEDED and never run; rows whose
-caller went away are dropped. The batch runs on the model's own thread (blocking ONNX work stays off the
-event loop) and each row's result goes back to its caller. A full queue refuses a request at once with
-RESOURCE_EXHAUSTED, before any work.
+Callers submit rows (one sequence each) and await their results. The worker takes the oldest row; when the
+model is busy it waits up to `max_queue_delay_ms` for company (an idle model runs a lone row at once); then it
+forms a batch bounded by a row count and a padded-token budget (rows × longest row), filled with the queued
+rows nearest the oldest one in length (little padding). Rows whose deadline passed are failed with
+DEADLINE_EXCEEDED and never run; rows whose caller went away are dropped. The batch runs on the model's own
+thread (blocking ONNX work stays off the event loop) and each row's result goes back to its caller. A full
+queue refuses a request at once with RESOURCE_EXHAUSTED, before any work.
 """
 
 from __future__ import annotations
