@@ -53,6 +53,9 @@ class Runtime:
     intra_op_threads: int = 0  # 0 = one per core: one batch runs at a time per model, so it may use them all
     graph_optimization: str = "all"  # disable | basic | extended | all
     memory_arena: bool = True  # ORT's CPU arena: reuses buffers between runs of varying shapes (faster, more RSS)
+    # ORT's intra-op threads spin-wait for the next run by default. In a server the next run is rarely
+    # microseconds away, and a spinning thread takes a core from the event loop and the other models.
+    spin_wait: bool = False
     kv_cache: bool = True  # generate with the KV-cache decoder and continuous batching when a model has one
     variant: str = ""  # an optimised graph the model folder holds ("int8", "fused", "fp16"); "" = the exported one
 

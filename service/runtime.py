@@ -76,6 +76,7 @@ def session_options(runtime: Runtime) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1  # the graphs are sequential chains; parallel mode buys nothing
     opts.graph_optimization_level = _OPT_LEVELS[runtime.graph_optimization]
     opts.enable_cpu_mem_arena = runtime.memory_arena
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if runtime.spin_wait else "0")
     opts.log_severity_level = 3  # warnings from ORT about unused initialisers are noise to operators
     return opts
 
