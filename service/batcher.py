@@ -74,6 +74,21 @@ class DynamicBatcher(Generic[P, R]):
         return len(self._queue)
 
     async def submit(self, payloads: Sequence[P], lengths: Sequence[int], deadline: float | None = None) -> list[R]:
+        """Queue rows and wait for their results (in order).
+
+        A submission of more than a quarter of `max_queue_size` rows (BERT's pseudo-log-likelihood makes one
+        row per token) goes in pieces, each queued when the one before is done: it can neither exceed the
+        queue nor hold all of it while other callers wait.
+        """
+        piece = max(1, self.cfg.max_queue_size // 4)
+        if len(payloads) <= piece:
+            return await self._submit(payloads, lengths, deadline)
+        out: list[R] = []
+        for i in range(0, len(payloads), piece):
+            out += await self._submit(payloads[i:i + piece], lengths[i:i + piece], deadline)
+        return out
+
+    async def _submit(self, payloads: Sequence[P], lengths: Sequence[int], deadline: float | None) -> list[R]:
         """Queue rows and wait for their results; all-or-nothing admission against the queue bound."""
         if self._closed or self._wakeup is None:
             raise Unavailable(f"model {self.model!r} is not serving (shutting down or not started)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 
@@ -65,12 +66,24 @@ def test_expired_rows_never_run() -> None:
 
 
 def test_full_queue_refuses_at_once() -> None:
+    gate = threading.Event()
+
+    def run(rows: Sequence[int]) -> list[int]:
+        gate.wait(10)  # the model is busy: what comes next stays queued
+        return list(rows)
+
     async def main() -> None:
-        b: DynamicBatcher[int, int] = DynamicBatcher("m", lambda rows: list(rows), Batching(max_queue_size=2),
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", run, Batching(max_queue_size=2, max_batch_size=1),
                                                      Metrics())
         b.start()
+        running = asyncio.ensure_future(b.submit([0], [1]))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(b.submit([i], [1])) for i in (1, 2)]
+        await asyncio.sleep(0.01)
         with pytest.raises(ResourceExhausted, match="max_queue_size 2"):
-            await b.submit([1, 2, 3], [1, 1, 1])
+            await b.submit([3], [1])
+        gate.set()
+        assert await asyncio.gather(running, *queued) == [[0], [1], [2]]  # the admitted ones all complete
         await b.close()
 
     asyncio.run(main())
@@ -100,3 +113,23 @@ def test_an_idle_model_does_not_wait_for_company_a_busy_one_does() -> None:
 
     asyncio.run(main())
     assert seen == [[1], [2], [3, 4, 5]]
+
+
+def test_a_submission_bigger_than_the_queue_goes_in_pieces() -> None:
+    """BERT's pseudo-log-likelihood submits one row per token: 30 rows through a queue of 8 all come back, in
+    order, in pieces of at most a quarter of the queue."""
+    seen: list[list[int]] = []
+
+    def run(rows: Sequence[int]) -> list[int]:
+        seen.append(list(rows))
+        return [r * 10 for r in rows]
+
+    async def main() -> list[int]:
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", run, Batching(max_batch_size=4, max_queue_size=8), Metrics())
+        b.start()
+        got = await b.submit(list(range(30)), [1] * 30)
+        await b.close()
+        return got
+
+    assert asyncio.run(main()) == [r * 10 for r in range(30)]
+    assert max(len(batch) for batch in seen) <= 2  # pieces of 8 // 4 rows
