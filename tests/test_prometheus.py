@@ -216,7 +216,7 @@ def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL) of every panel target and of the `model` variable."""
     dash = json.loads(DASHBOARD.read_text())
     out = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
-    out += [(f"${v['name']}", v["definition"]) for v in dash["templating"]["list"] if v["type"] == "query"]
+    out += [(f"${v['name']}", v["query"]["query"]) for v in dash["templating"]["list"] if v["type"] == "query"]
     return out
 
 
@@ -241,6 +241,39 @@ def test_dashboard_covers_what_operators_ask_for() -> None:
     cells = [(p["gridPos"]["x"] + dx, p["gridPos"]["y"] + dy) for p in dash["panels"]
              for dx in range(p["gridPos"]["w"]) for dy in range(p["gridPos"]["h"])]
     assert len(cells) == len(set(cells))
+
+
+def dropped(ours: Any, theirs: Any, path: str = "") -> list[str]:
+    """Where `ours` has a key or value that `theirs` (a schema round trip of it) lost or changed."""
+    if isinstance(ours, dict):
+        if not isinstance(theirs, dict):
+            return [path]
+        return [p for k, v in ours.items() for p in (dropped(v, theirs[k], f"{path}/{k}") if k in theirs
+                                                      else [f"{path}/{k}"])]
+    if isinstance(ours, list):
+        if not isinstance(theirs, list) or len(ours) != len(theirs):
+            return [path]
+        return [p for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) for p in dropped(a, b, f"{path}[{i}]")]
+    return [] if ours == theirs else [f"{path}: {ours!r} became {theirs!r}"]
+
+
+def grafana_round_trip(data: dict[str, Any]) -> Any:
+    """The dashboard as Grafana's own types (grafana-foundation-sdk, generated from Grafana's schemas) read it
+    and write it back."""
+    from grafana_foundation_sdk.cog import plugins
+    from grafana_foundation_sdk.models import dashboard
+
+    plugins.register_default_plugins()  # panel options and Prometheus queries decode through their plugins
+    written = dashboard.Dashboard.from_json(data).to_json()
+    return json.loads(json.dumps(written, default=lambda o: o.to_json() if hasattr(o, "to_json") else str(o)))
+
+
+def test_dashboard_fits_grafanas_schema() -> None:
+    """A key Grafana's types lose is one Grafana does not know (a typo, or a field of another version)."""
+    ours = json.loads(DASHBOARD.read_text())
+    assert dropped(ours, grafana_round_trip(ours)) == []
+    ours["panels"][1]["gridpos"] = ours["panels"][1].pop("gridPos")  # the check can fail
+    assert dropped(ours, grafana_round_trip(ours)) == ["/panels[1]/gridpos"]
 
 
 @pytest.mark.timeout(120)
