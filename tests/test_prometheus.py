@@ -175,8 +175,16 @@ def test_prometheus_scrapes_every_plm_series(plm: Plm, prometheus: Prometheus) -
     assert ready == {"ngram-kn": "1", "gpt": "1"}
     codes = {r["metric"]["code"] for r in prometheus.query("sum by (code) (plm_requests_total)")}
     assert {"OK", "NOT_FOUND", "INVALID_ARGUMENT"} <= codes
-    tokens = prometheus.query('plm_generated_tokens_total{model="gpt"}')
-    assert float(tokens[0]["value"][1]) >= 4 * 3  # 3 prompts × max_new_tokens 4, unless one stopped at EOS early
+    # What Prometheus stored is what the server exposes (the traffic is over, the counters stand still).
+    exposed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(plm.scrape()) for s in f.samples
+               if s.name in ("plm_requests_total", "plm_generated_tokens_total", "plm_batch_size_count")}
+    stored = {(r["metric"].pop("__name__"), tuple(sorted((k, v) for k, v in r["metric"].items()
+                                                        if k not in ("job", "instance")))): float(r["value"][1])
+              for r in prometheus.query('{__name__=~"plm_requests_total|plm_generated_tokens_total|'
+                                        'plm_batch_size_count"}')}
+    assert stored == exposed and len(exposed) > 5
+    assert exposed[("plm_generated_tokens_total", (("model", "gpt"),))] > 0
 
 
 @pytest.mark.timeout(120)
