@@ -42,7 +42,8 @@ def tool(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if found is None:
         if os.environ.get("CI"):
-            pytest.fail(f"{name} is not installed; pyproject.toml's test/dev extras and .ci/run install it")
+            pytest.fail(f"{name} is not installed (pyproject.toml's extras bring hadolint and shellcheck, .ci/run "
+                        "prometheus and promtool; kubectl comes with the machine image)")
         pytest.skip(f"{name} is not installed")
     return found
 
