@@ -15,7 +15,7 @@ export PLM_CACHE
 help:
 	@echo "make serve   - install, build the default models on first run (cached), serve on $(HOST):$(PORT)"
 	@echo "make test    - install the test tools and run the whole test suite"
-	@echo "make build   - (re)build the model repository only;  make lint - ruff + mypy"
+	@echo "make build   - (re)build the model repository only;  make lint - ruff, mypy, hadolint, shellcheck"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,8 @@ test: $(VENV)/.stamp-test protos
 lint: $(VENV)/.stamp-test protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint deploy/Dockerfile deploy/Dockerfile.gpu
+	$(VENV)/bin/shellcheck --shell=sh deploy/entrypoint.sh
 
 clean:
 	rm -rf $(VENV) service/pb/plm .pytest_cache .mypy_cache .ruff_cache

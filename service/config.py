@@ -70,6 +70,10 @@ class ServerConfig:
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
     grace_seconds: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
+    # gRPC pins a client to one server for the life of its HTTP/2 connection; closing connections after this
+    # age (plus grace_seconds for calls in flight) lets clients behind a load balancer spread to new replicas.
+    # 0 = never (loopback and client-side round-robin need no rotation).
+    max_connection_age_seconds: float = 0.0
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
     runtime: Runtime = field(default_factory=Runtime)

@@ -68,6 +68,14 @@ class RunningServer:
             await model.close()
 
 
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """GOAWAY after max_connection_age_seconds; calls in flight then get grace_seconds before the close."""
+    if config.max_connection_age_seconds <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_seconds * 1000))]
+
+
 async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> RunningServer:
     """Load every model, then bind and start. Returns once the server accepts calls."""
     metrics = metrics or Metrics()
@@ -81,6 +89,7 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
+        *_connection_age_options(config),
     ])
     plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(LanguageModelServicer(registry, config, metrics), server)
     health_servicer = health.aio.HealthServicer()
