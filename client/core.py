@@ -72,9 +72,9 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 class TlsConfig:
     """Channel security. Without a CA file the system's roots verify the server; cert + key add mutual TLS."""
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: str | Path | None = None
+    cert_file: str | Path | None = None
+    key_file: str | Path | None = None
     server_name: str | None = None  # the name the server's certificate must carry when it differs from the host
 
     def __post_init__(self) -> None:
@@ -82,7 +82,7 @@ class TlsConfig:
             raise ValueError("TlsConfig: give both cert_file and key_file (mutual TLS) or neither")
 
     def credentials(self) -> grpc.ChannelCredentials:
-        def read(p: Path | None) -> bytes | None:
+        def read(p: str | Path | None) -> bytes | None:
             return Path(p).read_bytes() if p is not None else None
 
         return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))

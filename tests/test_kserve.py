@@ -199,12 +199,13 @@ def test_next_sentence(server: ServerThread, triton: Any, plm: PlmClient) -> Non
     np.testing.assert_array_equal(out["LOG_PROB"], [r.log_prob for r in want])
 
 
-def test_classify(server: ServerThread, triton: Any, plm: PlmClient) -> None:
+@pytest.mark.parametrize("model", ["gpt", "ngram-kn", "nnlm", "elmo"])
+def test_classify(server: ServerThread, triton: Any, plm: PlmClient, model: str) -> None:
     queries, labels = ["Alas, poor Yorick!", "Ha ha, what a jest!"], ["tragedy", "comedy"]
-    out = both(server, triton, "gpt:classify",
+    out = both(server, triton, f"{model}:classify",
                {"TEXT": queries, "LABELS": labels, "DEMO_TEXT": ["O woe!"], "DEMO_LABEL": ["tragedy"]},
                scoring="token_mean", calibrate=True)
-    want = plm.classify("gpt", queries, labels, demonstrations=[("O woe!", "tragedy")], scoring="token_mean",
+    want = plm.classify(model, queries, labels, demonstrations=[("O woe!", "tragedy")], scoring="token_mean",
                         calibrate=True).results
     assert _text(out["LABEL"]) == [c.label for c in want]
     np.testing.assert_array_equal(out["PROB"], [[s.probability for s in c.scores] for c in want])
