@@ -262,6 +262,38 @@ def test_a_server_that_is_not_up_yet(tiny_repo: Path) -> None:
         assert set(codes[:-1]) == {grpc.StatusCode.UNAVAILABLE}
 
 
+@pytest.mark.parametrize("variant", ["sync", "asyncio"])
+def test_a_stream_is_not_retried_after_its_first_message(tiny_repo: Path, variant: str) -> None:
+    """The server goes away mid-stream (UNAVAILABLE, a retryable status): the caller already has text, so the
+    error reaches it and no second attempt is made."""
+    srv = ServerThread(make_config(tiny_repo, models=("gpt",)))
+    attempts = Attempts()
+    retry = RetryPolicy(max_attempts=5)
+    sampling = {"max_new_tokens": 60, "seed": 1}
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            if variant == "sync":
+                with PlmClient(srv.target, retry=retry, interceptors=attempts.sync()) as c:
+                    events = c.generate_stream("gpt", ["The king"] * 16, sampling)
+                    next(events)
+                    srv.call(srv.running.server.stop(0))
+                    list(events)
+            else:
+                async def run() -> None:
+                    async with AsyncPlmClient(srv.target, retry=retry, interceptors=attempts.aio()) as c:
+                        events = c.generate_stream("gpt", ["The king"] * 16, sampling)
+                        await anext(events)
+                        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(srv.running.server.stop(0),
+                                                                                   srv.loop))
+                        _ = [ev async for ev in events]
+
+                asyncio.run(run())
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert attempts.codes("GenerateStream") == [grpc.StatusCode.UNAVAILABLE]
+    finally:
+        srv.stop()
+
+
 def test_a_full_queue_is_retried_until_served(tiny_repo: Path) -> None:
     """A one-row batch and a two-row queue refuse most of a burst with RESOURCE_EXHAUSTED; with retries every
     request is served. The client's attempt count equals the server's own request counter, status by status."""
