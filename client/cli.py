@@ -180,11 +180,11 @@ def _client(args: argparse.Namespace) -> int:
         else:
             print(text)
 
-    tls = None
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
-        tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
-                        server_name=args.tls_server_name)
     try:
+        tls = None
+        if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+            tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                            server_name=args.tls_server_name)
         cl = PlmClient(args.target.split(","), timeout=args.timeout, retry=RetryPolicy(max_attempts=args.retries + 1),
                        tls=tls, token=args.token)
     except (ValueError, OSError) as e:

@@ -468,3 +468,28 @@ def test_mutual_tls(tls_servers: tuple[_TlsServer, _TlsServer], pki: Path) -> No
     assert len(mutual.seen) == 1
     with pytest.raises(ValueError, match="cert_file and key_file"):
         TlsConfig(cert_file=pki / "client.pem")
+
+
+def test_plm_client_verbs_take_the_sdk_options(tls_servers: tuple[_TlsServer, _TlsServer], pki: Path) -> None:
+    """`plm client` builds its PlmClient from the flags: several targets, TLS with a CA and mTLS, the token."""
+    import sys
+
+    plain, mutual = tls_servers
+    seen = len(plain.seen)
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "client", "--target", f"{plain.target},{plain.target}", "--json",
+         "--tls-ca", str(pki / "ca.pem"), "--tls-server-name", "plm.test", "--token", "from-cli",
+         "score", "ngram-kn", "the king"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert '"model": "ngram-kn"' in out and plain.seen[seen:] == ["Bearer from-cli"]
+    args = ["--target", mutual.target, "--tls-ca", str(pki / "ca.pem"), "--tls-server-name", "plm.test",
+            "--retries", "0", "--timeout", "10", "health"]
+    refused = subprocess.run([sys.executable, "-m", "client.cli", "client", *args], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+    served = subprocess.run([sys.executable, "-m", "client.cli", "client", "--tls-cert", str(pki / "client.pem"),
+                             "--tls-key", str(pki / "client.key"), *args], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert served.stdout.strip() == "SERVING"
+    half = subprocess.run([sys.executable, "-m", "client.cli", "client", "--tls-cert", str(pki / "client.pem"),
+                           *args], capture_output=True, text=True, timeout=60)
+    assert half.returncode == 2 and "cert_file and key_file" in half.stderr
