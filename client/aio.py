@@ -34,11 +34,23 @@ def _unary(method: str, build: Callable[P, Prepared[Any]],
     return call
 
 
+class AsyncStream(core.StreamHandle, AsyncIterator[R]):
+    """A server stream in progress: `async for` it for the messages; `cancel()` stops it (reading on then
+    raises asyncio.CancelledError, as a cancelled grpc.aio call does)."""
+
+    def __init__(self, client: AsyncPlmClient, method: str, call: Prepared[Any]) -> None:
+        super().__init__()
+        self._messages = client._invoke_stream(method, call, self)
+
+    async def __anext__(self) -> R:
+        return cast(R, await anext(self._messages))
+
+
 def _stream(method: str, build: Callable[P, Prepared[Any]],
-            response: type[R]) -> Callable[Concatenate[AsyncPlmClient, P], AsyncIterator[R]]:
+            response: type[R]) -> Callable[Concatenate[AsyncPlmClient, P], AsyncStream[R]]:
     """A server-streaming method: retried only until its first message arrives (none has reached the caller)."""
-    def call(self: AsyncPlmClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[R]:
-        return cast(AsyncIterator[R], self._invoke_stream(method, build(*args, **kwargs)))
+    def call(self: AsyncPlmClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncStream[R]:
+        return AsyncStream(self, method, build(*args, **kwargs))
     call.__doc__ = build.__doc__
     return call
 
@@ -76,13 +88,15 @@ class AsyncPlmClient(core.ClientBase):
                     raise
                 await asyncio.sleep(wait)
 
-    async def _invoke_stream(self, method: str, call: Prepared[Any]) -> AsyncIterator[Any]:
+    async def _invoke_stream(self, method: str, call: Prepared[Any],
+                             handle: core.StreamHandle) -> AsyncIterator[Any]:
         deadline = self.conn.deadline(call.timeout)
         metadata = self.conn.metadata(call.request_id)
         attempts = 0
-        while True:
+        while not handle.cancelled:
             attempts += 1
-            responses = self._rpc(method)(call.request, timeout=core.remaining(deadline), metadata=metadata)
+            responses = handle.attempt = self._rpc(method)(call.request, timeout=core.remaining(deadline),
+                                                           metadata=metadata)
             try:
                 first = await responses.read()
             except grpc.aio.AioRpcError as err:

@@ -36,11 +36,22 @@ def _unary(method: str, build: Callable[P, Prepared[Any]],
     return call
 
 
+class Stream(core.StreamHandle, Iterator[R]):
+    """A server stream in progress: iterate it for the messages; `cancel()` stops it."""
+
+    def __init__(self, client: PlmClient, method: str, call: Prepared[Any]) -> None:
+        super().__init__()
+        self._messages = client._invoke_stream(method, call, self)
+
+    def __next__(self) -> R:
+        return cast(R, next(self._messages))
+
+
 def _stream(method: str, build: Callable[P, Prepared[Any]],
-            response: type[R]) -> Callable[Concatenate[PlmClient, P], Iterator[R]]:
+            response: type[R]) -> Callable[Concatenate[PlmClient, P], Stream[R]]:
     """A server-streaming method: retried only until its first message arrives (none has reached the caller)."""
-    def call(self: PlmClient, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[R]:
-        return cast(Iterator[R], self._invoke_stream(method, build(*args, **kwargs)))
+    def call(self: PlmClient, /, *args: P.args, **kwargs: P.kwargs) -> Stream[R]:
+        return Stream(self, method, build(*args, **kwargs))
     call.__doc__ = build.__doc__
     return call
 
@@ -78,13 +89,14 @@ class PlmClient(core.ClientBase):
                     raise
                 time.sleep(wait)
 
-    def _invoke_stream(self, method: str, call: Prepared[Any]) -> Iterator[Any]:
+    def _invoke_stream(self, method: str, call: Prepared[Any], handle: core.StreamHandle) -> Iterator[Any]:
         deadline = self.conn.deadline(call.timeout)
         metadata = self.conn.metadata(call.request_id)
         attempts = 0
-        while True:
+        while not handle.cancelled:
             attempts += 1
-            responses = self._rpc(method)(call.request, timeout=core.remaining(deadline), metadata=metadata)
+            responses = handle.attempt = self._rpc(method)(call.request, timeout=core.remaining(deadline),
+                                                           metadata=metadata)
             try:
                 first = next(responses)
             except StopIteration:

@@ -176,6 +176,19 @@ class ClientBase:
         return self._health[i].Check if method == "Health.Check" else getattr(self._plm[i], method)
 
 
+class StreamHandle:
+    """What both clients' streams share: the attempt in flight, so that `cancel()` reaches it."""
+
+    def __init__(self) -> None:
+        self.attempt: Any = None  # the gRPC call of the current attempt (None before the first)
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        """Stop the stream: the server stops generating; reading on raises CANCELLED (or ends, if not started)."""
+        self.cancelled = True
+        return bool(self.attempt.cancel()) if self.attempt is not None else True
+
+
 def remaining(deadline: float | None) -> float | None:
     """The timeout of one attempt: what is left of the call's deadline (never negative)."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())

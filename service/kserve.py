@@ -14,6 +14,7 @@ Outputs always travel in `raw_output_contents`, as Triton sends them; inputs may
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ TASKS: dict[str, TaskSpec] = {
         lambda r: {"TEXT_OUTPUT": np.array([g.text for g in r.generations], object),
                    "FINISH_REASON": np.array([_FINISH.get(g.finish_reason, "") for g in r.generations], object),
                    "GENERATED_TOKENS": np.array([g.generated_tokens for g in r.generations], np.int32)},
-        {"prompts": "TEXT", "sampling": "parameters"},
+        {"prompts": "TEXT"},
     ),
     "fill_mask": TaskSpec(
         "FillMask", (_texts(),),
@@ -365,18 +366,21 @@ class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
             # task code and batcher as plm.v1.
             plm_response = await getattr(LanguageModelServicer, spec.method).__wrapped__(self.plm, plm_request, call)
         except InvalidArgument as e:
-            raise _renamed(e, spec.fields) from None
+            raise _renamed(e, spec) from None
         response = kv.ModelInferResponse(model_name=request.model_name, model_version=model.version, id=request.id)
         _encode_outputs(spec, spec.response(plm_response), [o.name for o in request.outputs], response)
         return response
 
 
-def _renamed(err: InvalidArgument, fields: Mapping[str, str]) -> InvalidArgument:
-    """plm.v1's field names in a validation error → this task's tensor names ("texts[2]" → "input TEXT[2]")."""
-    head = err.field.split("[", 1)[0].split(".", 1)[0]
-    if head not in fields:
-        return err
-    problem, rest = err.message[len(err.field) + 2:], err.field[len(head):]
-    target = fields[head]
-    return InvalidArgument(f"parameter {rest.lstrip('.')}" if target == "parameters" else f"input {target}{rest}",
-                           problem)
+def _renamed(err: InvalidArgument, spec: TaskSpec) -> InvalidArgument:
+    """plm.v1's field names in a validation error → this task's tensors and parameters ("texts[2]" →
+    "input TEXT[2]", "sampling.top_p" → "parameter top_p", "top_k" → "parameter top_k")."""
+    head = re.split(r"[.\[]", err.field, maxsplit=1)[0]
+    rest, problem = err.field[len(head):], err.message[len(err.field) + 2:]
+    if head == "sampling":
+        return InvalidArgument(f"parameter {rest.lstrip('.')}", problem)
+    if head in spec.params:
+        return InvalidArgument(f"parameter {err.field}", problem)
+    if head in spec.fields:
+        return InvalidArgument(f"input {spec.fields[head]}{rest}", problem)
+    return err

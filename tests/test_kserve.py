@@ -240,6 +240,8 @@ def test_errors_name_the_tensor_or_parameter(server: ServerThread, triton: Any) 
     assert code == "StatusCode.INVALID_ARGUMENT" and "parameter temperature" in msg
     code, msg = _status(lambda: infer_raw(triton, "gpt:generate", {"TEXT": ["x"]}, top_p=0.0))
     assert code == "StatusCode.INVALID_ARGUMENT" and "parameter top_p" in msg
+    code, msg = _status(lambda: infer_raw(triton, "ngram-kn:predict_next", {"TEXT": ["the"]}, top_k=0))
+    assert code == "StatusCode.INVALID_ARGUMENT" and "parameter top_k: is 0" in msg
     code, msg = _status(lambda: infer_raw(triton, "gpt:score", {"TEXT": ["x"]}, beam=2))
     assert code == "StatusCode.INVALID_ARGUMENT" and "parameter beam" in msg
     code, msg = _status(lambda: infer_raw(triton, "bert:next_sentence", {"TEXT_A": ["a", "b"], "TEXT_B": ["c"]}))

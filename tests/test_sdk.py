@@ -8,6 +8,7 @@ import concurrent.futures
 import random
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -161,6 +162,25 @@ def test_every_rpc_sync_and_async_equal_the_raw_stub(server: ServerThread) -> No
         for i, g in enumerate(generations):
             assert "".join(ev.text_delta for ev in stream if ev.index == i) == g.text
             assert [t for ev in stream if ev.index == i for t in ev.token_ids] == list(g.token_ids)
+
+
+def test_cancelling_an_async_stream_frees_the_engine(server: ServerThread) -> None:
+    """(The sync client's cancel is tested in test_engine.py.)"""
+    engine = server.running.registry.get("gpt").engine
+
+    async def run() -> None:
+        async with AsyncPlmClient(server.target) as c:
+            events = c.generate_stream("gpt", ["The king"] * 16, {"max_new_tokens": 60, "seed": 1})
+            await anext(events)
+            assert events.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                _ = [ev async for ev in events]
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0
 
 
 # ------------------------------------------------------------------------------------------- deadlines
