@@ -30,7 +30,7 @@ $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-build
 	$(PY) -m pip install -q -e ".[build,test,dev]"
 	touch $@
 
-service/pb/plm/v1/plm_pb2.py: $(wildcard protos/plm/v1/*.proto) $(VENV)/.stamp-build
+service/pb/plm/v1/plm_pb2.py: $(wildcard protos/plm/v1/*.proto protos/triton/*.proto) $(VENV)/.stamp-build
 	protos/generate.sh $(PY)
 
 protos: service/pb/plm/v1/plm_pb2.py

@@ -47,9 +47,19 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--models", nargs="+", help="serve only these models")
 
     c = sub.add_parser("client", help="call a running server")
-    c.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port of the server [{DEFAULT_TARGET}]")
+    c.add_argument("--target", default=DEFAULT_TARGET,
+                   help=f"host:port of the server, or several comma-separated (round-robin) [{DEFAULT_TARGET}]")
     c.add_argument("--json", action="store_true", help="print the raw response as JSON")
     c.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds [60]")
+    c.add_argument("--retries", type=int, default=3,
+                   help="retries on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff; several targets: round-robin [3]")
+    c.add_argument("--token", default=os.environ.get("PLM_TOKEN"),
+                   help="bearer token sent as `authorization: Bearer …` [env PLM_TOKEN]")
+    c.add_argument("--tls-ca", type=Path, help="TLS: CA certificate (PEM) that signed the server's certificate")
+    c.add_argument("--tls-cert", type=Path, help="mutual TLS: this client's certificate (PEM)")
+    c.add_argument("--tls-key", type=Path, help="mutual TLS: this client's private key (PEM)")
+    c.add_argument("--tls-server-name", help="TLS: the name on the server's certificate, when not the target host")
+    c.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     verbs = c.add_subparsers(dest="verb", required=True)
     verbs.add_parser("models", help="list the models")
     m = verbs.add_parser("model", help="one model's metadata")
@@ -165,7 +175,7 @@ def _client(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from client.client import PlmClient
+    from client import PlmClient, RetryPolicy, TlsConfig
     from service.pb.plm.v1 import plm_pb2 as pb
 
     def show(msg: Any, text: str) -> None:
@@ -174,7 +184,17 @@ def _client(args: argparse.Namespace) -> int:
         else:
             print(text)
 
-    with PlmClient(args.target, timeout=args.timeout) as cl:
+    try:
+        tls = None
+        if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+            tls = TlsConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                            server_name=args.tls_server_name)
+        cl = PlmClient(args.target.split(","), timeout=args.timeout, retry=RetryPolicy(max_attempts=args.retries + 1),
+                       tls=tls, token=args.token)
+    except (ValueError, OSError) as e:
+        print(f"plm client: {e}", file=sys.stderr)
+        return 2
+    with cl:
         try:
             if args.verb == "models":
                 r = cl.list_models()
@@ -207,8 +227,7 @@ def _client(args: argparse.Namespace) -> int:
                         lines.extend(f"  {c.prob:8.4f}  {c.text!r}" for c in pred.tokens)
                 show(r, "\n".join(lines))
             elif args.verb == "fill":
-                fr = cl.stub.FillMask(pb.FillMaskRequest(model=args.model, texts=args.texts, top_k=args.top_k,
-                                                         targets=args.targets), timeout=args.timeout)
+                fr = cl.fill_mask(args.model, args.texts, top_k=args.top_k, targets=args.targets)
                 lines = []
                 for res in fr.results:
                     lines.append(res.text)
@@ -217,13 +236,9 @@ def _client(args: argparse.Namespace) -> int:
                         lines.extend(f"    {c.score:8.4f}  {c.token_str:15} {c.sequence}" for c in m.candidates)
                 show(fr, "\n".join(lines))
             elif args.verb == "embed":
-                pooling = {"mean": pb.POOLING_MEAN, "cls": pb.POOLING_CLS, "none": pb.POOLING_NONE}[args.pooling]
-                req = pb.EmbedRequest(model=args.model, texts=args.texts, pooling=pooling, normalize=args.normalize,
-                                      layer_weights=args.layer_weights or [],
-                                      analogies=[pb.Analogy(a=a, b=b, c=c) for a, b, c in args.analogy])
-                if args.nearest is not None:
-                    req.nearest_k = args.nearest
-                er = cl.stub.Embed(req, timeout=args.timeout)
+                er = cl.embed(args.model, args.texts, pooling=args.pooling, normalize=args.normalize,
+                              layer_weights=args.layer_weights or (), nearest_k=args.nearest,
+                              analogies=[tuple(a) for a in args.analogy])
                 lines = [f"dimension {er.dimension}"]
                 for emb in er.embeddings:
                     head = ", ".join(f"{x:.3f}" for x in emb.vector[:6])
@@ -238,17 +253,12 @@ def _client(args: argparse.Namespace) -> int:
                     print("plm client nsp: give sentences in pairs: A B [A B ...]", file=sys.stderr)
                     return 2
                 it = iter(args.sentences)
-                nr = cl.stub.PredictNextSentence(pb.PredictNextSentenceRequest(
-                    model=args.model, pairs=[pb.SentencePair(a=a, b=b) for a, b in zip(it, it, strict=True)]),
-                    timeout=args.timeout)
+                nr = cl.predict_next_sentence(args.model, list(zip(it, it, strict=True)))
                 show(nr, "\n".join(f"{r.is_next_prob:.4f}  {r.a!r} → {r.b!r}" for r in nr.results))
             elif args.verb == "classify":
-                scoring = {"sum": pb.LABEL_SCORING_SUM, "token_mean": pb.LABEL_SCORING_TOKEN_MEAN,
-                           "per_char": pb.LABEL_SCORING_PER_CHAR}[args.scoring]
-                demos = [pb.Demonstration(text=t, label=lab) for t, _, lab in (d.rpartition("=") for d in args.demo)]
-                cr = cl.stub.Classify(pb.ClassifyRequest(
-                    model=args.model, queries=args.queries, labels=args.labels, demonstrations=demos,
-                    instruction=args.instruction, scoring=scoring, calibrate=args.calibrate), timeout=args.timeout)
+                demos = [(t, lab) for t, _, lab in (d.rpartition("=") for d in args.demo)]
+                cr = cl.classify(args.model, args.queries, args.labels, demonstrations=demos,
+                                 instruction=args.instruction, scoring=args.scoring, calibrate=args.calibrate)
                 show(cr, "\n".join(f"{c.label:12} {c.query!r}  ("
                                     + ", ".join(f"{s.label} {s.probability:.3f}" for s in c.scores) + ")"
                                     for c in cr.results))

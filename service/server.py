@@ -20,8 +20,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
+from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from service.kserve import KServeServicer
 from service.metrics import Metrics
 from service.pb.plm.v1 import plm_pb2, plm_pb2_grpc
+from service.pb.triton import grpc_service_pb2_grpc
 from service.registry import Registry
 from service.servicer import LanguageModelServicer
 
@@ -91,11 +94,15 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
         ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
         *_connection_age_options(config),
     ])
-    plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(LanguageModelServicer(registry, config, metrics), server)
+    plm_servicer = LanguageModelServicer(registry, config, metrics)
+    plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(plm_servicer, server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # KServe v2 / Triton, same task path
+        KServeServicer(registry, config, metrics, plm_servicer), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
@@ -108,6 +115,7 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await health_servicer.set("", serving)
     await health_servicer.set(SERVICE_NAME, serving)
+    await health_servicer.set(KSERVE_SERVICE_NAME, serving)
     log.info("serving %d model(s) [%s] on %s:%d in %.2fs", len(registry.models), ", ".join(registry.models),
              config.host, port, time.perf_counter() - started)
     return RunningServer(server, port, registry, metrics, health_servicer, config)

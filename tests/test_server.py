@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from client.client import PlmClient
+from client.core import NO_RETRY
 from service.pb.plm.v1 import plm_pb2 as pb
 from tests.conftest import ServerThread, make_config
 
@@ -316,7 +317,7 @@ def test_queue_full_is_resource_exhausted(tiny_repo: Path) -> None:
     srv = ServerThread(make_config(tiny_repo, models=("gpt",), model_batching={"gpt": tiny_queue}))
     try:
         def one(_: int) -> grpc.StatusCode:
-            with PlmClient(srv.target) as c:
+            with PlmClient(srv.target, retry=NO_RETRY) as c:  # the SDK would retry RESOURCE_EXHAUSTED
                 try:
                     c.score("gpt", ["The king is dead."] * 2)
                     return grpc.StatusCode.OK
