@@ -25,6 +25,9 @@ class Limits:
     max_new_tokens: int = 512  # still capped by the model's window minus the prompt
     max_stop_sequences: int = 8
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's own default; raise it for big batched requests
+    # RPCs being handled at once, all models together; beyond it RESOURCE_EXHAUSTED before any work. Each
+    # in-flight call holds its request, its rows and a coroutine: this bounds the server's memory under a burst.
+    max_inflight_requests: int = 256
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,28 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class Security:
+    """TLS, mutual TLS and bearer-token auth (docs/reliability.md has the threat model)."""
+
+    tls_cert_file: Path | None = None  # PEM server certificate (chain); set with tls_key_file = TLS on
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # set = mutual TLS: clients must present a certificate signed by it
+    auth_token: str = ""  # one accepted bearer token (prefer a file: env and flags show in `ps`)
+    auth_tokens_file: Path | None = None  # one accepted token per line; '#' comments and blank lines ignored
+    # Services a caller reaches without a token: probes (kubelet, load balancers) carry none.
+    open_services: tuple[str, ...] = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                                      "grpc.reflection.v1.ServerReflection")
+
+    def tokens(self) -> frozenset[str]:
+        """Every accepted token; empty = auth off."""
+        tokens = {self.auth_token} if self.auth_token else set()
+        if self.auth_tokens_file is not None:
+            lines = Path(self.auth_tokens_file).read_text(encoding="utf-8").splitlines()
+            tokens |= {t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")}
+        return frozenset(tokens)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing the port is a deliberate choice
     port: int = 50051
@@ -57,9 +82,13 @@ class ServerConfig:
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
     grace_seconds: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
+    # Poll the repository for added, changed and removed models this often; 0 = only on
+    # plm.v1.AdminService/ReloadModels. Off by default: what a server serves changes only when asked.
+    reload_interval_seconds: float = 0.0
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
     runtime: Runtime = field(default_factory=Runtime)
+    security: Security = field(default_factory=Security)
     model_batching: dict[str, Batching] = field(default_factory=dict)  # per-model overrides by name
 
     def batching_for(self, model: str, manifest_batching: dict[str, Any] | None = None) -> Batching:
@@ -81,8 +110,10 @@ def _replace_checked(obj: Any, values: dict[str, Any], where: str) -> Any:
         current = getattr(obj, key)
         if isinstance(current, Path):
             value = Path(value)
+        elif current is None and key.endswith("_file"):
+            value = Path(value) if value else None  # an empty value (PLM_SECURITY__X="") leaves the file unset
         elif isinstance(current, tuple):
-            value = tuple(value) if isinstance(value, list | tuple) else tuple(str(value).split(","))
+            value = tuple(value) if isinstance(value, list | tuple) else tuple(v for v in str(value).split(",") if v)
         elif isinstance(current, bool):
             value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
         elif isinstance(current, int | float) and not isinstance(value, int | float):
@@ -96,7 +127,7 @@ def _replace_checked(obj: Any, values: dict[str, Any], where: str) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-_SECTIONS = {"limits": Limits, "batching": Batching, "runtime": Runtime}
+_SECTIONS = {"limits": Limits, "batching": Batching, "runtime": Runtime, "security": Security}
 
 
 def load_config(
