@@ -56,8 +56,8 @@ class _Call:
         self._registry = registry
         self._held: ModelAdapter | None = None
 
-    def model(self, name: str) -> ModelAdapter:
-        model = self._registry.acquire(validation.model_name(name))
+    def model(self, name: str, field: str = "model") -> ModelAdapter:
+        model = self._registry.acquire(validation.model_name(name, field))
         self._held = model  # held until the call ends: a hot reload closes a replaced version only once free
         self.model_label = model.name  # only known names become label values: bounded cardinality
         return model
@@ -257,7 +257,7 @@ class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
 
     @unary("GetModel")
     async def GetModel(self, request: pb.GetModelRequest, call: _Call) -> pb.ModelInfo:
-        return model_info(call.model(request.name))
+        return model_info(call.model(request.name, "name"))
 
 
 _ACTIONS = {reload.ADDED: admin_pb.RELOAD_ACTION_ADDED, reload.REPLACED: admin_pb.RELOAD_ACTION_REPLACED,
