@@ -42,13 +42,25 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="TOML config file (see README: Configuration)")
     s.add_argument("--log-format", choices=["text", "json"], help="log format [text]")
     s.add_argument("--models", nargs="+", help="serve only these models")
+    s.add_argument("--grace-seconds", type=float, help="on SIGTERM, how long calls in flight may finish [10]")
+    s.add_argument("--reload-interval", type=float,
+                   help="poll the repository for model changes every this many seconds, 0 = off [0]")
+    s.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
+    s.add_argument("--auth-tokens-file", type=Path, help="accepted bearer tokens, one per line: auth on")
 
     c = sub.add_parser("client", help="call a running server")
     c.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port of the server [{DEFAULT_TARGET}]")
     c.add_argument("--json", action="store_true", help="print the raw response as JSON")
     c.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds [60]")
+    c.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate: connect with TLS")
+    c.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS, with --tls-key)")
+    c.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    c.add_argument("--token", default=os.environ.get("PLM_TOKEN"), help="bearer token (env PLM_TOKEN)")
     verbs = c.add_subparsers(dest="verb", required=True)
     verbs.add_parser("models", help="list the models")
+    verbs.add_parser("reload", help="reload the model repository now (AdminService/ReloadModels)")
     m = verbs.add_parser("model", help="one model's metadata")
     m.add_argument("name")
     h = verbs.add_parser("health", help="health status (overall, or of one model)")
@@ -146,7 +158,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {"repository": args.repository, "host": args.host, "port": args.port,
                  "metrics_port": args.metrics_port, "log_format": args.log_format,
-                 "models": tuple(args.models) if args.models else None}
+                 "models": tuple(args.models) if args.models else None, "grace_seconds": args.grace_seconds,
+                 "reload_interval_seconds": args.reload_interval,
+                 "security": {"tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
+                              "tls_client_ca_file": args.tls_client_ca, "auth_tokens_file": args.auth_tokens_file}}
     try:
         config = load_config(args.config, overrides)
     except ValueError as e:
@@ -162,6 +177,8 @@ def _client(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from client.client import PlmClient
+    from client.credentials import channel_credentials
+    from service.pb.plm.v1 import admin_pb2, admin_pb2_grpc
     from service.pb.plm.v1 import plm_pb2 as pb
 
     def show(msg: Any, text: str) -> None:
@@ -170,9 +187,19 @@ def _client(args: argparse.Namespace) -> int:
         else:
             print(text)
 
-    with PlmClient(args.target, timeout=args.timeout) as cl:
+    try:
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key, args.token)
+    except (OSError, ValueError) as e:
+        print(f"plm client: {e}", file=sys.stderr)
+        return 2
+    with PlmClient(args.target, timeout=args.timeout, credentials=credentials) as cl:
         try:
-            if args.verb == "models":
+            if args.verb == "reload":
+                rr = admin_pb2_grpc.AdminServiceStub(cl.channel).ReloadModels(admin_pb2.ReloadModelsRequest(),
+                                                                              timeout=args.timeout)
+                show(rr, "\n".join(f"{c.name:20} {admin_pb2.ReloadAction.Name(c.action)[14:].lower():10} "
+                                   f"{c.version} {c.error}" for c in rr.changes))
+            elif args.verb == "models":
                 r = cl.list_models()
                 show(r, "\n".join(f"{m.name:20} {m.family:8} v{m.version:16} tasks={','.join(m.tasks)} "
                                   f"vocab={m.vocab_size} max_length={m.max_length}" for m in r.models))

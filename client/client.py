@@ -16,11 +16,13 @@ class PlmClient:
     """One channel to one server. `timeout` is each call's deadline in seconds (None = none)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = 60.0,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        self.channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ])
+                 max_message_bytes: int = 64 * 1024 * 1024,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        # credentials: TLS / mutual TLS / a bearer token (client/credentials.py); None = plaintext.
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials is not None
+                        else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.LanguageModelServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout

@@ -136,7 +136,8 @@ def load_config(
     """Build the config: defaults, then the TOML file, then `PLM_*` environment variables, then overrides.
 
     Environment variables name top-level settings (`PLM_PORT`, `PLM_REPOSITORY`) or sectioned ones
-    (`PLM_BATCHING__MAX_BATCH_SIZE`). `overrides` are command-line flags already parsed (None = not given).
+    (`PLM_BATCHING__MAX_BATCH_SIZE`). `overrides` are command-line flags already parsed (None = not given;
+    a dict of a section's flags overrides only the settings given).
     """
     cfg = ServerConfig()
     data: dict[str, Any] = {}
@@ -158,7 +159,9 @@ def load_config(
         elif not sub and name in top and name not in _SECTIONS and name != "model_batching":
             data[name] = value
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if isinstance(value, dict):  # a section's flags: each given one overrides that setting only
+            data.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
+        elif value is not None:
             data[key] = value
 
     sections: dict[str, Any] = {}
