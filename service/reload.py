@@ -50,6 +50,7 @@ class Reloader:
         self._lock = asyncio.Lock()  # one reload at a time: the admin RPC and the poller may race
         self._last_poll: dict[str, Fingerprint | None] = dict(registry.fingerprints)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._rejected: dict[str, str] = dict(registry.failed)  # why the files on disk were refused, by model
 
     async def reload(self, settle: bool = False) -> list[Change]:
         """Apply the repository's changes; `settle` (the poller) skips folders changed since the last poll."""
@@ -67,8 +68,9 @@ class Reloader:
                     changes.append(await self._remove(name))
                 elif reg.fingerprints.get(name) == fp:  # these very files were loaded (or refused) already
                     model = reg.models.get(name)
-                    changes.append(Change(name, UNCHANGED, model.version) if model is not None
-                                   else Change(name, REJECTED, "", reg.failed.get(name, "")))
+                    version = model.version if model is not None else ""
+                    error = self._rejected.get(name, "")
+                    changes.append(Change(name, REJECTED if error else UNCHANGED, version, error))
                 else:
                     changes.append(await self._load(name, fp))
             return changes
@@ -82,6 +84,7 @@ class Reloader:
             new = await asyncio.to_thread(load_model, reg.config.repository / name, reg.config, reg.metrics)
             await new.start()
         except Exception as e:
+            self._rejected[name] = str(e)
             reg.metrics.reloads.labels(name, REJECTED).inc()
             if old is not None:
                 log.error("model %s: the new version is rejected, version %s keeps serving: %s", name, old.version, e)
@@ -93,6 +96,7 @@ class Reloader:
             return Change(name, REJECTED, "", str(e))
         reg.models[name] = new  # from here new calls get the new version; calls holding the old one finish
         reg.failed.pop(name, None)
+        self._rejected.pop(name, None)
         reg.loaded(name, time.perf_counter() - started)
         await self._health.set(name, _SERVING)
         action = ADDED if old is None else REPLACED
@@ -106,6 +110,7 @@ class Reloader:
         reg = self.registry
         reg.fingerprints.pop(name, None)
         reg.failed.pop(name, None)
+        self._rejected.pop(name, None)
         reg.metrics.model_ready.labels(name).set(0)
         await self._health.set(name, _NOT_SERVING)
         old = reg.models.pop(name, None)
