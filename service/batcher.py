@@ -78,12 +78,7 @@ class DynamicBatcher(Generic[P, R]):
         """Queue rows and wait for their results; all-or-nothing admission against the queue bound."""
         if self._closed or self._wakeup is None:
             raise Unavailable(f"model {self.model!r} is not serving (shutting down or not started)")
-        if len(self._queue) + len(payloads) > self.cfg.max_queue_size:
-            self._metrics.rejections.labels(self.model, "queue_full").inc()
-            raise ResourceExhausted(
-                f"model {self.model!r}: queue full ({len(self._queue)} rows queued, max_queue_size "
-                f"{self.cfg.max_queue_size}); retry later"
-            )
+        self.refuse_if_full(len(payloads))
         now = time.monotonic()
         if deadline is not None:
             self._admit_deadline(deadline - now)
@@ -98,6 +93,15 @@ class DynamicBatcher(Generic[P, R]):
             for r in rows:  # the caller is gone or one row failed: the others need not run
                 r.future.cancel()
             raise
+
+    def refuse_if_full(self, rows: int = 1) -> None:
+        """RESOURCE_EXHAUSTED unless `rows` more rows fit in the queue (all-or-nothing per request)."""
+        if len(self._queue) + rows > self.cfg.max_queue_size:
+            self._metrics.rejections.labels(self.model, "queue_full").inc()
+            raise ResourceExhausted(
+                f"model {self.model!r}: queue full ({len(self._queue)} rows queued, max_queue_size "
+                f"{self.cfg.max_queue_size}); retry later"
+            )
 
     def expected_wait(self) -> float:
         """Seconds a new row waits at least before its batch starts: the full batches queued ahead of it.

@@ -33,6 +33,7 @@ from service.servicer import AdminServicer, LanguageModelServicer
 log = logging.getLogger("plm.server")
 
 SERVICE_NAME = plm_pb2.DESCRIPTOR.services_by_name["LanguageModelService"].full_name
+_CLOSE_SECONDS = 1.0  # after the drain: time for refusals being written and open health watches to end
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
@@ -71,12 +72,18 @@ class RunningServer:
     watcher: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish, then close."""
         await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING before the port closes
         self.admission.draining = True  # new calls: UNAVAILABLE; calls in flight go on
         if self.watcher is not None:
             self.watcher.cancel()
-        # gRPC refuses new calls too and waits up to `grace` for the ones in flight, then cancels them.
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        until = time.monotonic() + (self.config.grace_seconds if grace is None else grace)
+        # The port stays open while calls drain, so a late client hears a clear UNAVAILABLE from admission
+        # (gRPC's own shutdown would cancel calls that arrive while it closes).
+        while self.admission.inflight and time.monotonic() < until:
+            await asyncio.sleep(0.02)
+        # What is left: health watches and reflection streams (never admitted), and calls past the grace.
+        await self.server.stop(min(max(until - time.monotonic(), 0.0), _CLOSE_SECONDS))
         await self.reloader.close()
         for model in self.registry.models.values():
             await model.close()

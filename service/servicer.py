@@ -44,11 +44,17 @@ _FINISH = {
 }
 
 
+_INPUT_FIELDS = ("texts", "contexts", "prompts", "pairs", "queries", "analogies")
+
+
 class _Call:
     """Per-call facts gathered at the edge."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, registry: Registry) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, registry: Registry, request: Any) -> None:
         md = dict(context.invocation_metadata() or ())
+        fields = request.DESCRIPTOR.fields_by_name
+        # At least one batch row per input: a lower bound of the rows this call will queue.
+        self.inputs = max(1, sum(len(getattr(request, f)) for f in _INPUT_FIELDS if f in fields))
         self.request_id = str(md.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
         remaining = context.time_remaining()
         self.deadline = time.monotonic() + remaining if remaining is not None else None
@@ -56,10 +62,12 @@ class _Call:
         self._registry = registry
         self._held: ModelAdapter | None = None
 
-    def model(self, name: str, field: str = "model") -> ModelAdapter:
+    def model(self, name: str, field: str = "model", work: bool = True) -> ModelAdapter:
         model = self._registry.acquire(validation.model_name(name, field))
         self._held = model  # held until the call ends: a hot reload closes a replaced version only once free
         self.model_label = model.name  # only known names become label values: bounded cardinality
+        if work:  # metadata calls are never refused for a full queue
+            model.refuse_if_full(self.inputs)
         return model
 
     def release(self) -> None:
@@ -88,10 +96,10 @@ class _Edge:
 
 
 @contextlib.asynccontextmanager
-async def _edge(svc: _Edge, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
+async def _edge(svc: _Edge, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
     """One call's edge: admission, request id, error → status, metrics and the access-log line."""
     started = time.perf_counter()
-    call = _Call(context, svc.registry)
+    call = _Call(context, svc.registry, request)
     code = grpc.StatusCode.OK
     try:
         with svc.admission.admit():
@@ -117,7 +125,7 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..
     def wrap(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
         @functools.wraps(fn)
         async def handler(self: _Edge, request: Any, context: grpc.aio.ServicerContext) -> Resp:
-            async with _edge(self, method, context) as call:
+            async with _edge(self, method, request, context) as call:
                 return await fn(self, request, call)
             raise AssertionError("unreachable: the edge re-raises every error")
         return handler
@@ -128,7 +136,7 @@ def streaming(method: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], Cal
     def wrap(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
         @functools.wraps(fn)
         async def handler(self: _Edge, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-            async with _edge(self, method, context) as call:
+            async with _edge(self, method, request, context) as call:
                 async for item in fn(self, request, call):
                     yield item
         return handler
@@ -257,7 +265,7 @@ class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
 
     @unary("GetModel")
     async def GetModel(self, request: pb.GetModelRequest, call: _Call) -> pb.ModelInfo:
-        return model_info(call.model(request.name, "name"))
+        return model_info(call.model(request.name, "name", work=False))
 
 
 _ACTIONS = {reload.ADDED: admin_pb.RELOAD_ACTION_ADDED, reload.REPLACED: admin_pb.RELOAD_ACTION_REPLACED,
