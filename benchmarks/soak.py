@@ -156,7 +156,6 @@ def main() -> int:
         stop.set()
         for t in threads:
             t.join(timeout=120)
-        samples.append({"t": time.monotonic() - t0, **sample(proc.pid)})
         proc.terminate()
         exit_code = proc.wait(60)
     print(file=sys.stderr)

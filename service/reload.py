@@ -15,9 +15,12 @@ copied in or renamed into place is never loaded half-written and a replace-by-re
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from grpc_health.v1 import health, health_pb2
 
@@ -25,6 +28,7 @@ from service.families.base import ModelAdapter
 from service.registry import Fingerprint, Registry, fingerprint, load_model
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ADDED, REPLACED, REMOVED, UNCHANGED, REJECTED = "added", "replaced", "removed", "unchanged", "rejected"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -50,14 +54,16 @@ class Reloader:
         self._lock = asyncio.Lock()  # one reload at a time: the admin RPC and the poller may race
         self._last_poll: dict[str, Fingerprint | None] = dict(registry.fingerprints)
         self._retiring: set[asyncio.Task[None]] = set()
+        # One thread for scans and loads (one reload runs at a time): the server's thread count stays flat.
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reload")
         self._rejected: dict[str, str] = dict(registry.failed)  # why the files on disk were refused, by model
 
     async def reload(self, settle: bool = False) -> list[Change]:
         """Apply the repository's changes; `settle` (the poller) skips folders changed since the last poll."""
         async with self._lock:
             reg = self.registry
-            folders = await asyncio.to_thread(reg.scan)
-            now = {name: await asyncio.to_thread(fingerprint, folder) for name, folder in folders.items()}
+            folders = await self._off_loop(reg.scan)
+            now = await self._off_loop(lambda: {name: fingerprint(folder) for name, folder in folders.items()})
             previous, self._last_poll = self._last_poll, now
             changes = []
             for name in sorted(set(now) | set(reg.models) | set(reg.failed)):
@@ -75,13 +81,16 @@ class Reloader:
                     changes.append(await self._load(name, fp))
             return changes
 
+    async def _off_loop(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
     async def _load(self, name: str, fp: Fingerprint) -> Change:
         reg = self.registry
         old = reg.models.get(name)
         started = time.perf_counter()
         reg.fingerprints[name] = fp
         try:
-            new = await asyncio.to_thread(load_model, reg.config.repository / name, reg.config, reg.metrics)
+            new = await self._off_loop(lambda: load_model(reg.config.repository / name, reg.config, reg.metrics))
             await new.start()
         except Exception as e:
             self._rejected[name] = str(e)
@@ -147,3 +156,4 @@ class Reloader:
         """Wait for replaced versions to drain and close (called on shutdown)."""
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        self._thread.shutdown(wait=False)
