@@ -11,7 +11,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.config import ServerConfig
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -152,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     return _client(args)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's config from `plm serve`'s flags (over the config file and the environment)."""
     from service.config import load_config
-    from service.server import serve, setup_logging
 
     overrides = {"repository": args.repository, "host": args.host, "port": args.port,
                  "metrics_port": args.metrics_port, "log_format": args.log_format,
@@ -162,8 +165,14 @@ def _serve(args: argparse.Namespace) -> int:
                  "reload_interval_seconds": args.reload_interval,
                  "security": {"tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
                               "tls_client_ca_file": args.tls_client_ca, "auth_tokens_file": args.auth_tokens_file}}
+    return load_config(args.config, overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.server import serve, setup_logging
+
     try:
-        config = load_config(args.config, overrides)
+        config = serve_config(args)
     except ValueError as e:
         print(f"plm serve: {e}", file=sys.stderr)
         return 2

@@ -251,3 +251,15 @@ def test_plm_client_speaks_mutual_tls_and_tokens(tiny_repo: Path, pki: Pki, caps
     assert main(["client", "--target", auth_server.target, "--token", "second-token", "score", "ngram-kn",
                  "the king"]) == 0
     assert "log_prob=" in capsys.readouterr().out
+
+
+def test_plm_serve_flags_reach_the_config() -> None:
+    from client.cli import _build_parser, serve_config
+
+    args = _build_parser().parse_args(["serve", "--tls-cert", "s.pem", "--tls-key", "s.key", "--tls-client-ca",
+                                       "ca.pem", "--auth-tokens-file", "tokens.txt", "--grace-seconds", "3",
+                                       "--reload-interval", "2"])
+    cfg = serve_config(args)
+    assert cfg.security == Security(tls_cert_file=Path("s.pem"), tls_key_file=Path("s.key"),
+                                    tls_client_ca_file=Path("ca.pem"), auth_tokens_file=Path("tokens.txt"))
+    assert (cfg.grace_seconds, cfg.reload_interval_seconds) == (3.0, 2.0)
