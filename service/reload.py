@@ -68,9 +68,11 @@ class Reloader:
             changes = []
             for name in sorted(set(now) | set(reg.models) | set(reg.failed)):
                 fp = now.get(name)
+                if name in folders and fp is None:
+                    continue  # a file vanished while we looked: the folder is being rewritten; next time
                 if settle and (previous.get(name) or _GONE) != (fp or _GONE):
                     continue  # still changing (being copied, renamed into place): look again next poll
-                if fp is None:
+                if fp is None:  # gone from the repository
                     changes.append(await self._remove(name))
                 elif reg.fingerprints.get(name) == fp:  # these very files were loaded (or refused) already
                     model = reg.models.get(name)

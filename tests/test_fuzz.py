@@ -189,3 +189,23 @@ def test_fuzz_rpc(channel: grpc.Channel, service: str, method: d.MethodDescripto
 
     check()
     assert len(ran) >= EXAMPLES[method.name]  # hypothesis stops early only when it has run out of distinct cases
+
+
+def test_message_size_and_input_count_limits(channel: grpc.Channel) -> None:
+    """The two limits the fuzzing also hits, each named: the message size (gRPC's own check) and inputs."""
+    from service.pb.plm.v1 import plm_pb2_grpc
+
+    stub = plm_pb2_grpc.LanguageModelServiceStub(channel)
+    big = pb_score(["word " * 14_000])  # 70 kB > max_message_bytes (64 KiB)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(big, timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(pb_score(["the king"] * (LIMITS.max_inputs_per_request + 1)), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"texts: has 9 entries; at most {LIMITS.max_inputs_per_request} per request")
+    stub.Score(pb_score(["the king"] * LIMITS.max_inputs_per_request), timeout=30)  # at the limit: served
+
+
+def pb_score(texts: list[str]) -> plm_pb2.ScoreRequest:
+    return plm_pb2.ScoreRequest(model="gpt", texts=texts)
