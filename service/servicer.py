@@ -62,12 +62,12 @@ class _Call:
         self._registry = registry
         self._held: ModelAdapter | None = None
 
-    def model(self, name: str, field: str = "model", work: bool = True) -> ModelAdapter:
+    def model(self, name: str, field: str = "model", work: bool = True, generate: bool = False) -> ModelAdapter:
         model = self._registry.acquire(validation.model_name(name, field))
         self._held = model  # held until the call ends: a hot reload closes a replaced version only once free
         self.model_label = model.name  # only known names become label values: bounded cardinality
         if work:  # metadata calls are never refused for a full queue
-            model.refuse_if_full(self.inputs)
+            model.refuse_if_full(self.inputs, generate)
         return model
 
     def release(self) -> None:
@@ -180,7 +180,7 @@ class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
 
     @unary("Generate")
     async def Generate(self, request: pb.GenerateRequest, call: _Call) -> pb.GenerateResponse:
-        model = call.model(request.model)
+        model = call.model(request.model, generate=True)
         params = validation.generate_params(request, self.limits)
         gens = [pb.Generation(prompt=p) for p in params.prompts]
         async for ev in gen_task.generate(model, params, call.deadline, self.metrics):
@@ -197,7 +197,7 @@ class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, call: _Call
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        model = call.model(request.model)
+        model = call.model(request.model, generate=True)
         params = validation.generate_params(request, self.limits)
         async for ev in gen_task.generate(model, params, call.deadline, self.metrics):
             yield pb.GenerateStreamResponse(

@@ -155,6 +155,34 @@ def test_inflight_limit_refuses_fast_and_health_still_answers(slow_gpt: ServerTh
     assert _samples(after, "plm_inflight_requests") == 0  # every place given back
 
 
+def test_generation_that_expires_while_waiting_is_never_prefilled(tiny_repo: Path) -> None:
+    """The KV-cache engine runs one sequence at a time here; a Generate with a short deadline behind long
+    streams never starts: the time-to-first-token histogram counts only the long ones. (Over gRPC the
+    client's cancellation at its deadline also drops the waiting sequence; the engine's own check covers a
+    cancellation that arrives late.)"""
+    srv = ServerThread(make_config(tiny_repo, models=("gpt",), model_batching={"gpt": Batching(max_batch_size=1)}))
+    long = pb.GenerateRequest(model="gpt", prompts=["The king"],
+                              sampling=pb.SamplingParams(temperature=5.0, seed=3, max_new_tokens=60))
+    try:
+        before = srv.running.metrics.exposition().decode()
+        engine = srv.running.registry.get("gpt").engine
+        with grpc.insecure_channel(srv.target) as ch, concurrent.futures.ThreadPoolExecutor(24) as pool:
+            stub = pb_grpc.LanguageModelServiceStub(ch)
+            streams = [pool.submit(lambda: list(stub.GenerateStream(long, timeout=120))) for _ in range(24)]
+            until = time.monotonic() + 30
+            while engine.active < 16 and time.monotonic() < until:  # most streams wait: the queue is long
+                time.sleep(0.002)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Generate(pb.GenerateRequest(model="gpt", prompts=["O"]), timeout=0.2)
+            for f in streams:
+                f.result()
+        after = srv.running.metrics.exposition().decode()
+    finally:
+        srv.stop()
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _delta(before, after, "plm_time_to_first_token_seconds_count") == 24  # the expired one never ran
+
+
 # --------------------------------------------------------------------------- a real `plm serve` process
 
 
