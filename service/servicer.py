@@ -44,7 +44,7 @@ _FINISH = {
 }
 
 
-_INPUT_FIELDS = ("texts", "contexts", "prompts", "pairs", "queries", "analogies")
+_INPUT_FIELDS = ("texts", "contexts", "prompts", "pairs")  # each is at least one row of the model's queue
 
 
 class _Call:
@@ -66,7 +66,7 @@ class _Call:
         model = self._registry.acquire(validation.model_name(name, field))
         self._held = model  # held until the call ends: a hot reload closes a replaced version only once free
         self.model_label = model.name  # only known names become label values: bounded cardinality
-        if work:  # metadata calls are never refused for a full queue
+        if work:  # metadata calls (and Classify) are never refused here for a full queue
             model.refuse_if_full(self.inputs, generate)
         return model
 
@@ -249,7 +249,7 @@ class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
 
     @unary("Classify")
     async def Classify(self, request: pb.ClassifyRequest, call: _Call) -> pb.ClassifyResponse:
-        model = call.model(request.model)
+        model = call.model(request.model, work=False)  # its rows may go to the engine's prefix path: no bound here
         results, prefix_tokens = await classify.classify(
             model, validation.classify_params(request, self.limits), call.deadline)
         return pb.ClassifyResponse(model=model.name, model_version=model.version, prefix_tokens=prefix_tokens,
