@@ -11,7 +11,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.config import ServerConfig
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -45,6 +48,13 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="TOML config file (see README: Configuration)")
     s.add_argument("--log-format", choices=["text", "json"], help="log format [text]")
     s.add_argument("--models", nargs="+", help="serve only these models")
+    s.add_argument("--grace-seconds", type=float, help="on SIGTERM, how long calls in flight may finish [10]")
+    s.add_argument("--reload-interval", type=float,
+                   help="poll the repository for model changes every this many seconds, 0 = off [0]")
+    s.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
+    s.add_argument("--auth-tokens-file", type=Path, help="accepted bearer tokens, one per line: auth on")
 
     c = sub.add_parser("client", help="call a running server")
     c.add_argument("--target", default=DEFAULT_TARGET,
@@ -62,6 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     verbs = c.add_subparsers(dest="verb", required=True)
     verbs.add_parser("models", help="list the models")
+    verbs.add_parser("reload", help="reload the model repository now (AdminService/ReloadModels)")
     m = verbs.add_parser("model", help="one model's metadata")
     m.add_argument("name")
     h = verbs.add_parser("health", help="health status (overall, or of one model)")
@@ -154,15 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     return _client(args)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The server's config from `plm serve`'s flags (over the config file and the environment)."""
     from service.config import load_config
-    from service.server import serve, setup_logging
 
     overrides = {"repository": args.repository, "host": args.host, "port": args.port,
                  "metrics_port": args.metrics_port, "log_format": args.log_format,
-                 "models": tuple(args.models) if args.models else None}
+                 "models": tuple(args.models) if args.models else None, "grace_seconds": args.grace_seconds,
+                 "reload_interval_seconds": args.reload_interval,
+                 "security": {"tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
+                              "tls_client_ca_file": args.tls_client_ca, "auth_tokens_file": args.auth_tokens_file}}
+    return load_config(args.config, overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.server import serve, setup_logging
+
     try:
-        config = load_config(args.config, overrides)
+        config = serve_config(args)
     except ValueError as e:
         print(f"plm serve: {e}", file=sys.stderr)
         return 2
@@ -176,6 +196,7 @@ def _client(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from client import PlmClient, RetryPolicy, TlsConfig
+    from service.pb.plm.v1 import admin_pb2, admin_pb2_grpc
     from service.pb.plm.v1 import plm_pb2 as pb
 
     def show(msg: Any, text: str) -> None:
@@ -196,7 +217,12 @@ def _client(args: argparse.Namespace) -> int:
         return 2
     with cl:
         try:
-            if args.verb == "models":
+            if args.verb == "reload":
+                rr = admin_pb2_grpc.AdminServiceStub(cl.channels[0]).ReloadModels(
+                    admin_pb2.ReloadModelsRequest(), timeout=args.timeout, metadata=cl.conn.metadata(None))
+                show(rr, "\n".join(f"{c.name:20} {admin_pb2.ReloadAction.Name(c.action)[14:].lower():10} "
+                                   f"{c.version} {c.error}" for c in rr.changes))
+            elif args.verb == "models":
                 r = cl.list_models()
                 show(r, "\n".join(f"{m.name:20} {m.family:8} v{m.version:16} tasks={','.join(m.tasks)} "
                                   f"vocab={m.vocab_size} max_length={m.max_length}" for m in r.models))

@@ -4,9 +4,12 @@ Callers submit rows (one sequence each) and await their results. The worker take
 model is busy it waits up to `max_queue_delay_ms` for company (an idle model runs a lone row at once); then it
 forms a batch bounded by a row count and a padded-token budget (rows × longest row), filled with the queued
 rows nearest the oldest one in length (little padding). Rows whose deadline passed are failed with
-DEADLINE_EXCEEDED and never run; rows whose caller went away are dropped. The batch runs on the model's own
-thread (blocking ONNX work stays off the event loop) and each row's result goes back to its caller. A full
-queue refuses a request at once with RESOURCE_EXHAUSTED, before any work.
+DEADLINE_EXCEEDED and never run; a request that cannot meet its deadline behind the rows already queued (full
+batches ahead × the recent batch time) is refused at admission with DEADLINE_EXCEEDED, before it takes a
+place in the queue; rows whose caller went away are dropped. The batch runs on the model's own thread
+(blocking ONNX work stays off the event loop) and each row's result goes back to its caller. A full queue
+refuses a request at once with RESOURCE_EXHAUSTED, before any work; a submission bigger than a quarter of the
+queue goes in pieces.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class DynamicBatcher(Generic[P, R]):
         self.batches_run = 0
         self._arrivals = 0  # rows ever submitted
         self._busy = False  # rows arrived while the last batch ran: the model is under load
+        self._batch_seconds: float | None = None  # moving average of one batch's run time, for admission
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -92,14 +96,11 @@ class DynamicBatcher(Generic[P, R]):
         """Queue rows and wait for their results; all-or-nothing admission against the queue bound."""
         if self._closed or self._wakeup is None:
             raise Unavailable(f"model {self.model!r} is not serving (shutting down or not started)")
-        if len(self._queue) + len(payloads) > self.cfg.max_queue_size:
-            self._metrics.rejections.labels(self.model, "queue_full").inc()
-            raise ResourceExhausted(
-                f"model {self.model!r}: queue full ({len(self._queue)} rows queued, max_queue_size "
-                f"{self.cfg.max_queue_size}); retry later"
-            )
-        loop = asyncio.get_running_loop()
+        self.refuse_if_full(len(payloads))
         now = time.monotonic()
+        if deadline is not None:
+            self._admit_deadline(deadline - now)
+        loop = asyncio.get_running_loop()
         rows = [_Row(p, n, loop.create_future(), now, deadline) for p, n in zip(payloads, lengths, strict=True)]
         self._queue.extend(rows)
         self._arrivals += len(rows)
@@ -111,6 +112,34 @@ class DynamicBatcher(Generic[P, R]):
             for r in rows:  # the caller is gone or one row failed: the others need not run
                 r.future.cancel()
             raise
+
+    def refuse_if_full(self, rows: int = 1) -> None:
+        """RESOURCE_EXHAUSTED unless `rows` more rows fit in the queue (all-or-nothing per request)."""
+        if len(self._queue) + rows > self.cfg.max_queue_size:
+            self._metrics.rejections.labels(self.model, "queue_full").inc()
+            raise ResourceExhausted(
+                f"model {self.model!r}: queue full ({len(self._queue)} rows queued, max_queue_size "
+                f"{self.cfg.max_queue_size}); retry later"
+            )
+
+    def expected_wait(self) -> float:
+        """Seconds a new row waits at least before its batch starts: the full batches queued ahead of it.
+
+        From the recent batch time (0 before the first batch). A lower bound by design (its own batch and a
+        partly filled one ahead are not counted): admission refuses only what cannot make its deadline.
+        """
+        if self._batch_seconds is None:
+            return 0.0
+        return len(self._queue) // self.cfg.max_batch_size * self._batch_seconds
+
+    def _admit_deadline(self, remaining: float) -> None:
+        wait = self.expected_wait()
+        if wait > remaining:
+            self._metrics.rejections.labels(self.model, "deadline_admission").inc()
+            raise DeadlineExceeded(
+                f"model {self.model!r}: the deadline ({remaining:.3f}s left) cannot be met: about {wait:.3f}s of "
+                f"queued work ({len(self._queue)} rows) runs first; the request was not queued"
+            )
 
     async def close(self) -> None:
         """Stop taking rows, fail the queued ones with UNAVAILABLE, stop the worker."""
@@ -208,6 +237,9 @@ class DynamicBatcher(Generic[P, R]):
             finally:
                 self._busy = self._arrivals > arrivals
             self.batches_run += 1
+            took = time.monotonic() - started
+            # A short memory (weight 0.2): admission follows load changes within a few batches.
+            self._batch_seconds = took if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * took
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for row, result in zip(batch, results, strict=True):
                 if not row.future.done():

@@ -25,6 +25,9 @@ class Limits:
     max_new_tokens: int = 512  # still capped by the model's window minus the prompt
     max_stop_sequences: int = 8
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's own default; raise it for big batched requests
+    # RPCs being handled at once, all models together; beyond it RESOURCE_EXHAUSTED before any work. Each
+    # in-flight call holds its request, its rows and a coroutine: this bounds the server's memory under a burst.
+    max_inflight_requests: int = 256
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,28 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class Security:
+    """TLS, mutual TLS and bearer-token auth (docs/reliability.md has the threat model)."""
+
+    tls_cert_file: Path | None = None  # PEM server certificate (chain); set with tls_key_file = TLS on
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # set = mutual TLS: clients must present a certificate signed by it
+    auth_token: str = ""  # one accepted bearer token (prefer a file: env and flags show in `ps`)
+    auth_tokens_file: Path | None = None  # one accepted token per line; '#' comments and blank lines ignored
+    # Services a caller reaches without a token: probes (kubelet, load balancers) carry none.
+    open_services: tuple[str, ...] = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                                      "grpc.reflection.v1.ServerReflection")
+
+    def tokens(self) -> frozenset[str]:
+        """Every accepted token; empty = auth off."""
+        tokens = {self.auth_token} if self.auth_token else set()
+        if self.auth_tokens_file is not None:
+            lines = Path(self.auth_tokens_file).read_text(encoding="utf-8").splitlines()
+            tokens |= {t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")}
+        return frozenset(tokens)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing the port is a deliberate choice
     port: int = 50051
@@ -74,9 +99,13 @@ class ServerConfig:
     # age (plus grace_seconds for calls in flight) lets clients behind a load balancer spread to new replicas.
     # 0 = never (loopback and client-side round-robin need no rotation).
     max_connection_age_seconds: float = 0.0
+    # Poll the repository for added, changed and removed models this often; 0 = only on
+    # plm.v1.AdminService/ReloadModels. Off by default: what a server serves changes only when asked.
+    reload_interval_seconds: float = 0.0
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
     runtime: Runtime = field(default_factory=Runtime)
+    security: Security = field(default_factory=Security)
     model_batching: dict[str, Batching] = field(default_factory=dict)  # per-model overrides by name
     model_runtime: dict[str, Runtime] = field(default_factory=dict)  # per-model overrides by name
 
@@ -103,8 +132,10 @@ def _replace_checked(obj: Any, values: dict[str, Any], where: str) -> Any:
         current = getattr(obj, key)
         if isinstance(current, Path):
             value = Path(value)
+        elif current is None and key.endswith("_file"):
+            value = Path(value) if value else None  # an empty value (PLM_SECURITY__X="") leaves the file unset
         elif isinstance(current, tuple):
-            value = tuple(value) if isinstance(value, list | tuple) else tuple(str(value).split(","))
+            value = tuple(value) if isinstance(value, list | tuple) else tuple(v for v in str(value).split(",") if v)
         elif isinstance(current, dict):
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 raise ValueError(f"{where}: {key} must be a table of tables, got {value!r}")
@@ -122,7 +153,7 @@ def _replace_checked(obj: Any, values: dict[str, Any], where: str) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-_SECTIONS = {"limits": Limits, "batching": Batching, "runtime": Runtime}
+_SECTIONS = {"limits": Limits, "batching": Batching, "runtime": Runtime, "security": Security}
 
 
 def load_config(
@@ -131,7 +162,8 @@ def load_config(
     """Build the config: defaults, then the TOML file, then `PLM_*` environment variables, then overrides.
 
     Environment variables name top-level settings (`PLM_PORT`, `PLM_REPOSITORY`) or sectioned ones
-    (`PLM_BATCHING__MAX_BATCH_SIZE`). `overrides` are command-line flags already parsed (None = not given).
+    (`PLM_BATCHING__MAX_BATCH_SIZE`). `overrides` are command-line flags already parsed (None = not given;
+    a dict of a section's flags overrides only the settings given).
     """
     cfg = ServerConfig()
     data: dict[str, Any] = {}
@@ -153,7 +185,9 @@ def load_config(
         elif not sub and name in top and name not in _SECTIONS and not name.startswith("model_"):
             data[name] = value
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if isinstance(value, dict):  # a section's flags: each given one overrides that setting only
+            data.setdefault(key, {}).update({k: v for k, v in value.items() if v is not None})
+        elif value is not None:
             data[key] = value
 
     sections: dict[str, Any] = {}

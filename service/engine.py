@@ -131,14 +131,18 @@ class GenerationEngine:
         """Sequences holding KV memory or waiting for it."""
         return len(self._running) + len(self._waiting)
 
+    def refuse_if_full(self, sequences: int = 1) -> None:
+        """RESOURCE_EXHAUSTED unless `sequences` more fit in the waiting queue."""
+        if len(self._waiting) + sequences > self.cfg.max_queue_size:
+            self.metrics.rejections.labels(self.model, "queue_full").inc()
+            raise ResourceExhausted(f"model {self.model!r}: {len(self._waiting)} sequences wait to generate "
+                                    f"(max_queue_size {self.cfg.max_queue_size}); retry later")
+
     # -- the caller's side ---------------------------------------------------------------------------------
     async def generate(self, seqs: list[GenSequence], deadline: float | None) -> AsyncIterator[StepEvent]:
         if self._closed or self._wakeup is None:
             raise Unavailable(f"model {self.model!r} is not serving")
-        if len(self._waiting) + len(seqs) > self.cfg.max_queue_size:
-            self.metrics.rejections.labels(self.model, "queue_full").inc()
-            raise ResourceExhausted(f"model {self.model!r}: {len(self._waiting)} sequences wait to generate "
-                                    f"(max_queue_size {self.cfg.max_queue_size}); retry later")
+        self.refuse_if_full(len(seqs))
         request = _Request(asyncio.Queue(), deadline, len(seqs))
         self._waiting.extend(_Slot(s, request) for s in seqs)
         self._wakeup.set()
@@ -192,6 +196,13 @@ class GenerationEngine:
                 continue
             keep.append(slot)
         self._running = keep
+        for slot in self._waiting:  # a request whose deadline passed while it waited is never prefilled
+            req = slot.request
+            if not req.cancelled and req.deadline is not None and now >= req.deadline:
+                req.cancelled = True
+                self.metrics.rejections.labels(self.model, "deadline").inc()
+                req.events.put_nowait(DeadlineExceeded(f"model {self.model!r}: the deadline passed while "
+                                                       "waiting to generate; the request was not run"))
         self._waiting = collections.deque(s for s in self._waiting if not s.request.cancelled)
 
     async def _work(self) -> None:

@@ -30,7 +30,7 @@ from service.pb.plm.v1 import plm_pb2 as pb
 from service.pb.triton import grpc_service_pb2 as kv
 from service.pb.triton import grpc_service_pb2_grpc as kv_grpc
 from service.registry import Registry
-from service.servicer import LanguageModelServicer, _Call, unary
+from service.servicer import LanguageModelServicer, _Call, _Edge, unary
 
 SERVICE_NAME = kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 TASK_SEP = ":"
@@ -296,21 +296,21 @@ def _encode_outputs(spec: TaskSpec, outputs: Outputs, requested: Sequence[str],
 # ---------------------------------------------------------------------------------------------- servicer
 
 
-class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
+class KServeServicer(_Edge, kv_grpc.GRPCInferenceServiceServicer):
     """The required KServe v2 RPCs. The rest of Triton's service (streaming, repository, shared memory, ...)
-    answers UNIMPLEMENTED (the generated base class)."""
+    answers UNIMPLEMENTED (the generated base class). Same edge as plm.v1: admission (the in-flight limit and
+    the drain are shared with it), request ids, metrics."""
 
     def __init__(self, registry: Registry, config: ServerConfig, metrics: Metrics,
                  plm: LanguageModelServicer) -> None:
-        self.registry = registry
+        super().__init__(registry, plm.admission, metrics)
         self.limits = config.limits
-        self.metrics = metrics
         self.plm = plm
 
     def _resolve(self, call: _Call, name: str, version: str) -> tuple[ModelAdapter, str, TaskSpec]:
         """`model[:task]` → the model, the task name and its spec; NOT_FOUND for anything not served."""
         base, _, task = name.partition(TASK_SEP)
-        model = call.model(base)
+        model = call.model(base, work=False)  # ModelInfer's plm.v1 method checks the queue for its own rows
         tasks = model_tasks(model)
         task = task or (tasks[0] if tasks else "")
         if task not in tasks:

@@ -58,8 +58,12 @@ class Metrics:
             ["model"], buckets=_LATENCY, registry=r,
         )
         self.rejections = Counter(
-            "plm_rejections", "Requests refused before any work, by reason.", ["model", "reason"], registry=r
+            "plm_rejections",
+            "Requests refused before any work, by reason: queue_full, inflight, deadline (passed while queued), "
+            "deadline_admission (could not make it behind the queue), draining, unauthenticated.",
+            ["model", "reason"], registry=r,
         )
+        self.inflight = Gauge("plm_inflight_requests", "RPCs being handled now (all models).", registry=r)
         self.active_sequences = Gauge(
             "plm_active_sequences", "Sequences in a generation engine's running batch (each holds KV memory).",
             ["model"], registry=r,
@@ -78,6 +82,10 @@ class Metrics:
         self.model_ready = Gauge("plm_model_ready", "1 when the model is loaded and serving.", ["model"], registry=r)
         self.model_load_seconds = Gauge(
             "plm_model_load_seconds", "Time the last load of the model took.", ["model"], registry=r
+        )
+        self.reloads = Counter(
+            "plm_model_reloads", "Repository changes applied or refused, by action (added, replaced, removed, "
+            "rejected).", ["model", "action"], registry=r,
         )
 
     def exposition(self) -> bytes:

@@ -72,29 +72,51 @@ def load_model(folder: Path, config: ServerConfig, metrics: Metrics) -> ModelAda
     return adapter(folder.name, folder, manifest, config, metrics)  # type: ignore[call-arg]
 
 
+Fingerprint = tuple[tuple[str, int, int], ...]  # (file, mtime_ns, size) of every file of a model folder
+
+
+def fingerprint(folder: Path) -> Fingerprint | None:
+    """What changes when any file of the folder is written, added or removed; None = the folder is gone."""
+    try:
+        return tuple(sorted((str(p.relative_to(folder)), st.st_mtime_ns, st.st_size)
+                            for p in folder.rglob("*") if p.is_file() and (st := p.stat())))
+    except OSError:  # a file vanished while we looked: the folder is being rewritten
+        return None
+
+
 class Registry:
-    """The loaded models by name."""
+    """The loaded models by name, and how many calls hold each (so a replaced model drains before closing)."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
         self.models: dict[str, ModelAdapter] = {}
         self.failed: dict[str, str] = {}
+        self.fingerprints: dict[str, Fingerprint | None] = {}  # of the files each load attempt read
+        self._leases: dict[int, int] = {}  # id(adapter) → calls holding it
 
-    def load_all(self) -> None:
-        for runtime in (self.config.runtime, *self.config.model_runtime.values()):  # a typo fails the start
-            for name in (*runtime.providers, *runtime.provider_options):
-                provider_name(name)
+    def scan(self) -> dict[str, Path]:
+        """The model folders the repository holds now that this server may serve, by name."""
         root = self.config.repository
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root} does not exist (build it with `plm build`)")
+        found = {}
         for folder in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()):
             name = folder.name
-            if self.config.models and name not in self.config.models:
-                continue
+            if name.startswith(".") or (self.config.models and name not in self.config.models):
+                continue  # dot-folders are models being written (`.name.building`)
             if not NAME_RE.match(name):
                 log.error("model folder %r: not a valid model name; skipped", name)
                 continue
+            found[name] = folder
+        return found
+
+    def load_all(self) -> None:
+        for runtime in (self.config.runtime, *self.config.model_runtime.values()):  # a typo fails the start
+            for provider in (*runtime.providers, *runtime.provider_options):
+                provider_name(provider)
+        for name, folder in self.scan().items():
+            self.fingerprints[name] = fingerprint(folder)
             started = time.perf_counter()
             try:
                 self.models[name] = load_model(folder, self.config, self.metrics)
@@ -103,10 +125,13 @@ class Registry:
                 self.metrics.model_ready.labels(name).set(0)
                 log.error("model %s failed to load: %s", name, e)
                 continue
-            seconds = time.perf_counter() - started
-            self.metrics.model_load_seconds.labels(name).set(seconds)
-            self.metrics.model_ready.labels(name).set(1)
-            log.info("model %s (%s) loaded in %.2fs", name, self.models[name].family, seconds)
+            self.loaded(name, time.perf_counter() - started)
+
+    def loaded(self, name: str, seconds: float) -> None:
+        self.metrics.model_load_seconds.labels(name).set(seconds)
+        self.metrics.model_ready.labels(name).set(1)
+        model = self.models[name]
+        log.info("model %s (%s, version %s) loaded in %.2fs", name, model.family, model.version, seconds)
 
     def get(self, name: str) -> ModelAdapter:
         model = self.models.get(name)
@@ -114,3 +139,17 @@ class Registry:
             known = ", ".join(sorted(self.models)) or "none"
             raise NotFound(f"model {name!r} is not served here; models: {known}")
         return model
+
+    def acquire(self, name: str) -> ModelAdapter:
+        """`get`, holding the model until `release`: a reload closes a replaced model only once it is free."""
+        model = self.get(name)
+        self._leases[id(model)] = self._leases.get(id(model), 0) + 1
+        return model
+
+    def release(self, model: ModelAdapter) -> None:
+        left = self._leases.pop(id(model)) - 1
+        if left:
+            self._leases[id(model)] = left
+
+    def holders(self, model: ModelAdapter) -> int:
+        return self._leases.get(id(model), 0)

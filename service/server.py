@@ -1,8 +1,10 @@
-"""The server process: load the repository, start gRPC (plm.v1 + health + reflection) and /metrics, stop cleanly.
+"""The server process: load the repository, start gRPC (plm.v1 + admin + health + reflection) and /metrics,
+stop cleanly.
 
 Health: the overall service ("") and `plm.v1.LanguageModelService` are SERVING once every model is loaded;
-each model name is its own health service, SERVING when that model is ready. On SIGTERM/SIGINT health turns
-NOT_SERVING first, new calls are refused, in-flight calls get `grace_seconds` to finish, then it exits.
+each model name is its own health service, SERVING when that model is ready (hot reload keeps it so). On
+SIGTERM/SIGINT health turns NOT_SERVING first, new calls are refused with UNAVAILABLE, in-flight calls and
+streams get `grace_seconds` to finish, then it exits 0. TLS, mutual TLS and token auth: service/security.py.
 """
 
 from __future__ import annotations
@@ -19,18 +21,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.admission import Admission
 from service.config import ServerConfig
 from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from service.kserve import KServeServicer
 from service.metrics import Metrics
-from service.pb.plm.v1 import plm_pb2, plm_pb2_grpc
+from service.pb.plm.v1 import admin_pb2, admin_pb2_grpc, plm_pb2, plm_pb2_grpc
 from service.pb.triton import grpc_service_pb2_grpc
 from service.registry import Registry
-from service.servicer import LanguageModelServicer
+from service.reload import Reloader
+from service.security import TokenAuth, server_credentials
+from service.servicer import AdminServicer, LanguageModelServicer
 
 log = logging.getLogger("plm.server")
 
 SERVICE_NAME = plm_pb2.DESCRIPTOR.services_by_name["LanguageModelService"].full_name
+_CLOSE_SECONDS = 1.0  # after the drain: time for refusals being written and open health watches to end
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 class _JsonFormatter(logging.Formatter):
@@ -63,10 +70,24 @@ class RunningServer:
     metrics: Metrics
     health: health.aio.HealthServicer
     config: ServerConfig
+    admission: Admission
+    reloader: Reloader
+    watcher: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish, then close."""
         await self.health.enter_graceful_shutdown()  # probes see NOT_SERVING before the port closes
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        self.admission.draining = True  # new calls: UNAVAILABLE; calls in flight go on
+        if self.watcher is not None:
+            self.watcher.cancel()
+        until = time.monotonic() + (self.config.grace_seconds if grace is None else grace)
+        # The port stays open while calls drain, so a late client hears a clear UNAVAILABLE from admission
+        # (gRPC's own shutdown would cancel calls that arrive while it closes).
+        while self.admission.inflight and time.monotonic() < until:
+            await asyncio.sleep(0.02)
+        # What is left: health watches and reflection streams (never admitted), and calls past the grace.
+        await self.server.stop(min(max(until - time.monotonic(), 0.0), _CLOSE_SECONDS))
+        await self.reloader.close()
         for model in self.registry.models.values():
             await model.close()
 
@@ -88,23 +109,32 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     for model in registry.models.values():
         await model.start()
 
-    server = grpc.aio.server(options=[
+    credentials = server_credentials(config.security)
+    tokens = config.security.tokens()
+    interceptors = [TokenAuth(tokens, config.security.open_services, metrics)] if tokens else []
+    if tokens and credentials is None and config.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("bearer tokens over plaintext on %s: anyone on the path can read them; set TLS", config.host)
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
         *_connection_age_options(config),
     ])
-    plm_servicer = LanguageModelServicer(registry, config, metrics)
+    admission = Admission(config.limits, metrics)
+    health_servicer = health.aio.HealthServicer()
+    reloader = Reloader(registry, health_servicer, config.grace_seconds)
+    plm_servicer = LanguageModelServicer(registry, admission, config, metrics)
     plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(plm_servicer, server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # KServe v2 / Triton, same task path
         KServeServicer(registry, config, metrics, plm_servicer), server)
-    health_servicer = health.aio.HealthServicer()
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(reloader, admission, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, KSERVE_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME,
+                                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    port = (server.add_secure_port(address, credentials) if credentials is not None
+            else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
@@ -116,9 +146,14 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     await health_servicer.set("", serving)
     await health_servicer.set(SERVICE_NAME, serving)
     await health_servicer.set(KSERVE_SERVICE_NAME, serving)
-    log.info("serving %d model(s) [%s] on %s:%d in %.2fs", len(registry.models), ", ".join(registry.models),
-             config.host, port, time.perf_counter() - started)
-    return RunningServer(server, port, registry, metrics, health_servicer, config)
+    watcher = None
+    if config.reload_interval_seconds > 0:
+        watcher = asyncio.get_running_loop().create_task(reloader.watch(config.reload_interval_seconds))
+    log.info("serving %d model(s) [%s] on %s:%d in %.2fs (%s%s)", len(registry.models), ", ".join(registry.models),
+             config.host, port, time.perf_counter() - started,
+             "mutual TLS" if config.security.tls_client_ca_file else "TLS" if credentials else "plaintext",
+             f", {len(tokens)} bearer token(s)" if tokens else "")
+    return RunningServer(server, port, registry, metrics, health_servicer, config, admission, reloader, watcher)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -6,6 +6,7 @@ deadline, error → status mapping (service/errors.py), request metrics and one 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -16,11 +17,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service import validation
+from service import reload, validation
+from service.admission import Admission
 from service.config import ServerConfig
 from service.errors import ServiceError
 from service.families.base import ModelAdapter
 from service.metrics import Metrics
+from service.pb.plm.v1 import admin_pb2 as admin_pb
+from service.pb.plm.v1 import admin_pb2_grpc as admin_grpc
 from service.pb.plm.v1 import plm_pb2 as pb
 from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
 from service.registry import Registry
@@ -40,21 +44,41 @@ _FINISH = {
 }
 
 
+_INPUT_FIELDS = ("texts", "contexts", "prompts", "pairs")  # each is at least one row of the model's queue
+
+
 class _Call:
     """Per-call facts gathered at the edge."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, registry: Registry) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, registry: Registry, request: Any) -> None:
         md = dict(context.invocation_metadata() or ())
+        fields = request.DESCRIPTOR.fields_by_name
+        # At least one batch row per input: a lower bound of the rows this call will queue.
+        self.inputs = max(1, sum(len(getattr(request, f)) for f in _INPUT_FIELDS if f in fields))
         self.request_id = str(md.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
         remaining = context.time_remaining()
         self.deadline = time.monotonic() + remaining if remaining is not None else None
         self.model_label = "-"
         self._registry = registry
+        self._held: ModelAdapter | None = None
 
-    def model(self, name: str) -> ModelAdapter:
-        model = self._registry.get(validation.model_name(name))
+    def model(self, name: str, field: str = "model", work: bool = True, generate: bool = False) -> ModelAdapter:
+        name = validation.model_name(name, field)
+        if self._held is not None and self._held.name == name:
+            model = self._held  # asked again (KServe resolves the model, then runs the plm.v1 method): one lease
+        else:
+            model = self._registry.acquire(name)
+            self.release()
+            self._held = model  # held until the call ends: a hot reload closes a replaced version only once free
         self.model_label = model.name  # only known names become label values: bounded cardinality
+        if work:  # metadata calls (and Classify) are never refused here for a full queue
+            model.refuse_if_full(self.inputs, generate)
         return model
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._registry.release(self._held)
+            self._held = None
 
 
 async def _fail(context: grpc.aio.ServicerContext, call: _Call, method: str, err: Exception) -> grpc.StatusCode:
@@ -67,34 +91,48 @@ async def _fail(context: grpc.aio.ServicerContext, call: _Call, method: str, err
     return code  # unreachable: abort raises
 
 
-def _finish(svc: LanguageModelServicer, method: str, call: _Call, code: grpc.StatusCode, started: float,
-            extra: str = "") -> None:
-    elapsed = time.perf_counter() - started
-    svc.metrics.requests.labels(method, call.model_label, code.name).inc()
-    svc.metrics.request_duration.labels(method, call.model_label).observe(elapsed)
-    log.info("request_id=%s method=%s model=%s code=%s duration_ms=%.2f%s",
-             call.request_id, method, call.model_label, code.name, elapsed * 1000, extra)
+class _Edge:
+    """What the edge of every RPC needs: the registry (models), admission, metrics."""
+
+    def __init__(self, registry: Registry, admission: Admission, metrics: Metrics) -> None:
+        self.registry = registry
+        self.admission = admission
+        self.metrics = metrics
+
+
+@contextlib.asynccontextmanager
+async def _edge(svc: _Edge, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
+    """One call's edge: admission, request id, error → status, metrics and the access-log line."""
+    started = time.perf_counter()
+    call = _Call(context, svc.registry, request)
+    code = grpc.StatusCode.OK
+    try:
+        with svc.admission.admit():
+            await context.send_initial_metadata((("x-request-id", call.request_id),))
+            yield call
+    except Exception as err:
+        code = err.code if isinstance(err, ServiceError) else grpc.StatusCode.INTERNAL
+        await _fail(context, call, method, err)
+        raise
+    except BaseException:  # cancelled by the client (a stream stops here)
+        code = grpc.StatusCode.CANCELLED
+        raise
+    finally:
+        call.release()
+        elapsed = time.perf_counter() - started
+        svc.metrics.requests.labels(method, call.model_label, code.name).inc()
+        svc.metrics.request_duration.labels(method, call.model_label).observe(elapsed)
+        log.info("request_id=%s method=%s model=%s code=%s duration_ms=%.2f",
+                 call.request_id, method, call.model_label, code.name, elapsed * 1000)
 
 
 def unary(method: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
     def wrap(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
         @functools.wraps(fn)
-        async def handler(self: LanguageModelServicer, request: Any, context: grpc.aio.ServicerContext) -> Resp:
-            started = time.perf_counter()
-            call = _Call(context, self.registry)
-            await context.send_initial_metadata((("x-request-id", call.request_id),))
-            code = grpc.StatusCode.OK
-            try:
+        async def handler(self: _Edge, request: Any, context: grpc.aio.ServicerContext) -> Resp:
+            async with _edge(self, method, request, context) as call:
                 return await fn(self, request, call)
-            except Exception as err:
-                code = err.code if isinstance(err, ServiceError) else grpc.StatusCode.INTERNAL
-                await _fail(context, call, method, err)
-                raise
-            except BaseException:  # cancelled by the client
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                _finish(self, method, call, code, started)
+            raise AssertionError("unreachable: the edge re-raises every error")
         return handler
     return wrap
 
@@ -102,33 +140,18 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..
 def streaming(method: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], Callable[..., AsyncIterator[Resp]]]:
     def wrap(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
         @functools.wraps(fn)
-        async def handler(self: LanguageModelServicer, request: Any,
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-            started = time.perf_counter()
-            call = _Call(context, self.registry)
-            await context.send_initial_metadata((("x-request-id", call.request_id),))
-            code = grpc.StatusCode.OK
-            try:
+        async def handler(self: _Edge, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+            async with _edge(self, method, request, context) as call:
                 async for item in fn(self, request, call):
                     yield item
-            except Exception as err:
-                code = err.code if isinstance(err, ServiceError) else grpc.StatusCode.INTERNAL
-                await _fail(context, call, method, err)
-                raise
-            except BaseException:  # cancelled by the client: the generation stops here
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                _finish(self, method, call, code, started)
         return handler
     return wrap
 
 
-class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
-    def __init__(self, registry: Registry, config: ServerConfig, metrics: Metrics) -> None:
-        self.registry = registry
+class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
+    def __init__(self, registry: Registry, admission: Admission, config: ServerConfig, metrics: Metrics) -> None:
+        super().__init__(registry, admission, metrics)
         self.limits = config.limits
-        self.metrics = metrics
 
     @unary("Score")
     async def Score(self, request: pb.ScoreRequest, call: _Call) -> pb.ScoreResponse:
@@ -162,7 +185,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
 
     @unary("Generate")
     async def Generate(self, request: pb.GenerateRequest, call: _Call) -> pb.GenerateResponse:
-        model = call.model(request.model)
+        model = call.model(request.model, generate=True)
         params = validation.generate_params(request, self.limits)
         gens = [pb.Generation(prompt=p) for p in params.prompts]
         async for ev in gen_task.generate(model, params, call.deadline, self.metrics):
@@ -179,7 +202,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, call: _Call
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        model = call.model(request.model)
+        model = call.model(request.model, generate=True)
         params = validation.generate_params(request, self.limits)
         async for ev in gen_task.generate(model, params, call.deadline, self.metrics):
             yield pb.GenerateStreamResponse(
@@ -231,7 +254,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
 
     @unary("Classify")
     async def Classify(self, request: pb.ClassifyRequest, call: _Call) -> pb.ClassifyResponse:
-        model = call.model(request.model)
+        model = call.model(request.model, work=False)  # its rows may go to the engine's prefix path: no bound here
         results, prefix_tokens = await classify.classify(
             model, validation.classify_params(request, self.limits), call.deadline)
         return pb.ClassifyResponse(model=model.name, model_version=model.version, prefix_tokens=prefix_tokens,
@@ -247,7 +270,25 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
 
     @unary("GetModel")
     async def GetModel(self, request: pb.GetModelRequest, call: _Call) -> pb.ModelInfo:
-        return model_info(call.model(request.name))
+        return model_info(call.model(request.name, "name", work=False))
+
+
+_ACTIONS = {reload.ADDED: admin_pb.RELOAD_ACTION_ADDED, reload.REPLACED: admin_pb.RELOAD_ACTION_REPLACED,
+            reload.REMOVED: admin_pb.RELOAD_ACTION_REMOVED, reload.UNCHANGED: admin_pb.RELOAD_ACTION_UNCHANGED,
+            reload.REJECTED: admin_pb.RELOAD_ACTION_REJECTED}
+
+
+class AdminServicer(_Edge, admin_grpc.AdminServiceServicer):
+    def __init__(self, reloader: reload.Reloader, admission: Admission, metrics: Metrics) -> None:
+        super().__init__(reloader.registry, admission, metrics)
+        self.reloader = reloader
+
+    @unary("ReloadModels")
+    async def ReloadModels(self, request: admin_pb.ReloadModelsRequest, call: _Call) -> admin_pb.ReloadModelsResponse:
+        changes = await self.reloader.reload()
+        return admin_pb.ReloadModelsResponse(changes=[
+            admin_pb.ModelChange(name=c.name, action=_ACTIONS[c.action], version=c.version, error=c.error)
+            for c in changes])
 
 
 def _exp(x: float) -> float:

@@ -389,94 +389,55 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-class _TlsServer:
-    """Our servicer on a TLS (optionally mutual-TLS) port, assembled from the pieces start_server uses, with a
-    server interceptor that records the `authorization` metadata each call carried."""
+def _tls_server(repo: Path, pki: Path, mutual: bool) -> ServerThread:
+    """The real server (start_server) on a TLS or mutual-TLS port, accepting three bearer tokens."""
+    from service.config import Security
 
-    def __init__(self, repo: Path, pki: Path, mutual: bool) -> None:
-        from grpc_health.v1 import health, health_pb2_grpc
-
-        from service.metrics import Metrics
-        from service.pb.plm.v1 import plm_pb2_grpc
-        from service.registry import Registry
-        from service.servicer import LanguageModelServicer
-
-        self.seen: list[str | None] = []
-        seen = self.seen
-
-        class Record(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-            async def intercept_service(self, continuation: Any, details: Any) -> Any:
-                seen.append(dict(details.invocation_metadata).get("authorization"))
-                return await continuation(details)
-
-        config = make_config(repo, models=("ngram-kn",))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-        async def start() -> tuple[grpc.aio.Server, Registry, int]:
-            metrics = Metrics()
-            registry = Registry(config, metrics)  # type: ignore[arg-type]
-            await asyncio.to_thread(registry.load_all)
-            for model in registry.models.values():
-                await model.start()
-            server = grpc.aio.server(interceptors=[Record()])
-            plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(
-                LanguageModelServicer(registry, config, metrics), server)  # type: ignore[arg-type]
-            health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-            creds = grpc.ssl_server_credentials(
-                [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
-                root_certificates=(pki / "ca.pem").read_bytes() if mutual else None, require_client_auth=mutual)
-            port = server.add_secure_port("127.0.0.1:0", creds)
-            await server.start()
-            return server, registry, port
-
-        self.server, self.registry, port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(120)
-        self.target = f"127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        async def stop() -> None:
-            await self.server.stop(0)
-            for model in self.registry.models.values():
-                await model.close()
-
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+    tokens = pki / "tokens.txt"
+    tokens.write_text("s3cret\nother\nfrom-cli\n")
+    security = Security(tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key",
+                        tls_client_ca_file=pki / "ca.pem" if mutual else None,
+                        auth_tokens_file=None if mutual else tokens)
+    return ServerThread(make_config(repo, models=("ngram-kn",), security=security))
 
 
 @pytest.fixture(scope="module")
-def tls_servers(tiny_repo: Path, pki: Path) -> Iterator[tuple[_TlsServer, _TlsServer]]:
-    plain, mutual = _TlsServer(tiny_repo, pki, mutual=False), _TlsServer(tiny_repo, pki, mutual=True)
+def tls_servers(tiny_repo: Path, pki: Path) -> Iterator[tuple[ServerThread, ServerThread]]:
+    plain, mutual = _tls_server(tiny_repo, pki, mutual=False), _tls_server(tiny_repo, pki, mutual=True)
     yield plain, mutual
     plain.stop()
     mutual.stop()
 
 
-def test_tls_and_bearer_token(tls_servers: tuple[_TlsServer, _TlsServer], pki: Path) -> None:
+def test_tls_and_bearer_token(tls_servers: tuple[ServerThread, ServerThread], pki: Path) -> None:
     plain, _ = tls_servers
     tls = TlsConfig(ca_file=pki / "ca.pem", server_name="plm.test")
     with PlmClient(plain.target, tls=tls, token="s3cret") as c:
-        assert c.score("ngram-kn", ["the king"]).scores
+        assert c.score("ngram-kn", ["the king"]).scores  # the server accepts only calls that carry a token
     with PlmClient(plain.target, tls=tls) as c:
-        assert c.health_status() == "SERVING"
+        assert c.health_status() == "SERVING"  # health is open: probes carry no token
+        with pytest.raises(grpc.RpcError) as e:
+            c.score("ngram-kn", ["the king"])
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED  # and it is not retried
 
-    async def aio() -> pb.ScoreResponse:
-        async with AsyncPlmClient(plain.target, tls=tls, token="other") as ac:
+    async def aio(token: str) -> pb.ScoreResponse:
+        async with AsyncPlmClient(plain.target, tls=tls, token=token) as ac:
             return await ac.score("ngram-kn", ["the king"])
 
-    assert asyncio.run(aio()).scores
-    assert plain.seen == ["Bearer s3cret", None, "Bearer other"]
+    assert asyncio.run(aio("other")).scores
+    with pytest.raises(grpc.RpcError) as e:
+        asyncio.run(aio("wrong"))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # A client that does not trust the server's CA never gets an answer, however often it retries.
     with PlmClient(plain.target, tls=TlsConfig(server_name="plm.test"), retry=NO_RETRY, timeout=10) as c, \
             pytest.raises(grpc.RpcError) as e:
         c.score("ngram-kn", ["the king"])
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and len(plain.seen) == 3
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(ValueError, match="token"):
         PlmClient(plain.target, token="a\nb")
 
 
-def test_mutual_tls(tls_servers: tuple[_TlsServer, _TlsServer], pki: Path) -> None:
+def test_mutual_tls(tls_servers: tuple[ServerThread, ServerThread], pki: Path) -> None:
     _, mutual = tls_servers
     with PlmClient(mutual.target, tls=TlsConfig(ca_file=pki / "ca.pem", cert_file=pki / "client.pem",
                                                 key_file=pki / "client.key", server_name="plm.test")) as c:
@@ -485,22 +446,20 @@ def test_mutual_tls(tls_servers: tuple[_TlsServer, _TlsServer], pki: Path) -> No
                    retry=NO_RETRY, timeout=10) as c, pytest.raises(grpc.RpcError) as e:
         c.score("ngram-kn", ["the king"])  # no client certificate: the handshake fails
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert len(mutual.seen) == 1
     with pytest.raises(ValueError, match="cert_file and key_file"):
         TlsConfig(cert_file=pki / "client.pem")
 
 
-def test_plm_client_verbs_take_the_sdk_options(tls_servers: tuple[_TlsServer, _TlsServer], pki: Path) -> None:
+def test_plm_client_verbs_take_the_sdk_options(tls_servers: tuple[ServerThread, ServerThread], pki: Path) -> None:
     """`plm client` builds its PlmClient from the flags: several targets, TLS with a CA and mTLS, the token."""
     import sys
 
     plain, mutual = tls_servers
-    seen = len(plain.seen)
     out = subprocess.run(
         [sys.executable, "-m", "client.cli", "client", "--target", f"{plain.target},{plain.target}", "--json",
          "--tls-ca", str(pki / "ca.pem"), "--tls-server-name", "plm.test", "--token", "from-cli",
          "score", "ngram-kn", "the king"], capture_output=True, text=True, timeout=60, check=True).stdout
-    assert '"model": "ngram-kn"' in out and plain.seen[seen:] == ["Bearer from-cli"]
+    assert '"model": "ngram-kn"' in out  # the server took the call: the CLI's token reached it
     args = ["--target", mutual.target, "--tls-ca", str(pki / "ca.pem"), "--tls-server-name", "plm.test",
             "--retries", "0", "--timeout", "10", "health"]
     refused = subprocess.run([sys.executable, "-m", "client.cli", "client", *args], capture_output=True, text=True,

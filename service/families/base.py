@@ -96,6 +96,15 @@ class ModelAdapter(abc.ABC):
         assert self._batcher is not None, f"{self.family} adapters run unbatched"
         return self._batcher
 
+    def refuse_if_full(self, rows: int, generate: bool = False) -> None:
+        """RESOURCE_EXHAUSTED at once when `rows` (a lower bound of what the call will queue) do not fit in
+        the queue the call will use (the engine's for generation, when there is one): a refusal under
+        overload costs no tokenizing. The exact check happens when the rows are queued."""
+        if generate and self.engine is not None:
+            self.engine.refuse_if_full(rows)
+        elif self._batcher is not None:
+            self._batcher.refuse_if_full(rows)
+
     async def start(self) -> None:
         """Called inside the server's event loop once loaded: starts the batch worker and engine, if any."""
         if self._batcher is not None:
