@@ -101,14 +101,23 @@ class _Edge:
 
 
 @contextlib.asynccontextmanager
-async def _edge(svc: _Edge, method: str, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
-    """One call's edge: admission, request id, error → status, metrics and the access-log line."""
+async def _edge(svc: _Edge, method: str, request: Any, context: grpc.aio.ServicerContext,
+                stream: bool = False) -> AsyncIterator[_Call]:
+    """One call's edge: admission, request id, error → status, metrics and the access-log line.
+
+    The request id goes back in the trailing metadata of a unary call (with the response and status, in one
+    write: a separate initial-metadata send cost ~55 µs of the ~230 µs a bare grpc.aio call costs) and in
+    the initial metadata of a stream (the caller has it before the first token).
+    """
     started = time.perf_counter()
     call = _Call(context, svc.registry, request)
     code = grpc.StatusCode.OK
     try:
         with svc.admission.admit():
-            await context.send_initial_metadata((("x-request-id", call.request_id),))
+            if stream:
+                await context.send_initial_metadata((("x-request-id", call.request_id),))
+            else:
+                context.set_trailing_metadata((("x-request-id", call.request_id),))
             yield call
     except Exception as err:
         code = err.code if isinstance(err, ServiceError) else grpc.StatusCode.INTERNAL
@@ -141,7 +150,7 @@ def streaming(method: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], Cal
     def wrap(fn: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
         @functools.wraps(fn)
         async def handler(self: _Edge, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-            async with _edge(self, method, request, context) as call:
+            async with _edge(self, method, request, context, stream=True) as call:
                 async for item in fn(self, request, call):
                     yield item
         return handler

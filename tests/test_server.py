@@ -302,12 +302,18 @@ def test_errors_have_the_right_status_and_name_the_field(client: PlmClient, call
 
 
 def test_request_id_is_echoed(client: PlmClient) -> None:
+    """Unary calls: in the trailing metadata (also of an error). Streams: in the initial metadata."""
     _, call = client.stub.Score.with_call(pb.ScoreRequest(model="gpt", texts=["hi"]),
                                              metadata=(("x-request-id", "abc-123"),))
-    assert dict(call.initial_metadata())["x-request-id"] == "abc-123"
+    assert dict(call.trailing_metadata())["x-request-id"] == "abc-123"
     with pytest.raises(grpc.RpcError) as e:
         client.stub.Score(pb.ScoreRequest(model="nope", texts=["hi"]), metadata=(("x-request-id", "req-9"),))
     assert "request_id=req-9" in e.value.details()
+    assert dict(e.value.trailing_metadata())["x-request-id"] == "req-9"
+    request = pb.GenerateRequest(model="gpt", prompts=["The king"], sampling=pb.SamplingParams(max_new_tokens=2))
+    stream = client.stub.GenerateStream(request, metadata=(("x-request-id", "s-1"),))
+    assert dict(stream.initial_metadata())["x-request-id"] == "s-1"
+    assert list(stream)
 
 
 def test_queue_full_is_resource_exhausted(tiny_repo: Path) -> None:
