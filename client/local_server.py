@@ -25,7 +25,7 @@ class LocalServer:
 
     def __init__(self, repository: Path, models: Sequence[str], env: dict[str, str] | None = None,
                  metrics: bool = False, start_timeout: float = 120.0) -> None:
-        self.port, self.metrics_port = _free_port(), (_free_port() if metrics else 0)
+        self.port, self.metrics_port = free_port(), (free_port() if metrics else 0)
         # The log goes to a file: a pipe nobody reads fills up and blocks the server's event loop mid-run.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 — closed in stop()
         self.proc = subprocess.Popen(
@@ -67,7 +67,7 @@ class LocalServer:
         self.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
