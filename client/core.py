@@ -91,6 +91,15 @@ class TlsConfig:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+
+def _loopback(target: str) -> bool:
+    """host:port (or [v6]:port, unix:...) names this machine."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.rsplit(":", 1)[0].strip("[]") if ":" in target else target
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 @dataclass
 class Connection:
     """Targets, channel settings and per-call metadata: everything a client decides before a call leaves."""
@@ -115,6 +124,9 @@ class Connection:
             raise ValueError(f"timeout is {timeout}; must be > 0 seconds or None (no deadline)")
         if token is not None and (not token or any(c in token for c in "\r\n")):
             raise ValueError("token must be a non-empty string without line breaks")
+        if token is not None and tls is None and not all(_loopback(n) for n in names):
+            # A bearer token in plaintext is readable by anyone on the path: only over TLS, or on this machine.
+            raise ValueError("a token is sent only over TLS or to a loopback target; give tls= (--tls-ca/--tls)")
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

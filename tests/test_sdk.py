@@ -435,6 +435,9 @@ def test_tls_and_bearer_token(tls_servers: tuple[ServerThread, ServerThread], pk
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(ValueError, match="token"):
         PlmClient(plain.target, token="a\nb")
+    with pytest.raises(ValueError, match="only over TLS or to a loopback target"):
+        PlmClient(["127.0.0.1:1", "10.1.2.3:50051"], token="s3cret")  # plaintext to another machine: refused
+    PlmClient(["localhost:1", "[::1]:2", "127.0.0.1:3"], token="s3cret").close()  # this machine: allowed
 
 
 def test_mutual_tls(tls_servers: tuple[ServerThread, ServerThread], pki: Path) -> None:
