@@ -12,6 +12,7 @@ the beam finds are summed. Every search step is one batched forward over all bea
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,19 +53,29 @@ def _top(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
     return idx[np.argsort(-masked[idx], kind="stable")]
 
 
+_MASKS: weakref.WeakKeyDictionary[ModelAdapter, tuple[bool, np.ndarray, np.ndarray]] = weakref.WeakKeyDictionary()
+
+
+def _masks(model: ModelAdapter) -> tuple[bool, np.ndarray, np.ndarray]:
+    """(every token starts a word, tokens that may start a predicted word, tokens that may be predicted), per
+    model once: a model's vocabulary masks never change, and rebuilding them was most of an n-gram call."""
+    cached = _MASKS.get(model)
+    if cached is None:
+        starts, never = model.word_start_mask(), model.never_generate_mask()
+        word_initial = starts & ~never
+        word_initial[model.eos_id] = False
+        cached = _MASKS[model] = (bool(starts.all()), word_initial, ~never)
+    return cached
+
+
 async def predict_next(model: ModelAdapter, params: NextParams, deadline: float | None) -> list[NextResult]:
     model.require(TASK_PREDICT_NEXT)
     encoded = encode_checked(model, params.contexts, "contexts", allow_empty=True)
     contexts = [e.ids for e in encoded]
     first = await model.next_logprobs(contexts, deadline)  # (B, V)
-    starts = model.word_start_mask()
-    never = model.never_generate_mask()
-    eos = model.eos_id
-    word_initial = starts & ~never
-    word_initial[eos] = False
-    token_ok = ~never
+    word_level, word_initial, token_ok = _masks(model)
 
-    if bool(starts.all()):  # word-level model: one distribution answers it
+    if word_level:  # word-level model: one distribution answers it
         words = [[CandidateResult(model.token_text(int(t)), float(row[t]), (int(t),))
                   for t in _top(row, word_initial, params.top_k)] for row in first]
     else:
