@@ -234,7 +234,7 @@ def _plm_serve(repo: Path, tmp: Path, env: dict[str, str], *args: str) -> Iterat
 @dataclass
 class Outcome:
     code: str
-    accepted: bool  # the server answered with its initial metadata: the call was admitted
+    accepted: bool  # the server admitted the call: its request id came back (a call refused at the edge has none)
     seconds: float
     details: str = ""
 
@@ -242,13 +242,14 @@ class Outcome:
 async def _aio_score(stub: pb_grpc.LanguageModelServiceStub, texts: int, timeout: float) -> Outcome:
     t0 = time.perf_counter()
     call = stub.Score(pb.ScoreRequest(model="gpt", texts=[TEXT] * texts), timeout=timeout)
-    accepted, details = False, ""
+    details = ""
     try:
-        accepted = any(k == "x-request-id" for k, _ in await call.initial_metadata())
         await call
         code = "OK"
     except grpc.RpcError as e:
         code, details = e.code().name, e.details() or ""
+    # The edge sets x-request-id in the trailing metadata once admission let the call in; a refusal comes first.
+    accepted = any(k == "x-request-id" for k, _ in (await call.trailing_metadata() or ()))
     return Outcome(code, accepted, time.perf_counter() - t0, details)
 
 
