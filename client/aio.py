@@ -77,11 +77,12 @@ class AsyncPlmClient(core.ClientBase):
     async def _invoke(self, method: str, call: Prepared[Any]) -> Any:
         deadline = self.conn.deadline(call.timeout)
         metadata = self.conn.metadata(call.request_id)
-        attempts = 0
+        attempts, first = 0, self.conn.next_index()
         while True:
             attempts += 1
             try:
-                return await self._rpc(method)(call.request, timeout=core.remaining(deadline), metadata=metadata)
+                rpc = self._rpc(method, first, attempts)
+                return await rpc(call.request, timeout=core.remaining(deadline), metadata=metadata)
             except grpc.aio.AioRpcError as err:
                 wait = self.conn.retry.wait(attempts, err.code(), deadline, self.conn.rng)
                 if wait is None:
@@ -92,11 +93,11 @@ class AsyncPlmClient(core.ClientBase):
                              handle: core.StreamHandle) -> AsyncIterator[Any]:
         deadline = self.conn.deadline(call.timeout)
         metadata = self.conn.metadata(call.request_id)
-        attempts = 0
+        attempts, first = 0, self.conn.next_index()
         while not handle.cancelled:
             attempts += 1
-            responses = handle.attempt = self._rpc(method)(call.request, timeout=core.remaining(deadline),
-                                                           metadata=metadata)
+            rpc = self._rpc(method, first, attempts)
+            responses = handle.attempt = rpc(call.request, timeout=core.remaining(deadline), metadata=metadata)
             try:
                 first = await responses.read()
             except grpc.aio.AioRpcError as err:

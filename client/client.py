@@ -78,11 +78,12 @@ class PlmClient(core.ClientBase):
     def _invoke(self, method: str, call: Prepared[Any]) -> Any:
         deadline = self.conn.deadline(call.timeout)
         metadata = self.conn.metadata(call.request_id)
-        attempts = 0
+        attempts, first = 0, self.conn.next_index()
         while True:
             attempts += 1
             try:
-                return self._rpc(method)(call.request, timeout=core.remaining(deadline), metadata=metadata)
+                rpc = self._rpc(method, first, attempts)
+                return rpc(call.request, timeout=core.remaining(deadline), metadata=metadata)
             except grpc.RpcError as err:
                 wait = self.conn.retry.wait(attempts, core.status_of(err), deadline, self.conn.rng)
                 if wait is None:
@@ -92,11 +93,11 @@ class PlmClient(core.ClientBase):
     def _invoke_stream(self, method: str, call: Prepared[Any], handle: core.StreamHandle) -> Iterator[Any]:
         deadline = self.conn.deadline(call.timeout)
         metadata = self.conn.metadata(call.request_id)
-        attempts = 0
+        attempts, first = 0, self.conn.next_index()
         while not handle.cancelled:
             attempts += 1
-            responses = handle.attempt = self._rpc(method)(call.request, timeout=core.remaining(deadline),
-                                                           metadata=metadata)
+            rpc = self._rpc(method, first, attempts)
+            responses = handle.attempt = rpc(call.request, timeout=core.remaining(deadline), metadata=metadata)
             try:
                 first = next(responses)
             except StopIteration:

@@ -182,9 +182,12 @@ class ClientBase:
     def timeout(self) -> float | None:
         return self.conn.timeout
 
-    def _rpc(self, method: str) -> Any:
-        """The next target's stub method (round-robin): "Health.Check" or a plm.v1 method name."""
-        i = self.conn.next_index()
+    def _rpc(self, method: str, first: int, attempt: int) -> Any:
+        """The stub method ("Health.Check" or a plm.v1 method name) for a call's `attempt` (1, 2, ...): the
+        call's first target comes from the round-robin (`first`), each retry goes to the target after the one
+        that just failed — never back to it while others are left, however the calls of other threads
+        interleave."""
+        i = (first + attempt - 1) % len(self.channels)
         return self._health[i].Check if method == "Health.Check" else getattr(self._plm[i], method)
 
 

@@ -475,3 +475,12 @@ def test_plm_client_verbs_take_the_sdk_options(tls_servers: tuple[ServerThread, 
     half = subprocess.run([sys.executable, "-m", "client.cli", "client", "--tls-cert", str(pki / "client.pem"),
                            *args], capture_output=True, text=True, timeout=60)
     assert half.returncode == 2 and "cert_file and key_file" in half.stderr
+
+
+def test_each_retry_of_a_call_goes_to_the_next_target() -> None:
+    """Attempts of one call walk the targets from the round-robin's pick, so a dead replica is tried at most
+    once per call even while other threads' calls advance the round-robin (tests/test_scaleout.py kills one)."""
+    with PlmClient(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]) as c:
+        assert [c._rpc("Score", 2, attempt) for attempt in (1, 2, 3, 4)] == [
+            c._plm[2].Score, c._plm[0].Score, c._plm[1].Score, c._plm[2].Score]
+        assert c._rpc("Health.Check", 1, 1) == c._health[1].Check
