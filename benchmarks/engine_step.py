@@ -18,14 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from service.config import ServerConfig
+from service.config import load_config
 from service.metrics import Metrics
 from service.registry import load_model
 from service.tasks.generate import GenerateParams, SamplingParams, generate
 
 
 async def measure(repository: Path, model_name: str, batches: list[int], n: int) -> list[dict[str, Any]]:
-    model = load_model(repository / model_name, replace(ServerConfig(), repository=repository), Metrics())
+    # The server's own settings: PLM_* environment variables apply (e.g. PLM_RUNTIME__SPIN_WAIT=true).
+    model = load_model(repository / model_name, replace(load_config(), repository=repository), Metrics())
     await model.start()
     engine = model.engine
     if engine is None:

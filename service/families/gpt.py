@@ -8,6 +8,7 @@ distribution after each row's last real token, `hidden_states` (B, T, C). Rows a
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,8 +75,9 @@ class GptAdapter(ModelAdapter):
         if decoder is not None and runtime.kv_cache:
             from service.engine import GenerationEngine
 
+            decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait)
             self.engine = GenerationEngine(
-                name, open_graph(folder, manifest, "decoder", runtime, name, metrics), int(decoder["n_layer"]),
+                name, open_graph(folder, manifest, "decoder", decoder_runtime, name, metrics), int(decoder["n_layer"]),
                 int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos, ~self._never,
                 config.batching_for(name, manifest.get("batching")), metrics)
 
