@@ -238,8 +238,12 @@ class DynamicBatcher(Generic[P, R]):
                 self._busy = self._arrivals > arrivals
             self.batches_run += 1
             took = time.monotonic() - started
-            # A short memory (weight 0.2): admission follows load changes within a few batches.
-            self._batch_seconds = took if self._batch_seconds is None else 0.8 * self._batch_seconds + 0.2 * took
+            # A short memory (weight 0.2): admission follows load changes within a few batches. The first batch
+            # is left out: ONNX Runtime allocates on its first run, and a cold batch many times slower than the
+            # rest made admission refuse calls that would have met their deadline (a flaky CI run showed it).
+            if self.batches_run > 1:
+                self._batch_seconds = (took if self._batch_seconds is None
+                                       else 0.8 * self._batch_seconds + 0.2 * took)
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for row, result in zip(batch, results, strict=True):
                 if not row.future.done():

@@ -53,8 +53,9 @@ def test_polysemy_contextual_vs_static(client: PlmClient) -> None:
     a, b = "he sat by the bank of the river .", "she put the money in the bank ."
     for model in ("elmo", "bert"):
         va, vb = _token_vector(client, model, a, "bank"), _token_vector(client, model, b, "bank")
-        # Not identical, far beyond float noise (the tiny fixtures are barely trained, so not far apart either).
-        assert _cos(va, vb) < 0.99999 and float(np.abs(va - vb).max()) > 1e-3, model
+        # Not identical, far beyond float noise (~1e-6); the tiny fixtures are barely trained, so not far apart
+        # either (one CI run's tiny BERT gave cosine 0.9999972 with components 5e-3 apart).
+        assert _cos(va, vb) < 1 - 1e-6 and float(np.abs(va - vb).max()) > 1e-3, model
     for model in ("word2vec-cbow", "word2vec-skipgram"):
         va, vb = _token_vector(client, model, a, "bank"), _token_vector(client, model, b, "bank")
         np.testing.assert_allclose(va, vb, atol=1e-6)
