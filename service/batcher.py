@@ -67,7 +67,8 @@ class DynamicBatcher(Generic[P, R]):
         self.batches_run = 0
         self._arrivals = 0  # rows ever submitted
         self._busy = False  # rows arrived while the last batch ran: the model is under load
-        self._batch_seconds: float | None = None  # moving average of one batch's run time, for admission
+        # Run times of the recent batches (the first, cold one left out), for admission's estimate.
+        self._recent_batches: collections.deque[float] = collections.deque(maxlen=16)
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
@@ -125,12 +126,14 @@ class DynamicBatcher(Generic[P, R]):
     def expected_wait(self) -> float:
         """Seconds a new row waits at least before its batch starts: the full batches queued ahead of it.
 
-        From the recent batch time (0 before the first batch). A lower bound by design (its own batch and a
-        partly filled one ahead are not counted): admission refuses only what cannot make its deadline.
+        A lower bound by design: the fastest of the last 16 batches (0 before any), and neither its own batch
+        nor a partly filled one ahead is counted; so admission refuses only what cannot make its deadline. (A
+        moving average was not: ONNX Runtime's first runs of new shapes, or a busy moment, are many times slower
+        than the rest, and it refused calls that had minutes to go — seen on a loaded CI runner.)
         """
-        if self._batch_seconds is None:
+        if not self._recent_batches:
             return 0.0
-        return len(self._queue) // self.cfg.max_batch_size * self._batch_seconds
+        return len(self._queue) // self.cfg.max_batch_size * min(self._recent_batches)
 
     def _admit_deadline(self, remaining: float) -> None:
         wait = self.expected_wait()
@@ -238,12 +241,8 @@ class DynamicBatcher(Generic[P, R]):
                 self._busy = self._arrivals > arrivals
             self.batches_run += 1
             took = time.monotonic() - started
-            # A short memory (weight 0.2): admission follows load changes within a few batches. The first batch
-            # is left out: ONNX Runtime allocates on its first run, and a cold batch many times slower than the
-            # rest made admission refuse calls that would have met their deadline (a flaky CI run showed it).
-            if self.batches_run > 1:
-                self._batch_seconds = (took if self._batch_seconds is None
-                                       else 0.8 * self._batch_seconds + 0.2 * took)
+            if self.batches_run > 1:  # the first run allocates: it says nothing about the next ones
+                self._recent_batches.append(took)
             self._metrics.batch_size.labels(self.model).observe(len(batch))
             for row, result in zip(batch, results, strict=True):
                 if not row.future.done():
