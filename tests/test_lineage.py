@@ -53,9 +53,10 @@ def test_polysemy_contextual_vs_static(client: PlmClient) -> None:
     a, b = "he sat by the bank of the river .", "she put the money in the bank ."
     for model in ("elmo", "bert"):
         va, vb = _token_vector(client, model, a, "bank"), _token_vector(client, model, b, "bank")
-        # Not identical, far beyond float noise (~1e-6); the tiny fixtures are barely trained, so not far apart
-        # either (one CI run's tiny BERT gave cosine 0.9999972 with components 5e-3 apart).
-        assert _cos(va, vb) < 1 - 1e-6 and float(np.abs(va - vb).max()) > 1e-3, model
+        # Not identical: apart by far more than float noise (~1e-6). The tiny fixtures are barely trained, so
+        # the vectors point almost the same way (CI runs' tiny BERTs gave cosines of 0.9999972 and 0.9999994,
+        # with components 1e-3 to 5e-3 apart); the static models below give exactly one vector.
+        assert float(np.abs(va - vb).max()) > 1e-4, (model, _cos(va, vb))
     for model in ("word2vec-cbow", "word2vec-skipgram"):
         va, vb = _token_vector(client, model, a, "bank"), _token_vector(client, model, b, "bank")
         np.testing.assert_allclose(va, vb, atol=1e-6)
