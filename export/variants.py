@@ -91,8 +91,12 @@ MAKERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = {
 
 
 def applicable(family: str, variant: str) -> bool:
-    return family in GRAPHS and (variant != "fused" or family in TRANSFORMERS) and (
-        variant != "fp16" or family in TRANSFORMERS)
+    """int8 for every family with graphs to rewrite; fused and fp16 for the transformers only."""
+    return family in GRAPHS and (variant == "int8" or family in TRANSFORMERS)
+
+
+def _save(path: Path, manifest: dict[str, Any]) -> None:
+    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, Any]:
@@ -158,7 +162,7 @@ def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]
             **facts,
         }
         manifest.setdefault("variants", {})[variant] = spec
-        path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        _save(path, manifest)
         try:
             got = measure(folder, variant, sentences)
         except Exception as e:  # e.g. fp16 on ONNX Runtime's CPU provider: no kernels for most fp16 ops
@@ -178,7 +182,7 @@ def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]
                 accuracy["parity_tolerance"] = FP16_TOLERANCE
                 if accuracy["max_abs_logprob_diff"] > FP16_TOLERANCE:  # never leave a broken graph listed
                     del manifest["variants"][variant]
-                    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+                    _save(path, manifest)
                     for file in graphs.values():
                         (folder / file).unlink()
                     raise RuntimeError(f"{folder.name}: the fp16 graph differs from float32 by "
@@ -190,7 +194,7 @@ def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]
             spec["measured"] = ("held-out sentences scored through the served adapter on CPUExecutionProvider; "
                                 f"{'pseudo-' if 'mlm_top1' in got else ''}log-likelihood per token")
         spec["seconds"] = round(time.perf_counter() - started, 1)
-        path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        _save(path, manifest)
         acc = spec["accuracy"]
         log.info("%s: %s variant, %.0f%% of the exported size, token perplexity %s (exported %.2f)", folder.name,
                  variant, 100 * spec["bytes"] / max(1, spec["exported_bytes"]),

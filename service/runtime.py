@@ -105,7 +105,6 @@ class OrtSession:
         if self.providers[0] != wanted_first:  # ORT itself may drop a provider it cannot initialise
             log.warning("model %s: %s requested but ONNX Runtime runs it on %s", model, wanted_first,
                         ", ".join(self.providers))
-        self.provider_options = {n: o for n, o in self.session.get_provider_options().items() if n in self.providers}
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.model = model

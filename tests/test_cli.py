@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from client.local_server import free_port
 
 PLM = [sys.executable, "-m", "client.cli"]
 

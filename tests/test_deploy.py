@@ -22,12 +22,13 @@ import grpc
 import pytest
 import yaml
 
+from client.local_server import free_port
 from service.config import ServerConfig, load_config
 from service.metrics import Metrics
 from service.pb.plm.v1 import plm_pb2 as pb
 from service.pb.plm.v1 import plm_pb2_grpc
 from service.server import SERVICE_NAME
-from tests.conftest import ROOT, ServerThread, free_port, make_config
+from tests.conftest import ROOT, ServerThread, make_config
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]

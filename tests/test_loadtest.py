@@ -9,7 +9,8 @@ import pytest
 
 from client import loadtest as lt
 from client.cli import main as plm_main
-from tests.conftest import ServerThread, free_port, make_config
+from client.local_server import free_port
+from tests.conftest import ServerThread, make_config
 
 MIXED = {"requests": [
     {"weight": 3, "rpc": "Score", "model": "ngram-kn"},

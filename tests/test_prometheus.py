@@ -22,9 +22,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from client.local_server import free_port
 from service.pb.plm.v1 import plm_pb2 as pb
 from service.pb.plm.v1 import plm_pb2_grpc
-from tests.conftest import ServerThread, free_port, make_config
+from tests.conftest import ServerThread, make_config
 from tests.test_deploy import DEPLOY, run, tool
 
 RULES = DEPLOY / "k8s" / "base" / "prometheusrule.yaml"

@@ -29,13 +29,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from client.local_server import free_port
 from service.batcher import DynamicBatcher
 from service.config import Batching, Limits
 from service.errors import DeadlineExceeded
 from service.metrics import Metrics
 from service.pb.plm.v1 import plm_pb2 as pb
 from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
-from tests.conftest import ROOT, ServerThread, free_port, make_config
+from tests.conftest import ROOT, ServerThread, make_config
 
 TEXT = "the king is dead and the queen is in the tower of london"
 

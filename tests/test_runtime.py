@@ -163,7 +163,7 @@ def test_the_configured_variant_is_served_and_shown(variant_repo: Path) -> None:
             s.stop()
 
 
-def test_variants_cli_flag_rejects_unknown_names(tmp_path: Path) -> None:
+def test_an_unknown_variant_is_refused_before_any_work(tmp_path: Path) -> None:
     from export.build import build_repository
 
     with pytest.raises(ValueError, match="unknown variant"):

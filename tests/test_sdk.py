@@ -19,8 +19,9 @@ import pytest
 
 from client import NO_RETRY, AsyncPlmClient, PlmClient, RetryPolicy, TlsConfig
 from client.core import RETRYABLE
+from client.local_server import free_port
 from service.pb.plm.v1 import plm_pb2 as pb
-from tests.conftest import ServerThread, free_port, make_config
+from tests.conftest import ServerThread, make_config
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
 OK = grpc.StatusCode.OK

@@ -57,8 +57,8 @@ _MASKS: weakref.WeakKeyDictionary[ModelAdapter, tuple[bool, np.ndarray, np.ndarr
 
 
 def _masks(model: ModelAdapter) -> tuple[bool, np.ndarray, np.ndarray]:
-    """(every token starts a word, tokens that may start a predicted word, tokens that may be predicted), per
-    model once: a model's vocabulary masks never change, and rebuilding them was most of an n-gram call."""
+    """(every token starts a word, tokens that may start a predicted word, tokens that may be predicted), built
+    once per model: they never change, and each is a vocabulary-sized array operation on every call otherwise."""
     cached = _MASKS.get(model)
     if cached is None:
         starts, never = model.word_start_mask(), model.never_generate_mask()
@@ -97,8 +97,7 @@ async def _complete_words(
     starts, never, eos = model.word_start_mask(), model.never_generate_mask(), model.eos_id
     boundary = starts.copy()
     boundary[eos] = True  # ending the text also ends the word
-    initial = starts & ~never
-    initial[eos] = False
+    _, initial, _ = _masks(model)
     continuation = ~starts & ~never
     beam = params.beam_width or max(params.top_k, 4)
     # Per context: open paths (token ids, log-prob) and finished words {text: (log-prob, ids)}.
