@@ -48,6 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="TOML config file (see README: Configuration)")
     s.add_argument("--log-format", choices=["text", "json"], help="log format [text]")
     s.add_argument("--models", nargs="+", help="serve only these models")
+    s.add_argument("--workers", type=int,
+                   help="server processes sharing the port (SO_REUSEPORT), each with every model [1]")
     s.add_argument("--grace-seconds", type=float, help="on SIGTERM, how long calls in flight may finish [10]")
     s.add_argument("--reload-interval", type=float,
                    help="poll the repository for model changes every this many seconds, 0 = off [0]")
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                          variants=args.variants)
         return 0
     if args.command == "serve":
-        return _serve(args)
+        raw = sys.argv[1:] if argv is None else argv
+        return _serve(args, raw[raw.index("serve") + 1:])
     if args.command == "loadtest":
         from client import loadtest
 
@@ -172,13 +175,14 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     overrides = {"repository": args.repository, "host": args.host, "port": args.port,
                  "metrics_port": args.metrics_port, "log_format": args.log_format,
                  "models": tuple(args.models) if args.models else None, "grace_seconds": args.grace_seconds,
+                 "workers": args.workers,
                  "reload_interval_seconds": args.reload_interval,
                  "security": {"tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
                               "tls_client_ca_file": args.tls_client_ca, "auth_tokens_file": args.auth_tokens_file}}
     return load_config(args.config, overrides)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
     from service.server import serve, setup_logging
 
     try:
@@ -187,6 +191,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"plm serve: {e}", file=sys.stderr)
         return 2
     setup_logging(config)
+    if config.workers > 1:
+        from service.workers import Supervisor
+
+        return Supervisor(config, serve_argv).run()
     asyncio.run(serve(config))
     return 0
 

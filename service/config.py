@@ -93,10 +93,18 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing the port is a deliberate choice
     port: int = 50051
     metrics_port: int = 9090  # 0 turns the metrics HTTP endpoint off
+    # Server processes on the port (service/workers.py): one event loop per process is the ceiling of cheap
+    # calls, so on a machine with spare cores N workers answer up to N times as many. Each loads every model.
+    workers: int = 1
+    reuse_port: bool = False  # bind with SO_REUSEPORT (set for workers; off: a second server on the port fails)
+    supervisor_pid: int = 0  # set by the supervisor for its workers: ReloadModels there reloads every worker
     repository: Path = Path("repository")
     models: tuple[str, ...] = ()  # serve only these model names; empty = every model in the repository
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
+    # Log lines below WARNING reach stderr at most this late (buffered: a write per access line cost about
+    # 200 µs of CPU per call); 0 writes every line at once.
+    log_buffer_seconds: float = 0.2
     grace_seconds: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
     # gRPC pins a client to one server for the life of its HTTP/2 connection; closing connections after this
     # age (plus grace_seconds for calls in flight) lets clients behind a load balancer spread to new replicas.
@@ -210,4 +218,8 @@ def load_config(
             per_model_runtime[model] = _replace_checked(sections["runtime"], settings["runtime"],
                                                         f"config [model.{model}.runtime]")
     cfg = _replace_checked(cfg, data, "config")
+    if cfg.workers < 1:
+        raise ValueError(f"config: workers must be at least 1, got {cfg.workers}")
+    if cfg.workers > 1 and cfg.port == 0:
+        raise ValueError("config: workers > 1 needs a fixed port (each worker binding port 0 would get its own)")
     return dataclasses.replace(cfg, model_batching=per_model, model_runtime=per_model_runtime, **sections)

@@ -1,7 +1,11 @@
 """Every Prometheus metric of the server, defined once (DESIGN.md §5).
 
 A `Metrics` object owns its own `CollectorRegistry`, so several servers can live in one process (the tests
-start many). Metrics are recorded at two boundaries: the request (servicer) and the batch (batcher/runtime).
+start many). Under `plm serve --workers N` (service/workers.py) each worker writes its values to files in
+`PROMETHEUS_MULTIPROC_DIR` and the supervisor serves their sum: each gauge says how workers' values combine
+(`multiprocess_mode`; ignored by a single process).
+
+Metrics are recorded at two boundaries: the request (servicer) and the batch (batcher/runtime).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class Metrics:
             "plm_queue_wait_seconds", "Time a request waited in its model's queue before its batch ran.",
             ["model"], buckets=_LATENCY, registry=r,
         )
-        self.queue_depth = Gauge("plm_queue_depth", "Rows waiting in a model's queue.", ["model"], registry=r)
+        self.queue_depth = Gauge("plm_queue_depth", "Rows waiting in a model's queue.", ["model"],
+                                 multiprocess_mode="livesum", registry=r)
         self.batch_size = Histogram(
             "plm_batch_size", "Rows per ONNX Runtime run.", ["model"], buckets=_SIZES, registry=r
         )
@@ -63,25 +68,29 @@ class Metrics:
             "deadline_admission (could not make it behind the queue), draining, unauthenticated.",
             ["model", "reason"], registry=r,
         )
-        self.inflight = Gauge("plm_inflight_requests", "RPCs being handled now (all models).", registry=r)
+        self.inflight = Gauge("plm_inflight_requests", "RPCs being handled now (all models).",
+                              multiprocess_mode="livesum", registry=r)
         self.active_sequences = Gauge(
             "plm_active_sequences", "Sequences in a generation engine's running batch (each holds KV memory).",
-            ["model"], registry=r,
+            ["model"], multiprocess_mode="livesum", registry=r,
         )
         self.prefix_cache = Counter(
             "plm_prefix_cache_lookups", "Shared prompt prefixes (few-shot demonstrations) looked up, by result.",
             ["model", "result"], registry=r,
         )
         self.prefix_cache_bytes = Gauge(
-            "plm_prefix_cache_bytes", "Keys and values of cached prompt prefixes.", ["model"], registry=r
+            "plm_prefix_cache_bytes", "Keys and values of cached prompt prefixes.", ["model"],
+            multiprocess_mode="livesum", registry=r,
         )
         self.execution_provider = Gauge(
             "plm_execution_provider_active", "1 for each ONNX Runtime execution provider a model's sessions use.",
-            ["model", "provider"], registry=r,
+            ["model", "provider"], multiprocess_mode="livemax", registry=r,
         )
-        self.model_ready = Gauge("plm_model_ready", "1 when the model is loaded and serving.", ["model"], registry=r)
+        self.model_ready = Gauge("plm_model_ready", "1 when the model is loaded and serving.", ["model"],
+                                 multiprocess_mode="livemin", registry=r)
         self.model_load_seconds = Gauge(
-            "plm_model_load_seconds", "Time the last load of the model took.", ["model"], registry=r
+            "plm_model_load_seconds", "Time the last load of the model took.", ["model"],
+            multiprocess_mode="livemax", registry=r,
         )
         self.reloads = Counter(
             "plm_model_reloads", "Repository changes applied or refused, by action (added, replaced, removed, "

@@ -132,6 +132,23 @@ class NgramModel(abc.ABC):
         out[self.bos_id] = -np.inf
         return out
 
+    def next_top(self, context_words: list[str], allowed: npt.NDArray[np.bool_], k: int, *,
+                 bos: bool = True) -> tuple[IntArray, FloatArray]:
+        """The k most likely allowed next words, best first (ties: lower id first): (ids, log10 P).
+
+        The same as `next_log10probs` and a top-k over it; `<s>` is never among them."""
+        history = ([self.bos_id] if bos else []) + self.ids(context_words)
+        keep = self.order - 1
+        context = tuple(history[max(0, len(history) - keep) :]) if keep else ()
+        allowed = allowed.copy()
+        allowed[self.bos_id] = False
+        return self._next_top(context, allowed, k)
+
+    def _next_top(self, context: tuple[int, ...], allowed: npt.NDArray[np.bool_],
+                  k: int) -> tuple[IntArray, FloatArray]:
+        out = self._next(context)
+        return _best(np.flatnonzero(allowed), out[allowed], k)
+
     @abc.abstractmethod
     def _score(self, context: tuple[int, ...], word: int) -> tuple[float, int]:
         """(log10 P(word | context), n-gram length); `context` is at most the last N-1 ids."""
@@ -173,6 +190,7 @@ class BackoffNgramModel(NgramModel):
             )
             for k in range(2, self.order + 1)
         ]
+        self._unigram_rank: IntArray | None = None  # ids by unigram probability, best first (built on first use)
 
     def _table(self, k: int) -> _Order:
         return self.orders[k - 2]
@@ -213,6 +231,58 @@ class BackoffNgramModel(NgramModel):
                 start, end = span
                 out[table.words[start:end]] = table.values[0][start:end]
         return out
+
+
+    def _next_top(self, context: tuple[int, ...], allowed: npt.NDArray[np.bool_],
+                  k: int) -> tuple[IntArray, FloatArray]:
+        """`_next`'s top k without the (V,) array: the listed continuations of each context suffix, and the
+        best unigrams among the rest, with the same additions in the same order (bit-equal values)."""
+        size = len(context)
+        backoffs = [self._backoff(context[size - j :]) for j in range(1, size + 1)]  # j = context length
+
+        def backed_off(values: FloatArray, longer_than: int) -> FloatArray:
+            for b in backoffs[longer_than:]:
+                values = values + b
+            return values
+
+        spans = [(j, self._table(j + 1), self._table(j + 1).index.get(context[size - j :])) for j in range(size, 0, -1)]
+        listed = sum(span[1] - span[0] for _, _, span in spans if span is not None)
+        if listed > len(self.vocab) // 2:  # a frequent context lists much of the vocabulary: the dense way is as fast
+            return super()._next_top(context, allowed, k)
+        ids: list[IntArray] = []
+        values: list[FloatArray] = []
+        claimed = np.zeros(len(self.vocab), dtype=bool)  # listed at a higher order: the value comes from there
+        for j, table, span in spans:  # highest order first
+            if span is None:
+                continue
+            words = table.words[span[0] : span[1]]
+            keep = ~claimed[words]
+            claimed[words] = True
+            keep &= allowed[words]
+            ids.append(words[keep])
+            values.append(backed_off(table.values[0][span[0] : span[1]][keep], j))
+        if self._unigram_rank is None:
+            self._unigram_rank = np.argsort(-self.unigram_log10, kind="stable")
+        want = 2 * k + 16  # most listed words are frequent ones, so the head is mostly claimed: grow it as needed
+        while True:  # the best unigrams that are allowed and not listed above
+            head = self._unigram_rank[:want]
+            head = head[allowed[head] & ~claimed[head]]
+            if len(head) >= k or want >= len(self._unigram_rank):
+                break
+            want *= 2
+        ids.append(head[:k])
+        values.append(backed_off(self.unigram_log10[head[:k]], 0))
+        return _best(np.concatenate(ids), np.concatenate(values), k)
+
+
+def _best(ids: IntArray, values: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
+    """The k largest values and their ids, best first, ties by lower id."""
+    if len(values) > k > 0:  # the k-th value, then everything at least that large (ties at the edge: lower id)
+        kth = -np.partition(-values, k - 1)[k - 1]
+        keep = values >= kth
+        ids, values = ids[keep], values[keep]
+    order = np.lexsort((ids, -values))[: max(k, 0)]
+    return ids[order], values[order]
 
 
 class LaplaceNgramModel(NgramModel):

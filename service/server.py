@@ -14,8 +14,10 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,18 +45,62 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                 "msg": record.getMessage()}
+                 "pid": record.process, "msg": record.getMessage()}
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
+class BufferedStreamHandler(logging.StreamHandler):
+    """A log handler that does not make a write system call per line.
+
+    stderr is line-buffered, so every access line was a `write(2)` on the event-loop thread, which also hands
+    the GIL to gRPC's poller thread and waits to get it back. Lines go through a 64 KiB buffer instead, written
+    out when it fills, at once for WARNING and above, and otherwise every `interval` seconds by a daemon
+    thread (and at exit by `logging.shutdown`): a killed process loses at most that much of its access log.
+    """
+
+    def __init__(self, fd: int, interval: float) -> None:
+        super().__init__(open(fd, "w", buffering=1 << 16, encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
+                              closefd=False))
+        self._closed = threading.Event()
+        self._interval = interval
+        threading.Thread(target=self._flush_every, name="plm-log-flush", daemon=True).start()
+
+    def _flush_every(self) -> None:
+        while not self._closed.wait(self._interval):
+            self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(msg + self.terminator)
+                if record.levelno >= logging.WARNING:
+                    self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.flush()
+        super().close()
+
+
 def setup_logging(config: ServerConfig) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if config.log_buffer_seconds > 0:
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # stderr is not a file (captured): write it line by line
+            fd = -1
+        if fd >= 0:
+            sys.stderr.flush()
+            handler = BufferedStreamHandler(fd, config.log_buffer_seconds)
     if config.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
@@ -117,7 +163,8 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", config.limits.max_message_bytes),
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # two servers on one port would split traffic silently
+        # Workers of one supervisor share the port; otherwise two servers on one port would split traffic silently.
+        ("grpc.so_reuseport", int(config.reuse_port)),
         *_connection_age_options(config),
     ])
     admission = Admission(config.limits, metrics)
@@ -127,7 +174,8 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(plm_servicer, server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # KServe v2 / Triton, same task path
         KServeServicer(registry, config, metrics, plm_servicer), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(reloader, admission, metrics), server)
+    admin = AdminServicer(reloader, admission, metrics, config.supervisor_pid)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME,
                                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -167,6 +215,14 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def reload_on_sighup() -> None:  # `kill -HUP`, or the supervisor of workers passing on a ReloadModels
+        task = loop.create_task(running.reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", config.grace_seconds)
     await running.stop()

@@ -10,6 +10,8 @@ import contextlib
 import functools
 import logging
 import math
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -288,13 +290,19 @@ _ACTIONS = {reload.ADDED: admin_pb.RELOAD_ACTION_ADDED, reload.REPLACED: admin_p
 
 
 class AdminServicer(_Edge, admin_grpc.AdminServiceServicer):
-    def __init__(self, reloader: reload.Reloader, admission: Admission, metrics: Metrics) -> None:
+    def __init__(self, reloader: reload.Reloader, admission: Admission, metrics: Metrics,
+                 supervisor_pid: int = 0) -> None:
         super().__init__(reloader.registry, admission, metrics)
         self.reloader = reloader
+        self.supervisor_pid = supervisor_pid
 
     @unary("ReloadModels")
     async def ReloadModels(self, request: admin_pb.ReloadModelsRequest, call: _Call) -> admin_pb.ReloadModelsResponse:
+        """Reload this process's models and answer with the changes; one of several workers (service/workers.py)
+        also asks its supervisor to have every worker reload (this one again: a no-op)."""
         changes = await self.reloader.reload()
+        if self.supervisor_pid:
+            os.kill(self.supervisor_pid, signal.SIGHUP)
         return admin_pb.ReloadModelsResponse(changes=[
             admin_pb.ModelChange(name=c.name, action=_ACTIONS[c.action], version=c.version, error=c.error)
             for c in changes])

@@ -149,6 +149,27 @@ def test_next_log10probs_agrees_with_score_words(kn3: KneserNeyLM, tmp_path: Pat
                 assert dist[wid] == pytest.approx(scores[i][0], abs=1e-12)
 
 
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_next_top_is_the_top_of_the_whole_distribution(tmp_path: Path, order: int) -> None:
+    """The backoff model's top-k without building the (V,) distribution (service/ngram.py) gives the same ids
+    and bit-equal log-probs as sorting `next_log10probs`, for seen, unseen and unknown histories and any mask."""
+    kn = KneserNeyLM.train(TRAIN, VOCAB, order=order)
+    models = [NgramModel.load_arpa(_arpa(tmp_path, kn)), LaplaceLM.train(TRAIN, VOCAB, order=order).to_model()]
+    rng = random.Random(order)
+    for model in models:
+        size = len(model.vocab)
+        for trial in range(150):
+            history = HELD_OUT[trial % len(HELD_OUT)][: rng.randint(0, 5)] + (["zzunseen"] if trial % 7 == 0 else [])
+            allowed = np.ones(size, dtype=bool) if trial % 2 else np.array([rng.random() < 0.7 for _ in range(size)])
+            k = rng.choice([1, 5, 30, size])
+            ids, log10 = model.next_top(history, allowed, k)
+            dense = np.where(allowed, model.next_log10probs(history), -np.inf)
+            best = np.lexsort((np.arange(size), -dense))[: min(k, int(np.isfinite(dense).sum()))]
+            assert log10.tolist() == dense[best].tolist()
+            assert ids.tolist() == best.tolist()
+            assert model.bos_id not in ids.tolist()
+
+
 def test_unk_and_unseen_words_get_the_uniform_share(kn3: KneserNeyLM) -> None:
     model = kn3.to_model()
     unigram = 10 ** model.next_log10probs([], bos=False)

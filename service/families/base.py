@@ -27,6 +27,17 @@ TASK_FILL_MASK = "fill_mask"
 TASK_EMBED = "embed"
 TASK_NSP = "next_sentence"
 
+def top_allowed(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest allowed finite entries of a (V,) row, best first (ties: lower id first)."""
+    masked = np.where(allowed, logprobs, -np.inf)
+    k = min(k, int(allowed.sum()))
+    if k <= 0:
+        return np.array([], dtype=np.int64)
+    kth = -np.partition(-masked, k - 1)[k - 1]  # the k-th value; all ties with it compete, lower id first
+    idx = np.flatnonzero((masked >= kth) & np.isfinite(masked))
+    return idx[np.lexsort((idx, -masked[idx]))][:k]
+
+
 MASK = "[MASK]"  # the literal a FillMask text marks its blanks with, for every family
 
 
@@ -162,6 +173,16 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
         """(B, V) float32: log P(next token | BOS, context) for each context."""
+
+    async def next_top(self, contexts: list[list[int]], allowed: tuple[np.ndarray, ...], k: int,
+                       deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """For each context and each (V,) bool mask of `allowed`, the k most likely allowed next tokens, best
+        first: (ids, float32 log-probs).
+
+        The same numbers as `next_logprobs` followed by `top_allowed`; a family may answer without building
+        the whole (V,) distribution (the n-gram models do)."""
+        rows = await self.next_logprobs(contexts, deadline)
+        return [[(idx, row[idx]) for mask in allowed for idx in (top_allowed(row, mask, k),)] for row in rows]
 
     # -- optional capabilities: a family implements those its manifest's `tasks` list -------------------
     score_method: str = "causal"  # how `score` computes: "causal" | "pseudo_log_likelihood"

@@ -74,5 +74,19 @@ class NgramAdapter(ModelAdapter):
         rows = [self.lm.next_log10probs([self.lm.vocab[i] for i in c]) for c in contexts]
         return (np.stack(rows) * _LN10).astype(np.float32)  # (B, V)
 
+    async def next_top(self, contexts: list[list[int]], allowed: tuple[np.ndarray, ...], k: int,
+                       deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        out = []
+        for c in contexts:
+            words = [self.lm.vocab[i] for i in c]
+            tops = []
+            for mask in allowed:
+                ids, log10 = self.lm.next_top(words, mask, k)
+                logprobs = (log10 * _LN10).astype(np.float32)  # as next_logprobs gives them
+                order = np.lexsort((ids, -logprobs))  # float32 may tie what float64 told apart
+                tops.append((ids[order], logprobs[order]))
+            out.append(tops)
+        return out
+
     def info(self) -> dict[str, Any]:
         return {"order": self.lm.order}

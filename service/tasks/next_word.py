@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.families.base import TASK_PREDICT_NEXT, ModelAdapter
+from service.families.base import TASK_PREDICT_NEXT, ModelAdapter, top_allowed
 from service.tasks.common import encode_checked
 
 
@@ -44,15 +44,6 @@ class NextResult:
     tokens: tuple[CandidateResult, ...]
 
 
-def _top(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest allowed entries, best first."""
-    masked = np.where(allowed, logprobs, -np.inf)
-    k = min(k, int(allowed.sum()))
-    idx = np.argpartition(-masked, k - 1)[:k] if k > 0 else np.array([], dtype=np.int64)
-    idx = idx[np.isfinite(masked[idx])]
-    return idx[np.argsort(-masked[idx], kind="stable")]
-
-
 _MASKS: weakref.WeakKeyDictionary[ModelAdapter, tuple[bool, np.ndarray, np.ndarray]] = weakref.WeakKeyDictionary()
 
 
@@ -72,23 +63,25 @@ async def predict_next(model: ModelAdapter, params: NextParams, deadline: float 
     model.require(TASK_PREDICT_NEXT)
     encoded = encode_checked(model, params.contexts, "contexts", allow_empty=True)
     contexts = [e.ids for e in encoded]
-    first = await model.next_logprobs(contexts, deadline)  # (B, V)
     word_level, word_initial, token_ok = _masks(model)
 
-    if word_level:  # word-level model: one distribution answers it
-        words = [[CandidateResult(model.token_text(int(t)), float(row[t]), (int(t),))
-                  for t in _top(row, word_initial, params.top_k)] for row in first]
-    else:
-        words = await _complete_words(model, contexts, first, params, deadline)
+    def cands(ids: np.ndarray, logprobs: np.ndarray) -> tuple[CandidateResult, ...]:
+        return tuple(CandidateResult(model.token_text(t), lp, (t,))
+                     for t, lp in zip(ids.tolist(), logprobs.tolist(), strict=True))
 
-    results = []
-    for ctx, row, w in zip(params.contexts, first, words, strict=True):
-        toks: tuple[CandidateResult, ...] = ()
+    tokens: list[tuple[CandidateResult, ...]] = [() for _ in contexts]
+    if word_level:  # word-level model: the top of one distribution answers it (the family may skip building it)
+        masks = (word_initial, token_ok) if params.include_tokens else (word_initial,)
+        tops = await model.next_top(contexts, masks, params.top_k, deadline)
+        words = [cands(*top[0]) for top in tops]
         if params.include_tokens:
-            toks = tuple(CandidateResult(model.token_text(int(t)), float(row[t]), (int(t),))
-                         for t in _top(row, token_ok, params.top_k))
-        results.append(NextResult(ctx, tuple(w), toks))
-    return results
+            tokens = [cands(*top[1]) for top in tops]
+    else:
+        first = await model.next_logprobs(contexts, deadline)  # (B, V)
+        words = [tuple(w) for w in await _complete_words(model, contexts, first, params, deadline)]
+        if params.include_tokens:
+            tokens = [cands(idx, row[idx]) for row in first for idx in (top_allowed(row, token_ok, params.top_k),)]
+    return [NextResult(ctx, w, t) for ctx, w, t in zip(params.contexts, words, tokens, strict=True)]
 
 
 async def _complete_words(
@@ -102,7 +95,7 @@ async def _complete_words(
     beam = params.beam_width or max(params.top_k, 4)
     # Per context: open paths (token ids, log-prob) and finished words {text: (log-prob, ids)}.
     beams: list[list[tuple[tuple[int, ...], float]]] = [
-        [((int(t),), float(row[t])) for t in _top(row, initial, beam)] for row in first
+        [((int(t),), float(row[t])) for t in top_allowed(row, initial, beam)] for row in first
     ]
     done: list[dict[str, tuple[float, tuple[int, ...]]]] = [{} for _ in contexts]
     for _ in range(params.max_word_tokens):
@@ -119,7 +112,7 @@ async def _complete_words(
                 old = done[c].get(word)
                 total = lp + end if old is None else float(np.logaddexp(old[0], lp + end))
                 done[c][word] = (total, old[1] if old is not None and old[0] > lp + end else path)
-            for t in _top(row, continuation, beam):
+            for t in top_allowed(row, continuation, beam):
                 new_beams[c].append(((*path, int(t)), lp + float(row[t])))
         for c in range(len(contexts)):
             # A path's probability only shrinks as it grows: drop paths that can no longer reach the top k.
