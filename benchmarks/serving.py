@@ -15,6 +15,7 @@ ids, padded the same way:
    target ≤ 1 ms).
 4. n-gram `PredictNext` throughput at concurrency 32 (target ≥ 2,000 requests/s on 2 cores, the client on the
    same machine; its CPU is reported — it competes with the server for the same cores).
+5. 1 and 4 again on `plm serve --workers N` (N = the cores by default): several server processes on one port.
 
 Writes the JSON and a PNG (throughput bars and the latency CDFs) and prints the ratios.
 """
@@ -113,9 +114,11 @@ class Raw:
 
 
 def drive(target: str, rpc: str, model: str, texts: list[str], concurrency: int, duration: float,
-          metrics_url: str | None = None, processes: int = 1, per_request: int = 1, **params: Any) -> dict[str, Any]:
+          metrics_url: str | None = None, processes: int = 1, per_request: int = 1, connections: int = 1,
+          **params: Any) -> dict[str, Any]:
     cfg = LoadConfig(targets=(target,), specs=(RequestSpec(1.0, rpc, model, per_request, params),),
-                     inputs=tuple(texts), concurrency=concurrency, duration=duration, warmup=2.0)
+                     inputs=tuple(texts), concurrency=concurrency, duration=duration, warmup=2.0,
+                     connections=connections)
     result = run_loadtest(cfg, processes=processes, metrics_url=metrics_url, progress=False)
     s = result["summary"]
     lat = [r[1] for r in result["records"] if r[5] == "OK"]
@@ -134,6 +137,8 @@ def main() -> None:
     ap.add_argument("--repository", type=Path, default=Path("repository"))
     ap.add_argument("--duration", type=float, default=8.0, help="measured seconds per served run")
     ap.add_argument("--processes", type=int, default=1, help="load-generator processes for the n-gram run")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="server processes of the `plm serve --workers` runs [the cores]")
     ap.add_argument("--out", type=Path, default=Path("results/serving.json"))
     args = ap.parse_args()
     texts = held_out_texts()
@@ -159,6 +164,13 @@ def main() -> None:
         served["nnlm_next"] = drive(srv.target, "PredictNext", "nnlm", texts, 1, args.duration)
         served["ngram_next"] = drive(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
                                      processes=args.processes)
+    # The same on `--workers` server processes sharing the port: the client opens several connections, since
+    # the kernel spreads connections (not calls) over the workers.
+    with LocalServer(args.repository, ["gpt", "bert", "ngram-kn"], workers=args.workers) as srv:
+        served["gpt_score_workers"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, connections=4)
+        served["bert_fill_workers"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration, connections=4)
+        served["ngram_next_workers"] = drive(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
+                                             processes=args.processes, connections=4)
     with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
         served["gpt_score_unbatched"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
     with LocalServer(args.repository, ["gpt"], env={"PLM_RUNTIME__SPIN_WAIT": "true"}) as srv:
@@ -179,19 +191,28 @@ def main() -> None:
         "spin_wait_off_vs_on_gpt_score": ok("gpt_score") / ok("gpt_score_spinning"),
         "predict_next_nnlm_p50_overhead_ms": p50 - float(np.percentile(raw_nnlm, 50)),
         "ngram_predict_next_req_per_s": ok("ngram_next"),
+        f"score_gpt_served_vs_raw_{args.workers}_workers": ok("gpt_score_workers")
+        / raw_rates["gpt_score"]["best_items_per_s"],
+        f"fillmask_bert_served_vs_raw_{args.workers}_workers": ok("bert_fill_workers")
+        / raw_rates["bert_fill"]["best_items_per_s"],
+        f"ngram_predict_next_req_per_s_{args.workers}_workers": ok("ngram_next_workers"),
     }
     targets = {"score_gpt_served_vs_raw": (">=", 0.8), "fillmask_bert_served_vs_raw": (">=", 0.8),
                "score_gpt_8_texts_per_request_vs_raw": (">=", 0.8),
                "fillmask_bert_8_texts_per_request_vs_raw": (">=", 0.8),
                "batching_on_vs_off_gpt_score": (">=", 1.5), "spin_wait_off_vs_on_gpt_score": (">=", 1.0),
                "predict_next_nnlm_p50_overhead_ms": ("<=", 1.0),
-               "ngram_predict_next_req_per_s": (">=", 2000.0)}
+               "ngram_predict_next_req_per_s": (">=", 2000.0),
+               f"score_gpt_served_vs_raw_{args.workers}_workers": (">=", 0.8),
+               f"fillmask_bert_served_vs_raw_{args.workers}_workers": (">=", 0.8),
+               f"ngram_predict_next_req_per_s_{args.workers}_workers": (">=", 2000.0)}
     print(f"\nratios (one run, {os.cpu_count()} cores, {time.perf_counter() - started:.0f} s):")
     for k, v in ratios.items():
         op, t = targets[k]
         met = v >= t if op == ">=" else v <= t
         print(f"  {k:36} {v:9.2f}   target {op} {t:g}  {'✓' if met else '✗'}")
-    print(f"  (n-gram run: client CPU {served['ngram_next']['summary']['client_cpu_percent']:.0f}% of one core)")
+    print(f"  (n-gram runs: client CPU {served['ngram_next']['summary']['client_cpu_percent']:.0f}% and "
+          f"{served['ngram_next_workers']['summary']['client_cpu_percent']:.0f}% of one core)")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in served.items()}
@@ -211,21 +232,24 @@ def plot(served: dict[str, Any], raw: dict[str, Any], ratios: dict[str, float], 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     labels = ["GPT Score", "BERT FillMask"]
     x = np.arange(2)
-    w = 0.2
-    a.bar(x - 1.5 * w, [raw["gpt_score"]["best_items_per_s"], raw["bert_fill"]["best_items_per_s"]], w,
+    w = 0.16
+    a.bar(x - 2 * w, [raw["gpt_score"]["best_items_per_s"], raw["bert_fill"]["best_items_per_s"]], w,
           label="raw ORT, best batch")
-    a.bar(x - 0.5 * w, [served["gpt_score"]["texts_per_s"], served["bert_fill"]["texts_per_s"]], w,
+    a.bar(x - w, [served["gpt_score"]["texts_per_s"], served["bert_fill"]["texts_per_s"]], w,
           label="served, conc 64, 1 text/request")
-    a.bar(x + 0.5 * w, [served["gpt_score_x8"]["texts_per_s"], served["bert_fill_x8"]["texts_per_s"]], w,
+    a.bar(x, [served["gpt_score_workers"]["texts_per_s"], served["bert_fill_workers"]["texts_per_s"]], w,
+          label="served by workers, conc 64, 1 text/request")
+    a.bar(x + w, [served["gpt_score_x8"]["texts_per_s"], served["bert_fill_x8"]["texts_per_s"]], w,
           label="served, conc 64, 8 texts/request")
-    a.bar(x[:1] + 1.5 * w, [served["gpt_score_unbatched"]["texts_per_s"]], w, label="served, batching off")
+    a.bar(x[:1] + 2 * w, [served["gpt_score_unbatched"]["texts_per_s"]], w, label="served, batching off")
     a.set_xticks(x, labels)
     a.set_ylabel("sequences / s")
     a.legend(fontsize=8)
     a.set_title("throughput")
     for key, label in (("gpt_score", "GPT Score c64"), ("bert_fill", "BERT FillMask c64"),
                        ("gpt_score_unbatched", "GPT Score c64, unbatched"), ("nnlm_next", "NNLM PredictNext c1"),
-                       ("ngram_next", "n-gram PredictNext c32")):
+                       ("ngram_next", "n-gram PredictNext c32"),
+                       ("ngram_next_workers", "n-gram PredictNext c32, workers")):
         lat = np.sort(served[key]["latencies_ms"])
         if lat.size:
             b.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=label)

@@ -139,6 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--requests", type=int, help="stop after this many measured requests instead")
     lt.add_argument("--warmup", type=float, default=2.0, help="seconds of load excluded from the results")
     lt.add_argument("--processes", type=int, default=1, help="worker processes sharing the concurrency or rate")
+    lt.add_argument("--connections", type=int, default=1,
+                    help="TCP connections per target per process (server workers on one port spread connections)")
     lt.add_argument("--max-in-flight", type=int, default=1000,
                     help="open loop: arrivals beyond this many calls in flight are dropped by the client")
     lt.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds")

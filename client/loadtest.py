@@ -194,6 +194,9 @@ class LoadConfig:
     timeout: float = 30.0
     seed: int = 0
     worker: int = 0
+    # TCP connections per target per process. Server workers on one port (SO_REUSEPORT) and L4 balancers
+    # spread connections, not calls: one connection keeps every call on one server process.
+    connections: int = 1
 
 
 # Indices into each worker's shared progress counters.
@@ -213,10 +216,13 @@ class _Worker:
         self.rng = np.random.default_rng([cfg.seed, cfg.worker])
         weights = np.array([s.weight for s in cfg.specs])
         self.probs = weights / weights.sum()
-        self.channels = [grpc.aio.insecure_channel(t) for t in cfg.targets]
+        # A channel's own subchannel pool: channels to one target would otherwise share one connection.
+        options = [("grpc.use_local_subchannel_pool", 1)] if cfg.connections > 1 else []
+        self.channel_targets = [t for _ in range(max(1, cfg.connections)) for t in cfg.targets]
+        self.channels = [grpc.aio.insecure_channel(t, options=options) for t in self.channel_targets]
         self.stubs = [pb_grpc.LanguageModelServiceStub(c) for c in self.channels]
         # Workers start on different targets so K processes × round-robin spread evenly.
-        n = len(cfg.targets)
+        n = len(self.channels)
         self.rr = itertools.cycle([(cfg.worker + i) % n for i in range(n)])
         # Seconds since the run's shared start (t0_wall), on this process's monotonic clock.
         self.perf0 = time.perf_counter() - (time.time() - t0_wall)
@@ -271,7 +277,7 @@ class _Worker:
         self.counters[_OK if code == "OK" else _ERR] += 1
         if measured:
             self.records.append([round(t_send, 6), round(latency_ms, 4), spec.rpc, spec.model,
-                                 self.cfg.targets[k], code])
+                                 self.channel_targets[k], code])
             self.last_done = max(self.last_done, self.now())
 
     async def closed_loop(self, clients: int) -> None:
@@ -672,7 +678,8 @@ def main(args: Any) -> int:
         cfg = LoadConfig(targets=tuple(t.strip() for t in args.target.split(",") if t.strip()), specs=tuple(specs),
                          inputs=tuple(inputs), concurrency=args.concurrency, rate=args.rate,
                          duration=args.duration, requests=args.requests, warmup=args.warmup,
-                         max_in_flight=args.max_in_flight, timeout=args.timeout, seed=args.seed)
+                         max_in_flight=args.max_in_flight, timeout=args.timeout, seed=args.seed,
+                         connections=args.connections)
         result = run_loadtest(cfg, processes=args.processes, metrics_url=args.metrics_url,
                               progress=not args.quiet)
     except (ValueError, OSError) as e:

@@ -19,6 +19,7 @@ import pytest
 
 from client import PlmClient
 from client.cli import main as cli_main
+from client.loadtest import LoadConfig, RequestSpec, run_loadtest
 from client.local_server import LocalServer
 from service.pb.plm.v1.admin_pb2 import ReloadModelsRequest
 from service.pb.plm.v1.admin_pb2_grpc import AdminServiceStub
@@ -72,6 +73,14 @@ def test_workers_share_the_port_metrics_restart_reload_and_drain(repo: Path, tin
         _wait(lambda: len(_access_pids(srv)) == 2)
         assert _access_pids(srv) == workers  # both answered
         assert _ok_total(srv, "Score") == 40  # one /metrics for all workers: the sum
+
+        # The load generator's connections (16 per process) reach both workers too: one would reach one.
+        log_before = len(srv.log_text())
+        cfg = LoadConfig(targets=(srv.target,), specs=(RequestSpec(1.0, "PredictNext", "ngram-kn", 1, {}),),
+                         inputs=("the king is", "to be or not"), concurrency=16, requests=200, warmup=0.0,
+                         connections=16)
+        assert run_loadtest(cfg, progress=False)["summary"]["errors"] == {}
+        _wait(lambda: {int(p) for p in re.findall(r"plm\.access\[(\d+)\]", srv.log_text()[log_before:])} == workers)
 
         # A worker killed outright: the other keeps answering and the supervisor starts a new one.
         victim = sorted(workers)[0]
