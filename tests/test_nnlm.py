@@ -138,6 +138,14 @@ def test_adapter_scores_alone_equal_batched_and_next_sums_to_one(folder: tuple[P
             batched = await adapter.score(seqs, True, None)
             alone = [await adapter.score([s], True, None) for s in seqs]
             nxt = await adapter.next_logprobs([seqs[0][:2], [], seqs[1]], None)
+            # The top k computed on the batcher's thread is the top of the same rows.
+            masks = (~adapter.never_generate_mask(), np.arange(adapter.vocab_size) % 2 == 0)
+            tops = await adapter.next_top([seqs[0][:2], [], seqs[1]], masks, 4, None)
+            for row, per_mask in zip(nxt, tops, strict=True):
+                for mask, (ids, lps) in zip(masks, per_mask, strict=True):
+                    dense = np.where(mask, row, -np.inf)
+                    assert ids.tolist() == np.lexsort((np.arange(len(row)), -dense))[:4].tolist()
+                    assert lps.tolist() == row[ids].tolist()
             return batched, alone, nxt, adapter
         finally:
             await adapter.close()

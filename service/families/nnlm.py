@@ -18,7 +18,7 @@ import numpy as np
 
 from service.batcher import DynamicBatcher
 from service.config import ServerConfig
-from service.families.base import TokenScores
+from service.families.base import TokenScores, top_allowed
 from service.families.words import WordModel, WordVocabulary
 from service.metrics import Metrics
 from service.runtime import open_graph
@@ -27,7 +27,8 @@ from service.runtime import open_graph
 @dataclass(frozen=True)
 class _Window:
     context: tuple[int, ...]  # the n−1 previous ids
-    target: int | None  # the id to score, or None for the whole next-word distribution
+    target: int | None  # the id to score, or None for the whole next-word distribution (or its top)
+    top: tuple[tuple[np.ndarray, ...], int] | None = None  # (allowed masks, k): only the top k of each
 
 
 class NnlmAdapter(WordModel):
@@ -70,13 +71,27 @@ class NnlmAdapter(WordModel):
         outs = await self._batcher.submit(windows, [self.order - 1] * len(windows), deadline)
         return np.stack(outs).astype(np.float32)  # (B, V)
 
+    async def next_top(self, contexts: list[list[int]], allowed: tuple[np.ndarray, ...], k: int,
+                       deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        windows = [_Window(self._history(c), None, (allowed, k)) for c in contexts]
+        return await self._batcher.submit(windows, [self.order - 1] * len(windows), deadline)
+
     def _run(self, windows: Sequence[_Window]) -> list[Any]:
         """One ONNX run over a batch of windows (on the batcher's thread): a float per scored window (its
-        target's log-probability, so (B, V) never leaves this thread for scoring) or a (V,) row."""
+        target's log-probability), the top k per mask, or a (V,) row — (B, V) never reaches the event loop
+        when the call needs less."""
         context_ids = np.asarray([w.context for w in windows], dtype=np.int64)  # (B, n−1)
         logprobs = self.session.run(["next_logprobs"], {"context_ids": context_ids})["next_logprobs"]  # (B, V)
-        return [float(logprobs[i, w.target]) if w.target is not None else logprobs[i].copy()
-                for i, w in enumerate(windows)]
+        out: list[Any] = []
+        for row, w in zip(logprobs, windows, strict=True):
+            if w.target is not None:
+                out.append(float(row[w.target]))
+            elif w.top is not None:
+                masks, k = w.top
+                out.append([(idx, row[idx]) for mask in masks for idx in (top_allowed(row, mask, k),)])
+            else:
+                out.append(row.copy())
+        return out
 
     def info(self) -> dict[str, Any]:
         return {"order": self.order, "providers": self.providers}
