@@ -10,6 +10,8 @@ Metrics are recorded at two boundaries: the request (servicer) and the batch (ba
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
@@ -23,6 +25,9 @@ _RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # (method, model, code) → the two labelled series a finished RPC updates. Bounded: methods and codes
+        # are fixed sets, and model labels are only names the registry knows (servicer._Call.model).
+        self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "plm_requests", "RPCs handled, by method, model and gRPC status code.",
             ["method", "model", "code"], registry=r,
@@ -96,6 +101,16 @@ class Metrics:
             "plm_model_reloads", "Repository changes applied or refused, by action (added, replaced, removed, "
             "rejected).", ["model", "action"], registry=r,
         )
+
+    def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
+        """Count one finished RPC and observe its duration (the labelled series are looked up once each)."""
+        key = (method, model, code)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (self.requests.labels(method, model, code),
+                                                  self.request_duration.labels(method, model))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def exposition(self) -> bytes:
         """The text exposition format, as /metrics serves it."""

@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -57,7 +56,7 @@ class _Call:
         fields = request.DESCRIPTOR.fields_by_name
         # At least one batch row per input: a lower bound of the rows this call will queue.
         self.inputs = max(1, sum(len(getattr(request, f)) for f in _INPUT_FIELDS if f in fields))
-        self.request_id = str(md.get("x-request-id") or uuid.uuid4().hex[:16])[:64]
+        self.request_id = str(md.get("x-request-id") or os.urandom(8).hex())[:64]
         remaining = context.time_remaining()
         self.deadline = time.monotonic() + remaining if remaining is not None else None
         self.model_label = "-"
@@ -131,8 +130,7 @@ async def _edge(svc: _Edge, method: str, request: Any, context: grpc.aio.Service
     finally:
         call.release()
         elapsed = time.perf_counter() - started
-        svc.metrics.requests.labels(method, call.model_label, code.name).inc()
-        svc.metrics.request_duration.labels(method, call.model_label).observe(elapsed)
+        svc.metrics.request_done(method, call.model_label, code.name, elapsed)
         log.info("request_id=%s method=%s model=%s code=%s duration_ms=%.2f",
                  call.request_id, method, call.model_label, code.name, elapsed * 1000)
 
