@@ -213,3 +213,21 @@ def test_word_starts_around_special_tokens(bpe_tok: Tokenizer) -> None:
     assert starts[0] and starts[1] and starts[-1]
     assert sum(starts) == 4  # <|endoftext|>, Hello, world, <|endoftext|>
     assert word_starts(bpe_tok, bpe_tok.encode("")) == []
+
+
+@pytest.mark.parametrize("name", ["gpt", "bert", "nnlm", "ngram-kn", "elmo"])
+def test_ids_only_encoding_and_cached_token_texts_match_the_full_path(tiny_repo: Path, name: str) -> None:
+    """`encode_ids` (the fast path of calls that need no token texts) gives `encode(...).ids`, and the token
+    texts decoded once at load are what the tokenizer decodes for each id."""
+    from service.config import ServerConfig
+    from service.metrics import Metrics
+    from service.registry import load_model
+
+    model = load_model(tiny_repo / name, ServerConfig(), Metrics())
+    texts = ["The king is dead.", "  whitespace\tand\nnewlines  ", "naïve café — “quotes” 東京 😀", "", "x" * 50]
+    for text in texts:
+        assert model.encode_ids(text) == model.encode(text).ids
+    tokenizer = getattr(model, "tokenizer", None)
+    if name in ("gpt", "bert") and tokenizer is not None:
+        for i in range(0, model.vocab_size, 97):
+            assert model.token_text(i) == tokenizer.decode([i], skip_special_tokens=False)

@@ -141,6 +141,10 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def encode(self, text: str) -> Encoded: ...
 
+    def encode_ids(self, text: str) -> list[int]:
+        """`encode(text).ids`, for calls that need no token texts or words (a family may skip making them)."""
+        return self.encode(text).ids
+
     @abc.abstractmethod
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids, as a continuation (word models join with spaces)."""

@@ -65,6 +65,8 @@ class BertAdapter(ModelAdapter):
         )
         vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._word_start = np.array([not t.startswith(CONTINUATION) for t in vocab], dtype=bool)
+        # Each token's own text, decoded once here rather than per call.
+        self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
         self._never = np.zeros(self.vocab_size, dtype=bool)
         self._never[[self._pad, self._cls, self._sep, self._mask, self._unk]] = True
 
@@ -85,8 +87,11 @@ class BertAdapter(ModelAdapter):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def encode_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._token_texts[token_id]
 
     @property
     def eos_id(self) -> int:

@@ -68,6 +68,8 @@ class GptAdapter(ModelAdapter):
         )
         vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
+        # Each token's own text, decoded once here rather than per call.
+        self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
         self._never = np.zeros(self.vocab_size, dtype=bool)
         if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
             self._never[self._bos] = True
@@ -85,7 +87,7 @@ class GptAdapter(ModelAdapter):
     def encode(self, text: str) -> Encoded:
         enc = self.tokenizer.encode(text, add_special_tokens=False)
         ids = list(enc.ids)
-        tokens = [self.tokenizer.decode([i]) for i in ids]
+        tokens = [self._token_texts[i] for i in ids]
         word_index: list[int] = []
         groups: list[list[int]] = []
         for k, i in enumerate(ids):
@@ -99,8 +101,11 @@ class GptAdapter(ModelAdapter):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def encode_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._token_texts[token_id]
 
     @property
     def eos_id(self) -> int:

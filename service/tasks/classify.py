@@ -79,15 +79,15 @@ async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | Non
     queries = list(p.queries) + ([p.content_free] if p.calibrate else [])
     # Whole strings are tokenized (tokenizers normalise whitespace, so pieces tokenized alone would lose the
     # label's leading space); the label's tokens are those after the context's, where the two agree.
-    prefix_ids = model.encode(prefix).ids if prefix else []
+    prefix_ids = model.encode_ids(prefix) if prefix else []
     seqs: list[list[int]] = []
     label_lens: list[int] = []
     shared = len(prefix_ids)
     for qi, query in enumerate(queries):
         context = prefix + stripped.replace("{text}", query)
-        ctx_ids = model.encode(context).ids
+        ctx_ids = model.encode_ids(context)
         for li, label in enumerate(p.labels):
-            full = model.encode(context + gap + label).ids
+            full = model.encode_ids(context + gap + label)
             shared = min(shared, _common(prefix_ids, full))
             n = len(full) - _common(ctx_ids, full)
             if n == 0:

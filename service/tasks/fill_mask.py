@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from service.errors import InvalidArgument
-from service.families.base import MASK, TASK_FILL_MASK, ModelAdapter
+from service.families.base import MASK, TASK_FILL_MASK, ModelAdapter, top_allowed
 
 
 @dataclass(frozen=True)
@@ -45,13 +43,18 @@ def _with_blanks(model: ModelAdapter, text: str, field: str) -> tuple[list[int],
     ids: list[int] = []
     positions: list[int] = []
     for k, piece in enumerate(pieces):
-        ids.extend(model.encode(piece).ids if piece.strip() else [])
+        ids.extend(model.encode_ids(piece) if piece.strip() else [])
         if k < len(pieces) - 1:
             positions.append(len(ids))
             ids.append(model.mask_id)
     if len(ids) > model.context_budget:
         raise InvalidArgument(field, f"is {len(ids)} tokens; model {model.name!r} takes at most {model.context_budget}")
     return ids, positions
+
+
+def _spelling(model: ModelAdapter, ids: tuple[int, ...]) -> str:
+    """The candidate as it reads in the text (one token: its text, decoded once per model)."""
+    return (model.token_text(ids[0]) if len(ids) == 1 else model.decode(list(ids))).strip()
 
 
 def _fill(text: str, blank: int, word: str) -> str:
@@ -62,7 +65,7 @@ def _fill(text: str, blank: int, word: str) -> str:
 async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float | None) -> list[FillResult]:
     model.require(TASK_FILL_MASK)
     rows = [_with_blanks(model, t, f"texts[{i}]") for i, t in enumerate(params.texts)]
-    targets = [(t, model.encode(t).ids) for t in params.targets]
+    targets = [(t, model.encode_ids(t)) for t in params.targets]
     for i, (t, ids) in enumerate(targets):
         if not ids or model.never_generate_mask()[ids].any():
             raise InvalidArgument(f"targets[{i}]", f"{t!r} is not a word the model can predict (out of vocabulary?)")
@@ -91,14 +94,11 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
                 cands = [(tuple(tids), t, float(row[tids[0]]) if len(tids) == 1 else wide_lp[(r, b, ti)])
                          for ti, (t, tids) in enumerate(targets)]
             else:
-                masked = np.where(allowed, row, -np.inf)
-                k = min(params.top_k, int(allowed.sum()))
-                top = np.argpartition(-masked, k - 1)[:k]
-                top = top[np.argsort(-masked[top], kind="stable")]
-                cands = [((int(t),), model.token_text(int(t)), float(row[t])) for t in top]
+                cands = [((t,), model.token_text(t), float(row[t]))
+                         for t in top_allowed(row, allowed, params.top_k).tolist()]
             cands.sort(key=lambda c: -c[2])
             masks.append(tuple(
-                FillCandidate(ids, word, lp, _fill(text, b, model.decode(list(ids)).strip() or word))
+                FillCandidate(ids, word, lp, _fill(text, b, _spelling(model, ids) or word))
                 for ids, word, lp in cands[: params.top_k] if math.isfinite(lp)
             ))
         results.append(FillResult(text, tuple(masks)))

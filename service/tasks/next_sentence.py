@@ -29,7 +29,7 @@ async def next_sentence(model: ModelAdapter, params: NspParams, deadline: float 
     model.require(TASK_NSP)
     pairs = []
     for i, (a, b) in enumerate(params.pairs):
-        ia, ib = model.encode(a).ids, model.encode(b).ids
+        ia, ib = model.encode_ids(a), model.encode_ids(b)
         for field, ids in ((f"pairs[{i}].a", ia), (f"pairs[{i}].b", ib)):
             if not ids:
                 raise InvalidArgument(field, "has no tokens (empty or only whitespace)")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.families.base import TASK_PREDICT_NEXT, ModelAdapter, top_allowed
-from service.tasks.common import encode_checked
+from service.tasks.common import ids_checked
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,7 @@ def _masks(model: ModelAdapter) -> tuple[bool, np.ndarray, np.ndarray]:
 
 async def predict_next(model: ModelAdapter, params: NextParams, deadline: float | None) -> list[NextResult]:
     model.require(TASK_PREDICT_NEXT)
-    encoded = encode_checked(model, params.contexts, "contexts", allow_empty=True)
-    contexts = [e.ids for e in encoded]
+    contexts = ids_checked(model, params.contexts, "contexts", allow_empty=True)
     word_level, word_initial, token_ok = _masks(model)
 
     def cands(ids: np.ndarray, logprobs: np.ndarray) -> tuple[CandidateResult, ...]:
