@@ -38,6 +38,9 @@ class Batching:
     max_batch_tokens: int = 8192  # padded rows × length per run; bounds memory of a [B,T,V] log-softmax
     max_queue_delay_ms: float = 2.0  # how long the first request waits for company; small vs inference time
     idle_dispatch: bool = True  # wait for company only under load; an idle model runs a lone request at once
+    # ...on the event loop itself when its fastest recent batch took less than this (0 = always on the model's
+    # thread): two thread wake-ups cost more than blocking the loop for a sub-millisecond run.
+    inline_max_ms: float = 0.0
     max_queue_size: int = 1024  # queued rows beyond this are refused with RESOURCE_EXHAUSTED
 
 

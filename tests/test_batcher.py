@@ -133,3 +133,29 @@ def test_a_submission_bigger_than_the_queue_goes_in_pieces() -> None:
 
     assert asyncio.run(main()) == [r * 10 for r in range(30)]
     assert max(len(batch) for batch in seen) <= 2  # pieces of 8 // 4 rows
+
+
+def test_a_fast_lone_row_of_an_idle_model_runs_on_the_loop_and_load_goes_to_the_thread() -> None:
+    """`inline_max_ms`: once a batch has shown the model is fast, a lone row of an idle model runs on the event
+    loop's own thread (no hand-off); rows that queue together still run on the model's thread."""
+    threads: list[tuple[int, bool]] = []
+
+    def run(rows: Sequence[int]) -> list[int]:
+        threads.append((len(rows), threading.current_thread() is threading.main_thread()))
+        return [r + 1 for r in rows]
+
+    async def main(batching: Batching) -> None:
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", run, batching, Metrics())
+        b.start()
+        for i in range(4):  # one at a time: idle each time (the first two measure the model)
+            assert await b.submit([i], [1]) == [i + 1]
+        assert await asyncio.gather(*(b.submit([i], [1]) for i in range(6))) == [[i + 1] for i in range(6)]
+        await b.close()
+
+    asyncio.run(main(Batching(inline_max_ms=50.0, max_queue_delay_ms=5)))
+    lone, rest = threads[:4], threads[4:]
+    assert [on_loop for _, on_loop in lone] == [False, False, True, True]  # no estimate before two batches ran
+    assert any(n > 1 for n, _ in rest) and not any(on_loop for n, on_loop in rest if n > 1)
+    threads.clear()
+    asyncio.run(main(Batching(inline_max_ms=0.0, max_queue_delay_ms=5)))  # off: every run on the thread
+    assert not any(on_loop for _, on_loop in threads)
