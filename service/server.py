@@ -102,6 +102,8 @@ def setup_logging(config: ServerConfig) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     root = logging.getLogger()
+    for old in root.handlers:  # set up again (tests, the CLI): the old buffer is written out, its thread ends
+        old.close()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level.upper())
 
