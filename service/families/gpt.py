@@ -9,6 +9,7 @@ distribution after each row's last real token, `hidden_states` (B, T, C). Rows a
 from __future__ import annotations
 
 import dataclasses
+import json
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,37 @@ def _is_word_start(token: str) -> bool:
     return not unicodedata.category(first).startswith(("L", "N", "M"))
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (tokenizers' ByteLevel): the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown = dict(zip(printable, printable, strict=True))
+    for b in range(256):
+        if b not in shown:
+            shown[b] = 256 + len(shown) - len(printable)
+    return {chr(c): b for b, c in shown.items()}
+
+
+def _token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes] | None:
+    """Each token's bytes when the tokenizer decodes byte-level tokens and nothing else (else None)."""
+    spec = json.loads(tokenizer.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    if any(not a.get("special") for a in spec.get("added_tokens", [])):
+        return None  # a plain added token is decoded as its own text, not as byte-level characters
+    alphabet = _byte_level_alphabet()
+    table = []
+    for i in range(vocab_size):
+        token = tokenizer.id_to_token(i) or ""
+        if i in special:
+            table.append(b"")  # decode(skip_special_tokens=True) leaves them out
+        elif all(ch in alphabet for ch in token):
+            table.append(bytes(alphabet[ch] for ch in token))
+        else:
+            return None
+    return table
+
+
 class GptAdapter(ModelAdapter):
     family = "gpt"
 
@@ -68,6 +100,7 @@ class GptAdapter(ModelAdapter):
         )
         vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
+        self._token_bytes = _token_bytes(self.tokenizer, self.vocab_size)
         self._never = np.zeros(self.vocab_size, dtype=bool)
         if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
             self._never[self._bos] = True
@@ -101,6 +134,9 @@ class GptAdapter(ModelAdapter):
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self) -> list[bytes] | None:
+        return self._token_bytes
 
     @property
     def eos_id(self) -> int:
