@@ -139,3 +139,53 @@ def test_a_slow_reader_gets_piled_up_tokens_together(server: ServerThread) -> No
     assert texts == [g.text for g in unary] and ids == [list(g.token_ids) for g in unary]
     token_events = sum(1 for ev in events if ev.token_ids)  # type: ignore[attr-defined]
     assert token_events < sum(len(g.token_ids) for g in unary)  # several tokens per event
+
+
+def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_alone(server: ServerThread) -> None:
+    """The batch's keys and values are laid out again only when a sequence joins or leaves: whatever joins
+    or leaves around a sequence, it gets the tokens it gets alone, and the batch is never wider than its
+    longest sequence (leading padding that no row uses is trimmed)."""
+    from service.tasks.generate import GenerateParams, SamplingParams, start_sequences
+
+    model = server.running.registry.get("gpt")
+    engine = model.engine
+    # (prompt, sampling, decode steps after the first request starts at which this one arrives)
+    jobs = [("The king", SamplingParams(temperature=0.0, max_new_tokens=40), 0),
+            ("O", SamplingParams(temperature=0.0, max_new_tokens=6), 2),
+            ("What light through yonder window breaks", SamplingParams(temperature=0.0, max_new_tokens=12), 3),
+            ("Good morrow, my lord", SamplingParams(temperature=0.9, top_k=40, seed=7, max_new_tokens=20), 5),
+            ("O", SamplingParams(temperature=0.0, max_new_tokens=3), 9),
+            ("The king", SamplingParams(temperature=1.0, seed=3, max_new_tokens=16), 14)]
+    widths: list[tuple[int, int]] = []
+    decode = engine._decode
+
+    def checked_decode() -> object:
+        batch = engine._batch
+        assert (batch.mask.sum(axis=1) == batch.lengths).all()
+        widths.append((batch.mask.shape[1], int(batch.lengths.max())))
+        return decode()
+
+    async def one(prompt: str, sampling: SamplingParams, after: int | None, start: int) -> list[int]:
+        while after is not None and engine.steps < start + after:
+            await asyncio.sleep(0.0002)
+        seqs = start_sequences(model, GenerateParams((prompt,), sampling), server.running.metrics)
+        return [t async for ev in engine.generate(seqs, None) for t in ev.token_ids]
+
+    async def together() -> list[list[int]]:
+        start = engine.steps
+        return list(await asyncio.gather(*(one(p, s, after, start) for p, s, after in jobs)))
+
+    async def alone() -> list[list[int]]:
+        return [await one(p, s, None, 0) for p, s, _ in jobs]
+
+    engine._decode = checked_decode
+    try:
+        mixed = server.call(together())
+    finally:
+        del engine._decode
+    assert mixed == server.call(alone())
+    assert len(widths) > 10 and all(p == longest for p, longest in widths)
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0 and not engine._batch.kv  # every sequence's KV memory released

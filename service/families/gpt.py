@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,7 +109,12 @@ class GptAdapter(ModelAdapter):
         if decoder is not None and runtime.kv_cache:
             from service.engine import GenerationEngine
 
-            decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait)
+            # Unless threads are configured, the decoder leaves one core free: the engine's thread runs it while the
+            # event loop sends the previous step's tokens (2 cores: 1 thread, which also runs a B=16 step faster
+            # than 2 there; docs/benchmarks.md, "Generation engine").
+            threads = runtime.intra_op_threads or max(1, (os.cpu_count() or 1) - 1)
+            decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait,
+                                                  intra_op_threads=threads)
             self.engine = GenerationEngine(
                 name, open_graph(folder, manifest, "decoder", decoder_runtime, name, metrics), int(decoder["n_layer"]),
                 int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos, ~self._never,
