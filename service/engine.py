@@ -293,16 +293,16 @@ class GenerationEngine:
                 self._waiting.append(self._inbox.popleft())
             while self._jobs:
                 self._run_job(self._jobs.popleft())
-            keep = self._still_running(out)
-            if not keep and not self._waiting:  # idle: no KV memory held
-                self._batch, self._scratch = _EMPTY, _Scratch()
-                self._m_active.set(0)
-                self._hand_over(out)
-                self._wake.wait()
-                continue
             try:
+                keep = self._still_running(out)
+                if not keep and not self._waiting:  # idle: no KV memory held
+                    self._batch, self._scratch = _EMPTY, _Scratch()
+                    self._m_active.set(0)
+                    self._hand_over(out)
+                    self._wake.wait()
+                    continue
                 self._step(keep, out)
-            except Exception as e:  # the step failed: every sequence in it hears about it
+            except Exception as e:  # the step failed: every sequence in it hears about it (the thread goes on)
                 log.exception("model %s: generation step failed", self.model)
                 for slot in [*self._joining, *self._batch.slots]:
                     slot.request.cancelled = True
