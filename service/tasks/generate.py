@@ -81,24 +81,28 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> l
             for i, t in zip(rows, np.argmax(xs, axis=1), strict=True):
                 out[i] = int(t)
             continue
+        at = np.arange(len(rows))[:, None]  # (G, 1): row index for gathering
         if 0 < top_k < xs.shape[1]:
             cand = np.argpartition(xs, xs.shape[1] - top_k, axis=1)[:, -top_k:]  # the top k, in no order
-            order = np.argsort(-np.take_along_axis(xs, cand, axis=1), axis=1, kind="stable")
-            cand = np.take_along_axis(cand, order, axis=1)  # best first
+            vals = xs[at, cand]
+            order = np.argsort(-vals, axis=1, kind="stable")
+            cand, vals = cand[at, order], vals[at, order]  # best first
         elif top_p < 1.0:
             cand = np.argsort(-xs, axis=1, kind="stable")
+            vals = xs[at, cand]
         else:
-            cand = np.broadcast_to(np.arange(xs.shape[1]), xs.shape)
-        v = np.take_along_axis(xs, cand, axis=1).astype(np.float64) / temperature
+            cand, vals = None, xs  # every token, in vocabulary order
+        v = vals.astype(np.float64) / temperature
         cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
         n = np.full(len(rows), cum.shape[1])
         if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
             n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
-        total = cum[np.arange(len(rows)), n - 1]
+        total = cum[at[:, 0], n - 1]
         u = np.array([seqs[i].rng.random() for i in rows]) * total
         pick = np.minimum((cum <= u[:, None]).sum(axis=1), n - 1)
-        for r, i in enumerate(rows):
-            out[i] = int(cand[r, pick[r]])
+        tokens = pick if cand is None else cand[at[:, 0], pick]
+        for i, t in zip(rows, tokens.tolist(), strict=True):
+            out[i] = t
     return out
 
 

@@ -1,7 +1,9 @@
-"""Generated text, one token at a time (service/tasks/generate.py `Sequence`): what streams is always a prefix of
-the final text (never half a UTF-8 character, never the start of a stop sequence), the final text is the
-tokenizer's decoding cut at the first stop sequence, and the one-token-per-step byte decoding streams exactly
-what decoding the whole text again each step streams."""
+"""The generation task's per-step pieces (service/tasks/generate.py), without a server.
+
+`choose`: a row's token depends only on its own log-probabilities and generator, whatever it is batched
+with. `Sequence`: what streams is always a prefix of the final text (never half a UTF-8 character, never the
+start of a stop sequence), the final text is the tokenizer's decoding cut at the first stop sequence, and the
+one-token-per-step byte decoding streams exactly what decoding the whole text again each step streams."""
 
 from __future__ import annotations
 
@@ -9,13 +11,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from service.config import Runtime, ServerConfig
 from service.families.base import ModelAdapter
 from service.metrics import Metrics
 from service.registry import load_model
-from service.tasks.generate import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SamplingParams, Sequence, StepEvent
+from service.tasks.generate import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    SamplingParams,
+    Sequence,
+    StepEvent,
+    choose,
+)
 
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")
@@ -103,5 +114,34 @@ def test_streamed_text_is_a_prefix_of_the_final_text_cut_at_the_first_stop(gpt: 
         got = [t for ev in events for t in ev.token_ids]
         assert got == ids[:len(got)] and gpt.eos_id not in got and events[-1].generated_tokens == len(got)
         assert events == _run(_WholeText(gpt), ids, stop)  # one token's bytes per step == the whole text again
+
+    check()
+
+
+SAMPLINGS = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=50),
+             SamplingParams(temperature=0.9, top_k=40, top_p=0.9), SamplingParams(temperature=1.2, top_p=0.8),
+             SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.3)]
+
+
+def test_a_rows_token_does_not_depend_on_what_it_is_batched_with(gpt: ModelAdapter) -> None:
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(kinds=st.lists(st.integers(0, len(SAMPLINGS) - 1), min_size=1, max_size=12),
+                      seed=st.integers(0, 2**32 - 1), banned=st.booleans())
+    def check(kinds: list[int], seed: int, banned: bool) -> None:
+        rng = np.random.default_rng(seed)
+        logits = rng.standard_normal((len(kinds), gpt.vocab_size)).astype(np.float32) * 3
+        logprobs = logits - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
+        allowed = np.ones(gpt.vocab_size, dtype=bool)
+        if banned:
+            allowed[rng.integers(0, gpt.vocab_size, 3)] = False
+
+        def seqs() -> list[Sequence]:
+            return [Sequence(i, [1, 2, 3], SAMPLINGS[k], seed, gpt, Metrics(), 0.0) for i, k in enumerate(kinds)]
+
+        before = logprobs.copy()
+        together = choose(logprobs, allowed, seqs())
+        alone = [choose(logprobs[i:i + 1], allowed, [s])[0] for i, s in enumerate(seqs())]
+        assert together == alone and all(allowed[t] for t in together)
+        assert (logprobs == before).all()  # the caller's array is left as it was
 
     check()
