@@ -77,8 +77,8 @@ _EMPTY = _Batch([], [], np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.i
 
 class _Scratch:
     """Where the batch is laid out again when sequences join or leave. The memory is kept from one layout to the
-    next: a fresh array of a few MB costs more in page faults than copying into it (B=16: 1.1 vs 0.4 ms). The
-    layout lives until the next decode step's presents replace it; the engine drops it when it goes idle."""
+    next: touching a fresh array of a few MB (page faults) costs more than copying into memory already mapped.
+    A layout lives until the next decode step's presents replace it; the engine drops it when it goes idle."""
 
     def __init__(self) -> None:
         self._buf = np.empty(0, dtype=np.float32)
@@ -274,8 +274,8 @@ class GenerationEngine:
     # -- the engine thread -------------------------------------------------------------------------------------
     def _hand_over(self, items: list[tuple[_Request, _Item]]) -> None:
         """Events to the event loop. Waking the loop (call_soon_threadsafe writes to its socket, and getting the
-        GIL back after that write waits for the busy loop: ~1 ms at 16 streams) happens only when no call is
-        due already: a loop that is behind takes several steps' events in one go."""
+        GIL back after that write can wait for the busy loop) happens only when no call is due already: a loop
+        that is behind takes several steps' events in one go."""
         if not items or self._loop is None:
             return
         self._outbox.extend(items)  # before looking at the flag, which `_deliver` clears before draining
