@@ -75,6 +75,38 @@ class _Batch:
 _EMPTY = _Batch([], [], np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
+def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int]) -> _Batch | None:
+    """The batch with the rows of those who left given to those who join (`rows` of `joined`) and the holes
+    left over filled by moving its last rows down, in place: one row's copy per change instead of the whole
+    batch's. None when that cannot be done: more join than leave, or the batch's width would change (its
+    longest sequence left, or a joiner is longer than the batch)."""
+    width = batch.mask.shape[1]
+    holes = sorted(set(range(len(batch.slots))) - set(keep))
+    longest = max(int(batch.lengths[keep].max(initial=0)), int(joined.lengths[rows].max(initial=0)))
+    if len(rows) > len(holes) or longest != width or joined.mask.shape[1] > width:
+        return None
+    slots, mask, lengths = list(batch.slots), batch.mask.copy(), batch.lengths.copy()
+
+    def move(dst: int, src_batch: _Batch, src: int) -> None:
+        w = src_batch.mask.shape[1]
+        for a, b in zip(batch.kv, src_batch.kv, strict=True):
+            a[dst, :, :width - w] = 0  # masked out, but must be finite: 0 × NaN is NaN
+            a[dst, :, width - w:] = b[src, :, :]
+        mask[dst, :width - w] = 0
+        mask[dst, width - w:] = src_batch.mask[src]
+        lengths[dst] = src_batch.lengths[src]
+        slots[dst] = src_batch.slots[src]
+
+    for h, j in zip(holes, rows, strict=False):
+        move(h, joined, j)
+    left = holes[len(rows):]  # rows nobody took: the batch's last live rows move into them
+    size = len(slots) - len(left)
+    tail = [r for r in range(size, len(slots)) if r not in left]
+    for h, r in zip([h for h in left if h < size], tail, strict=True):
+        move(h, batch, r)
+    return _Batch(slots[:size], [a[:size] for a in batch.kv], mask[:size], lengths[:size])
+
+
 class _Scratch:
     """Where the batch is laid out again when sequences join or leave. The memory is kept from one layout to the
     next: touching a fresh array of a few MB (page faults) costs more than copying into memory already mapped.
@@ -325,16 +357,17 @@ class GenerationEngine:
         """Prefill whoever joins (their first tokens go out at once), lay the batch out again if anyone joined or
         left (`keep`: the rows still running), then one decode step for the whole batch."""
         self._joining = self._admit([self._batch.slots[i] for i in keep])
-        parts, joins = [(self._batch, keep)], False
+        joined, rows = _EMPTY, []
         if self._joining:
             logprobs, joined = self._prefill(self._joining)
             self._emit(self._joining, logprobs, out)
             self._hand_over(out)
             rows = [i for i, s in enumerate(joined.slots) if not (s.seq.finished or s.request.cancelled)]
-            parts.append((joined, rows))
-            joins = bool(rows)
-        if joins or len(keep) < len(self._batch.slots):
-            self._batch = self._scratch.layout(parts)  # one copy for everyone who left and joined
+        if rows or len(keep) < len(self._batch.slots):
+            # Joiners take the rows of those who left where they can; else one copy for everyone.
+            refilled = _refill(self._batch, keep, joined, rows)
+            self._batch = refilled if refilled is not None else self._scratch.layout([(self._batch, keep),
+                                                                                      (joined, rows)])
         self._joining = []
         self._m_active.set(len(self._batch.slots))
         if self._batch.slots:
