@@ -111,7 +111,7 @@ class GptAdapter(ModelAdapter):
 
             # Unless threads are configured, the decoder leaves one core free: the engine's thread runs it while the
             # event loop sends the previous step's tokens (2 cores: 1 thread, which also runs a B=16 step faster
-            # than 2 there; docs/benchmarks.md, "Generation engine").
+            # than 2 there: docs/benchmarks.md, "Where an engine step goes").
             threads = runtime.intra_op_threads or max(1, (os.cpu_count() or 1) - 1)
             decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait,
                                                   intra_op_threads=threads)
