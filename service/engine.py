@@ -1,25 +1,33 @@
 """Iteration-level (continuous) batching over a KV-cache decoder graph (DESIGN.md §2; issue "Generation engine").
 
-One engine per model, one worker task. Between two decode steps, waiting sequences join the running batch
-(their prompts are prefilled together, left-padded, with an empty past) and finished or cancelled ones leave;
-the batch is bounded by a count (`max_batch_size`) and by a token budget (`max_batch_tokens`: prompt plus
-generated tokens of every running sequence). Each sequence keeps its own keys and values, (H, S, D) per
-layer; a step left-pads them to the longest past of the batch, runs the graph on one new token per
-sequence, and keeps each row's real columns of the presents. A sequence's KV memory is freed when it
-finishes, when its client cancels (the request leaves at the next step) or when its deadline passes.
+One engine per model, with a thread of its own that runs steps back to back. Between two decode steps,
+waiting sequences join the running batch (their prompts are prefilled together, left-padded, with an empty
+past) and finished or cancelled ones leave; the batch is bounded by a count (`max_batch_size`) and by a token
+budget (`max_batch_tokens`: prompt plus generated tokens of every running sequence).
+
+The batch's keys and values are one left-padded (B, H, P, D) array per layer and kind: a decode step feeds
+the previous step's presents straight back as its pasts, so nothing is copied while the batch stays the same;
+the arrays change only when a sequence joins or leaves: joiners take the rows of those who left, in place,
+while the batch's width stays the same; otherwise the batch is laid out again (rows dropped, leading padding
+trimmed, joiners appended). A sequence's KV memory is freed (or its row given to a joiner) when it leaves:
+when it finishes, when its client cancels (it leaves at the next step) or when its deadline passes. The
+thread hands each step's events to the event loop in one call, so the loop sends them over gRPC while the
+next step runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,39 +40,136 @@ from service.tasks.generate import StepEvent, choose
 
 log = logging.getLogger(__name__)
 
+_Item = StepEvent | BaseException | None  # what a request's queue carries; None ends it
+
 
 @dataclass(eq=False)  # identity: compared with `in` on the batch lists
 class _Request:
     """The sequences of one RPC and the queue its caller reads events from."""
 
-    events: asyncio.Queue[StepEvent | BaseException | None]
+    events: asyncio.Queue[_Item]
     deadline: float | None
     running: int  # sequences not finished yet
-    cancelled: bool = False
+    cancelled: bool = False  # set by the caller's side; the engine thread drops its sequences at the next step
 
 
 @dataclass(eq=False)
 class _Slot:
     seq: GenSequence
     request: _Request
-    past: list[np.ndarray] = field(default_factory=list)  # 2 × n_layer arrays (H, S, D): k0, v0, k1, v1, …
 
     @property
     def length(self) -> int:
         return len(self.seq.prompt_ids) + len(self.seq.generated)
 
 
-def _drain(queue: asyncio.Queue[StepEvent | BaseException | None]) -> list[StepEvent | BaseException | None]:
+@dataclass(frozen=True)
+class _Batch:
+    """Running sequences and their keys and values: row i belongs to slots[i]; each row's real columns are
+    its last lengths[i] (left padding before them is masked out)."""
+
+    slots: list[_Slot]
+    kv: list[np.ndarray]  # 2 × n_layer arrays (B, H, P, D): k0, v0, k1, v1, …
+    mask: np.ndarray  # (B, P) int64
+    lengths: np.ndarray  # (B,) int64: real past tokens per row
+
+
+_EMPTY = _Batch([], [], np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
+def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int]) -> _Batch | None:
+    """The batch with the rows of those who left given to those who join (`rows` of `joined`) and the holes
+    left over filled by moving its last rows down, in place: one row's copy per change instead of the whole
+    batch's. None when that cannot be done: more join than leave, or the batch's width would change (its
+    longest sequence left, or a joiner is longer than the batch)."""
+    width = batch.mask.shape[1]
+    holes = sorted(set(range(len(batch.slots))) - set(keep))
+    longest = max(int(batch.lengths[keep].max(initial=0)), int(joined.lengths[rows].max(initial=0)))
+    if len(rows) > len(holes) or longest != width or joined.mask.shape[1] > width:
+        return None
+    slots, mask, lengths = list(batch.slots), batch.mask.copy(), batch.lengths.copy()
+
+    def move(dst: int, src_batch: _Batch, src: int) -> None:
+        w = src_batch.mask.shape[1]
+        for a, b in zip(batch.kv, src_batch.kv, strict=True):
+            a[dst, :, :width - w] = 0  # masked out, but must be finite: 0 × NaN is NaN
+            a[dst, :, width - w:] = b[src, :, :]
+        mask[dst, :width - w] = 0
+        mask[dst, width - w:] = src_batch.mask[src]
+        lengths[dst] = src_batch.lengths[src]
+        slots[dst] = src_batch.slots[src]
+
+    for h, j in zip(holes, rows, strict=False):
+        move(h, joined, j)
+    left = holes[len(rows):]  # rows nobody took: the batch's last live rows move into them
+    size = len(slots) - len(left)
+    tail = [r for r in range(size, len(slots)) if r not in left]
+    for h, r in zip([h for h in left if h < size], tail, strict=True):
+        move(h, batch, r)
+    return _Batch(slots[:size], [a[:size] for a in batch.kv], mask[:size], lengths[:size])
+
+
+class _Scratch:
+    """Where the batch is laid out again when sequences join or leave. The memory is kept from one layout to the
+    next: touching a fresh array of a few MB (page faults) costs more than copying into memory already mapped.
+    A layout lives until the next decode step's presents replace it; the engine drops it when it goes idle."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, dtype=np.float32)
+
+    def layout(self, parts: list[tuple[_Batch, list[int]]]) -> _Batch:
+        """The given rows of the given batches, in order, left-padded to the longest one's real length (so
+        leading columns that no row uses any more are trimmed)."""
+        parts = [(batch, rows) for batch, rows in parts if rows]
+        if not parts:
+            return _EMPTY
+        lengths = np.concatenate([batch.lengths[rows] for batch, rows in parts])
+        _, h, _, d = parts[0][0].kv[0].shape
+        b, p, arrays = len(lengths), int(lengths.max()), len(parts[0][0].kv)
+        size = b * h * p * d
+        if self._buf.size < arrays * size or any(np.may_share_memory(self._buf, batch.kv[0]) for batch, _ in parts):
+            self._buf = np.empty(arrays * size * 5 // 4, dtype=np.float32)  # room to grow by a row or two
+        kv = [self._buf[j * size:(j + 1) * size].reshape(b, h, p, d) for j in range(arrays)]
+        mask = np.zeros((b, p), dtype=np.int64)
+        at = 0
+        for batch, rows in parts:
+            k, w = len(rows), min(p, batch.mask.shape[1])  # w: the source's last columns that are kept
+            for src, dst in zip(batch.kv, kv, strict=True):
+                dst[at:at + k, :, :p - w] = 0  # masked out, but must be finite: 0 × NaN is NaN
+                dst[at:at + k, :, p - w:] = src[rows, :, src.shape[2] - w:]
+            mask[at:at + k, p - w:] = batch.mask[rows, batch.mask.shape[1] - w:]
+            at += k
+        return _Batch([batch.slots[i] for batch, rows in parts for i in rows], kv, mask, lengths)
+
+
+@dataclass(eq=False)
+class _Job:
+    """Work for the engine thread between two steps (Classify's scoring), answered through `future`."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # its caller went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _drain(queue: asyncio.Queue[_Item]) -> list[_Item]:
     items = []
     while not queue.empty():
         items.append(queue.get_nowait())
     return items
 
 
-def _coalesce(items: list[StepEvent | BaseException | None]) -> collections.deque[StepEvent | BaseException | None]:
+def _coalesce(items: list[_Item]) -> collections.deque[_Item]:
     """Events that piled up while their reader was busy: one token event per prompt (texts and ids joined,
     in order), finishes after it. Fewer messages exactly when the server is busiest; nothing is lost."""
-    out: list[StepEvent | BaseException | None] = []
+    out: list[_Item] = []
     open_at: dict[int, int] = {}  # prompt index → position of its pending token event in `out`
     for ev in items:
         if not isinstance(ev, StepEvent):
@@ -96,11 +201,20 @@ class GenerationEngine:
         self.metrics = metrics
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+        # Handed from the event loop to the engine thread (deque appends and pops are atomic).
+        self._inbox: collections.deque[_Slot] = collections.deque()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        # ...and back: events for the loop, and whether a call to deliver them is already due.
+        self._outbox: collections.deque[tuple[_Request, _Item]] = collections.deque()
+        self._delivery_due = False
+        # The engine thread's own.
         self._waiting: collections.deque[_Slot] = collections.deque()
-        self._running: list[_Slot] = []
-        self._wakeup: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"engine-{model}")
+        self._joining: list[_Slot] = []  # being prefilled
+        self._batch = _EMPTY
+        self._scratch = _Scratch()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.steps = 0  # decode steps run (tests and benchmarks read it)
         # Prompt prefixes already run (few-shot demonstrations): sha256 of the ids → (presents, next logprobs),
@@ -108,45 +222,53 @@ class GenerationEngine:
         self._prefixes: collections.OrderedDict[str, tuple[list[np.ndarray], np.ndarray]] = collections.OrderedDict()
         self._prefix_bytes = 0
         self.prefix_cache_max_bytes = 64 * 1024 * 1024
+        self._m_active = metrics.active_sequences.labels(model)
+        self._m_batch = metrics.batch_size.labels(model)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"engine-{self.model}")
+        self._loop = asyncio.get_running_loop()
+        # A daemon: a server that exits without closing its models does not wait for it.
+        self._thread = threading.Thread(target=self._work, name=f"engine-{self.model}", daemon=True)
+        self._thread.start()
 
     async def close(self) -> None:
         self._closed = True
-        for slot in [*self._waiting, *self._running]:
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        # The thread has stopped: what it held is the event loop's to fail now.
+        for slot in [*self._inbox, *self._waiting, *self._joining, *self._batch.slots]:
             slot.request.events.put_nowait(Unavailable(f"model {self.model!r} was unloaded"))
+        self._inbox.clear()
         self._waiting.clear()
-        self._running.clear()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._executor.shutdown(wait=True)
+        self._joining = []
+        self._batch = _EMPTY
+        while self._jobs:
+            _settle(self._jobs.popleft().future, None, Unavailable(f"model {self.model!r} was unloaded"))
 
     @property
     def active(self) -> int:
         """Sequences holding KV memory or waiting for it."""
-        return len(self._running) + len(self._waiting)
+        return len(self._batch.slots) + len(self._joining) + len(self._waiting) + len(self._inbox)
 
     def refuse_if_full(self, sequences: int = 1) -> None:
         """RESOURCE_EXHAUSTED unless `sequences` more fit in the waiting queue."""
-        if len(self._waiting) + sequences > self.cfg.max_queue_size:
+        waiting = len(self._waiting) + len(self._inbox)
+        if waiting + sequences > self.cfg.max_queue_size:
             self.metrics.rejections.labels(self.model, "queue_full").inc()
-            raise ResourceExhausted(f"model {self.model!r}: {len(self._waiting)} sequences wait to generate "
+            raise ResourceExhausted(f"model {self.model!r}: {waiting} sequences wait to generate "
                                     f"(max_queue_size {self.cfg.max_queue_size}); retry later")
 
-    # -- the caller's side ---------------------------------------------------------------------------------
+    # -- the caller's side (event loop) ------------------------------------------------------------------------
     async def generate(self, seqs: list[GenSequence], deadline: float | None) -> AsyncIterator[StepEvent]:
-        if self._closed or self._wakeup is None:
+        if self._closed or self._loop is None:
             raise Unavailable(f"model {self.model!r} is not serving")
         self.refuse_if_full(len(seqs))
         request = _Request(asyncio.Queue(), deadline, len(seqs))
-        self._waiting.extend(_Slot(s, request) for s in seqs)
-        self._wakeup.set()
-        held: collections.deque[StepEvent | BaseException | None] = collections.deque()
+        self._inbox.extend(_Slot(s, request) for s in seqs)
+        self._wake.set()
+        held: collections.deque[_Item] = collections.deque()
         try:
             while request.running:
                 if not held:
@@ -165,83 +287,141 @@ class GenerationEngine:
             request.cancelled = True
             if request.running:
                 self.metrics.rejections.labels(self.model, "cancelled").inc()
-            self._wakeup.set()
+            self._wake.set()
 
-    # -- the worker ----------------------------------------------------------------------------------------
-    def _admit(self) -> list[_Slot]:
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the engine thread between two steps (the decoder's session is the thread's)."""
+        if self._closed or self._loop is None:
+            raise Unavailable(f"model {self.model!r} is not serving")
+        job = _Job(functools.partial(fn, *args), self._loop.create_future())
+        self._jobs.append(job)
+        self._wake.set()
+        return await job.future
+
+    def _deliver(self) -> None:
+        """The events the engine thread handed over, into their requests' queues (on the event loop)."""
+        self._delivery_due = False  # first: events handed over from here on schedule another call
+        while self._outbox:
+            request, item = self._outbox.popleft()
+            request.events.put_nowait(item)
+
+    # -- the engine thread -------------------------------------------------------------------------------------
+    def _hand_over(self, items: list[tuple[_Request, _Item]]) -> None:
+        """Events to the event loop. Waking the loop (call_soon_threadsafe writes to its socket, and getting the
+        GIL back after that write can wait for the busy loop) happens only when no call is due already: a loop
+        that is behind takes several steps' events in one go."""
+        if not items or self._loop is None:
+            return
+        self._outbox.extend(items)  # before looking at the flag, which `_deliver` clears before draining
+        items.clear()
+        if not self._delivery_due:
+            self._delivery_due = True
+            with contextlib.suppress(RuntimeError):  # the loop closed under a server that did not close us
+                self._loop.call_soon_threadsafe(self._deliver)
+
+    def _work(self) -> None:
+        out: list[tuple[_Request, _Item]] = []
+        while not self._closed:
+            self._wake.clear()  # before looking for work: a wake-up after this is not lost
+            while self._inbox:
+                self._waiting.append(self._inbox.popleft())
+            while self._jobs:
+                self._run_job(self._jobs.popleft())
+            try:
+                keep = self._still_running(out)
+                if not keep and not self._waiting:  # idle: no KV memory held
+                    self._batch, self._scratch = _EMPTY, _Scratch()
+                    self._m_active.set(0)
+                    self._hand_over(out)
+                    self._wake.wait()
+                    continue
+                self._step(keep, out)
+            except Exception as e:  # the step failed: every sequence in it hears about it (the thread goes on)
+                log.exception("model %s: generation step failed", self.model)
+                for slot in [*self._joining, *self._batch.slots]:
+                    slot.request.cancelled = True
+                    out.append((slot.request, e))
+                self._joining, self._batch = [], _EMPTY
+            self._hand_over(out)
+
+    def _run_job(self, job: _Job) -> None:
+        assert self._loop is not None
+        if job.future.cancelled():
+            return
+        try:
+            result, error = job.fn(), None
+        except Exception as e:
+            result, error = None, e
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+    def _step(self, keep: list[int], out: list[tuple[_Request, _Item]]) -> None:
+        """Prefill whoever joins (their first tokens go out at once), lay the batch out again if anyone joined or
+        left (`keep`: the rows still running), then one decode step for the whole batch."""
+        self._joining = self._admit([self._batch.slots[i] for i in keep])
+        joined, rows = _EMPTY, []
+        if self._joining:
+            logprobs, joined = self._prefill(self._joining)
+            self._emit(self._joining, logprobs, out)
+            self._hand_over(out)
+            rows = [i for i, s in enumerate(joined.slots) if not (s.seq.finished or s.request.cancelled)]
+        if rows or len(keep) < len(self._batch.slots):
+            # Joiners take the rows of those who left where they can; else one copy for everyone.
+            refilled = _refill(self._batch, keep, joined, rows)
+            self._batch = refilled if refilled is not None else self._scratch.layout([(self._batch, keep),
+                                                                                      (joined, rows)])
+        self._joining = []
+        self._m_active.set(len(self._batch.slots))
+        if self._batch.slots:
+            logprobs = self._decode()
+            self.steps += 1
+            self._emit(self._batch.slots, logprobs, out)
+
+    def _admit(self, running: list[_Slot]) -> list[_Slot]:
         """Move waiting sequences into the batch while the count and token budgets allow."""
         admitted: list[_Slot] = []
-        tokens = sum(s.length for s in self._running)
-        while self._waiting and len(self._running) + len(admitted) < self.cfg.max_batch_size:
+        if not self._waiting:
+            return admitted
+        tokens = sum(s.length for s in running)
+        while self._waiting and len(running) + len(admitted) < self.cfg.max_batch_size:
             slot = self._waiting[0]
             budget = len(slot.seq.prompt_ids) + 1 + slot.seq.p.max_new_tokens
-            if (self._running or admitted) and tokens + budget > self.cfg.max_batch_tokens:
+            if (running or admitted) and tokens + budget > self.cfg.max_batch_tokens:
                 break
             tokens += budget
             admitted.append(self._waiting.popleft())
         return admitted
 
-    def _drop_finished(self) -> None:
+    def _still_running(self, out: list[tuple[_Request, _Item]]) -> list[int]:
+        """The batch's rows that go on; finished, cancelled and out-of-time sequences leave (and free their KV at
+        the next layout), and so do waiting ones whose deadline passed."""
         now = time.monotonic()
-        keep = []
-        for slot in self._running:
-            req = slot.request
-            if slot.seq.finished or req.cancelled:
-                continue  # its past is released with the slot
-            if req.deadline is not None and now >= req.deadline:
-                req.cancelled = True
-                self.metrics.rejections.labels(self.model, "deadline").inc()
-                req.events.put_nowait(DeadlineExceeded(f"model {self.model!r}: the deadline passed while "
-                                                       "generating"))
-                continue
-            keep.append(slot)
-        self._running = keep
-        for slot in self._waiting:  # a request whose deadline passed while it waited is never prefilled
-            req = slot.request
-            if not req.cancelled and req.deadline is not None and now >= req.deadline:
-                req.cancelled = True
-                self.metrics.rejections.labels(self.model, "deadline").inc()
-                req.events.put_nowait(DeadlineExceeded(f"model {self.model!r}: the deadline passed while "
-                                                       "waiting to generate; the request was not run"))
-        self._waiting = collections.deque(s for s in self._waiting if not s.request.cancelled)
 
-    async def _work(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            self._drop_finished()
-            self.metrics.active_sequences.labels(self.model).set(len(self._running))
-            if not self._running and not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            admitted = self._admit()
-            try:
-                if admitted:
-                    out = await loop.run_in_executor(self._executor, self._prefill, admitted)
-                    self._emit(admitted, out)
-                    self._running.extend(admitted)
-                decoding = [s for s in self._running if s not in admitted and not s.seq.finished
-                            and not s.request.cancelled]
-                if decoding:
-                    out = await loop.run_in_executor(self._executor, self._decode, decoding)
-                    self.steps += 1
-                    self._emit(decoding, out)
-            except Exception as e:  # the step failed: every sequence in it hears about it
-                log.exception("model %s: generation step failed", self.model)
-                for slot in [*admitted, *self._running]:
-                    slot.request.cancelled = True
-                    slot.request.events.put_nowait(e)
-            await asyncio.sleep(0)  # let callers consume events and new requests arrive
+        def late(req: _Request, where: str) -> bool:
+            if req.cancelled or req.deadline is None or now < req.deadline:
+                return False
+            req.cancelled = True
+            self.metrics.rejections.labels(self.model, "deadline").inc()
+            out.append((req, DeadlineExceeded(f"model {self.model!r}: the deadline passed {where}")))
+            return True
 
-    def _emit(self, slots: Sequence[_Slot], logprobs: np.ndarray) -> None:
+        keep = [i for i, s in enumerate(self._batch.slots) if not (s.seq.finished or s.request.cancelled
+                                                                    or late(s.request, "while generating"))]
+        if self._waiting:  # a request whose deadline passed while it waited is never prefilled
+            for slot in self._waiting:
+                late(slot.request, "while waiting to generate; the request was not run")
+            self._waiting = collections.deque(s for s in self._waiting if not s.request.cancelled)
+        return keep
+
+    def _emit(self, slots: Sequence[_Slot], logprobs: np.ndarray, out: list[tuple[_Request, _Item]]) -> None:
         live = [i for i, s in enumerate(slots) if not s.request.cancelled]
         if not live:
             return
-        tokens = choose(logprobs[live], self.allowed, [slots[i].seq for i in live])
+        rows = logprobs if len(live) == len(slots) else logprobs[live]
+        tokens = choose(rows, self.allowed, [slots[i].seq for i in live])
         for i, tok in zip(live, tokens, strict=True):
-            for ev in slots[i].seq.advance(tok):
-                slots[i].request.events.put_nowait(ev)
+            request = slots[i].request
+            out.extend((request, ev) for ev in slots[i].seq.advance(tok))
 
     # -- scoring continuations of a shared prefix (Classify) ------------------------------------------------
     async def score_continuations(self, prefix: list[int], rows: list[tuple[list[int], list[int]]],
@@ -254,8 +434,8 @@ class GenerationEngine:
         """
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"model {self.model!r}: the deadline passed before scoring")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._score_continuations, [self.bos_id, *prefix], rows)
+        result: list[np.ndarray] = await self._call(self._score_continuations, [self.bos_id, *prefix], rows)
+        return result
 
     def _prefix_state(self, prefix: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
         key = hashlib.sha256(np.asarray(prefix, dtype=np.int64).tobytes()).hexdigest()
@@ -322,12 +502,13 @@ class GenerationEngine:
              stage: str) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
                  **dict(zip(self.past_names, pasts, strict=True))}
-        self.metrics.batch_size.labels(self.model).observe(len(input_ids))
+        self._m_batch.observe(len(input_ids))
         out = self.session.run(["next_logprobs", *self.present_names], feeds, stage=stage)
         return out["next_logprobs"], [out[n] for n in self.present_names]
 
-    def _prefill(self, slots: Sequence[_Slot]) -> np.ndarray:
-        """Prompts (BOS first) left-padded into one batch with an empty past; keeps each row's presents."""
+    def _prefill(self, slots: Sequence[_Slot]) -> tuple[np.ndarray, _Batch]:
+        """Prompts (BOS first) left-padded into one batch with an empty past: their next-token log-probs (B, V)
+        and their batch, ready to join the running one."""
         rows = [[self.bos_id, *s.seq.prompt_ids] for s in slots]
         b, t = len(rows), max(len(r) for r in rows)
         ids = np.full((b, t), self.pad_id, dtype=np.int64)
@@ -338,23 +519,14 @@ class GenerationEngine:
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         empty = np.zeros((b, self.n_head, 0, self.head_dim), dtype=np.float32)
         logprobs, presents = self._run(ids, mask, pos, [empty] * len(self.past_names), "prefill")
-        for i, (slot, r) in enumerate(zip(slots, rows, strict=True)):
-            slot.past = [p[i, :, t - len(r):].copy() for p in presents]  # (H, S_i, D): the real columns
-        return logprobs
+        return logprobs, _Batch(list(slots), presents, mask, np.array([len(r) for r in rows], dtype=np.int64))
 
-    def _decode(self, slots: Sequence[_Slot]) -> np.ndarray:
-        """One new token per sequence; pasts left-padded to the longest, presents trimmed back per row."""
-        lengths = [s.past[0].shape[1] for s in slots]
-        b, p_max = len(slots), max(lengths)
-        ids = np.array([[s.seq.generated[-1]] for s in slots], dtype=np.int64)  # (B, 1)
-        mask = np.zeros((b, p_max + 1), dtype=np.int64)
-        pasts = [np.zeros((b, self.n_head, p_max, self.head_dim), dtype=np.float32) for _ in self.past_names]
-        for i, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-            mask[i, p_max - n:] = 1
-            for j, arr in enumerate(slot.past):
-                pasts[j][i, :, p_max - n:] = arr
-        pos = np.array([[n] for n in lengths], dtype=np.int64)  # the new token's position: after n real ones
-        logprobs, presents = self._run(ids, mask, pos, pasts, "decode")
-        for i, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-            slot.past = [p[i, :, p_max - n:].copy() for p in presents]
+    def _decode(self) -> np.ndarray:
+        """One new token per running sequence; the presents become the batch's pasts as they are."""
+        batch = self._batch
+        ids = np.array([[s.seq.generated[-1]] for s in batch.slots], dtype=np.int64)  # (B, 1)
+        mask = np.concatenate([batch.mask, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, P + 1)
+        pos = batch.lengths[:, None]  # the new token's position: after the row's real ones
+        logprobs, presents = self._run(ids, mask, pos, batch.kv, "decode")
+        self._batch = _Batch(batch.slots, presents, mask, batch.lengths + 1)
         return logprobs

@@ -109,9 +109,12 @@ class OrtSession:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.model = model
         self._metrics = metrics
+        self._durations: dict[str, Any] = {}  # stage → its labelled inference_duration
         if metrics is not None:
             for name in self.providers:
                 metrics.execution_provider.labels(model, name).set(1)
+            self._batch_tokens = metrics.batch_tokens.labels(model)
+            self._padding = metrics.padding_efficiency.labels(model)
 
     def run(self, outputs: list[str], feeds: dict[str, np.ndarray], stage: str = "forward") -> dict[str, np.ndarray]:
         """Run the graph for the named outputs; records the batch metrics when `feeds` has an attention mask."""
@@ -119,11 +122,14 @@ class OrtSession:
         results = dict(zip(outputs, self.session.run(outputs, feeds), strict=True))
         if self._metrics is not None:
             m = self._metrics
-            m.inference_duration.labels(self.model, stage).observe(time.perf_counter() - started)
+            duration = self._durations.get(stage)
+            if duration is None:  # `labels()` takes a lock and a lookup: once per stage, not once per run
+                duration = self._durations[stage] = m.inference_duration.labels(self.model, stage)
+            duration.observe(time.perf_counter() - started)
             mask = feeds.get("attention_mask")
             if mask is not None and mask.ndim == 2 and mask.size:
-                m.batch_tokens.labels(self.model).observe(mask.size)
-                m.padding_efficiency.labels(self.model).observe(float(mask.sum()) / mask.size)
+                self._batch_tokens.observe(mask.size)
+                self._padding.observe(float(mask.sum()) / mask.size)
         return results
 
 

@@ -8,6 +8,7 @@ import concurrent.futures
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -139,3 +140,102 @@ def test_a_slow_reader_gets_piled_up_tokens_together(server: ServerThread) -> No
     assert texts == [g.text for g in unary] and ids == [list(g.token_ids) for g in unary]
     token_events = sum(1 for ev in events if ev.token_ids)  # type: ignore[attr-defined]
     assert token_events < sum(len(g.token_ids) for g in unary)  # several tokens per event
+
+
+def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_alone(server: ServerThread) -> None:
+    """The batch's keys and values are laid out again only when a sequence joins or leaves: whatever joins
+    or leaves around a sequence, it gets the tokens it gets alone, and the batch is never wider than its
+    longest sequence (leading padding that no row uses is trimmed)."""
+    from service.tasks.generate import GenerateParams, SamplingParams, start_sequences
+
+    model = server.running.registry.get("gpt")
+    engine = model.engine
+    # (prompt, sampling, decode steps after the first request starts at which this one arrives)
+    jobs = [("The king", SamplingParams(temperature=0.0, max_new_tokens=40), 0),
+            ("O", SamplingParams(temperature=0.0, max_new_tokens=6), 2),
+            ("What light through yonder window breaks", SamplingParams(temperature=0.0, max_new_tokens=12), 3),
+            ("Good morrow, my lord", SamplingParams(temperature=0.9, top_k=40, seed=7, max_new_tokens=20), 5),
+            ("O", SamplingParams(temperature=0.0, max_new_tokens=3), 9),
+            ("The king", SamplingParams(temperature=1.0, seed=3, max_new_tokens=16), 14)]
+    widths: list[tuple[int, int]] = []
+    decode = engine._decode
+
+    def checked_decode() -> object:
+        batch = engine._batch
+        assert (batch.mask.sum(axis=1) == batch.lengths).all()
+        widths.append((batch.mask.shape[1], int(batch.lengths.max())))
+        return decode()
+
+    async def one(prompt: str, sampling: SamplingParams, after: int | None, start: int) -> list[int]:
+        while after is not None and engine.steps < start + after:
+            await asyncio.sleep(0.0002)
+        seqs = start_sequences(model, GenerateParams((prompt,), sampling), server.running.metrics)
+        return [t async for ev in engine.generate(seqs, None) for t in ev.token_ids]
+
+    async def together() -> list[list[int]]:
+        start = engine.steps
+        return list(await asyncio.gather(*(one(p, s, after, start) for p, s, after in jobs)))
+
+    async def alone() -> list[list[int]]:
+        return [await one(p, s, None, 0) for p, s, _ in jobs]
+
+    engine._decode = checked_decode
+    try:
+        mixed = server.call(together())
+    finally:
+        del engine._decode
+    assert mixed == server.call(alone())
+    assert len(widths) > 10 and all(p == longest for p, longest in widths)
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0 and not engine._batch.kv  # every sequence's KV memory released
+
+
+def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives() -> None:
+    """When joiners take the rows of those who left (no copy of the batch), each sequence keeps the same real
+    keys, values, mask and length as in a full layout, and the batch the same width."""
+    import numpy as np
+
+    from service.engine import _EMPTY, _Batch, _refill, _Scratch
+
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+
+    def batch(rng: np.random.Generator, lengths: list[int], width: int, tag: str) -> _Batch:
+        mask = np.zeros((len(lengths), width), dtype=np.int64)
+        for i, n in enumerate(lengths):
+            mask[i, width - n:] = 1
+        kv = [rng.standard_normal((len(lengths), 2, width, 3)).astype(np.float32) for _ in range(4)]
+        return _Batch([f"{tag}{i}" for i in range(len(lengths))], kv, mask,  # type: ignore[misc]
+                      np.array(lengths, dtype=np.int64))
+
+    def rows_of(b: _Batch) -> dict[object, tuple[int, list[np.ndarray]]]:
+        out = {}
+        for i, slot in enumerate(b.slots):
+            n = int(b.lengths[i])
+            assert b.mask[i].sum() == n and (b.mask[i, b.mask.shape[1] - n:] == 1).all()
+            out[slot] = (n, [a[i, :, a.shape[2] - n:].copy() for a in b.kv])
+        return out
+
+    @hypothesis.settings(max_examples=200, deadline=None)
+    @hypothesis.given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=8), joiners=st.lists(
+        st.integers(1, 12), max_size=4), data=st.data(), seed=st.integers(0, 2**32 - 1))
+    def check(lengths: list[int], joiners: list[int], data: Any, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        running = batch(rng, lengths, max(lengths), "r")
+        joined = batch(rng, joiners, max(joiners), "j") if joiners else _EMPTY
+        keep = sorted(data.draw(st.sets(st.sampled_from(range(len(lengths))))))
+        rows = list(range(len(joiners)))
+        full = _Scratch().layout([(running, keep), (joined, rows)])
+        expected = rows_of(full)  # before the refill writes into `running`
+        refilled = _refill(running, keep, joined, rows)
+        if refilled is None:
+            return
+        assert refilled.mask.shape[1] == full.mask.shape[1] and len(refilled.slots) == len(full.slots)
+        got = rows_of(refilled)
+        assert got.keys() == expected.keys()
+        for slot, (n, kv) in expected.items():
+            assert got[slot][0] == n and all((a == b).all() for a, b in zip(got[slot][1], kv, strict=True))
+
+    check()

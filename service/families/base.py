@@ -152,6 +152,12 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def token_text(self, token_id: int) -> str: ...
 
+    def token_bytes(self) -> list[bytes] | None:
+        """The UTF-8 bytes each token id adds to `decode`'s text (special tokens: none), when that text is the
+        lossy UTF-8 decoding of the tokens' bytes joined (byte-level BPE): generation then decodes one token
+        per step instead of the whole text. None (the default) when it is not (word models join with spaces)."""
+        return None
+
     @property
     @abc.abstractmethod
     def eos_id(self) -> int: ...

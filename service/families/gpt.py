@@ -9,6 +9,8 @@ distribution after each row's last real token, `hidden_states` (B, T, C). Rows a
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +52,37 @@ def _is_word_start(token: str) -> bool:
     return not unicodedata.category(first).startswith(("L", "N", "M"))
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (tokenizers' ByteLevel): the printable character that stands for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown = dict(zip(printable, printable, strict=True))
+    for b in range(256):
+        if b not in shown:
+            shown[b] = 256 + len(shown) - len(printable)
+    return {chr(c): b for b, c in shown.items()}
+
+
+def _token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes] | None:
+    """Each token's bytes when the tokenizer decodes byte-level tokens and nothing else (else None)."""
+    spec = json.loads(tokenizer.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
+    if any(not a.get("special") for a in spec.get("added_tokens", [])):
+        return None  # a plain added token is decoded as its own text, not as byte-level characters
+    alphabet = _byte_level_alphabet()
+    table = []
+    for i in range(vocab_size):
+        token = tokenizer.id_to_token(i) or ""
+        if i in special:
+            table.append(b"")  # decode(skip_special_tokens=True) leaves them out
+        elif all(ch in alphabet for ch in token):
+            table.append(bytes(alphabet[ch] for ch in token))
+        else:
+            return None
+    return table
+
+
 class GptAdapter(ModelAdapter):
     family = "gpt"
 
@@ -68,8 +101,9 @@ class GptAdapter(ModelAdapter):
         )
         vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
-        # Each token's own text, decoded once here rather than per call.
+        # Each token's own text and bytes, decoded once here rather than per call.
         self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+        self._token_bytes = _token_bytes(self.tokenizer, self.vocab_size)
         self._never = np.zeros(self.vocab_size, dtype=bool)
         if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
             self._never[self._bos] = True
@@ -77,7 +111,12 @@ class GptAdapter(ModelAdapter):
         if decoder is not None and runtime.kv_cache:
             from service.engine import GenerationEngine
 
-            decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait)
+            # Unless threads are configured, the decoder leaves one core free: the engine's thread runs it while the
+            # event loop sends the previous step's tokens (2 cores: 1 thread, which also runs a B=16 step faster
+            # than 2 there: docs/benchmarks.md, "Where an engine step goes").
+            threads = runtime.intra_op_threads or max(1, (os.cpu_count() or 1) - 1)
+            decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait,
+                                                  intra_op_threads=threads)
             self.engine = GenerationEngine(
                 name, open_graph(folder, manifest, "decoder", decoder_runtime, name, metrics), int(decoder["n_layer"]),
                 int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos, ~self._never,
@@ -106,6 +145,9 @@ class GptAdapter(ModelAdapter):
 
     def token_text(self, token_id: int) -> str:
         return self._token_texts[token_id]
+
+    def token_bytes(self) -> list[bytes] | None:
+        return self._token_bytes
 
     @property
     def eos_id(self) -> int:

@@ -8,6 +8,7 @@ same seed gives the same text whatever else shares the batch.
 
 from __future__ import annotations
 
+import codecs
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -62,9 +63,11 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> l
     distribution (inverse CDF). Each row's result depends only on its own row and generator, so a sequence
     gets the same token whatever it is batched with.
     """
-    x = np.where(allowed, logprobs, -np.inf)  # (B, V)
+    x = logprobs if allowed.all() else np.where(allowed, logprobs, -np.inf)  # (B, V)
     for i, seq in enumerate(seqs):
         if seq.p.repetition_penalty != 1.0 and seq.seen:
+            if x is logprobs:
+                x = logprobs.copy()  # the caller's array stays as it was
             idx = np.fromiter(seq.seen, dtype=np.int64)
             # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
             x[i, idx] = x[i, idx] * seq.p.repetition_penalty
@@ -73,29 +76,33 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> l
     for i, seq in enumerate(seqs):
         groups.setdefault((seq.p.temperature, seq.p.top_k, seq.p.top_p), []).append(i)
     for (temperature, top_k, top_p), rows in groups.items():
-        xs = x[rows]  # (G, V)
+        xs = x if len(rows) == len(seqs) else x[rows]  # (G, V)
         if temperature == 0.0:
             for i, t in zip(rows, np.argmax(xs, axis=1), strict=True):
                 out[i] = int(t)
             continue
+        at = np.arange(len(rows))[:, None]  # (G, 1): row index for gathering
         if 0 < top_k < xs.shape[1]:
-            cand = np.argpartition(-xs, top_k - 1, axis=1)[:, :top_k]
-            order = np.argsort(-np.take_along_axis(xs, cand, axis=1), axis=1, kind="stable")
-            cand = np.take_along_axis(cand, order, axis=1)  # best first
+            cand = np.argpartition(xs, xs.shape[1] - top_k, axis=1)[:, -top_k:]  # the top k, in no order
+            vals = xs[at, cand]
+            order = np.argsort(-vals, axis=1, kind="stable")
+            cand, vals = cand[at, order], vals[at, order]  # best first
         elif top_p < 1.0:
             cand = np.argsort(-xs, axis=1, kind="stable")
+            vals = xs[at, cand]
         else:
-            cand = np.broadcast_to(np.arange(xs.shape[1]), xs.shape)
-        v = np.take_along_axis(xs, cand, axis=1).astype(np.float64) / temperature
+            cand, vals = None, xs  # every token, in vocabulary order
+        v = vals.astype(np.float64) / temperature
         cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
         n = np.full(len(rows), cum.shape[1])
         if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
             n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
-        total = cum[np.arange(len(rows)), n - 1]
+        total = cum[at[:, 0], n - 1]
         u = np.array([seqs[i].rng.random() for i in rows]) * total
         pick = np.minimum((cum <= u[:, None]).sum(axis=1), n - 1)
-        for r, i in enumerate(rows):
-            out[i] = int(cand[r, pick[r]])
+        tokens = pick if cand is None else cand[at[:, 0], pick]
+        for i, t in zip(rows, tokens.tolist(), strict=True):
+            out[i] = t
     return out
 
 
@@ -106,7 +113,7 @@ def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
         cut -= 1
     for s in stops:
         for k in range(min(len(s) - 1, cut), 0, -1):
-            if text[:cut].endswith(s[:k]):
+            if text.endswith(s[:k], 0, cut):
                 cut -= k
                 break
     return text[:cut]
@@ -116,7 +123,9 @@ class Sequence:
     """One prompt's generation: its tokens, random stream and text streamed so far.
 
     Shared by the step loop below and the KV-cache engine (service/engine.py), so both choose, stop and
-    stream identically.
+    stream identically. With a byte-level tokenizer (`ModelAdapter.token_bytes`) the text grows by one token's
+    bytes per step through an incremental UTF-8 decoder (which holds back a character still arriving), so
+    a step costs the same at token 100 as at token 1; otherwise the whole text is decoded again each step.
     """
 
     def __init__(self, index: int, prompt_ids: list[int], p: SamplingParams, seed: int, model: ModelAdapter,
@@ -126,43 +135,59 @@ class Sequence:
         self.p = p
         self.rng = np.random.default_rng([seed, index])
         self.model = model
-        self.metrics = metrics
         self.started = started
         self.generated: list[int] = []
-        self.sent = ""
+        self.text = ""  # the text of `generated`, cut at a stop sequence once one appears
+        self.sent = ""  # the text streamed so far
         self.last_token_at: float | None = None
         self.finished = False
         self.seen = set(prompt_ids)  # for the repetition penalty
+        self._bytes = model.token_bytes()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._longest_stop = max((len(s) for s in p.stop), default=0)
+        # The labelled metric children, looked up once: `labels()` takes a lock and a dict lookup per call.
+        self._m_tokens = metrics.generated_tokens.labels(model.name)
+        self._m_first = metrics.time_to_first_token.labels(model.name)
+        self._m_gap = metrics.inter_token_latency.labels(model.name)
 
     def advance(self, tok: int) -> list[StepEvent]:
         """Take the chosen next token; the events it produces (the last one carries the finish reason)."""
-        model, p = self.model, self.p
+        p = self.p
         now = time.monotonic()
-        self.metrics.generated_tokens.labels(model.name).inc()
+        self._m_tokens.inc()
         if self.last_token_at is None:
-            self.metrics.time_to_first_token.labels(model.name).observe(now - self.started)
+            self._m_first.observe(now - self.started)
         else:
-            self.metrics.inter_token_latency.labels(model.name).observe(now - self.last_token_at)
+            self._m_gap.observe(now - self.last_token_at)
         self.last_token_at = now
         finish = None
-        if tok == model.eos_id:
+        eos = tok == self.model.eos_id
+        if eos:
             finish = FINISH_EOS
         else:
             self.generated.append(tok)
             self.seen.add(tok)
-        text = model.decode(self.generated)
-        for s in p.stop:
-            at = text.find(s)
-            if s and at >= 0:
-                text, finish = text[:at], FINISH_STOP
-                break
         if finish is None and len(self.generated) >= p.max_new_tokens:
             finish = FINISH_LENGTH
-        stable = text if finish else _stable_prefix(text, p.stop)
+        before = len(self.text)
+        if self._bytes is None:
+            self.text, before = self.model.decode(self.generated), 0
+        elif not eos:
+            self.text += self._utf8.decode(self._bytes[tok])
+        if finish is not None and self._bytes is not None:
+            self.text += self._utf8.decode(b"", final=True)  # an unfinished character shows as U+FFFD
+        # A stop sequence can only begin where the text before this step could not already hold it all.
+        start = max(0, before - self._longest_stop + 1)
+        for s in p.stop:
+            at = self.text.find(s, start)
+            if s and at >= 0:
+                self.text, finish = self.text[:at], FINISH_STOP
+                break
+        stable = self.text if finish else _stable_prefix(self.text, p.stop)
         delta = stable[len(self.sent):] if stable.startswith(self.sent) else ""
         self.sent += delta
         events = []
-        new_ids = (tok,) if tok != model.eos_id else ()
+        new_ids = () if eos else (tok,)
         if delta or new_ids:
             events.append(StepEvent(self.index, delta, new_ids))
         if finish is not None:
