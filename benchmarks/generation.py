@@ -1,11 +1,13 @@
 """Generation throughput: the KV-cache engine vs the same server recomputing every step vs raw ONNX Runtime.
 
     python benchmarks/generation.py [--repository repository] [--streams 1 4 16] [--new-tokens 64]
+                                    [--stream-interval 4]
 
 Starts two `plm serve` processes on loopback over the same model folder — the engine on (KV cache, continuous
 batching) and off (each step re-reads the whole sequence through the dynamic batcher) — and drives each with
 1, 4 and 16 concurrent GenerateStream calls of up to `--new-tokens` tokens (seeded top-k sampling; a stream
-that samples EOS ends early, and the throughput counts the tokens actually generated).
+that samples EOS ends early, and the throughput counts the tokens actually generated). A third server, the
+engine with `stream_interval` (tokens sent per message), runs the most streams once more.
 References, requests one after another: a raw ONNX Runtime greedy loop over the same decoder graph, and
 Hugging Face `transformers` generating (KV cache on) with the same weights (`weights.npz`). Also
 times Classify (8 demonstrations × 4 labels × 16 queries) with prefix reuse (engine) and without. Prints
@@ -147,20 +149,27 @@ def main() -> None:
     ap.add_argument("--model", default="gpt")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--stream-interval", type=int, default=4,
+                    help="also the most streams on a server with this stream_interval (tokens per message)")
     ap.add_argument("--out", type=Path, default=Path("results/generation.json"))
     args = ap.parse_args()
     folder = args.repository / args.model
     manifest = json.loads((folder / "manifest.json").read_text())
     window = int(manifest["max_length"])
     n = min(args.new_tokens, window - 16)
-    rows: dict[str, list[dict[str, float]]] = {"engine": [], "recompute": []}
+    rows: dict[str, list[dict[str, float]]] = {"engine": [], "recompute": [], "engine_interval": []}
     classify_s: dict[str, float] = {}
-    for mode, kv in (("engine", True), ("recompute", False)):
-        srv = LocalServer(args.repository, [args.model], {"PLM_RUNTIME__KV_CACHE": "true" if kv else "false"})
+    interval = f"engine, stream_interval {args.stream_interval}"
+    for mode, env in (("engine", {"PLM_RUNTIME__KV_CACHE": "true"}),
+                      ("recompute", {"PLM_RUNTIME__KV_CACHE": "false"}),
+                      ("engine_interval", {"PLM_STREAM_INTERVAL": str(args.stream_interval)})):
+        srv = LocalServer(args.repository, [args.model], env)
         try:
-            classify_s[mode] = classify_timing(srv.target, args.model)
-            print(f"{mode:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[mode] * 1000:.1f} ms", flush=True)
-            for s in args.streams:
+            if mode != "engine_interval":
+                classify_s[mode] = classify_timing(srv.target, args.model)
+                print(f"{mode:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[mode] * 1000:.1f} ms",
+                      flush=True)
+            for s in args.streams if mode != "engine_interval" else [max(args.streams)]:
                 rows[mode].append(drive(srv.target, args.model, s, n))
                 r = rows[mode][-1]
                 print(f"{mode:9} {s:3d} streams: {r['tokens_per_s']:8.1f} tokens/s, "
@@ -178,6 +187,10 @@ def main() -> None:
         ratios[f"engine_vs_raw_sequential_{e['streams']}"] = e["tokens_per_s"] / raw["tokens_per_s"]
         if hf is not None:
             ratios[f"engine_vs_transformers_sequential_{e['streams']}"] = e["tokens_per_s"] / hf["tokens_per_s"]
+    if hf is not None:  # the same engine sending each stream's tokens 4 at a time (stream_interval)
+        e = rows["engine_interval"][0]
+        ratios[f"engine_stream_interval_{args.stream_interval}_vs_transformers_sequential_{e['streams']}"] = (
+            e["tokens_per_s"] / hf["tokens_per_s"])
     ratios["classify_prefix_reuse_speedup"] = classify_s["recompute"] / classify_s["engine"]
     one = rows["engine"][0]
     ratios["inter_token_1_stream_vs_raw_step"] = one["mean_inter_token_ms"] / raw["mean_decode_step_ms"]
@@ -193,8 +206,9 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode, style in (("engine", "o-"), ("recompute", "s--")):
-        ax.plot([r["streams"] for r in rows[mode]], [r["tokens_per_s"] for r in rows[mode]], style, label=mode)
+    for mode, style, label in (("engine", "o-", "engine"), ("recompute", "s--", "recompute"),
+                               ("engine_interval", "D", interval)):
+        ax.plot([r["streams"] for r in rows[mode]], [r["tokens_per_s"] for r in rows[mode]], style, label=label)
     ax.axhline(raw["tokens_per_s"], color="grey", ls=":", label="raw ORT, sequential")
     if hf is not None:
         ax.axhline(hf["tokens_per_s"], color="red", ls="-.", label="transformers, sequential")

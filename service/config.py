@@ -100,6 +100,9 @@ class ServerConfig:
     # Server processes on the port (service/workers.py): one event loop per process is the ceiling of cheap
     # calls, so on a machine with spare cores N workers answer up to N times as many. Each loads every model.
     workers: int = 1
+    # GenerateStream sends a sequence's tokens every this many tokens (its first token and its end at once):
+    # fewer, larger messages cost the server and the client less per token; 1 = each token as it is made.
+    stream_interval: int = 1
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for workers; off: a second server on the port fails)
     supervisor_pid: int = 0  # set by the supervisor for its workers: ReloadModels there reloads every worker
     repository: Path = Path("repository")
@@ -224,6 +227,8 @@ def load_config(
     cfg = _replace_checked(cfg, data, "config")
     if cfg.workers < 1:
         raise ValueError(f"config: workers must be at least 1, got {cfg.workers}")
+    if cfg.stream_interval < 1:
+        raise ValueError(f"config: stream_interval must be at least 1, got {cfg.stream_interval}")
     if cfg.workers > 1 and cfg.port == 0:
         raise ValueError("config: workers > 1 needs a fixed port (each worker binding port 0 would get its own)")
     return dataclasses.replace(cfg, model_batching=per_model, model_runtime=per_model_runtime, **sections)

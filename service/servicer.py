@@ -161,6 +161,7 @@ class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
     def __init__(self, registry: Registry, admission: Admission, config: ServerConfig, metrics: Metrics) -> None:
         super().__init__(registry, admission, metrics)
         self.limits = config.limits
+        self.stream_interval = config.stream_interval
 
     @unary("Score")
     async def Score(self, request: pb.ScoreRequest, call: _Call) -> pb.ScoreResponse:
@@ -213,7 +214,8 @@ class LanguageModelServicer(_Edge, pb_grpc.LanguageModelServiceServicer):
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         model = call.model(request.model, generate=True)
         params = validation.generate_params(request, self.limits)
-        async for ev in gen_task.generate(model, params, call.deadline, self.metrics):
+        events = gen_task.generate(model, params, call.deadline, self.metrics)
+        async for ev in gen_task.every(events, self.stream_interval):
             yield pb.GenerateStreamResponse(
                 model=model.name, model_version=model.version, index=ev.index, text_delta=ev.text_delta,
                 token_ids=ev.token_ids,

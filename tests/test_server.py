@@ -243,6 +243,28 @@ def test_generate_stop_sequence(client: PlmClient) -> None:
     assert cut.text == base.text[: base.text.find(stop)]
 
 
+def test_stream_interval_merges_tokens_and_reads_the_same(tiny_repo: Path) -> None:
+    """`stream_interval = 4`: the first token and the end go out at once, the rest in messages of 4 tokens,
+    and the stream reads exactly as the unary answer (and as interval 1)."""
+    srv = ServerThread(make_config(tiny_repo, stream_interval=4, models=("gpt",)))
+    try:
+        with PlmClient(srv.target, timeout=60) as c:
+            s = _sampling(max_new_tokens=24, temperature=0.9, seed=5)
+            unary = c.generate("gpt", ["Thou art", "The sea"], s).generations
+            texts, ids, sizes = ["", ""], [[], []], [[], []]
+            for ev in c.generate_stream("gpt", ["Thou art", "The sea"], s):
+                texts[ev.index] += ev.text_delta
+                ids[ev.index].extend(ev.token_ids)
+                sizes[ev.index].append((len(ev.token_ids), bool(ev.finish_reason)))
+    finally:
+        srv.stop()
+    for i, g in enumerate(unary):
+        assert texts[i] == g.text and ids[i] == list(g.token_ids)
+        assert sizes[i][-1][1]  # the end carries the finish reason
+        assert sizes[i][0][0] < 4 or sizes[i][0][1]  # the first tokens go out without waiting for 4
+        assert all(n >= 4 and not done for n, done in sizes[i][1:-1])  # in between: at least 4 per message
+
+
 def test_stream_equals_unary(client: PlmClient) -> None:
     s = _sampling(max_new_tokens=16, temperature=0.8, seed=3)
     unary = client.generate("gpt", ["Thou art", "The sea"], s).generations

@@ -238,3 +238,28 @@ async def generate(model: ModelAdapter, params: GenerateParams, deadline: float 
             for ev in seq.advance(tok):
                 yield ev
         active = [s for s in active if not s.finished]
+
+
+async def every(events: AsyncIterator[StepEvent], interval: int) -> AsyncIterator[StepEvent]:
+    """The events of `generate`, each prompt's merged into one per `interval` tokens (`stream_interval`).
+
+    A prompt's first tokens and its last event go out at once, so neither the time to first token nor the end
+    waits; in between its tokens wait for company. Merged text is the concatenation of the deltas (each is
+    whole UTF-8), so the stream reads the same as with interval 1.
+    """
+    if interval <= 1:
+        async for ev in events:
+            yield ev
+        return
+    held: dict[int, StepEvent] = {}
+    started: set[int] = set()
+    async for ev in events:
+        if ev.index in held:
+            old = held.pop(ev.index)
+            ev = StepEvent(ev.index, old.text_delta + ev.text_delta, old.token_ids + ev.token_ids, ev.finish_reason,
+                           ev.prompt_tokens, ev.generated_tokens)
+        if ev.finish_reason is not None or ev.index not in started or len(ev.token_ids) >= interval:
+            started.add(ev.index)
+            yield ev
+        else:
+            held[ev.index] = ev
