@@ -40,7 +40,7 @@ class Batching:
     idle_dispatch: bool = True  # wait for company only under load; an idle model runs a lone request at once
     # ...on the event loop itself when its fastest recent batch took less than this (0 = always on the model's
     # thread): two thread wake-ups cost more than blocking the loop for a sub-millisecond run (NNLM PredictNext
-    # at concurrency 1: 1.47 vs 1.92 ms over raw ONNX Runtime, benchmarks/serving.py, docs/benchmarks.md).
+    # at concurrency 1, on and off: benchmarks/serving.py, docs/benchmarks.md).
     inline_max_ms: float = 1.0
     max_queue_size: int = 1024  # queued rows beyond this are refused with RESOURCE_EXHAUSTED
 
