@@ -20,7 +20,9 @@ import argparse
 import concurrent.futures
 import itertools
 import json
+import re
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,28 +50,44 @@ def stream_once(target: str, model: str, prompt: str, n: int, seed: int) -> tupl
     return tokens, times
 
 
-def stream_until(target: str, model: str, i: int, n: int) -> tuple[int, list[float]]:
-    """Stream requests one after another until `n` tokens came (a sampled EOS ends a request early)."""
-    tokens, gaps_from = 0, []
+def stream_until(target: str, model: str, i: int, n: int) -> tuple[int, list[list[float]]]:
+    """Stream requests one after another until `n` tokens came (a sampled EOS ends a request early); returns
+    the tokens and each request's message arrival times."""
+    tokens, times = 0, []
     for attempt in range(16):
         t, ts = stream_once(target, model, PROMPTS[(i + attempt) % len(PROMPTS)], n - tokens, 1000 * attempt + i)
         tokens += t
-        gaps_from.append(ts)
+        times.append(ts)
         if tokens >= n:
             break
-    return tokens, [g for ts in gaps_from for g in ts]
+    return tokens, times
 
 
-def drive(target: str, model: str, streams: int, n: int) -> dict[str, float]:
+def _inter_token_seconds(metrics_url: str) -> tuple[float, float]:
+    """The server's own plm_inter_token_latency_seconds histogram: (sum, count) over every model."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    total = sum(float(v) for v in re.findall(r"^plm_inter_token_latency_seconds_sum\{[^}]*\} (\S+)", text, re.M))
+    count = sum(float(v) for v in re.findall(r"^plm_inter_token_latency_seconds_count\{[^}]*\} (\S+)", text, re.M))
+    return total, count
+
+
+def drive(target: str, model: str, streams: int, n: int, metrics_url: str | None = None) -> dict[str, float]:
     stream_once(target, model, PROMPTS[0], 4, 0)  # warm-up
+    before = _inter_token_seconds(metrics_url) if metrics_url else (0.0, 0.0)
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(streams) as pool:
         results = list(pool.map(lambda i: stream_until(target, model, i, n), range(streams)))
     wall = time.perf_counter() - started
     tokens = sum(t for t, _ in results)
-    gaps = [b - a for _, ts in results for a, b in itertools.pairwise(ts) if b - a < 1.0]  # not across requests
-    return {"streams": streams, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "mean_inter_token_ms": 1000 * float(np.mean(gaps)) if gaps else float("nan")}
+    # Gaps between messages of one request: the first token of the next request is not an inter-token gap.
+    gaps = [b - a for _, requests in results for ts in requests for a, b in itertools.pairwise(ts)]
+    out = {"streams": streams, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+           "mean_inter_token_ms": 1000 * float(np.mean(gaps)) if gaps else float("nan")}
+    if metrics_url:  # the server's view: between the engine's events of one sequence, before gRPC
+        after = _inter_token_seconds(metrics_url)
+        count = after[1] - before[1]
+        out["server_mean_inter_token_ms"] = 1000 * (after[0] - before[0]) / count if count else float("nan")
+    return out
 
 
 def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> dict[str, float]:
@@ -163,14 +181,14 @@ def main() -> None:
     for mode, env in (("engine", {"PLM_RUNTIME__KV_CACHE": "true"}),
                       ("recompute", {"PLM_RUNTIME__KV_CACHE": "false"}),
                       ("engine_interval", {"PLM_STREAM_INTERVAL": str(args.stream_interval)})):
-        srv = LocalServer(args.repository, [args.model], env)
+        srv = LocalServer(args.repository, [args.model], env, metrics=True)
         try:
             if mode != "engine_interval":
                 classify_s[mode] = classify_timing(srv.target, args.model)
                 print(f"{mode:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[mode] * 1000:.1f} ms",
                       flush=True)
             for s in args.streams if mode != "engine_interval" else [max(args.streams)]:
-                rows[mode].append(drive(srv.target, args.model, s, n))
+                rows[mode].append(drive(srv.target, args.model, s, n, srv.metrics_url))
                 r = rows[mode][-1]
                 print(f"{mode:9} {s:3d} streams: {r['tokens_per_s']:8.1f} tokens/s, "
                       f"inter-token {r['mean_inter_token_ms']:.2f} ms", flush=True)
@@ -194,6 +212,7 @@ def main() -> None:
     ratios["classify_prefix_reuse_speedup"] = classify_s["recompute"] / classify_s["engine"]
     one = rows["engine"][0]
     ratios["inter_token_1_stream_vs_raw_step"] = one["mean_inter_token_ms"] / raw["mean_decode_step_ms"]
+    ratios["server_inter_token_1_stream_vs_raw_step"] = one["server_mean_inter_token_ms"] / raw["mean_decode_step_ms"]
     for k, v in ratios.items():
         print(f"{k:40} {v:6.2f}×")
     args.out.parent.mkdir(parents=True, exist_ok=True)
