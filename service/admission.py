@@ -39,9 +39,9 @@ class Admission:
                 f"{self.inflight} requests in flight (max_inflight_requests {self.limit}); retry later"
             )
         self.inflight += 1
-        self._metrics.inflight.set(self.inflight)
+        self._metrics.set_inflight(self.inflight)
         try:
             yield
         finally:
             self.inflight -= 1
-            self._metrics.inflight.set(self.inflight)
+            self._metrics.set_inflight(self.inflight)

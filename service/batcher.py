@@ -158,11 +158,12 @@ class DynamicBatcher(Generic[P, R]):
         self._executor.shutdown(wait=True)
 
     def _inline(self, batch: list[_Row[P, R]]) -> bool:
-        """Run this batch on the event loop itself: a lone row of an idle model whose fastest recent batch took
-        less than `inline_max_ms`. Handing it to the model's thread and back costs two thread wake-ups, more
-        than blocking the loop that long; under load every batch goes to the thread."""
-        return (len(batch) == 1 and not self._queue and not self._busy and bool(self._recent_batches)
-                and min(self._recent_batches) * 1000 < self.cfg.inline_max_ms)
+        """Run this batch on the event loop itself: the one call in flight in the server, one row, and a model
+        whose fastest recent batch took less than `inline_max_ms`. Handing it to the model's thread and back
+        costs two thread wake-ups, more than blocking the loop that long. Under load every batch goes to the
+        thread: a blocked loop reads no new calls, so a model run inline could never see that it is busy."""
+        return (len(batch) == 1 and not self._queue and not self._busy and self._metrics.inflight_now <= 1
+                and bool(self._recent_batches) and min(self._recent_batches) * 1000 < self.cfg.inline_max_ms)
 
     def _drop_dead(self) -> None:
         """Forget rows whose caller went away; fail the expired ones (they never run)."""

@@ -28,6 +28,7 @@ class Metrics:
         # (method, model, code) → the two labelled series a finished RPC updates. Bounded: methods and codes
         # are fixed sets, and model labels are only names the registry knows (servicer._Call.model).
         self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.inflight_now = 0  # calls in flight in this server process (set_inflight)
         self.requests = Counter(
             "plm_requests", "RPCs handled, by method, model and gRPC status code.",
             ["method", "model", "code"], registry=r,
@@ -101,6 +102,11 @@ class Metrics:
             "plm_model_reloads", "Repository changes applied or refused, by action (added, replaced, removed, "
             "rejected).", ["model", "action"], registry=r,
         )
+
+    def set_inflight(self, calls: int) -> None:
+        """The calls being handled now: the gauge, and `inflight_now` for the batchers' idleness test."""
+        self.inflight_now = calls
+        self.inflight.set(calls)
 
     def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
         """Count one finished RPC and observe its duration (the labelled series are looked up once each)."""

@@ -152,6 +152,19 @@ def test_a_fast_lone_row_of_an_idle_model_runs_on_the_loop_and_load_goes_to_the_
         assert await asyncio.gather(*(b.submit([i], [1]) for i in range(6))) == [[i + 1] for i in range(6)]
         await b.close()
 
+    metrics = Metrics()
+
+    async def busy_server() -> None:  # another call in flight in the server: its lone rows go to the thread
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", run, Batching(inline_max_ms=50.0), metrics)
+        b.start()
+        for i in range(4):
+            metrics.set_inflight(2 if i >= 2 else 1)
+            assert await b.submit([i], [1]) == [i + 1]
+        await b.close()
+
+    asyncio.run(busy_server())
+    assert [on_loop for _, on_loop in threads] == [False, False, False, False]
+    threads.clear()
     asyncio.run(main(Batching(inline_max_ms=50.0, max_queue_delay_ms=5)))
     lone, rest = threads[:4], threads[4:]
     assert [on_loop for _, on_loop in lone] == [False, False, True, True]  # no estimate before two batches ran

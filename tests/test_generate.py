@@ -145,3 +145,30 @@ def test_a_rows_token_does_not_depend_on_what_it_is_batched_with(gpt: ModelAdapt
         assert (logprobs == before).all()  # the caller's array is left as it was
 
     check()
+
+
+def test_every_sends_the_first_tokens_and_the_end_at_once_and_merges_the_rest() -> None:
+    """`stream_interval`: per prompt, the first event passes at once, later ones wait until `interval` tokens
+    (merged: text and ids concatenated), and the finishing event flushes what waits; prompts never mix."""
+    import asyncio
+
+    from service.tasks.generate import every
+
+    def ev(i: int, tok: int, finish: str | None = None) -> StepEvent:
+        return StepEvent(i, f"<{tok}>", (tok,), finish, 3 if finish else 0, 7 if finish else 0)
+
+    source = [ev(0, 1), ev(1, 10), ev(0, 2), ev(0, 3), ev(1, 11), ev(0, 4), ev(0, 5), ev(0, 6), ev(1, 12, FINISH_EOS),
+              ev(0, 7), ev(0, 8, FINISH_LENGTH)]
+
+    async def collect(interval: int) -> list[StepEvent]:
+        async def gen() -> Any:
+            for e in source:
+                yield e
+        return [e async for e in every(gen(), interval)]
+
+    out = asyncio.run(collect(3))
+    assert [(e.index, e.token_ids, e.finish_reason) for e in out] == [
+        (0, (1,), None), (1, (10,), None), (0, (2, 3, 4), None), (1, (11, 12), FINISH_EOS),
+        (0, (5, 6, 7), None), (0, (8,), FINISH_LENGTH)]
+    assert out[-2].text_delta == "<5><6><7>" and out[-1].generated_tokens == 7
+    assert asyncio.run(collect(1)) == source  # interval 1: every event as it comes
