@@ -12,7 +12,9 @@ them, and it:
 - forwards SIGTERM/SIGINT (each worker drains as a single server does) and exits 0 when all exited 0;
 - forwards SIGHUP, which makes every worker reload the repository; a worker that ran AdminService/
   ReloadModels sends its supervisor SIGHUP, so all workers end up serving the same versions;
-- restarts a worker that died, with a backoff, and stops everything if a worker refuses its config (exit 2).
+- restarts a worker that died, with a backoff; stops everything (exit 1) if a worker dies three times in a
+  row soon after starting (it cannot start here: the port is taken, the models are unreadable), and (exit 2)
+  at once if a worker refuses its config.
 
 Every worker loads every model: memory grows N-fold, and batches form per worker.
 """
@@ -39,6 +41,7 @@ _CONFIG_ERROR = 2  # `plm serve`'s exit code for a config it refuses: restarting
 _BACKOFF_MAX = 30.0
 _HEALTHY_AFTER = 60.0  # a worker that ran this long resets the restart backoff
 _KILL_AFTER_GRACE = 15.0  # on stop, a worker still alive this long after its grace period is killed
+_GIVE_UP_AFTER = 3  # a worker that died this many times in a row, each soon after its start, stops the server
 
 
 def cores() -> int:
@@ -53,6 +56,7 @@ class _Worker:
         self.started = 0.0
         self.backoff = 1.0
         self.restart_at = 0.0
+        self.quick_deaths = 0  # deaths in a row within _HEALTHY_AFTER of a start
 
 
 class Supervisor:
@@ -119,7 +123,14 @@ class Supervisor:
             return
         now = time.monotonic()
         if now - w.started > _HEALTHY_AFTER:
-            w.backoff = 1.0
+            w.backoff, w.quick_deaths = 1.0, 0
+        w.quick_deaths += 1
+        if w.quick_deaths >= _GIVE_UP_AFTER:  # it cannot start here (port taken, models unreadable, ...)
+            log.error("worker %d died %d times in a row soon after starting (last exit %d): stopping", w.index,
+                      w.quick_deaths, code)
+            self._exit_code = 1
+            self._on_stop(signal.SIGTERM, None)
+            return
         w.restart_at = now + w.backoff
         log.error("worker %d (pid %d) died with %d: restarting in %.0fs", w.index, pid, code, w.backoff)
         w.backoff = min(w.backoff * 2, _BACKOFF_MAX)
