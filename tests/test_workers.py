@@ -23,6 +23,7 @@ from client.loadtest import LoadConfig, RequestSpec, run_loadtest
 from client.local_server import LocalServer
 from service.pb.plm.v1.admin_pb2 import ReloadModelsRequest
 from service.pb.plm.v1.admin_pb2_grpc import AdminServiceStub
+from tests.test_deploy import run, tool
 
 
 def _children(pid: int) -> set[int]:
@@ -73,6 +74,11 @@ def test_workers_share_the_port_metrics_restart_reload_and_drain(repo: Path, tin
         _wait(lambda: len(_access_pids(srv)) == 2)
         assert _access_pids(srv) == workers  # both answered
         assert _ok_total(srv, "Score") == 40  # one /metrics for all workers: the sum
+        assert srv.metrics_url is not None
+        exposition = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
+        assert 'plm_model_ready{model="ngram-kn"} 1.0' in exposition  # a gauge combined (livemin), not per pid
+        check = run(tool("promtool"), "check", "metrics", stdin=exposition)
+        assert check.returncode == 0 and check.stdout.strip() == "", check.stdout + check.stderr
 
         # The load generator's connections (16 per process) reach both workers too: one would reach one.
         log_before = len(srv.log_text())
