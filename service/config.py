@@ -109,8 +109,8 @@ class ServerConfig:
     models: tuple[str, ...] = ()  # serve only these model names; empty = every model in the repository
     log_format: str = "text"  # text | json
     log_level: str = "INFO"
-    # Log lines below WARNING reach stderr at most this late (buffered: a write per access line cost about
-    # 200 µs of CPU per call); 0 writes every line at once.
+    # Log lines below WARNING reach stderr at most this late (buffered: no write system call per access line on
+    # the event loop); 0 writes every line at once.
     log_buffer_seconds: float = 0.2
     grace_seconds: float = 10.0  # on SIGTERM, in-flight requests get this long to finish
     # gRPC pins a client to one server for the life of its HTTP/2 connection; closing connections after this
