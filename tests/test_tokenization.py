@@ -215,7 +215,7 @@ def test_word_starts_around_special_tokens(bpe_tok: Tokenizer) -> None:
     assert word_starts(bpe_tok, bpe_tok.encode("")) == []
 
 
-@pytest.mark.parametrize("name", ["gpt", "bert", "nnlm", "ngram-kn", "elmo"])
+@pytest.mark.parametrize("name", ["gpt", "bert"])  # the families with an encode_ids of their own
 def test_ids_only_encoding_and_cached_token_texts_match_the_full_path(tiny_repo: Path, name: str) -> None:
     """`encode_ids` (the fast path of calls that need no token texts) gives `encode(...).ids`, and the token
     texts decoded once at load are what the tokenizer decodes for each id."""
@@ -227,7 +227,5 @@ def test_ids_only_encoding_and_cached_token_texts_match_the_full_path(tiny_repo:
     texts = ["The king is dead.", "  whitespace\tand\nnewlines  ", "naïve café — “quotes” 東京 😀", "", "x" * 50]
     for text in texts:
         assert model.encode_ids(text) == model.encode(text).ids
-    tokenizer = getattr(model, "tokenizer", None)
-    if name in ("gpt", "bert") and tokenizer is not None:
-        for i in range(0, model.vocab_size, 97):
-            assert model.token_text(i) == tokenizer.decode([i], skip_special_tokens=False)
+    for i in range(0, model.vocab_size, 97):
+        assert model.token_text(i) == model.tokenizer.decode([i], skip_special_tokens=False)
