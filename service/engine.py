@@ -179,7 +179,7 @@ def _coalesce(items: list[_Item]) -> collections.deque[_Item]:
             k = open_at[ev.index]
             prev = out[k]
             assert isinstance(prev, StepEvent)
-            out[k] = StepEvent(ev.index, prev.text_delta + ev.text_delta, prev.token_ids + ev.token_ids)
+            out[k] = prev.then(ev)
         else:
             if ev.finish_reason is None:
                 open_at[ev.index] = len(out)

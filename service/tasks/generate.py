@@ -53,6 +53,11 @@ class StepEvent:
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
+    def then(self, later: StepEvent) -> StepEvent:
+        """This event and a later one of the same prompt as one: texts and ids joined, the later's end."""
+        return StepEvent(self.index, self.text_delta + later.text_delta, self.token_ids + later.token_ids,
+                         later.finish_reason, later.prompt_tokens, later.generated_tokens)
+
 
 def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> list[int]:
     """The next token of each sequence from its row of (B, V) log-probabilities.
@@ -255,9 +260,7 @@ async def every(events: AsyncIterator[StepEvent], interval: int) -> AsyncIterato
     started: set[int] = set()
     async for ev in events:
         if ev.index in held:
-            old = held.pop(ev.index)
-            ev = StepEvent(ev.index, old.text_delta + ev.text_delta, old.token_ids + ev.token_ids, ev.finish_reason,
-                           ev.prompt_tokens, ev.generated_tokens)
+            ev = held.pop(ev.index).then(ev)
         if ev.finish_reason is not None or ev.index not in started or len(ev.token_ids) >= interval:
             started.add(ev.index)
             yield ev
