@@ -39,6 +39,12 @@ CPU = "CPUExecutionProvider"
 AUTO = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU)  # `providers = []`: the best this build has
 
 
+
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow): what "one per core"
+    means for ONNX Runtime's threads, the decoder's and the workers' share."""
+    return len(os.sched_getaffinity(0))
+
 def provider_name(name: str) -> str:
     """ORT's name of a provider given by full name or alias; an unknown name is a config error naming the list."""
     full = ALIASES.get(name.lower(), name)
@@ -72,7 +78,7 @@ def session_options(runtime: Runtime) -> ort.SessionOptions:
     """Session options for 2-core serving (docs/architecture.md, "ONNX Runtime settings")."""
     opts = ort.SessionOptions()
     # One batch runs at a time per model (one batching worker), so intra-op threads may use every core.
-    opts.intra_op_num_threads = runtime.intra_op_threads or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = runtime.intra_op_threads or cores()
     opts.inter_op_num_threads = 1  # the graphs are sequential chains; parallel mode buys nothing
     opts.graph_optimization_level = _OPT_LEVELS[runtime.graph_optimization]
     opts.enable_cpu_mem_arena = runtime.memory_arena

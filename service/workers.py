@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import ServerConfig
+from service.runtime import cores
 
 log = logging.getLogger("plm.workers")
 
@@ -42,11 +43,6 @@ _BACKOFF_MAX = 30.0
 _HEALTHY_AFTER = 60.0  # a worker that ran this long resets the restart backoff
 _KILL_AFTER_GRACE = 15.0  # on stop, a worker still alive this long after its grace period is killed
 _GIVE_UP_AFTER = 3  # a worker that died this many times in a row, each soon after its start, stops the server
-
-
-def cores() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0))
 
 
 class _Worker:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
 from service.metrics import Metrics
-from service.runtime import open_graph, pad_right
+from service.runtime import cores, open_graph, pad_right
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class GptAdapter(ModelAdapter):
             # Unless threads are configured, the decoder leaves one core free: the engine's thread runs it while the
             # event loop sends the previous step's tokens (2 cores: 1 thread, which also runs a B=16 step faster
             # than 2 there: docs/benchmarks.md, "Where an engine step goes").
-            threads = runtime.intra_op_threads or max(1, (os.cpu_count() or 1) - 1)
+            threads = runtime.intra_op_threads or max(1, cores() - 1)
             decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait,
                                                   intra_op_threads=threads)
             self.engine = GenerationEngine(
