@@ -140,8 +140,9 @@ class NgramModel(abc.ABC):
         history = ([self.bos_id] if bos else []) + self.ids(context_words)
         keep = self.order - 1
         context = tuple(history[max(0, len(history) - keep) :]) if keep else ()
-        allowed = allowed.copy()
-        allowed[self.bos_id] = False
+        if allowed[self.bos_id]:  # the served masks already leave <s> out: no copy of the mask per call then
+            allowed = allowed.copy()
+            allowed[self.bos_id] = False
         return self._next_top(context, allowed, k)
 
     def _next_top(self, context: tuple[int, ...], allowed: npt.NDArray[np.bool_],
