@@ -56,7 +56,7 @@ class LocalServer:
 
     def serving_processes(self) -> int:
         """Server processes that logged they are serving (workers restarted after a crash count again)."""
-        return len(re.findall(r"plm\.server\[\d+\]: serving ", self.log_text()))
+        return len(re.findall(r"serving \d+ model\(s\)", self.log_text()))  # a text or a JSON log line
 
     def stop(self) -> str:
         """SIGTERM, wait; returns the end of the server's log."""
