@@ -1,7 +1,7 @@
 """Generation throughput: the KV-cache engine vs the same server recomputing every step vs raw ONNX Runtime.
 
     python benchmarks/generation.py [--repository repository] [--streams 1 4 16] [--new-tokens 64]
-                                    [--stream-interval 4]
+                                    [--stream-interval 4] [--device cpu|cuda]
 
 Starts two `plm serve` processes on loopback over the same model folder — the engine on (KV cache, continuous
 batching) and off (each step re-reads the whole sequence through the dynamic batcher) — and drives each with
@@ -12,6 +12,10 @@ References, requests one after another: a raw ONNX Runtime greedy loop over the 
 Hugging Face `transformers` generating (KV cache on) with the same weights (`weights.npz`). Also
 times Classify (8 demonstrations × 4 labels × 16 queries) with prefix reuse (engine) and without. Prints
 the ratios measured in this one run, and writes results/generation.json and results/generation.png.
+
+`--device cuda` (a GPU machine with onnxruntime-gpu): the servers pick the GPU themselves (automatic
+providers); the raw loop runs the decoder on CUDA with its keys and values bound on the GPU (IO binding), and
+`transformers` generates on the GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import onnxruntime as ort
 from client.client import PlmClient
 from client.local_server import LocalServer
 from service.pb.plm.v1 import plm_pb2 as pb
+from service.runtime import run_bound
 
 PROMPTS = ["The king", "Good morrow, my lord", "O Romeo", "What light through yonder window", "My liege",
            "Now is the winter", "Friends, Romans", "To be, or not"]
@@ -90,12 +95,14 @@ def drive(target: str, model: str, streams: int, n: int, metrics_url: str | None
     return out
 
 
-def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> dict[str, float]:
-    """Greedy decoding with the bare decoder graph, one request after another (batch 1)."""
+def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int, device: str = "cpu") -> dict[str, float]:
+    """Greedy decoding with the bare decoder graph, one request after another (batch 1); on CUDA the presents
+    stay on the GPU as the next step's pasts (IO binding), as the engine keeps them."""
     dec = manifest["graphs"]["decoder"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 0
-    sess = ort.InferenceSession(str(folder / dec["file"]), opts, providers=["CPUExecutionProvider"])
+    provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+    sess = ort.InferenceSession(str(folder / dec["file"]), opts, providers=[provider])
     layers, heads, dim = dec["n_layer"], dec["n_head"], dec["head_dim"]
     pasts = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     presents = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -109,11 +116,15 @@ def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> di
         pos = np.arange(ids.shape[1], dtype=np.int64)[None]
         for _ in range(n):
             t0 = time.perf_counter()
-            out = sess.run(["next_logprobs", *presents], {"input_ids": ids, "attention_mask": mask,
-                                                          "position_ids": pos, **dict(zip(pasts, kv, strict=True))})
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(pasts, kv, strict=True))}
+            if device == "cuda":
+                host, kv = run_bound(sess, ["next_logprobs"], presents, feeds)
+                logprobs = host["next_logprobs"]
+            else:
+                out = sess.run(["next_logprobs", *presents], feeds)
+                logprobs, kv = out[0], out[1:]
             step_times.append(time.perf_counter() - t0)
-            kv = out[1:]
-            nxt = int(np.argmax(out[0][0]))
+            nxt = int(np.argmax(logprobs[0]))
             tokens += 1
             pos = np.array([[mask.shape[1]]], dtype=np.int64)
             ids = np.array([[nxt]], dtype=np.int64)
@@ -123,7 +134,8 @@ def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> di
             "mean_decode_step_ms": 1000 * float(np.mean(step_times[1:]))}
 
 
-def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int) -> dict[str, float]:
+def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int,
+                  device: str = "cpu") -> dict[str, float]:
     """Hugging Face `transformers` generating with the same weights (KV cache on), one request after another."""
     import torch
     from tokenizers import Tokenizer
@@ -131,14 +143,16 @@ def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int)
     from export.hf_gpt2 import load_weights, to_hf_gpt2
     from models.gpt import GPTConfig
 
-    torch.set_num_threads(2)
-    hf = to_hf_gpt2(load_weights(folder / manifest["weights"], GPTConfig(**manifest["config"])))
+    if device == "cpu":
+        torch.set_num_threads(2)
+    hf = to_hf_gpt2(load_weights(folder / manifest["weights"], GPTConfig(**manifest["config"]))).to(device)
     tok = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
     tokens = 0
     started = time.perf_counter()
     with torch.no_grad():
         for r in range(requests):
-            ids = torch.tensor([[0, *tok.encode(PROMPTS[r % len(PROMPTS)], add_special_tokens=False).ids]])
+            ids = torch.tensor([[0, *tok.encode(PROMPTS[r % len(PROMPTS)], add_special_tokens=False).ids]],
+                               device=device)
             out = hf.generate(ids, max_new_tokens=n, do_sample=True, top_k=50, eos_token_id=None, pad_token_id=0)
             tokens += out.shape[1] - ids.shape[1]
     wall = time.perf_counter() - started
@@ -169,6 +183,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--stream-interval", type=int, default=4,
                     help="also the most streams on a server with this stream_interval (tokens per message)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the raw loop and transformers run (the servers choose for themselves)")
     ap.add_argument("--out", type=Path, default=Path("results/generation.json"))
     args = ap.parse_args()
     folder = args.repository / args.model
@@ -194,9 +210,9 @@ def main() -> None:
                       f"inter-token {r['mean_inter_token_ms']:.2f} ms", flush=True)
         finally:
             srv.stop()
-    raw = raw_ort(folder, manifest, max(args.streams), n)
+    raw = raw_ort(folder, manifest, max(args.streams), n, args.device)
     print(f"raw ORT sequential: {raw['tokens_per_s']:8.1f} tokens/s, decode step {raw['mean_decode_step_ms']:.2f} ms")
-    hf = hf_sequential(folder, manifest, max(args.streams), n) if "weights" in manifest else None
+    hf = hf_sequential(folder, manifest, max(args.streams), n, args.device) if "weights" in manifest else None
     if hf is not None:
         print(f"transformers sequential: {hf['tokens_per_s']:8.1f} tokens/s")
     ratios = {}
@@ -216,7 +232,8 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:40} {v:6.2f}×")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "new_tokens": n, "rows": rows, "raw_ort": raw,
+    args.out.write_text(json.dumps({"model": args.model, "device": args.device, "new_tokens": n, "rows": rows,
+                                    "raw_ort": raw,
                                     "transformers": hf,
                                     "classify_seconds": classify_s, "ratios": ratios}, indent=2) + "\n")
     import matplotlib

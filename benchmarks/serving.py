@@ -38,7 +38,7 @@ from client.local_server import LocalServer
 from service.config import Runtime, ServerConfig
 from service.metrics import Metrics
 from service.registry import load_model
-from service.runtime import OrtSession, pad_right
+from service.runtime import open_graph, pad_right
 
 BATCHES = (1, 4, 8, 16, 32, 64)
 
@@ -49,10 +49,11 @@ def held_out_texts(n: int = 256) -> list[str]:
     return (texts * (n // len(texts) + 1))[:n]
 
 
-def best_rate(run: Callable[[list[int]], None], n_items: int, seconds: float = 1.5) -> dict[str, Any]:
+def best_rate(run: Callable[[list[int]], object], n_items: int, seconds: float = 1.5,
+              batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
     """Items/s of `run(indices)` at each batch size over a fixed time; the best batch wins."""
     rows = []
-    for b in BATCHES:
+    for b in batches:
         run(list(range(b)))  # warm-up: ORT allocates for this shape
         done, started = 0, time.perf_counter()
         i = 0
@@ -65,7 +66,7 @@ def best_rate(run: Callable[[list[int]], None], n_items: int, seconds: float = 1
     return {"by_batch": rows, "best_batch": best["batch"], "best_items_per_s": best["items_per_s"]}
 
 
-def raw_latency(run: Callable[[list[int]], None], n_items: int, count: int = 400) -> list[float]:
+def raw_latency(run: Callable[[list[int]], object], n_items: int, count: int = 400) -> list[float]:
     out = []
     for i in range(count):
         t = time.perf_counter()
@@ -75,17 +76,18 @@ def raw_latency(run: Callable[[list[int]], None], n_items: int, count: int = 400
 
 
 class Raw:
-    """The graphs of the served models, run directly (the server's session options, no server)."""
+    """The graphs of the served models, run directly (the server's session options, no server).
 
-    def __init__(self, repository: Path, texts: list[str]) -> None:
-        # ONNX Runtime's own defaults for a tight loop (threads spin between runs), the server's thread count.
-        config = ServerConfig(repository=repository, runtime=Runtime(spin_wait=True))
+    `runtime` picks providers and the graph variant; by default ONNX Runtime's own choice for a tight loop
+    (threads spin between runs) with the server's thread count and providers."""
+
+    def __init__(self, repository: Path, texts: list[str], runtime: Runtime | None = None, nnlm: bool = True) -> None:
+        runtime = runtime or Runtime(spin_wait=True)
+        config = ServerConfig(repository=repository, runtime=Runtime(providers=("cpu",)))  # tokenizers only
         m = Metrics()
-        self.gpt, self.bert, self.nnlm = (load_model(repository / n, config, m) for n in ("gpt", "bert", "nnlm"))
-        runtime = config.runtime
-        self.gpt_s = OrtSession(repository / "gpt" / self.gpt.manifest["graphs"]["model"]["file"], runtime, "gpt")
-        self.bert_s = OrtSession(repository / "bert" / self.bert.manifest["graphs"]["model"]["file"], runtime, "bert")
-        self.nnlm_s = OrtSession(repository / "nnlm" / self.nnlm.manifest["graphs"]["model"]["file"], runtime, "nnlm")
+        self.gpt, self.bert = (load_model(repository / n, config, m) for n in ("gpt", "bert"))
+        self.gpt_s, self.bert_s = (open_graph(model.folder, model.manifest, "model", runtime, model.name, None)
+                                   for model in (self.gpt, self.bert))
         g = self.gpt
         self.gpt_rows = [[g._bos, *g.encode(t).ids, g.eos_id] for t in texts]
         rng = np.random.default_rng(0)
@@ -94,19 +96,27 @@ class Raw:
         cls, sep = b.special_id(b.tokenizer, "[CLS]"), b.eos_id
         self.bert_rows = [[cls, *b.encode(t).ids, sep] for t in self.masked]
         self.bert_pos = [[r.index(b.mask_id)] for r in self.bert_rows]
-        self.nnlm_ctx = [self.nnlm._history(self.nnlm.encode(t).ids) for t in texts]
+        if nnlm:
+            self.nnlm = load_model(repository / "nnlm", config, m)
+            self.nnlm_s = open_graph(self.nnlm.folder, self.nnlm.manifest, "model", runtime, "nnlm", None)
+            self.nnlm_ctx = [self.nnlm._history(self.nnlm.encode(t).ids) for t in texts]
 
-    def gpt_score(self, idx: list[int]) -> None:
+    def gpt_score(self, idx: list[int]) -> list[np.ndarray]:
+        """Each text's token log-probs (BOS excluded)."""
         ids, mask = pad_right([self.gpt_rows[i] for i in idx], self.gpt.eos_id)
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        self.gpt_s.run(["token_logprobs"], {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+        lp = self.gpt_s.run(["token_logprobs"], {"input_ids": ids, "attention_mask": mask,
+                                                 "position_ids": pos})["token_logprobs"]
+        return [lp[k, 1:len(self.gpt_rows[i])] for k, i in enumerate(idx)]
 
-    def bert_fill(self, idx: list[int]) -> None:
+    def bert_fill(self, idx: list[int]) -> np.ndarray:
+        """The masked word's log-probs over the vocabulary, (B, V); their top 5 taken as FillMask takes them."""
         ids, mask = pad_right([self.bert_rows[i] for i in idx], self.bert._pad)
         lp = self.bert_s.run(["mask_logprobs"], {
             "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
             "mask_positions": np.asarray([self.bert_pos[i] for i in idx], dtype=np.int64)})["mask_logprobs"]
         np.argpartition(-lp[:, 0], 5, axis=-1)[:, :5]
+        return lp[:, 0]
 
     def nnlm_next(self, idx: list[int]) -> None:
         lp = self.nnlm_s.run(["next_logprobs"], {

@@ -67,6 +67,10 @@ class Runtime:
     # threads catch the next step (benchmarks/engine_step.py, B=16: 2178–2599 vs 1773–2402 tokens/s, 4 runs each).
     decoder_spin_wait: bool = True
     kv_cache: bool = True  # generate with the KV-cache decoder and continuous batching when a model has one
+    # The decoder's keys and values stay where its provider computes them between decode steps (ORT IO binding):
+    # "auto" = on when the decoder runs on a GPU (CUDA, TensorRT), where `run` would copy every past to the device
+    # and every present back each step; "on" also on CPU (no faster there: docs/benchmarks.md); "off" = never.
+    io_binding: str = "auto"
     variant: str = ""  # an optimised graph the model folder holds ("int8", "fused", "fp16"); "" = the exported one
 
 
@@ -231,4 +235,10 @@ def load_config(
         raise ValueError(f"config: stream_interval must be at least 1, got {cfg.stream_interval}")
     if cfg.workers > 1 and cfg.port == 0:
         raise ValueError("config: workers > 1 needs a fixed port (each worker binding port 0 would get its own)")
+    for where, rt in (("config [runtime]", sections["runtime"]),
+                      *((f"config [model.{m}.runtime]", r) for m, r in per_model_runtime.items())):
+        for key, allowed in (("graph_optimization", ("disable", "basic", "extended", "all")),
+                             ("io_binding", ("auto", "on", "off"))):
+            if getattr(rt, key) not in allowed:
+                raise ValueError(f"{where}: {key} must be one of {', '.join(allowed)}, got {getattr(rt, key)!r}")
     return dataclasses.replace(cfg, model_batching=per_model, model_runtime=per_model_runtime, **sections)

@@ -6,13 +6,14 @@ past) and finished or cancelled ones leave; the batch is bounded by a count (`ma
 budget (`max_batch_tokens`: prompt plus generated tokens of every running sequence).
 
 The batch's keys and values are one left-padded (B, H, P, D) array per layer and kind: a decode step feeds
-the previous step's presents straight back as its pasts, so nothing is copied while the batch stays the same;
-the arrays change only when a sequence joins or leaves: joiners take the rows of those who left, in place,
-while the batch's width stays the same; otherwise the batch is laid out again (rows dropped, leading padding
-trimmed, joiners appended). A sequence's KV memory is freed (or its row given to a joiner) when it leaves:
-when it finishes, when its client cancels (it leaves at the next step) or when its deadline passes. The
-thread hands each step's events to the event loop in one call, so the loop sends them over gRPC while the
-next step runs.
+the previous step's presents straight back as its pasts, so nothing is copied while the batch stays the same
+(on a GPU they stay in its memory as OrtValues, through ORT's IO binding: `runtime.io_binding`); the arrays
+change only when a sequence joins or leaves (on a GPU after one copy to host memory and back): joiners take
+the rows of those who left, in place, while the batch's width stays the same; otherwise the batch is laid out
+again (rows dropped, leading padding trimmed, joiners appended). A sequence's KV memory is freed (or its row
+given to a joiner) when it leaves: when it finishes, when its client cancels (it leaves at the next step) or
+when its deadline passes. The thread hands each step's events to the event loop in one call, so the loop sends
+them over gRPC while the next step runs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from service.config import Batching
 from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from service.metrics import Metrics
-from service.runtime import OrtSession
+from service.runtime import OrtSession, on_host
 from service.tasks.generate import Sequence as GenSequence
 from service.tasks.generate import StepEvent, choose
 
@@ -69,12 +70,21 @@ class _Batch:
     its last lengths[i] (left padding before them is masked out)."""
 
     slots: list[_Slot]
-    kv: list[np.ndarray]  # 2 × n_layer arrays (B, H, P, D): k0, v0, k1, v1, …
+    # 2 × n_layer tensors (B, H, P, D): k0, v0, k1, v1, …; numpy arrays, or under IO binding the decoder's
+    # OrtValues where its provider made them (`_host` turns a batch into arrays before rows are moved).
+    kv: list[Any]
     mask: np.ndarray  # (B, P) int64
     lengths: np.ndarray  # (B,) int64: real past tokens per row
 
 
 _EMPTY = _Batch([], [], np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
+def _host(batch: _Batch) -> _Batch:
+    """The batch with its keys and values as numpy arrays (copied from the GPU when IO binding left them there)."""
+    if all(isinstance(a, np.ndarray) for a in batch.kv):
+        return batch
+    return _Batch(batch.slots, on_host(batch.kv), batch.mask, batch.lengths)
 
 
 def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int]) -> _Batch | None:
@@ -367,9 +377,9 @@ class GenerationEngine:
             rows = [i for i, s in enumerate(joined.slots) if not (s.seq.finished or s.request.cancelled)]
         if rows or len(keep) < len(self._batch.slots):
             # Joiners take the rows of those who left where they can; else one copy for everyone.
-            refilled = _refill(self._batch, keep, joined, rows)
-            self._batch = refilled if refilled is not None else self._scratch.layout([(self._batch, keep),
-                                                                                      (joined, rows)])
+            batch, joined = _host(self._batch), _host(joined)
+            refilled = _refill(batch, keep, joined, rows)
+            self._batch = refilled if refilled is not None else self._scratch.layout([(batch, keep), (joined, rows)])
         self._joining = []
         self._m_active.set(len(self._batch.slots))
         if self._batch.slots:
@@ -450,8 +460,8 @@ class GenerationEngine:
         empty = np.zeros((1, self.n_head, 0, self.head_dim), dtype=np.float32)
         logprobs, presents = self._run(ids, mask, np.arange(len(prefix), dtype=np.int64)[None],
                                        [empty] * len(self.past_names), "prefill")
-        state = (presents, logprobs[0])
-        size = sum(p.nbytes for p in presents)
+        state = (on_host(presents), logprobs[0])  # in host memory: each use repeats it for its rows
+        size = sum(p.nbytes for p in state[0])
         self._prefixes[key] = state
         self._prefix_bytes += size
         while self._prefix_bytes > self.prefix_cache_max_bytes and len(self._prefixes) > 1:
@@ -498,11 +508,16 @@ class GenerationEngine:
         return out
 
     # -- graph runs (on the engine's thread) -----------------------------------------------------------------
-    def _run(self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, pasts: list[np.ndarray],
-             stage: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, pasts: list[Any],
+             stage: str) -> tuple[np.ndarray, list[Any]]:
+        """The next-token log-probs (B, V) in host memory and the presents: numpy arrays, or under IO binding
+        OrtValues left where the provider made them (fed back as the next step's pasts as they are)."""
         feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
                  **dict(zip(self.past_names, pasts, strict=True))}
         self._m_batch.observe(len(input_ids))
+        if self.session.io_binding:
+            host, presents = self.session.run_bound(["next_logprobs"], self.present_names, feeds, stage=stage)
+            return host["next_logprobs"], presents
         out = self.session.run(["next_logprobs", *self.present_names], feeds, stage=stage)
         return out["next_logprobs"], [out[n] for n in self.present_names]
 

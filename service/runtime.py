@@ -37,6 +37,8 @@ ALIASES = {
 }
 CPU = "CPUExecutionProvider"
 AUTO = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU)  # `providers = []`: the best this build has
+# Providers whose tensors live in GPU memory: the device OrtValues are bound on ("cuda" for ORT's IO binding).
+GPU = {"TensorrtExecutionProvider": "cuda", "CUDAExecutionProvider": "cuda"}
 
 
 
@@ -71,7 +73,27 @@ def choose_providers(runtime: Runtime, model: str) -> list[tuple[str, dict[str, 
                         "falling back to the next one", model, name, ", ".join(sorted(available)))
     if all(name != CPU for name, _ in chosen):
         chosen.append((CPU, dict(options.get(CPU, {}))))  # the fallback of last resort
+    if any(name in GPU for name, _ in chosen):
+        _load_gpu_libraries()
     return chosen
+
+
+_gpu_libraries: list[bool] = []  # [] until the first GPU session tries to load them
+
+
+def _load_gpu_libraries() -> None:
+    """onnxruntime-gpu from PyPI finds CUDA and cuDNN in the nvidia-* wheels (its `cuda` and `cudnn` extras, or
+    PyTorch's) only once they are loaded (ORT's `preload_dlls`); libraries on the loader's path need nothing.
+    Once per process; a failure is a warning, and starting the session says what is missing."""
+    if _gpu_libraries or not hasattr(ort, "preload_dlls"):
+        return
+    try:
+        ort.preload_dlls()
+        _gpu_libraries.append(True)
+    except Exception as e:
+        _gpu_libraries.append(False)
+        log.warning("could not preload the CUDA/cuDNN libraries of the nvidia-* wheels (%s); relying on the "
+                    "loader's path", e)
 
 
 def session_options(runtime: Runtime) -> ort.SessionOptions:
@@ -111,6 +133,10 @@ class OrtSession:
         if self.providers[0] != wanted_first:  # ORT itself may drop a provider it cannot initialise
             log.warning("model %s: %s requested but ONNX Runtime runs it on %s", model, wanted_first,
                         ", ".join(self.providers))
+        # Where the first provider keeps its tensors: what IO binding binds outputs to (runtime.io_binding).
+        self.device = GPU.get(self.providers[0], "cpu")
+        self.device_id = int(dict(chosen).get(self.providers[0], {}).get("device_id", 0)) if self.device != "cpu" else 0
+        self.io_binding = runtime.io_binding == "on" or (runtime.io_binding == "auto" and self.device != "cpu")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.model = model
@@ -126,6 +152,20 @@ class OrtSession:
         """Run the graph for the named outputs; records the batch metrics when `feeds` has an attention mask."""
         started = time.perf_counter()
         results = dict(zip(outputs, self.session.run(outputs, feeds), strict=True))
+        self._observe(started, feeds, stage)
+        return results
+
+    def run_bound(self, host: list[str], device: list[str], feeds: dict[str, np.ndarray | ort.OrtValue],
+                  stage: str = "forward") -> tuple[dict[str, np.ndarray], list[ort.OrtValue]]:
+        """Run with ORT's IO binding: `host` outputs come back as numpy arrays, `device` outputs stay where the
+        provider made them (OrtValues on `self.device`), and OrtValue feeds are used where they are, uncopied.
+        What feeds a decode step from the last one's presents without a round trip through host memory."""
+        started = time.perf_counter()
+        results = run_bound(self.session, host, device, feeds, self.device, self.device_id)
+        self._observe(started, feeds, stage)
+        return results
+
+    def _observe(self, started: float, feeds: dict[str, Any], stage: str) -> None:
         if self._metrics is not None:
             m = self._metrics
             duration = self._durations.get(stage)
@@ -133,10 +173,33 @@ class OrtSession:
                 duration = self._durations[stage] = m.inference_duration.labels(self.model, stage)
             duration.observe(time.perf_counter() - started)
             mask = feeds.get("attention_mask")
-            if mask is not None and mask.ndim == 2 and mask.size:
+            if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.size:
                 self._batch_tokens.observe(mask.size)
                 self._padding.observe(float(mask.sum()) / mask.size)
-        return results
+
+
+def run_bound(session: ort.InferenceSession, host: list[str], device: list[str],
+              feeds: dict[str, np.ndarray | ort.OrtValue], where: str = "cuda",
+              device_id: int = 0) -> tuple[dict[str, np.ndarray], list[ort.OrtValue]]:
+    """One run of a bare session with ORT's IO binding (OrtSession.run_bound; the benchmarks' raw loops)."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in host:
+        binding.bind_output(name, "cpu")
+    for name in device:
+        binding.bind_output(name, where, device_id)
+    session.run_with_iobinding(binding)
+    values = binding.get_outputs()
+    return {name: value.numpy() for name, value in zip(host, values, strict=False)}, values[len(host):]
+
+
+def on_host(values: Sequence[np.ndarray | ort.OrtValue]) -> list[np.ndarray]:
+    """Numpy arrays of tensors that may be OrtValues (on a GPU: copied to host memory)."""
+    return [v.numpy() if isinstance(v, ort.OrtValue) else v for v in values]
 
 
 def open_graph(folder: Path, manifest: dict[str, Any], key: str, runtime: Runtime, model: str,

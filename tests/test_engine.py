@@ -34,6 +34,15 @@ def recompute(tiny_repo: Path) -> Iterator[ServerThread]:
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def bound(tiny_repo: Path) -> Iterator[ServerThread]:
+    """The engine with ORT's IO binding on, as a GPU runs it: each step's presents stay OrtValues and feed the
+    next step as they are (on CPU here, so the suite checks that path without a GPU)."""
+    srv = ServerThread(make_config(tiny_repo, models=("gpt",), runtime=Runtime(io_binding="on")))
+    yield srv
+    srv.stop()
+
+
 def _gen(target: str, prompts: list[str], **sampling: object) -> list[pb.Generation]:
     with PlmClient(target) as c:
         return list(c.generate("gpt", prompts, pb.SamplingParams(**sampling)).generations)  # type: ignore[arg-type]
@@ -142,12 +151,56 @@ def test_a_slow_reader_gets_piled_up_tokens_together(server: ServerThread) -> No
     assert token_events < sum(len(g.token_ids) for g in unary)  # several tokens per event
 
 
-def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_alone(server: ServerThread) -> None:
+def test_io_binding_generates_and_classifies_what_plain_runs_do(server: ServerThread, bound: ServerThread) -> None:
+    """Keys and values kept as OrtValues between steps (copied to numpy only when rows join or leave) give
+    the same tokens and the same Classify scores as plain runs, and the steps really are fed OrtValues."""
+    import onnxruntime as ort
+
+    engine = bound.running.registry.get("gpt").engine
+    assert engine.session.io_binding and not server.running.registry.get("gpt").engine.session.io_binding
+    fed: list[bool] = []
+    decode = engine._decode
+
+    def watched() -> object:
+        fed.append(isinstance(engine._batch.kv[0], ort.OrtValue))
+        return decode()
+
+    engine._decode = watched
+    try:
+        for sampling in SAMPLINGS:
+            for a, b in zip(_gen(bound.target, PROMPTS, **sampling), _gen(server.target, PROMPTS, **sampling),
+                            strict=True):
+                assert list(a.token_ids) == list(b.token_ids) and a.text == b.text
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # joiners and leavers between steps
+            together = list(pool.map(
+                lambda p: _gen(bound.target, [p], temperature=0.0, max_new_tokens=4 + len(p) // 4)[0], PROMPTS * 2))
+        for g, p in zip(together, PROMPTS * 2, strict=True):
+            assert list(g.token_ids) == list(_gen(server.target, [p], temperature=0.0,
+                                                  max_new_tokens=4 + len(p) // 4)[0].token_ids)
+        demos = [pb.Demonstration(text="Alas!", label="tragedy"), pb.Demonstration(text="Ha!", label="comedy")]
+        req = pb.ClassifyRequest(model="gpt", demonstrations=demos, labels=["tragedy", "comedy", "history play"],
+                                 queries=["To be.", "A horse!", "O"])
+        with PlmClient(bound.target) as a, PlmClient(server.target) as b:
+            for x, y in zip(a.stub.Classify(req).results, b.stub.Classify(req).results, strict=True):
+                assert x.label == y.label
+                for sx, sy in zip(x.scores, y.scores, strict=True):
+                    assert sx.log_likelihood == pytest.approx(sy.log_likelihood, abs=1e-5)
+    finally:
+        del engine._decode
+    assert sum(fed) > len(fed) // 2  # most steps were fed the last step's presents as OrtValues
+    with PlmClient(bound.target) as c:
+        assert c.get_model("gpt").details["io_binding"] == "cpu"
+
+
+@pytest.mark.parametrize("which", ["server", "bound"])
+def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_alone(
+        which: str, request: pytest.FixtureRequest) -> None:
     """The batch's keys and values are laid out again only when a sequence joins or leaves: whatever joins
     or leaves around a sequence, it gets the tokens it gets alone, and the batch is never wider than its
-    longest sequence (leading padding that no row uses is trimmed)."""
+    longest sequence (leading padding that no row uses is trimmed). With IO binding too."""
     from service.tasks.generate import GenerateParams, SamplingParams, start_sequences
 
+    server: ServerThread = request.getfixturevalue(which)
     model = server.running.registry.get("gpt")
     engine = model.engine
     # (prompt, sampling, decode steps after the first request starts at which this one arrives)

@@ -199,4 +199,9 @@ class GptAdapter(ModelAdapter):
         ]
 
     def info(self) -> dict[str, Any]:
-        return {"providers": self.providers, "generation": "kv_cache" if self.engine is not None else "recompute"}
+        info: dict[str, Any] = {"providers": self.providers,
+                                "generation": "kv_cache" if self.engine is not None else "recompute"}
+        if self.engine is not None:  # where the decoder's keys and values stay between steps ("off": numpy)
+            session = self.engine.session
+            info["io_binding"] = session.device if session.io_binding else "off"
+        return info

@@ -1,0 +1,209 @@
+"""The CUDA execution provider against the CPU one, as ratios measured in one run (issue 5, "On CUDA").
+
+    python benchmarks/gpu.py [--repository repository] [--duration 5] [--out results/gpu.json]
+
+Needs a GPU and `onnxruntime-gpu` (docs/benchmarks.md, "On a GPU", says how it was installed). In one run:
+
+1. Parity: GPT's held-out token log-probs and BERT's masked-word log-probs on CUDA (float32 with TF32 off,
+   float32 with the provider's default TF32 matrix products, and the fp16 variant when the folder has one)
+   against float32 on CPU: the largest absolute difference.
+2. Raw ONNX Runtime throughput at the best batch size, `Score` (GPT) and `FillMask` (BERT), each of those
+   against the CPU provider on this machine's cores.
+3. The decoder's step, bare ONNX Runtime, batch 1 and 16: keys and values bound on the GPU (IO binding) ÷
+   copied through host memory every step (`run`); and the same through the engine in process
+   (`runtime.io_binding` on and off).
+4. Served on the GPU (`plm serve`, automatic providers): `Score` and `FillMask` at concurrency 64 ÷ raw CUDA
+   at its best batch size; dynamic batching on ÷ off.
+
+Writes the JSON and a PNG, and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_step import measure as engine_measure
+from serving import Raw, best_rate, drive, held_out_texts
+
+from client.local_server import LocalServer
+from service.config import Runtime
+from service.runtime import run_bound
+
+GPU_BATCHES = (1, 4, 16, 64, 128, 256)
+CUDA = "CUDAExecutionProvider"
+
+
+def decode_steps(session: ort.InferenceSession, dec: dict[str, Any], batch: int, steps: int, bound: bool) -> float:
+    """Mean ms of a bare greedy decode step at `batch` rows: presents fed back as CUDA OrtValues (`bound`) or
+    as numpy arrays through `run` (copied to the device and back every step)."""
+    layers, heads, dim = dec["n_layer"], dec["n_head"], dec["head_dim"]
+    pasts = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    presents = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    ids = np.array([[0] + [5 + (r + k) % 50 for k in range(8)] for r in range(batch)], dtype=np.int64)
+    kv: list[Any] = [np.zeros((batch, heads, 0, dim), dtype=np.float32)] * len(pasts)
+    mask = np.ones_like(ids)
+    pos = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+    times = []
+    for _ in range(steps + 1):  # the first is the prefill
+        started = time.perf_counter()
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(pasts, kv, strict=True))}
+        if bound:
+            host, kv = run_bound(session, ["next_logprobs"], presents, feeds,
+                                 "cuda" if session.get_providers()[0] == CUDA else "cpu")
+            logprobs = host["next_logprobs"]
+        else:
+            out = session.run(["next_logprobs", *presents], feeds)
+            logprobs, kv = out[0], list(out[1:])
+        times.append(time.perf_counter() - started)
+        ids = np.argmax(logprobs, axis=-1)[:, None].astype(np.int64)
+        pos = np.full((batch, 1), mask.shape[1], dtype=np.int64)
+        mask = np.ones((batch, mask.shape[1] + 1), dtype=np.int64)
+    return 1000 * float(np.mean(times[2:]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=Path("repository"))
+    ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per served run")
+    ap.add_argument("--out", type=Path, default=Path("results/gpu.json"))
+    args = ap.parse_args()
+    if CUDA not in ort.get_available_providers():
+        raise SystemExit(f"no CUDA execution provider in this onnxruntime build ({ort.get_available_providers()})")
+    started = time.perf_counter()
+    texts = held_out_texts()
+    idx = list(range(len(texts)))
+    gpt_manifest = json.loads((args.repository / "gpt" / "manifest.json").read_text())
+    has_fp16 = "fp16" in (gpt_manifest.get("variants") or {})
+    configs = {
+        "cpu": Runtime(providers=("cpu",), spin_wait=True),
+        "cuda_fp32_no_tf32": Runtime(providers=("cuda",), provider_options={CUDA: {"use_tf32": 0}}),
+        "cuda_fp32": Runtime(providers=("cuda",)),
+        **({"cuda_fp16": Runtime(providers=("cuda",), variant="fp16")} if has_fp16 else {}),
+    }
+    out: dict[str, Any] = {"device": ort.get_device(), "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(),
+                           "parity": {}, "raw": {}}
+    reference: dict[str, Any] = {}
+    for name, runtime in configs.items():
+        raw = Raw(args.repository, texts, runtime, nnlm=False)
+        assert raw.gpt_s.providers[0] == (CUDA if name != "cpu" else "CPUExecutionProvider"), raw.gpt_s.providers
+        gpt = [lp for k in range(0, len(idx), 16) for lp in raw.gpt_score(idx[k:k + 16])]
+        bert = np.concatenate([raw.bert_fill(idx[k:k + 16]) for k in range(0, len(idx), 16)])
+        if name == "cpu":
+            reference = {"gpt": gpt, "bert": bert}
+        else:
+            out["parity"][name] = {
+                "gpt_token_logprob_max_abs_diff": float(max(np.abs(a - b).max() for a, b in
+                                                            zip(gpt, reference["gpt"], strict=True))),
+                "bert_mask_logprob_max_abs_diff": float(np.abs(bert - reference["bert"]).max())}
+            print(f"parity {name:18}: " + ", ".join(f"{k} {v:.2e}" for k, v in out["parity"][name].items()),
+                  flush=True)
+        batches = GPU_BATCHES if name != "cpu" else (1, 8, 32, 64)
+        out["raw"][name] = {"gpt_score": best_rate(raw.gpt_score, len(texts), 1.0, batches),
+                            "bert_fill": best_rate(raw.bert_fill, len(texts), 1.0, batches)}
+        for k, v in out["raw"][name].items():
+            print(f"raw {name:18} {k:10}: {v['best_items_per_s']:9.1f} items/s at batch {v['best_batch']}", flush=True)
+        del raw
+
+    # The decoder's step: IO binding vs `run`, bare and through the engine.
+    dec = gpt_manifest["graphs"]["decoder"]
+    session = ort.InferenceSession(str(args.repository / "gpt" / dec["file"]), providers=[CUDA])
+    out["decode_step_ms"] = {}
+    for b in (1, 16):
+        for bound in (False, True, False, True):  # alternated: the second pair checks the first
+            key = f"b{b}_{'io_binding' if bound else 'run'}"
+            out["decode_step_ms"].setdefault(key, []).append(decode_steps(session, dec, b, 48, bound))
+        print(f"raw decode step B={b:2d}: run {np.mean(out['decode_step_ms'][f'b{b}_run']):.3f} ms, "
+              f"IO binding {np.mean(out['decode_step_ms'][f'b{b}_io_binding']):.3f} ms", flush=True)
+    del session
+    out["engine"] = {}
+    for mode in ("off", "on"):
+        os.environ["PLM_RUNTIME__IO_BINDING"] = mode
+        print(f"engine in process, io_binding {mode}:", flush=True)
+        out["engine"][mode] = asyncio.run(engine_measure(args.repository, "gpt", [1, 16], 48))
+    os.environ.pop("PLM_RUNTIME__IO_BINDING")
+
+    # Served on the GPU: automatic providers, as `plm serve` starts.
+    served: dict[str, Any] = {}
+    with LocalServer(args.repository, ["gpt", "bert"], metrics=True) as srv:
+        served["gpt_score"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
+        served["bert_fill"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
+        served["gpt_score_x8"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
+    with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
+        served["gpt_score_unbatched"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+    out["served"] = {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in served.items()}
+
+    raw_cuda = out["raw"]["cuda_fp32"]
+    dstep = {k: float(np.mean(v)) for k, v in out["decode_step_ms"].items()}
+    engine_ms = {mode: {r["batch"]: r["wall_ms_per_step"] for r in rows} for mode, rows in out["engine"].items()}
+    ratios = {
+        "raw_score_gpt_cuda_vs_cpu": raw_cuda["gpt_score"]["best_items_per_s"]
+        / out["raw"]["cpu"]["gpt_score"]["best_items_per_s"],
+        "raw_fillmask_bert_cuda_vs_cpu": raw_cuda["bert_fill"]["best_items_per_s"]
+        / out["raw"]["cpu"]["bert_fill"]["best_items_per_s"],
+        "decode_step_b1_run_vs_io_binding": dstep["b1_run"] / dstep["b1_io_binding"],
+        "decode_step_b16_run_vs_io_binding": dstep["b16_run"] / dstep["b16_io_binding"],
+        "engine_step_b1_off_vs_on": engine_ms["off"][1] / engine_ms["on"][1],
+        "engine_step_b16_off_vs_on": engine_ms["off"][16] / engine_ms["on"][16],
+        "score_gpt_served_vs_raw_cuda": served["gpt_score"]["texts_per_s"] / raw_cuda["gpt_score"]["best_items_per_s"],
+        "fillmask_bert_served_vs_raw_cuda": served["bert_fill"]["texts_per_s"]
+        / raw_cuda["bert_fill"]["best_items_per_s"],
+        "score_gpt_8_texts_per_request_vs_raw_cuda": served["gpt_score_x8"]["texts_per_s"]
+        / raw_cuda["gpt_score"]["best_items_per_s"],
+        "batching_on_vs_off_gpt_score_cuda": served["gpt_score"]["texts_per_s"]
+        / served["gpt_score_unbatched"]["texts_per_s"],
+    }
+    if has_fp16:
+        ratios["raw_score_gpt_fp16_vs_fp32_cuda"] = (out["raw"]["cuda_fp16"]["gpt_score"]["best_items_per_s"]
+                                                     / raw_cuda["gpt_score"]["best_items_per_s"])
+    out["ratios"] = ratios
+    print(f"\nratios (one run, {ort.get_device()}, {os.cpu_count()} CPU cores, {time.perf_counter() - started:.0f} s):")
+    for k, v in ratios.items():
+        print(f"  {k:44} {v:8.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    plot(out, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(out: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(out["raw"])
+    x = np.arange(2)
+    w = 0.8 / (len(names) + 1)
+    for k, name in enumerate(names):
+        a.bar(x + k * w, [out["raw"][name]["gpt_score"]["best_items_per_s"],
+                          out["raw"][name]["bert_fill"]["best_items_per_s"]], w, label=f"raw, {name}")
+    a.bar(x + len(names) * w, [out["served"]["gpt_score"]["texts_per_s"], out["served"]["bert_fill"]["texts_per_s"]],
+          w, label="served on the GPU, conc 64")
+    a.set_xticks(x + 0.4 - w / 2, ["GPT Score", "BERT FillMask"])
+    a.set_yscale("log")
+    a.set_ylabel("sequences / s")
+    a.set_title("throughput at the best batch size")
+    a.legend(fontsize=7)
+    keys = list(out["decode_step_ms"])
+    b.bar(range(len(keys)), [float(np.mean(out["decode_step_ms"][k])) for k in keys])
+    b.set_xticks(range(len(keys)), keys, rotation=20, fontsize=8)
+    b.set_ylabel("ms per decode step (bare ONNX Runtime)")
+    b.set_title("KV cache: IO binding vs run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
