@@ -13,7 +13,8 @@ Needs a GPU and `onnxruntime-gpu` (docs/benchmarks.md, "On a GPU", says how it w
    copied through host memory every step (`run`); and the same through the engine in process
    (`runtime.io_binding` on and off).
 4. Served on the GPU (`plm serve`, automatic providers): `Score` and `FillMask` at concurrency 64 ÷ raw CUDA
-   at its best batch size; dynamic batching on ÷ off.
+   at its best batch size; dynamic batching on ÷ off; and `--workers N` server processes sharing the GPU,
+   driven by N load-generator processes.
 
 Writes the JSON and a PNG, and prints the ratios.
 """
@@ -76,6 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=Path("repository"))
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per served run")
+    ap.add_argument("--workers", type=int, default=4, help="server processes sharing the GPU in the workers run")
     ap.add_argument("--out", type=Path, default=Path("results/gpu.json"))
     args = ap.parse_args()
     if CUDA not in ort.get_available_providers():
@@ -120,17 +122,20 @@ def main() -> None:
     session = ort.InferenceSession(str(args.repository / "gpt" / dec["file"]), providers=[CUDA])
     out["decode_step_ms"] = {}
     for b in (1, 16):
+        for bound in (False, True):  # untimed: the device allocator sees every shape once
+            decode_steps(session, dec, b, 48, bound)
         for bound in (False, True, False, True):  # alternated: the second pair checks the first
             key = f"b{b}_{'io_binding' if bound else 'run'}"
             out["decode_step_ms"].setdefault(key, []).append(decode_steps(session, dec, b, 48, bound))
         print(f"raw decode step B={b:2d}: run {np.mean(out['decode_step_ms'][f'b{b}_run']):.3f} ms, "
               f"IO binding {np.mean(out['decode_step_ms'][f'b{b}_io_binding']):.3f} ms", flush=True)
     del session
-    out["engine"] = {}
-    for mode in ("off", "on"):
+    out["engine"] = {"off": [], "on": []}
+    window = int(gpt_manifest["max_length"])
+    for mode in ("off", "on", "off", "on"):  # alternated
         os.environ["PLM_RUNTIME__IO_BINDING"] = mode
         print(f"engine in process, io_binding {mode}:", flush=True)
-        out["engine"][mode] = asyncio.run(engine_measure(args.repository, "gpt", [1, 16], 48))
+        out["engine"][mode] += asyncio.run(engine_measure(args.repository, "gpt", [1, 16], min(96, window - 16)))
     os.environ.pop("PLM_RUNTIME__IO_BINDING")
 
     # Served on the GPU: automatic providers, as `plm serve` starts.
@@ -141,11 +146,23 @@ def main() -> None:
         served["gpt_score_x8"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
     with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
         served["gpt_score_unbatched"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+    # ONNX Runtime's intra-op threads (one per core by default) run only the CPU-placed shape nodes of a CUDA
+    # session, and take cores from the event loop when they spin: one thread, not spinning, against the default.
+    env = {"PLM_RUNTIME__INTRA_OP_THREADS": "1", "PLM_RUNTIME__DECODER_SPIN_WAIT": "false"}
+    with LocalServer(args.repository, ["gpt"], env=env) as srv:
+        served["gpt_score_1_thread"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+    # One process's event loop is the ceiling long before the GPU is: `--workers` processes share the GPU (each
+    # with its own session), driven by as many load-generator processes.
+    with LocalServer(args.repository, ["gpt", "bert"], workers=args.workers) as srv:
+        for key, rpc, model in (("gpt_score_workers", "Score", "gpt"), ("bert_fill_workers", "FillMask", "bert")):
+            served[key] = drive(srv.target, rpc, model, texts, 64 * args.workers, args.duration,
+                                processes=args.workers, connections=2)
     out["served"] = {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in served.items()}
 
     raw_cuda = out["raw"]["cuda_fp32"]
     dstep = {k: float(np.mean(v)) for k, v in out["decode_step_ms"].items()}
-    engine_ms = {mode: {r["batch"]: r["wall_ms_per_step"] for r in rows} for mode, rows in out["engine"].items()}
+    engine_ms = {mode: {b: float(np.mean([r["wall_ms_per_step"] for r in rows if r["batch"] == b])) for b in (1, 16)}
+                 for mode, rows in out["engine"].items()}
     ratios = {
         "raw_score_gpt_cuda_vs_cpu": raw_cuda["gpt_score"]["best_items_per_s"]
         / out["raw"]["cpu"]["gpt_score"]["best_items_per_s"],
@@ -162,6 +179,14 @@ def main() -> None:
         / raw_cuda["gpt_score"]["best_items_per_s"],
         "batching_on_vs_off_gpt_score_cuda": served["gpt_score"]["texts_per_s"]
         / served["gpt_score_unbatched"]["texts_per_s"],
+        f"score_gpt_{args.workers}_workers_vs_raw_cuda": served["gpt_score_workers"]["texts_per_s"]
+        / raw_cuda["gpt_score"]["best_items_per_s"],
+        f"fillmask_bert_{args.workers}_workers_vs_raw_cuda": served["bert_fill_workers"]["texts_per_s"]
+        / raw_cuda["bert_fill"]["best_items_per_s"],
+        f"score_gpt_{args.workers}_workers_vs_1": served["gpt_score_workers"]["texts_per_s"]
+        / served["gpt_score"]["texts_per_s"],
+        "score_gpt_1_intra_op_thread_vs_default": served["gpt_score_1_thread"]["texts_per_s"]
+        / served["gpt_score"]["texts_per_s"],
     }
     if has_fp16:
         ratios["raw_score_gpt_fp16_vs_fp32_cuda"] = (out["raw"]["cuda_fp16"]["gpt_score"]["best_items_per_s"]

@@ -6,6 +6,8 @@ the server never fails to start because a GPU is missing.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import time
@@ -36,7 +38,8 @@ ALIASES = {
     "openvino": "OpenVINOExecutionProvider", "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider",
 }
 CPU = "CPUExecutionProvider"
-AUTO = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU)  # `providers = []`: the best this build has
+TENSORRT = "TensorrtExecutionProvider"
+AUTO = (TENSORRT, "CUDAExecutionProvider", CPU)  # `providers = []`: the best this build has
 # Providers whose tensors live in GPU memory: the device OrtValues are bound on ("cuda" for ORT's IO binding).
 GPU = {"TensorrtExecutionProvider": "cuda", "CUDAExecutionProvider": "cuda"}
 
@@ -66,6 +69,8 @@ def choose_providers(runtime: Runtime, model: str) -> list[tuple[str, dict[str, 
     options = {provider_name(k): v for k, v in runtime.provider_options.items()}
     chosen: list[tuple[str, dict[str, Any]]] = []
     for name in map(provider_name, runtime.providers or AUTO):
+        if name == TENSORRT and not runtime.providers and name in available and not tensorrt_loadable():
+            continue  # onnxruntime-gpu lists it whether or not TensorRT is installed: the automatic choice skips it
         if name in available:
             chosen.append((name, dict(options.get(name, {}))))
         elif runtime.providers:  # asked for by name: say that it is not used (automatic choice stays quiet)
@@ -76,6 +81,20 @@ def choose_providers(runtime: Runtime, model: str) -> list[tuple[str, dict[str, 
     if any(name in GPU for name, _ in chosen):
         _load_gpu_libraries()
     return chosen
+
+
+@functools.cache
+def tensorrt_loadable() -> bool:
+    """Whether TensorRT's runtime library loads here. Without it the TensorRT provider fails every session start
+    (ORT prints an error and falls back); the automatic choice skips it instead, saying so once."""
+    for lib in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(lib)
+            return True
+        except OSError:
+            continue
+    log.info("TensorRT's libraries (libnvinfer) are not installed: automatic providers start at CUDA")
+    return False
 
 
 _gpu_libraries: list[bool] = []  # [] until the first GPU session tries to load them

@@ -81,6 +81,22 @@ def test_provider_choice_skips_what_is_missing_and_keeps_cpu_last(caplog: pytest
                    for r in caplog.records)
 
 
+def test_automatic_providers_skip_tensorrt_without_its_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu lists TensorRT whether or not libnvinfer is installed: the automatic choice starts at CUDA
+    then (no failed TensorRT start per session), while a TensorRT asked for by name is still tried."""
+    import onnxruntime as ort
+
+    from service import runtime
+
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu_build)
+    monkeypatch.setattr(runtime, "_gpu_libraries", [True])  # nothing to preload in this test
+    for loadable, expected in ((False, gpu_build[1:]), (True, gpu_build)):
+        monkeypatch.setattr(runtime, "tensorrt_loadable", lambda loadable=loadable: loadable)
+        assert [n for n, _ in choose_providers(Runtime(), "m")] == expected
+        assert [n for n, _ in choose_providers(Runtime(providers=("trt", "cpu")), "m")] == [gpu_build[0], gpu_build[2]]
+
+
 def test_unknown_provider_fails_the_start_naming_it(tiny_repo: Path) -> None:
     config = make_config(tiny_repo, runtime=Runtime(providers=("cuda", "warp-drive")))
     with pytest.raises(ValueError, match="unknown execution provider 'warp-drive'"):
