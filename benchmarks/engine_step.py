@@ -33,7 +33,7 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
     engine = model.engine
     if engine is None:
         raise SystemExit(f"{model_name} has no KV-cache decoder graph")
-    spent = {"ort": 0.0, "ort_decode": 0.0, "decode_call": 0.0, "emit": 0.0}
+    spent = {"ort": 0.0, "ort_decode": 0.0, "decode_call": 0.0, "emit": 0.0, "layout": 0.0}
 
     def timed(key: str, fn: Any) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -46,10 +46,10 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
 
     run = engine._run
 
-    def timed_run(*a: Any) -> Any:  # every graph run (prefills too); decode steps also on their own
+    def timed_run(*a: Any, **k: Any) -> Any:  # every graph run (prefills too); decode steps also on their own
         started = time.perf_counter()
         try:
-            return run(*a)
+            return run(*a, **k)
         finally:
             spent["ort"] += time.perf_counter() - started
             if a[-1] == "decode":
@@ -58,6 +58,21 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
     engine._run = timed_run
     engine._decode = timed("decode_call", engine._decode)
     engine._emit = timed("emit", engine._emit)
+    # Laying the batch out again when sequences join or leave (and, under IO binding, fetching it from the GPU).
+    layouts = [0]
+    import service.engine as eng
+
+    host, refill, layout = eng._host, eng._refill, eng._Scratch.layout
+
+    def counted(fn: Any, counts: bool) -> Any:  # each layout calls _refill (host memory) or the layout graph once
+        def wrapper(*a: Any, **k: Any) -> Any:
+            layouts[0] += counts
+            return timed("layout", fn)(*a, **k)
+        return wrapper
+
+    eng._host, eng._refill = counted(host, False), counted(refill, True)
+    eng._Scratch.layout = counted(layout, False)  # type: ignore[method-assign]
+    engine._layout_on_device = counted(engine._layout_on_device, True)
     metrics = Metrics()
 
     async def one(i: int, tokens: int) -> int:
@@ -76,6 +91,7 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
         await asyncio.gather(*(one(i, 8) for i in range(b)))  # warm-up
         for key in spent:
             spent[key] = 0.0
+        layouts[0] = 0
         steps_before, started = engine.steps, time.perf_counter()
         tokens = sum(await asyncio.gather(*(one(i, n) for i in range(b))))
         wall, steps = time.perf_counter() - started, engine.steps - steps_before
@@ -83,13 +99,17 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
         rows.append({"batch": b, "tokens": tokens, "steps": steps, "wall_ms_per_step": 1000 * wall / steps,
                      "ort_ms_per_step": ms["ort_decode"], "prefill_ort_ms_per_step": ms["ort"] - ms["ort_decode"],
                      "assembly_ms_per_step": ms["decode_call"] - ms["ort_decode"], "sampling_ms_per_step": ms["emit"],
+                     "layout_ms_per_step": ms["layout"], "layouts": layouts[0],
                      "tokens_per_s": tokens / wall})
         r = rows[-1]
         print(f"B={b:3d}: {r['wall_ms_per_step']:.2f} ms/step = ONNX Runtime {r['ort_ms_per_step']:.2f} + assembly "
               f"{r['assembly_ms_per_step']:.2f} + sampling/detokenising {r['sampling_ms_per_step']:.2f} + rest "
-              f"(of which prefill ONNX Runtime {r['prefill_ort_ms_per_step']:.2f}); "
+              f"(of which prefill ONNX Runtime {r['prefill_ort_ms_per_step']:.2f}, {r['layouts']} layouts "
+              f"{r['layout_ms_per_step']:.2f}); "
               f"{r['tokens_per_s']:.0f} tokens/s ({tokens} tokens in {steps} steps)")
     await model.close()
+    eng._host, eng._refill = host, refill
+    eng._Scratch.layout = layout  # type: ignore[method-assign]
     return rows
 
 

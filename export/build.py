@@ -210,7 +210,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
     import torch
 
     from export.hf_gpt2 import save_weights
-    from export.onnx_export import export_gpt, export_gpt_decoder
+    from export.onnx_export import export_gpt, export_gpt_decoder, export_kv_layout
     from models.gpt import GPT, GPTConfig
     from models.train import TrainConfig, lm_batches, train
 
@@ -254,7 +254,8 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
             "max_length": cfg.block_size, "vocab_size": cfg.vocab_size,
             "tokenizer": {"file": "tokenizer.json", "kind": "bpe", "bos": tokenization.ENDOFTEXT,
                           "eos": tokenization.ENDOFTEXT, "pad": tokenization.ENDOFTEXT},
-            "graphs": {"model": graph, "decoder": decoder},
+            "graphs": {"model": graph, "decoder": decoder,
+                       "kv_layout": export_kv_layout(folder / "kv_layout.onnx", 2 * cfg.n_layer)},
             "weights": "weights.npz",
             "parity": {**graph.get("parity", {}), "max_abs_diff": max(graph["parity"]["max_abs_diff"],
                                                                    decoder["parity"]["max_abs_diff"])},

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -131,25 +132,40 @@ class _Scratch:
         """The given rows of the given batches, in order, left-padded to the longest one's real length (so
         leading columns that no row uses any more are trimmed)."""
         parts = [(batch, rows) for batch, rows in parts if rows]
-        if not parts:
+        laid = _layout_rows(parts)
+        if not laid.slots:
             return _EMPTY
-        lengths = np.concatenate([batch.lengths[rows] for batch, rows in parts])
         _, h, _, d = parts[0][0].kv[0].shape
-        b, p, arrays = len(lengths), int(lengths.max()), len(parts[0][0].kv)
+        (b, p), arrays = laid.mask.shape, len(parts[0][0].kv)
         size = b * h * p * d
         if self._buf.size < arrays * size or any(np.may_share_memory(self._buf, batch.kv[0]) for batch, _ in parts):
             self._buf = np.empty(arrays * size * 5 // 4, dtype=np.float32)  # room to grow by a row or two
         kv = [self._buf[j * size:(j + 1) * size].reshape(b, h, p, d) for j in range(arrays)]
-        mask = np.zeros((b, p), dtype=np.int64)
         at = 0
         for batch, rows in parts:
             k, w = len(rows), min(p, batch.mask.shape[1])  # w: the source's last columns that are kept
             for src, dst in zip(batch.kv, kv, strict=True):
                 dst[at:at + k, :, :p - w] = 0  # masked out, but must be finite: 0 × NaN is NaN
                 dst[at:at + k, :, p - w:] = src[rows, :, src.shape[2] - w:]
-            mask[at:at + k, p - w:] = batch.mask[rows, batch.mask.shape[1] - w:]
             at += k
-        return _Batch([batch.slots[i] for batch, rows in parts for i in rows], kv, mask, lengths)
+        return dataclasses.replace(laid, kv=kv)
+
+
+def _layout_rows(parts: list[tuple[_Batch, list[int]]]) -> _Batch:
+    """The slots, mask and lengths of a layout of the given rows (no keys and values yet): left-padded to the
+    longest real length, so leading columns that no row uses any more are trimmed."""
+    parts = [(batch, rows) for batch, rows in parts if rows]
+    if not parts:
+        return _EMPTY
+    lengths = np.concatenate([batch.lengths[rows] for batch, rows in parts])
+    p = int(lengths.max())
+    mask = np.zeros((len(lengths), p), dtype=np.int64)
+    at = 0
+    for batch, rows in parts:
+        w = min(p, batch.mask.shape[1])
+        mask[at:at + len(rows), p - w:] = batch.mask[rows, batch.mask.shape[1] - w:]
+        at += len(rows)
+    return _Batch([batch.slots[i] for batch, rows in parts for i in rows], [], mask, lengths)
 
 
 @dataclass(eq=False)
@@ -201,9 +217,14 @@ def _coalesce(items: list[_Item]) -> collections.deque[_Item]:
 
 class GenerationEngine:
     def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
-                 pad_id: int, allowed: np.ndarray, batching: Batching, metrics: Metrics) -> None:
+                 pad_id: int, allowed: np.ndarray, batching: Batching, metrics: Metrics,
+                 layout: OrtSession | None = None) -> None:
         self.model = model
         self.session = session
+        # Under IO binding, the KV layout graph (export_kv_layout) lays the batch out again on the decoder's
+        # device when sequences join or leave; without it that goes through host memory.
+        self.layout = layout if session.io_binding else None
+        self.layout_outputs = [f"out.{i}" for i in range(2 * n_layer)]
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.bos_id, self.pad_id = bos_id, pad_id
         self.allowed = allowed  # (V,) bool: tokens that may be generated
@@ -375,7 +396,9 @@ class GenerationEngine:
             self._emit(self._joining, logprobs, out)
             self._hand_over(out)
             rows = [i for i, s in enumerate(joined.slots) if not (s.seq.finished or s.request.cancelled)]
-        if rows or len(keep) < len(self._batch.slots):
+        if (rows or len(keep) < len(self._batch.slots)) and self.layout is not None:
+            self._batch = self._layout_on_device(keep, joined, rows)
+        elif rows or len(keep) < len(self._batch.slots):
             # Joiners take the rows of those who left where they can; else one copy for everyone.
             batch, joined = _host(self._batch), _host(joined)
             refilled = _refill(batch, keep, joined, rows)
@@ -386,6 +409,22 @@ class GenerationEngine:
             logprobs = self._decode()
             self.steps += 1
             self._emit(self._batch.slots, logprobs, out)
+
+    def _layout_on_device(self, keep: list[int], joined: _Batch, rows: list[int]) -> _Batch:
+        """The kept rows of the batch, then the joiners' `rows`, laid out by the KV layout graph where the
+        decoder keeps them: what `_Scratch.layout` does in host memory, without the round trip."""
+        laid = _layout_rows([(self._batch, keep), (joined, rows)])
+        if not laid.slots:
+            return _EMPTY
+        empty = np.zeros((0, self.n_head, 0, self.head_dim), dtype=np.float32)
+        feeds: dict[str, Any] = {"a_rows": np.asarray(keep, dtype=np.int64), "b_rows": np.asarray(rows, dtype=np.int64),
+                                 "width": np.array([laid.mask.shape[1]], dtype=np.int64)}
+        for i in range(len(self.layout_outputs)):
+            feeds[f"a.{i}"] = self._batch.kv[i] if self._batch.kv else empty
+            feeds[f"b.{i}"] = joined.kv[i] if joined.kv else empty
+        assert self.layout is not None
+        _, kv = self.layout.run_bound([], self.layout_outputs, feeds, stage="layout")
+        return dataclasses.replace(laid, kv=kv)
 
     def _admit(self, running: list[_Slot]) -> list[_Slot]:
         """Move waiting sequences into the batch while the count and token budgets allow."""
@@ -459,8 +498,8 @@ class GenerationEngine:
         mask = np.ones_like(ids)
         empty = np.zeros((1, self.n_head, 0, self.head_dim), dtype=np.float32)
         logprobs, presents = self._run(ids, mask, np.arange(len(prefix), dtype=np.int64)[None],
-                                       [empty] * len(self.past_names), "prefill")
-        state = (on_host(presents), logprobs[0])  # in host memory: each use repeats it for its rows
+                                       [empty] * len(self.past_names), "prefill", on_device=False)
+        state = (presents, logprobs[0])  # in host memory: each use repeats it for its rows
         size = sum(p.nbytes for p in state[0])
         self._prefixes[key] = state
         self._prefix_bytes += size
@@ -509,13 +548,14 @@ class GenerationEngine:
 
     # -- graph runs (on the engine's thread) -----------------------------------------------------------------
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, pasts: list[Any],
-             stage: str) -> tuple[np.ndarray, list[Any]]:
+             stage: str, on_device: bool = True) -> tuple[np.ndarray, list[Any]]:
         """The next-token log-probs (B, V) in host memory and the presents: numpy arrays, or under IO binding
-        OrtValues left where the provider made them (fed back as the next step's pasts as they are)."""
+        (unless `on_device` is False: presents that are laid out in host memory next) OrtValues left where the
+        provider made them, fed back as the next step's pasts as they are."""
         feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
                  **dict(zip(self.past_names, pasts, strict=True))}
         self._m_batch.observe(len(input_ids))
-        if self.session.io_binding:
+        if self.session.io_binding and on_device:
             host, presents = self.session.run_bound(["next_logprobs"], self.present_names, feeds, stage=stage)
             return host["next_logprobs"], presents
         out = self.session.run(["next_logprobs", *self.present_names], feeds, stage=stage)
@@ -533,7 +573,10 @@ class GenerationEngine:
             mask[i, t - len(r):] = 1
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         empty = np.zeros((b, self.n_head, 0, self.head_dim), dtype=np.float32)
-        logprobs, presents = self._run(ids, mask, pos, [empty] * len(self.past_names), "prefill")
+        # Joiners' keys and values stay where the batch is laid out again: the device with the layout graph, else
+        # host memory.
+        logprobs, presents = self._run(ids, mask, pos, [empty] * len(self.past_names), "prefill",
+                                       on_device=self.layout is not None)
         return logprobs, _Batch(list(slots), presents, mask, np.array([len(r) for r in rows], dtype=np.int64))
 
     def _decode(self) -> np.ndarray:

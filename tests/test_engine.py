@@ -187,9 +187,10 @@ def test_io_binding_generates_and_classifies_what_plain_runs_do(server: ServerTh
                     assert sx.log_likelihood == pytest.approx(sy.log_likelihood, abs=1e-5)
     finally:
         del engine._decode
-    assert sum(fed) > len(fed) // 2  # most steps were fed the last step's presents as OrtValues
+    assert fed and all(fed)  # joins and leaves too were laid out by the KV layout graph, never through numpy
     with PlmClient(bound.target) as c:
-        assert c.get_model("gpt").details["io_binding"] == "cpu"
+        details = c.get_model("gpt").details
+        assert details["io_binding"] == "cpu" and details["kv_layout"] == "cpu"
 
 
 @pytest.mark.parametrize("which", ["server", "bound"])
@@ -245,6 +246,20 @@ def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_al
     assert engine.active == 0 and not engine._batch.kv  # every sequence's KV memory released
 
 
+def _random_batch(rng: Any, lengths: list[int], width: int, tag: str) -> Any:
+    """A running batch of the given real lengths, left-padded to `width`: 4 KV arrays (B, 2, width, 3)."""
+    import numpy as np
+
+    from service.engine import _Batch
+
+    mask = np.zeros((len(lengths), width), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+    kv = [rng.standard_normal((len(lengths), 2, width, 3)).astype(np.float32) for _ in range(4)]
+    return _Batch([f"{tag}{i}" for i in range(len(lengths))], kv, mask,  # type: ignore[arg-type]
+                  np.array(lengths, dtype=np.int64))
+
+
 def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives() -> None:
     """When joiners take the rows of those who left (no copy of the batch), each sequence keeps the same real
     keys, values, mask and length as in a full layout, and the batch the same width."""
@@ -254,14 +269,6 @@ def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives()
 
     hypothesis = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
-
-    def batch(rng: np.random.Generator, lengths: list[int], width: int, tag: str) -> _Batch:
-        mask = np.zeros((len(lengths), width), dtype=np.int64)
-        for i, n in enumerate(lengths):
-            mask[i, width - n:] = 1
-        kv = [rng.standard_normal((len(lengths), 2, width, 3)).astype(np.float32) for _ in range(4)]
-        return _Batch([f"{tag}{i}" for i in range(len(lengths))], kv, mask,  # type: ignore[misc]
-                      np.array(lengths, dtype=np.int64))
 
     def rows_of(b: _Batch) -> dict[object, tuple[int, list[np.ndarray]]]:
         out = {}
@@ -276,8 +283,8 @@ def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives()
         st.integers(1, 12), max_size=4), data=st.data(), seed=st.integers(0, 2**32 - 1))
     def check(lengths: list[int], joiners: list[int], data: Any, seed: int) -> None:
         rng = np.random.default_rng(seed)
-        running = batch(rng, lengths, max(lengths), "r")
-        joined = batch(rng, joiners, max(joiners), "j") if joiners else _EMPTY
+        running = _random_batch(rng, lengths, max(lengths), "r")
+        joined = _random_batch(rng, joiners, max(joiners), "j") if joiners else _EMPTY
         keep = sorted(data.draw(st.sets(st.sampled_from(range(len(lengths))))))
         rows = list(range(len(joiners)))
         full = _Scratch().layout([(running, keep), (joined, rows)])
@@ -290,5 +297,40 @@ def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives()
         assert got.keys() == expected.keys()
         for slot, (n, kv) in expected.items():
             assert got[slot][0] == n and all((a == b).all() for a, b in zip(got[slot][1], kv, strict=True))
+
+    check()
+
+
+def test_the_kv_layout_graph_lays_out_what_numpy_lays_out(tmp_path: Path) -> None:
+    """The layout graph (joins and leaves on the decoder's device under IO binding) gives the same batch as the
+    numpy layout, bit for bit: slots, mask, lengths and every key and value, whatever rows are kept or join."""
+    import numpy as np
+
+    from export.onnx_export import export_kv_layout
+    from service.config import Runtime
+    from service.engine import _EMPTY, GenerationEngine, _Scratch
+    from service.runtime import OrtSession, on_host
+
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    export_kv_layout(tmp_path / "kv_layout.onnx", 4)
+    engine = object.__new__(GenerationEngine)  # only what the layout reads
+    engine.n_head, engine.head_dim, engine.layout_outputs = 2, 3, [f"out.{i}" for i in range(4)]
+    engine.layout = OrtSession(tmp_path / "kv_layout.onnx", Runtime(providers=("cpu",), io_binding="on"), "m")
+
+    @hypothesis.settings(max_examples=100, deadline=None)
+    @hypothesis.given(lengths=st.lists(st.integers(1, 12), max_size=8), joiners=st.lists(st.integers(1, 12),
+                      max_size=4), data=st.data(), seed=st.integers(0, 2**32 - 1))
+    def check(lengths: list[int], joiners: list[int], data: Any, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        running = _random_batch(rng, lengths, max(lengths) + data.draw(st.integers(0, 3)), "r") if lengths else _EMPTY
+        joined = _random_batch(rng, joiners, max(joiners), "j") if joiners else _EMPTY
+        keep = sorted(data.draw(st.sets(st.sampled_from(range(len(lengths))))) if lengths else set())
+        rows = sorted(data.draw(st.sets(st.sampled_from(range(len(joiners))))) if joiners else set())
+        want = _Scratch().layout([(running, keep), (joined, rows)])
+        engine._batch = running
+        got = engine._layout_on_device(keep, joined, rows)
+        assert got.slots == want.slots and (got.mask == want.mask).all() and (got.lengths == want.lengths).all()
+        assert all(a.shape == b.shape and (a == b).all() for a, b in zip(on_host(got.kv), want.kv, strict=True))
 
     check()

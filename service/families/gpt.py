@@ -116,10 +116,15 @@ class GptAdapter(ModelAdapter):
             threads = runtime.intra_op_threads or max(1, cores() - 1)
             decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait,
                                                   intra_op_threads=threads)
+            decoder_session = open_graph(folder, manifest, "decoder", decoder_runtime, name, metrics)
+            layout = None  # lays the KV cache out again on the decoder's device (models exported before it: none)
+            if decoder_session.io_binding and "kv_layout" in manifest["graphs"]:
+                layout = open_graph(folder, manifest, "kv_layout", dataclasses.replace(decoder_runtime, variant=""),
+                                    name, metrics)
             self.engine = GenerationEngine(
-                name, open_graph(folder, manifest, "decoder", decoder_runtime, name, metrics), int(decoder["n_layer"]),
-                int(decoder["n_head"]), int(decoder["head_dim"]), self._bos, self._eos, ~self._never,
-                config.batching_for(name, manifest.get("batching")), metrics)
+                name, decoder_session, int(decoder["n_layer"]), int(decoder["n_head"]), int(decoder["head_dim"]),
+                self._bos, self._eos, ~self._never, config.batching_for(name, manifest.get("batching")), metrics,
+                layout)
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:
@@ -204,4 +209,6 @@ class GptAdapter(ModelAdapter):
         if self.engine is not None:  # where the decoder's keys and values stay between steps ("off": numpy)
             session = self.engine.session
             info["io_binding"] = session.device if session.io_binding else "off"
+            if session.io_binding:  # where joins and leaves lay the batch out again
+                info["kv_layout"] = session.device if self.engine.layout is not None else "host"
         return info
