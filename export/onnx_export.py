@@ -362,7 +362,8 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
         outputs.append(helper.make_tensor_value_info(f"out.{i}", TensorProto.FLOAT, ["rows", "heads", "width",
                                                                                       "head_dim"]))
     model = helper.make_model(helper.make_graph(nodes, "kv_layout", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", opset)], producer_name="plm")
+                              opset_imports=[helper.make_opsetid("", opset)], producer_name="plm",
+                              ir_version=8)  # what the exporter writes for opset 17: older runtimes load it
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     _check_kv_layout(path, tensors)
