@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
 
-from export.parity import PARITY_TOLERANCE, export_module, output_diff, require_parity
+from export.parity import PARITY_TOLERANCE, export_module, make_model, output_diff, require_parity
 from models.gpt import GPT, position_ids_from_mask
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
@@ -361,9 +361,7 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
         nodes.append(helper.make_node("Concat", parts, [f"out.{i}"], axis=0))
         outputs.append(helper.make_tensor_value_info(f"out.{i}", TensorProto.FLOAT, ["rows", "heads", "width",
                                                                                       "head_dim"]))
-    model = helper.make_model(helper.make_graph(nodes, "kv_layout", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", opset)], producer_name="plm",
-                              ir_version=8)  # what the exporter writes for opset 17: older runtimes load it
+    model = make_model(helper.make_graph(nodes, "kv_layout", inputs, outputs), opset)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     _check_kv_layout(path, tensors)

@@ -17,6 +17,15 @@ from torch import nn
 PARITY_TOLERANCE = 1e-4  # float32 through a few layers: ~1e-6 is typical, 1e-4 still catches a wrong graph
 
 
+def make_model(graph: onnx.GraphProto, opset: int) -> onnx.ModelProto:
+    """A model of a hand-built graph with the oldest IR version its opset allows (8 for opset 17), as torch's
+    exporter writes: onnx's own default is the newest IR it knows (14 for onnx 1.23), which onnxruntime
+    releases before 1.32 refuse to load (onnxruntime-gpu 1.31 among them)."""
+    opsets = [onnx.helper.make_opsetid("", opset)]
+    return onnx.helper.make_model(graph, opset_imports=opsets, producer_name="plm",
+                                  ir_version=onnx.helper.find_min_ir_version_for(opsets))
+
+
 def export_module(graph: nn.Module, dummy: tuple[torch.Tensor, ...], path: Path, inputs: Sequence[str],
                   outputs: Sequence[str], dynamic_axes: dict[str, dict[int, str]], opset: int) -> onnx.ModelProto:
     """torch.onnx.export with the TorchScript exporter (`dynamo=False`: it keeps dynamic batch axes where

@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from export.parity import PARITY_TOLERANCE, require_parity
+from export.parity import PARITY_TOLERANCE, make_model, require_parity
 
 SPECIALS = ("<unk>", "[MASK]")  # served ids 0 and 1, ahead of the trained vocabulary
 UNK_ID, MASK_ID = 0, 1
@@ -85,7 +85,7 @@ def vectors_graph(wv: np.ndarray) -> onnx.ModelProto:
         [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["batch", d])],
         [_const("wv", wv), _const("eps", np.array(1e-12, dtype=np.float32))],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="plm")
+    return make_model(graph, OPSET)
 
 
 def cloze_graph(wv: np.ndarray, syn1neg: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
@@ -112,7 +112,7 @@ def cloze_graph(wv: np.ndarray, syn1neg: np.ndarray, bias: np.ndarray) -> onnx.M
          _const("axis_last", np.array([-1], dtype=np.int64)), _const("axis_one", np.array([1], dtype=np.int64)),
          _const("one", np.array(1.0, dtype=np.float32))],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="plm")
+    return make_model(graph, OPSET)
 
 
 # ------------------------------------------------------------------------------------ export + parity

@@ -186,3 +186,23 @@ def test_an_unknown_variant_is_refused_before_any_work(tmp_path: Path) -> None:
         build_repository(profile="tiny", repository=tmp_path, variants=["int4"])
 
 
+
+
+def test_every_built_graph_loads_in_the_oldest_supported_onnxruntime(tiny_repo: Path) -> None:
+    """pyproject allows onnxruntime >= 1.17, which loads ONNX IR versions up to 9: no graph the build writes
+    (exported, hand-built or a variant) may carry a newer one. onnx's helper defaults to its newest IR (14 in
+    onnx 1.23), which onnxruntime-gpu 1.31 refused for the word2vec graphs on the H100 machine."""
+    import json
+
+    import onnx
+
+    files = []
+    for manifest_path in sorted(tiny_repo.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        files += [manifest_path.parent / g["file"] for g in manifest.get("graphs", {}).values()]
+        files += [manifest_path.parent / f for v in (manifest.get("variants") or {}).values()
+                  for f in v.get("graphs", {}).values()]
+    assert len(files) >= 10
+    newer = {f"{f.parent.name}/{f.name}": v for f in files if (v := onnx.load(str(f), load_external_data=False)
+                                                               .ir_version) > 9}
+    assert not newer
