@@ -191,7 +191,7 @@ def test_io_binding_generates_and_classifies_what_plain_runs_do(server: ServerTh
     assert fed and all(fed)  # joins and leaves too were laid out by the KV layout graph, never through numpy
     with PlmClient(bound.target) as c:
         details = c.get_model("gpt").details
-        assert details["io_binding"] == "cpu" and details["kv_layout"] == "cpu"
+        assert details["io_binding"] == details["kv_layout"] == engine.session.device  # "cpu" here, "cuda" on a GPU
 
 
 @pytest.mark.parametrize("which", ["server", "bound"])
