@@ -38,6 +38,7 @@ from torch.nn import functional as F
 
 from export.parity import PARITY_TOLERANCE, export_module, make_model, output_diff, require_parity
 from models.gpt import GPT, position_ids_from_mask
+from service.engine import kv_layout_feeds
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 OUTPUT_NAMES = ("token_logprobs", "next_logprobs", "hidden_states")
@@ -322,25 +323,21 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
     under IO binding), instead of a round trip through host memory when sequences join or leave.
 
     Inputs: `a.{i}` (Ba, H, Pa, D) and `b.{i}` (Bb, H, Pb, D) float for i < `tensors` (the running batch's and
-    the joiners' keys and values), `a_rows` (Ka,) and `b_rows` (Kb,) int64 (the rows kept, in order) and
-    `width` (1,) int64. Output `out.{i}` (Ka + Kb, H, width, D): the kept rows of a, then those of b, each
-    cut to its last `width` columns or left-padded with zeros to them (service/engine.py, `_Scratch.layout`,
-    does the same in numpy). Checked against numpy here on random shapes.
+    the joiners' keys and values), `a_rows` (Ka,) and `b_rows` (Kb,) int64 (the rows kept, in order),
+    `start` (1,) int64 = −width, and `a_pads`, `b_pads` (8,) int64: ONNX Pad's pads, zero but for the left
+    padding of the past axis, width − min(P, width) (the caller knows the shapes: computing them here would
+    put shape arithmetic on the CPU between GPU kernels). Output `out.{i}` (Ka + Kb, H, width, D): the kept rows
+    of a, then those of b, each cut to its last `width` columns or left-padded with zeros to them
+    (service/engine.py, `_Scratch.layout`, does the same in numpy). Checked against numpy here.
     """
     from onnx import TensorProto, helper
 
     nodes: list[Any] = [
-        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0])),
         helper.make_node("Constant", [], ["axis2"], value=helper.make_tensor("axis2", TensorProto.INT64, [1], [2])),
         helper.make_node("Constant", [], ["big"], value=helper.make_tensor("big", TensorProto.INT64, [1], [2**62])),
-        helper.make_node("Constant", [], ["zeros2"],
-                         value=helper.make_tensor("zeros2", TensorProto.INT64, [2], [0, 0])),
-        helper.make_node("Constant", [], ["zeros5"],
-                         value=helper.make_tensor("zeros5", TensorProto.INT64, [5], [0, 0, 0, 0, 0])),
-        helper.make_node("Neg", ["width"], ["start"]),
     ]
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [d]) for n, d in
-              (("a_rows", "ka"), ("b_rows", "kb"), ("width", 1))]
+              (("a_rows", "ka"), ("b_rows", "kb"), ("start", 1), ("a_pads", 8), ("b_pads", 8))]
     outputs = []
     for i in range(tensors):
         parts = []
@@ -351,11 +348,7 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
             nodes += [
                 helper.make_node("Gather", [x, f"{side}_rows"], [f"{tag}_g"], axis=0),
                 helper.make_node("Slice", [f"{tag}_g", "start", "big", "axis2"], [f"{tag}_s"]),  # last columns
-                helper.make_node("Shape", [f"{tag}_s"], [f"{tag}_shape"], start=2, end=3),
-                helper.make_node("Sub", ["width", f"{tag}_shape"], [f"{tag}_short"]),
-                helper.make_node("Max", [f"{tag}_short", "zero"], [f"{tag}_left"]),
-                helper.make_node("Concat", ["zeros2", f"{tag}_left", "zeros5"], [f"{tag}_pads"], axis=0),  # pad P
-                helper.make_node("Pad", [f"{tag}_s", f"{tag}_pads"], [f"{tag}_p"], mode="constant"),
+                helper.make_node("Pad", [f"{tag}_s", f"{side}_pads"], [f"{tag}_p"], mode="constant"),
             ]
             parts.append(f"{tag}_p")
         nodes.append(helper.make_node("Concat", parts, [f"out.{i}"], axis=0))
@@ -366,7 +359,7 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
     onnx.save(model, str(path))
     _check_kv_layout(path, tensors)
     return {"file": path.name, "opset": opset, "tensors": tensors,
-            "inputs": ["a.{i}", "b.{i}", "a_rows", "b_rows", "width"], "outputs": ["out.{i}"]}
+            "inputs": ["a.{i}", "b.{i}", "a_rows", "b_rows", "start", "a_pads", "b_pads"], "outputs": ["out.{i}"]}
 
 
 def kv_layout_reference(a: np.ndarray, a_rows: np.ndarray, b: np.ndarray, b_rows: np.ndarray,
@@ -385,11 +378,10 @@ def _check_kv_layout(path: Path, tensors: int) -> None:
                                   (0, 5, 5, [], [0])):
         a = [rng.standard_normal((3, 2, pa, 4)).astype(np.float32) for _ in range(tensors)]
         b = [rng.standard_normal((2, 2, pb, 4)).astype(np.float32) for _ in range(tensors)]
-        a_rows, b_rows = np.array(ka, dtype=np.int64), np.array(kb, dtype=np.int64)
-        feeds = {"a_rows": a_rows, "b_rows": b_rows, "width": np.array([width], dtype=np.int64),
+        feeds = {**kv_layout_feeds(ka, pa, kb, pb, width),
                  **{f"a.{i}": a[i] for i in range(tensors)}, **{f"b.{i}": b[i] for i in range(tensors)}}
         got = session.run(None, feeds)
         for i in range(tensors):
-            want = kv_layout_reference(a[i], a_rows, b[i], b_rows, width)
+            want = kv_layout_reference(a[i], feeds["a_rows"], b[i], feeds["b_rows"], width)
             if got[i].shape != want.shape or not np.array_equal(got[i], want):
                 raise RuntimeError(f"{path.name}: the KV layout graph differs from numpy at {(pa, pb, width, ka, kb)}")

@@ -88,6 +88,16 @@ def _host(batch: _Batch) -> _Batch:
     return _Batch(batch.slots, on_host(batch.kv), batch.mask, batch.lengths)
 
 
+def kv_layout_feeds(a_rows: list[int], a_past: int, b_rows: list[int], b_past: int,
+                    width: int) -> dict[str, np.ndarray]:
+    """The KV layout graph's index inputs (export_kv_layout): the rows kept of each side, whose pasts have
+    `a_past` and `b_past` columns, laid out `width` columns wide."""
+    def pads(past: int) -> np.ndarray:
+        return np.array([0, 0, width - min(past, width), 0, 0, 0, 0, 0], dtype=np.int64)
+    return {"a_rows": np.asarray(a_rows, dtype=np.int64), "b_rows": np.asarray(b_rows, dtype=np.int64),
+            "start": np.array([-width], dtype=np.int64), "a_pads": pads(a_past), "b_pads": pads(b_past)}
+
+
 def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int]) -> _Batch | None:
     """The batch with the rows of those who left given to those who join (`rows` of `joined`) and the holes
     left over filled by moving its last rows down, in place: one row's copy per change instead of the whole
@@ -417,8 +427,8 @@ class GenerationEngine:
         if not laid.slots:
             return _EMPTY
         empty = np.zeros((0, self.n_head, 0, self.head_dim), dtype=np.float32)
-        feeds: dict[str, Any] = {"a_rows": np.asarray(keep, dtype=np.int64), "b_rows": np.asarray(rows, dtype=np.int64),
-                                 "width": np.array([laid.mask.shape[1]], dtype=np.int64)}
+        feeds: dict[str, Any] = kv_layout_feeds(keep, self._batch.mask.shape[1], rows, joined.mask.shape[1],
+                                                laid.mask.shape[1])
         for i in range(len(self.layout_outputs)):
             feeds[f"a.{i}"] = self._batch.kv[i] if self._batch.kv else empty
             feeds[f"b.{i}"] = joined.kv[i] if joined.kv else empty
