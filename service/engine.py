@@ -8,9 +8,10 @@ budget (`max_batch_tokens`: prompt plus generated tokens of every running sequen
 The batch's keys and values are one left-padded (B, H, P, D) array per layer and kind: a decode step feeds
 the previous step's presents straight back as its pasts, so nothing is copied while the batch stays the same
 (on a GPU they stay in its memory as OrtValues, through ORT's IO binding: `runtime.io_binding`); the arrays
-change only when a sequence joins or leaves (on a GPU after one copy to host memory and back): joiners take
-the rows of those who left, in place, while the batch's width stays the same; otherwise the batch is laid out
-again (rows dropped, leading padding trimmed, joiners appended). A sequence's KV memory is freed (or its row
+change only when a sequence joins or leaves: joiners take the rows of those who left, in place, while the
+batch's width stays the same; otherwise the batch is laid out again (rows dropped, leading padding trimmed,
+joiners appended). On a GPU the KV layout graph does the latter on the device (a model built without it:
+one copy to host memory and back). A sequence's KV memory is freed (or its row
 given to a joiner) when it leaves: when it finishes, when its client cancels (it leaves at the next step) or
 when its deadline passes. The thread hands each step's events to the event loop in one call, so the loop sends
 them over gRPC while the next step runs.

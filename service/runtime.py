@@ -41,7 +41,7 @@ CPU = "CPUExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 AUTO = (TENSORRT, "CUDAExecutionProvider", CPU)  # `providers = []`: the best this build has
 # Providers whose tensors live in GPU memory: the device OrtValues are bound on ("cuda" for ORT's IO binding).
-GPU = {"TensorrtExecutionProvider": "cuda", "CUDAExecutionProvider": "cuda"}
+GPU = {TENSORRT: "cuda", "CUDAExecutionProvider": "cuda"}
 
 
 

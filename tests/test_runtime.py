@@ -59,6 +59,13 @@ max_batch_size = 4
     path.write_text("[runtime]\nprovider_options = {cuda = 3}\n")
     with pytest.raises(ValueError, match="provider_options must be a table of tables"):
         load_config(path, environ={})
+    # Choices are checked at start, naming the setting, the allowed values and where it was set.
+    assert load_config(None, environ={"PLM_RUNTIME__IO_BINDING": "on"}).runtime.io_binding == "on"
+    with pytest.raises(ValueError, match=r"config \[runtime\]: io_binding must be one of auto, on, off, got 'yes'"):
+        load_config(None, environ={"PLM_RUNTIME__IO_BINDING": "yes"})
+    path.write_text("[model.gpt.runtime]\ngraph_optimization = 'max'\n")
+    with pytest.raises(ValueError, match=r"model.gpt.runtime\]: graph_optimization must be one of disable"):
+        load_config(path, environ={})
 
 
 def test_provider_choice_skips_what_is_missing_and_keeps_cpu_last(caplog: pytest.LogCaptureFixture) -> None:
