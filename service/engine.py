@@ -407,13 +407,14 @@ class GenerationEngine:
             self._emit(self._joining, logprobs, out)
             self._hand_over(out)
             rows = [i for i, s in enumerate(joined.slots) if not (s.seq.finished or s.request.cancelled)]
-        if (rows or len(keep) < len(self._batch.slots)) and self.layout is not None:
-            self._batch = self._layout_on_device(keep, joined, rows)
-        elif rows or len(keep) < len(self._batch.slots):
-            # Joiners take the rows of those who left where they can; else one copy for everyone.
-            batch, joined = _host(self._batch), _host(joined)
-            refilled = _refill(batch, keep, joined, rows)
-            self._batch = refilled if refilled is not None else self._scratch.layout([(batch, keep), (joined, rows)])
+        if rows or len(keep) < len(self._batch.slots):
+            if self.layout is not None:
+                self._batch = self._layout_on_device(keep, joined, rows)
+            else:  # joiners take the rows of those who left where they can; else one copy for everyone
+                batch, joined = _host(self._batch), _host(joined)
+                refilled = _refill(batch, keep, joined, rows)
+                self._batch = (refilled if refilled is not None
+                               else self._scratch.layout([(batch, keep), (joined, rows)]))
         self._joining = []
         self._m_active.set(len(self._batch.slots))
         if self._batch.slots:

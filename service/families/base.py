@@ -38,6 +38,12 @@ def top_allowed(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray
     return idx[np.lexsort((idx, -masked[idx]))][:k]
 
 
+def top_of(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`top_allowed`'s ids and their log-probs: (ids, logprobs[ids])."""
+    idx = top_allowed(logprobs, allowed, k)
+    return idx, logprobs[idx]
+
+
 MASK = "[MASK]"  # the literal a FillMask text marks its blanks with, for every family
 
 
@@ -192,7 +198,7 @@ class ModelAdapter(abc.ABC):
         The same numbers as `next_logprobs` followed by `top_allowed`; a family may answer without building
         the whole (V,) distribution (the n-gram models do)."""
         rows = await self.next_logprobs(contexts, deadline)
-        return [[(idx, row[idx]) for mask in allowed for idx in (top_allowed(row, mask, k),)] for row in rows]
+        return [[top_of(row, mask, k) for mask in allowed] for row in rows]
 
     # -- optional capabilities: a family implements those its manifest's `tasks` list -------------------
     score_method: str = "causal"  # how `score` computes: "causal" | "pseudo_log_likelihood"

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.batcher import DynamicBatcher
 from service.config import ServerConfig
-from service.families.base import TokenScores, top_allowed
+from service.families.base import TokenScores, top_of
 from service.families.words import WordModel, WordVocabulary
 from service.metrics import Metrics
 from service.runtime import open_graph
@@ -88,7 +88,7 @@ class NnlmAdapter(WordModel):
                 out.append(float(row[w.target]))
             elif w.top is not None:
                 masks, k = w.top
-                out.append([(idx, row[idx]) for mask in masks for idx in (top_allowed(row, mask, k),)])
+                out.append([top_of(row, mask, k) for mask in masks])
             else:
                 out.append(row.copy())
         return out

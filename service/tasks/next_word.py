@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.families.base import TASK_PREDICT_NEXT, ModelAdapter, top_allowed
+from service.families.base import TASK_PREDICT_NEXT, ModelAdapter, top_allowed, top_of
 from service.tasks.common import ids_checked
 
 
@@ -79,7 +79,7 @@ async def predict_next(model: ModelAdapter, params: NextParams, deadline: float 
         first = await model.next_logprobs(contexts, deadline)  # (B, V)
         words = [tuple(w) for w in await _complete_words(model, contexts, first, params, deadline)]
         if params.include_tokens:
-            tokens = [cands(idx, row[idx]) for row in first for idx in (top_allowed(row, token_ok, params.top_k),)]
+            tokens = [cands(*top_of(row, token_ok, params.top_k)) for row in first]
     return [NextResult(ctx, w, t) for ctx, w, t in zip(params.contexts, words, tokens, strict=True)]
 
 
