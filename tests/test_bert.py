@@ -254,8 +254,12 @@ def test_fill_mask_recalls_a_memorised_word(folder: Path) -> None:
     (lp,) = _with_adapter(folder, go)
     assert lp.shape[0] == 1
     assert np.exp(lp[0]).sum() == pytest.approx(1.0, abs=1e-4)
-    with_folder_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    assert with_folder_tok.id_to_token(int(lp[0].argmax())) == "mat"
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    # A tiny model trained for seconds: which sentence-final noun wins top-1 differs between CPUs (CI once
+    # chose "book"), so the memorised word must rank in the top 5 with far more than a uniform share.
+    top5 = [tok.id_to_token(int(i)) for i in np.argsort(-lp[0])[:5]]
+    assert "mat" in top5, top5
+    assert np.exp(lp[0][tok.token_to_id("mat")]) > 5.0 / lp.shape[1]
 
 
 def test_same_word_gets_different_vectors_in_different_contexts(folder: Path) -> None:
