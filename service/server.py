@@ -10,11 +10,8 @@ streams get `grace_seconds` to finish, then it exits 0. TLS, mutual TLS and toke
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import logs
 from service.admission import Admission
 from service.config import ServerConfig
 from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
@@ -42,70 +40,8 @@ _CLOSE_SECONDS = 1.0  # after the drain: time for refusals being written and ope
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-                 "pid": record.process, "msg": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-class BufferedStreamHandler(logging.StreamHandler):
-    """A log handler that does not make a write system call per line.
-
-    stderr is line-buffered, so every access line was a `write(2)` on the event-loop thread, which also hands
-    the GIL to gRPC's poller thread and waits to get it back. Lines go through a 64 KiB buffer instead, written
-    out when it fills, at once for WARNING and above, and otherwise every `interval` seconds by a daemon
-    thread (and at exit by `logging.shutdown`): a killed process loses at most that much of its access log.
-    """
-
-    def __init__(self, fd: int, interval: float) -> None:
-        super().__init__(open(fd, "w", buffering=1 << 16, encoding="utf-8", errors="backslashreplace",  # noqa: SIM115
-                              closefd=False))
-        self._closed = threading.Event()
-        self._interval = interval
-        threading.Thread(target=self._flush_every, name="plm-log-flush", daemon=True).start()
-
-    def _flush_every(self) -> None:
-        while not self._closed.wait(self._interval):
-            self.flush()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = self.format(record)
-            with self.lock:  # type: ignore[union-attr]
-                self.stream.write(msg + self.terminator)
-                if record.levelno >= logging.WARNING:
-                    self.stream.flush()
-        except Exception:
-            self.handleError(record)
-
-    def close(self) -> None:
-        self._closed.set()
-        self.flush()
-        super().close()
-
-
 def setup_logging(config: ServerConfig) -> None:
-    handler: logging.Handler = logging.StreamHandler(sys.stderr)
-    if config.log_buffer_seconds > 0:
-        try:
-            fd = sys.stderr.fileno()
-        except (AttributeError, OSError, ValueError):  # stderr is not a file (captured): write it line by line
-            fd = -1
-        if fd >= 0:
-            sys.stderr.flush()
-            handler = BufferedStreamHandler(fd, config.log_buffer_seconds)
-    if config.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
-    root = logging.getLogger()
-    for old in root.handlers:  # set up again (tests, the CLI): the old buffer is written out, its thread ends
-        old.close()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level.upper())
+    logs.setup_logging(config.log_level, config.log_format, config.log_buffer_seconds)
 
 
 @dataclass

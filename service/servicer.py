@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service import reload, validation
+from service import logs, reload, validation
 from service.admission import Admission
 from service.config import ServerConfig
 from service.errors import ServiceError
@@ -131,8 +131,7 @@ async def _edge(svc: _Edge, method: str, request: Any, context: grpc.aio.Service
         call.release()
         elapsed = time.perf_counter() - started
         svc.metrics.request_done(method, call.model_label, code.name, elapsed)
-        log.info("request_id=%s method=%s model=%s code=%s duration_ms=%.2f",
-                 call.request_id, method, call.model_label, code.name, elapsed * 1000)
+        logs.access(call.request_id, method, call.model_label, code.name, elapsed)
 
 
 def unary(method: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..., Awaitable[Resp]]]:
