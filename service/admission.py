@@ -27,9 +27,8 @@ class Admission:
         self.draining = False
         self._metrics = metrics
 
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one in-flight place for the body, or raise before it runs."""
+    def enter(self) -> None:
+        """Hold one in-flight place, or raise before the call runs; `leave` gives it back."""
         if self.draining:
             self._metrics.rejections.labels(GLOBAL, "draining").inc()
             raise Unavailable("the server is shutting down; retry (another replica will answer)")
@@ -40,8 +39,16 @@ class Admission:
             )
         self.inflight += 1
         self._metrics.set_inflight(self.inflight)
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        self._metrics.set_inflight(self.inflight)
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """`enter` … `leave` around the body."""
+        self.enter()
         try:
             yield
         finally:
-            self.inflight -= 1
-            self._metrics.set_inflight(self.inflight)
+            self.leave()
