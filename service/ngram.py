@@ -137,7 +137,12 @@ class NgramModel(abc.ABC):
         """The k most likely allowed next words, best first (ties: lower id first): (ids, log10 P).
 
         The same as `next_log10probs` and a top-k over it; `<s>` is never among them."""
-        history = ([self.bos_id] if bos else []) + self.ids(context_words)
+        return self.next_top_ids(self.ids(context_words), allowed, k, bos=bos)
+
+    def next_top_ids(self, context_ids: list[int], allowed: npt.NDArray[np.bool_], k: int, *,
+                     bos: bool = True) -> tuple[IntArray, FloatArray]:
+        """`next_top` of a context given as vocabulary ids (what the served adapter holds)."""
+        history = ([self.bos_id] if bos else []) + context_ids
         keep = self.order - 1
         context = tuple(history[max(0, len(history) - keep) :]) if keep else ()
         if allowed[self.bos_id]:  # the served masks already leave <s> out: no copy of the mask per call then

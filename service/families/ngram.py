@@ -78,10 +78,9 @@ class NgramAdapter(ModelAdapter):
                        deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         out = []
         for c in contexts:
-            words = [self.lm.vocab[i] for i in c]
             tops = []
             for mask in allowed:
-                ids, log10 = self.lm.next_top(words, mask, k)
+                ids, log10 = self.lm.next_top_ids(c, mask, k)
                 logprobs = (log10 * _LN10).astype(np.float32)  # as next_logprobs gives them
                 order = np.lexsort((ids, -logprobs))  # float32 may tie what float64 told apart
                 tops.append((ids[order], logprobs[order]))
