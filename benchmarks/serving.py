@@ -175,12 +175,16 @@ def main() -> None:
         served["ngram_next"] = drive(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
                                      processes=args.processes)
     # The same on `--workers` server processes sharing the port: the client opens several connections, since
-    # the kernel spreads connections (not calls) over the workers.
+    # the kernel spreads connections (not calls) over the workers, by a hash of each connection's ports. With
+    # 4 connections over 2 workers a 3:1 or 4:0 split is as likely as not, and the busier worker sets the pace
+    # (n-gram runs of 1,610-1,888 calls/s at 4 connections against 1,948-1,959 at 16, 2026-11-23 05:16 UTC).
+    conns = 8 * args.workers
     with LocalServer(args.repository, ["gpt", "bert", "ngram-kn"], workers=args.workers) as srv:
-        served["gpt_score_workers"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, connections=4)
-        served["bert_fill_workers"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration, connections=4)
+        served["gpt_score_workers"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, connections=conns)
+        served["bert_fill_workers"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration,
+                                            connections=conns)
         served["ngram_next_workers"] = drive(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
-                                             processes=args.processes, connections=4)
+                                             processes=args.processes, connections=conns)
     # Latency at concurrency 1 on servers of the one model, the default batcher and inline runs off, alternated
     # (runs of the same server vary by a few tenths of a millisecond; a server holding four models is slower).
     for rep in ("", "_again"):

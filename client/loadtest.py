@@ -224,6 +224,7 @@ class _Worker:
         self.channel_targets = [t for _ in range(max(1, cfg.connections)) for t in cfg.targets]
         self.channels = [grpc.aio.insecure_channel(t, options=options) for t in self.channel_targets]
         self.stubs = [pb_grpc.LanguageModelServiceStub(c) for c in self.channels]
+        self.rpc_error = grpc.aio.AioRpcError
         # Workers start on different targets so K processes × round-robin spread evenly.
         n = len(self.channels)
         self.rr = itertools.cycle([(cfg.worker + i) % n for i in range(n)])
@@ -266,8 +267,6 @@ class _Worker:
         return t < self.measure_until
 
     async def _call(self, t_send: float) -> None:
-        import grpc
-
         spec = self.cfg.specs[self._draw(self._spec_draws, self._draw_spec)]
         texts = [self.cfg.inputs[self._draw(self._input_draws, self._draw_input)]
                  for _ in range(spec.texts_per_request)]
@@ -283,7 +282,7 @@ class _Worker:
         try:
             await getattr(self.stubs[k], spec.rpc)(build_request(spec, texts), timeout=self.cfg.timeout)
             code = "OK"
-        except grpc.aio.AioRpcError as e:
+        except self.rpc_error as e:
             code = e.code().name
         except Exception as e:  # a client-side failure must be counted, not kill the run
             code = f"CLIENT_{type(e).__name__}"
