@@ -9,8 +9,9 @@ ids, padded the same way:
 
 1. `Score` on GPT and `FillMask` on BERT at concurrency 64 ÷ raw ONNX Runtime at its best batch size
    (target ≥ 0.8 on CPU): one text per request, and 8 texts per request (the per-call cost shared by 8).
-2. Dynamic batching on ÷ off (`max_batch_size` 1) for GPT `Score` at concurrency 64 (target ≥ 1.5×); and
-   the server's default `spin_wait = false` ÷ ONNX Runtime's spinning threads (the choice it documents).
+2. Dynamic batching on ÷ off (`max_batch_size` 1) for GPT `Score` at concurrency 64 (target ≥ 1.5×); the
+   server's default `spin_wait = false` ÷ ONNX Runtime's spinning threads (the choice it documents); and the
+   batcher's padding floor (`min_padding_efficiency` 0.8) ÷ none, on GPT-only servers.
 3. `PredictNext` on the neural LM at concurrency 1: served p50 − raw ONNX Runtime p50 (one run + top-k;
    target ≤ 1 ms), with the default batcher (a fast model's lone row runs on the event loop) and with
    `inline_max_ms = 0` (every run on the model's thread).
@@ -195,6 +196,11 @@ def main() -> None:
         served["gpt_score_unbatched"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
     with LocalServer(args.repository, ["gpt"], env={"PLM_RUNTIME__SPIN_WAIT": "true"}) as srv:
         served["gpt_score_spinning"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+    # The batcher's padding floor (min_padding_efficiency, default 0.8) against none, on GPT-only servers.
+    for key, floor in (("gpt_score_padding_floor", "0.8"), ("gpt_score_no_padding_floor", "0")):
+        env = {"PLM_BATCHING__MIN_PADDING_EFFICIENCY": floor}
+        with LocalServer(args.repository, ["gpt"], env=env, metrics=True) as srv:
+            served[key] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
 
     def ok(key: str) -> float:
         return float(served[key]["summary"]["throughput_ok_per_s"])
@@ -211,6 +217,7 @@ def main() -> None:
         / raw_rates["bert_fill"]["best_items_per_s"],
         "batching_on_vs_off_gpt_score": ok("gpt_score") / ok("gpt_score_unbatched"),
         "spin_wait_off_vs_on_gpt_score": ok("gpt_score") / ok("gpt_score_spinning"),
+        "padding_floor_on_vs_off_gpt_score": ok("gpt_score_padding_floor") / ok("gpt_score_no_padding_floor"),
         "predict_next_nnlm_p50_overhead_ms": p50("nnlm_next") - float(np.percentile(raw_nnlm, 50)),
         "predict_next_nnlm_p50_overhead_ms_inline_off": p50("nnlm_next_on_thread") - float(np.percentile(raw_nnlm, 50)),
         "ngram_predict_next_req_per_s": ok("ngram_next"),
@@ -224,6 +231,7 @@ def main() -> None:
                "score_gpt_8_texts_per_request_vs_raw": (">=", 0.8),
                "fillmask_bert_8_texts_per_request_vs_raw": (">=", 0.8),
                "batching_on_vs_off_gpt_score": (">=", 1.5), "spin_wait_off_vs_on_gpt_score": (">=", 1.0),
+               "padding_floor_on_vs_off_gpt_score": (">=", 1.0),
                "predict_next_nnlm_p50_overhead_ms": ("<=", 1.0),
                "predict_next_nnlm_p50_overhead_ms_inline_off": ("<=", 1.0),
                "ngram_predict_next_req_per_s": (">=", 2000.0),
@@ -235,6 +243,10 @@ def main() -> None:
         op, t = targets[k]
         met = v >= t if op == ">=" else v <= t
         print(f"  {k:36} {v:9.2f}   target {op} {t:g}  {'✓' if met else '✗'}")
+    for key in ("gpt_score_padding_floor", "gpt_score_no_padding_floor"):
+        view = served[key].get("server") or {}
+        print(f"  ({key}: mean batch {view.get('batch_size_mean', float('nan')):.1f} rows, padding efficiency "
+              f"{view.get('padding_efficiency_mean', float('nan')):.2f})")
     print(f"  (n-gram runs: client CPU {served['ngram_next']['summary']['client_cpu_percent']:.0f}% and "
           f"{served['ngram_next_workers']['summary']['client_cpu_percent']:.0f}% of one core)")
 

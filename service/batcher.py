@@ -3,7 +3,9 @@
 Callers submit rows (one sequence each) and await their results. The worker takes the oldest row; when the
 model is busy it waits up to `max_queue_delay_ms` for company (an idle model runs a lone row at once); then it
 forms a batch bounded by a row count and a padded-token budget (rows × longest row), filled with the queued
-rows nearest the oldest one in length (little padding). Rows whose deadline passed are failed with
+rows nearest the oldest one in length while the batch's real tokens stay `min_padding_efficiency` of its padded
+ones: a row that would be mostly padding waits for rows nearer its own length (benchmarks/serving.py's
+`padding_floor_on_vs_off_gpt_score`, docs/benchmarks.md). Rows whose deadline passed are failed with
 DEADLINE_EXCEEDED and never run; a request that cannot meet its deadline behind the rows already queued (full
 batches ahead × the recent batch time) is refused at admission with DEADLINE_EXCEEDED, before it takes a
 place in the queue; rows whose caller went away are dropped. The batch runs on the model's own thread
@@ -195,14 +197,16 @@ class DynamicBatcher(Generic[P, R]):
         head = self._queue[0]
         window = list(itertools.islice(self._queue, 1, 4 * self.cfg.max_batch_size))
         window.sort(key=lambda r: abs(r.length - head.length))  # stable: the older first among equals
-        batch, longest = [head], head.length
+        batch, longest, tokens = [head], head.length, head.length
+        min_eff = self.cfg.min_padding_efficiency
         for row in window:
             if len(batch) >= self.cfg.max_batch_size:
                 break
             new_longest = max(longest, row.length)
-            if new_longest * (len(batch) + 1) > self.cfg.max_batch_tokens:
-                continue
-            longest = new_longest
+            padded = new_longest * (len(batch) + 1)
+            if padded > self.cfg.max_batch_tokens or tokens + row.length < min_eff * padded:
+                continue  # over the budget, or mostly padding: it waits for rows nearer its own length
+            longest, tokens = new_longest, tokens + row.length
             batch.append(row)
         chosen = {id(r) for r in batch}
         self._queue = collections.deque(r for r in self._queue if id(r) not in chosen)

@@ -36,6 +36,9 @@ class Batching:
 
     max_batch_size: int = 32  # rows per ONNX run: past ~32 the 2-core CPU gains no throughput
     max_batch_tokens: int = 8192  # padded rows × length per run; bounds memory of a [B,T,V] log-softmax
+    # A queued row joins a batch only while the batch's real tokens stay at least this share of its padded
+    # rows × longest row; rows left out wait for a batch nearer their own length (the oldest row always runs).
+    min_padding_efficiency: float = 0.8
     max_queue_delay_ms: float = 2.0  # how long the first request waits for company; small vs inference time
     idle_dispatch: bool = True  # wait for company only under load; an idle model runs a lone request at once
     # ...on the event loop itself when its fastest recent batch took less than this (0 = always on the model's

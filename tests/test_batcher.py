@@ -59,6 +59,23 @@ def test_padded_token_budget_bounds_a_batch() -> None:
         assert max(batch) * len(batch) <= 100 or len(batch) == 1
 
 
+@pytest.mark.parametrize("min_eff", [0.0, 0.5, 0.8, 0.95])
+def test_padding_efficiency_floor_keeps_mostly_padding_rows_apart(min_eff: float) -> None:
+    """Rows join a batch only while real tokens stay ≥ min_eff of the padded ones; the oldest row always runs
+    (alone if need be), and every row runs exactly once."""
+    lengths = [10, 4, 9, 2, 10, 3, 8, 1, 10, 5, 7, 6]
+    seen, out = _run_with(Batching(max_batch_size=12, max_queue_delay_ms=50, min_padding_efficiency=min_eff),
+                          lengths)
+    assert out == [[n * 10] for n in lengths]
+    assert sorted(r for batch in seen for r in batch) == sorted(lengths) and seen[0][0] == 10
+    for batch in seen:
+        assert len(batch) == 1 or sum(batch) >= min_eff * max(batch) * len(batch), batch
+    if min_eff == 0.0:  # no floor: the queued rows share as few batches as the count allows
+        assert len(seen) <= 2
+    if min_eff >= 0.8:
+        assert len(seen) >= 3
+
+
 def test_expired_rows_never_run() -> None:
     seen, out = _run_with(Batching(max_batch_size=1, max_queue_delay_ms=1), [4, 5, 6], deadlines=[None, 0.0, None])
     assert isinstance(out[1], DeadlineExceeded) and out[0] == [40] and out[2] == [60]

@@ -138,8 +138,15 @@ class GptAdapter(ModelAdapter):
                 groups.append([])
             groups[-1].append(i)
             word_index.append(len(groups) - 1)
-        words = [self.tokenizer.decode(g).strip() for g in groups]
-        return Encoded(ids, tokens, word_index, words, [False] * len(ids))
+        return Encoded(ids, tokens, word_index, [self._word_text(g) for g in groups], [False] * len(ids))
+
+    def _word_text(self, ids: list[int]) -> str:
+        """`decode(ids).strip()`: from the tokens' bytes when decoding is just joining them (byte-level BPE), which
+        saves a call into the tokenizer per word of every scored text."""
+        table = self._token_bytes
+        if table is None:
+            return self.tokenizer.decode(ids).strip()
+        return b"".join([table[i] for i in ids]).decode("utf-8", errors="replace").strip()
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
