@@ -94,6 +94,21 @@ def test_token_bytes_join_to_the_tokenizers_decoding(gpt: ModelAdapter) -> None:
     check()
 
 
+def test_encoded_words_are_the_tokenizers_decoding_of_each_word(gpt: ModelAdapter) -> None:
+    """Words come from the tokens' bytes (no tokenizer call per word): the same text as decoding each word."""
+
+    @hypothesis.settings(max_examples=200, deadline=None)
+    @hypothesis.given(text=st.text(min_size=1, max_size=40))
+    def check(text: str) -> None:
+        enc = gpt.encode(text)
+        groups: list[list[int]] = [[] for _ in enc.words]
+        for i, w in zip(enc.ids, enc.word_index, strict=True):
+            groups[w].append(i)
+        assert enc.words == [gpt.tokenizer.decode(g).strip() for g in groups]  # type: ignore[attr-defined]
+
+    check()
+
+
 def test_streamed_text_is_a_prefix_of_the_final_text_cut_at_the_first_stop(gpt: ModelAdapter) -> None:
     @hypothesis.settings(max_examples=300, deadline=None)
     @hypothesis.given(ids=_ids(gpt), data=st.data())
