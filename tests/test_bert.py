@@ -37,6 +37,7 @@ from models.bert import (
 from models.corpus import Corpus
 from models.train import TrainConfig, train
 from service.config import Runtime, ServerConfig
+from service.families.base import top_of
 from service.families.bert import BertAdapter
 from service.metrics import Metrics
 
@@ -260,6 +261,28 @@ def test_fill_mask_recalls_a_memorised_word(folder: Path) -> None:
     top5 = [tok.id_to_token(int(i)) for i in np.argsort(-lp[0])[:5]]
     assert "mat" in top5, top5
     assert np.exp(lp[0][tok.token_to_id("mat")]) > 5.0 / lp.shape[1]
+
+
+def test_mask_top_on_the_batchers_thread_equals_the_top_of_the_full_rows(folder: Path) -> None:
+    """FillMask takes each blank's top k where the model ran; it must be the top k of the (M, V) rows."""
+    texts = ["the cat sat on the [MASK].", "[MASK] dog is [MASK].", "birds fly over the [MASK] [MASK] sea."]
+
+    async def go(a: BertAdapter) -> tuple[list[Any], list[Any]]:
+        seqs, blanks = [], []
+        for t in texts:
+            ids = a.encode(t).ids
+            seqs.append(ids)
+            blanks.append([i for i, x in enumerate(ids) if x == a.mask_id])
+        allowed = ~a.never_generate_mask()
+        tops, dists = await asyncio.gather(a.mask_top(seqs, blanks, allowed, 7, None),
+                                           a.mask_logprobs(seqs, blanks, None))
+        return tops, [[top_of(row, allowed, 7) for row in d] for d in dists]
+
+    tops, expected = _with_adapter(folder, go)
+    assert [len(t) for t in tops] == [1, 2, 2]
+    for got_text, want_text in zip(tops, expected, strict=True):
+        for (ids, lps), (want_ids, want_lps) in zip(got_text, want_text, strict=True):
+            assert ids.tolist() == want_ids.tolist() and np.array_equal(lps, want_lps)
 
 
 def test_same_word_gets_different_vectors_in_different_contexts(folder: Path) -> None:

@@ -214,6 +214,13 @@ class ModelAdapter(abc.ABC):
         (indices into the sequence), the (M, V) float32 log-probabilities of each blank's token."""
         raise NotImplementedError
 
+    async def mask_top(self, seqs: list[list[int]], positions: list[list[int]], allowed: np.ndarray, k: int,
+                       deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """`mask_logprobs` then `top_of` each blank's row: per sequence, per blank, the k most likely allowed
+        tokens and their log-probs, best first. A family may compute it where the rows are (off the event loop)."""
+        dists = await self.mask_logprobs(seqs, positions, deadline)
+        return [[top_of(row, allowed, k) for row in dist] for dist in dists]
+
     async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,
                     deadline: float | None) -> list[TokenVectors]:
         """embed: per-token vectors of each sequence (ELMo mixes its layers with `layer_weights`, or the

@@ -11,6 +11,7 @@ pseudo-log-likelihood (Salazar et al. 2020), one row per token with that token a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from tokenizers import Tokenizer
 from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument
-from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
+from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors, top_of
 from service.metrics import Metrics
 from service.runtime import open_graph, pad_right
 
@@ -36,6 +37,7 @@ class _Row:
     positions: tuple[int, ...]  # columns whose MLM log-probs are wanted (may be empty)
     want_hidden: bool
     want_nsp: bool
+    top: tuple[np.ndarray, int] | None = None  # (allowed, k): each blank's top k instead of its (V,) row
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class _RowOut:
     mask_logprobs: np.ndarray | None  # (M, V)
     hidden: np.ndarray | None  # (len(ids), C)
     nsp: np.ndarray | None  # (2,)
+    mask_top: list[tuple[np.ndarray, np.ndarray]] | None = None  # per blank: (ids, log-probs), when `top` asked
 
 
 class BertAdapter(ModelAdapter):
@@ -133,6 +136,15 @@ class BertAdapter(ModelAdapter):
         empty = np.zeros((0, self.vocab_size), dtype=np.float32)
         return [o.mask_logprobs if o.mask_logprobs is not None else empty for o in outs]
 
+    async def mask_top(self, seqs: list[list[int]], positions: list[list[int]], allowed: np.ndarray, k: int,
+                       deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """The top k of each blank, taken on the batcher's thread: (M, V) rows never reach the event loop."""
+        for seq, pos in zip(seqs, positions, strict=True):
+            if any(not 0 <= p < len(seq) for p in pos):
+                raise InvalidArgument("positions", f"must index the sequence of {len(seq)} tokens, got {pos}")
+        rows = [dataclasses.replace(self._single(s, p), top=(allowed, k)) for s, p in zip(seqs, positions, strict=True)]
+        return [o.mask_top or [] for o in await self._submit(rows, deadline)]
+
     async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,
                     deadline: float | None) -> list[TokenVectors]:
         # layer_weights is ELMo's; the graph exposes BERT's final layer only.
@@ -191,9 +203,10 @@ class BertAdapter(ModelAdapter):
         mlp, nsp, hid = (results.get(n) for n in ("mask_logprobs", "nsp_logprobs", "hidden_states"))
         return [
             _RowOut(
-                mlp[i, : len(r.positions)].copy() if (mlp is not None and r.positions) else None,
+                mlp[i, : len(r.positions)].copy() if (mlp is not None and r.positions and r.top is None) else None,
                 hid[i, : len(r.ids)].copy() if (hid is not None and r.want_hidden) else None,
                 nsp[i].copy() if (nsp is not None and r.want_nsp) else None,
+                [top_of(row, *r.top) for row in mlp[i, : len(r.positions)]] if (mlp is not None and r.top) else None,
             )
             for i, r in enumerate(rows)
         ]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from service.errors import InvalidArgument
-from service.families.base import MASK, TASK_FILL_MASK, ModelAdapter, top_allowed
+from service.families.base import MASK, TASK_FILL_MASK, ModelAdapter
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,12 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
     for i, (t, ids) in enumerate(targets):
         if not ids or model.never_generate_mask()[ids].any():
             raise InvalidArgument(f"targets[{i}]", f"{t!r} is not a word the model can predict (out of vocabulary?)")
-    dists = await model.mask_logprobs([ids for ids, _ in rows], [pos for _, pos in rows], deadline)  # (M, V) each
+    allowed = ~model.never_generate_mask()
+    seqs, blanks = [ids for ids, _ in rows], [pos for _, pos in rows]
+    if targets:  # each target's own log-prob: the whole (M, V) rows
+        dists: list[Any] = await model.mask_logprobs(seqs, blanks, deadline)
+    else:  # the top k of each blank, taken where the model ran
+        dists = await model.mask_top(seqs, blanks, allowed, params.top_k, deadline)
     # Several-token targets: one extra row per (text, blank, target) with the blank widened.
     wide_rows: list[list[int]] = []
     wide_pos: list[list[int]] = []
@@ -85,7 +91,6 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
     wide_lp = {key: float(sum(d[j, t] for j, t in enumerate(targets[key[2]][1])))
                for key, d in zip(wide_key, wide, strict=True)}
 
-    allowed = ~model.never_generate_mask()
     results = []
     for r, (text, dist) in enumerate(zip(params.texts, dists, strict=True)):
         masks = []
@@ -94,8 +99,9 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
                 cands = [(tuple(tids), t, float(row[tids[0]]) if len(tids) == 1 else wide_lp[(r, b, ti)])
                          for ti, (t, tids) in enumerate(targets)]
             else:
-                cands = [((t,), model.token_text(t), float(row[t]))
-                         for t in top_allowed(row, allowed, params.top_k).tolist()]
+                top_ids, top_lps = row
+                cands = [((t,), model.token_text(t), lp)
+                         for t, lp in zip(top_ids.tolist(), top_lps.tolist(), strict=True)]
             cands.sort(key=lambda c: -c[2])
             masks.append(tuple(
                 FillCandidate(ids, word, lp, _fill(text, b, _spelling(model, ids) or word))
