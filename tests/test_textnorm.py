@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, normalizers
 
 from models.tokenization import text_normalizer
-from service.families.textnorm import plain_text_predicate, without_normalizer
+from service.families.textnorm import plain_text_shortcut, without_normalizer
 
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")
@@ -28,36 +28,44 @@ def _tokenizer(repo: Path, model: str) -> Tokenizer:
 
 
 @pytest.mark.parametrize("model", FAMILIES)
-def test_plain_text_skips_only_what_the_normalizer_leaves_alone(tiny_repo: Path, model: str) -> None:
+def test_plain_texts_shortcut_is_the_normalizers_output_and_the_same_tokens(tiny_repo: Path, model: str) -> None:
     tok = _tokenizer(tiny_repo, model)
-    plain = plain_text_predicate(tok)
-    assert plain is not None, "our own normalizers are understood, so the shortcut is on"
+    shortcut = plain_text_shortcut(tok)
+    assert shortcut is not None, "our own normalizers are understood, so the shortcut is on"
     bare = without_normalizer(tok)
     assert tok.normalizer is not None
     normalize = tok.normalizer.normalize_str
-    assert plain("to be or not to be, that is the question.")
-    assert not plain("two  spaces") and not plain(" lead") and not plain("tab\there") and not plain("café")
-
+    assert shortcut("To be or not to be, that is the question.") is not None
+    for other in ("two  spaces", " lead", "tab\there", "café", "trail "):
+        assert shortcut(other) is None
+    for text in ("The cat sat on the [MASK].", "[CLS] a [SEP] b", "<|endoftext|>Hello", "A [mask] and [UNK]"):
+        normal = shortcut(text)  # texts holding the tokenizer's added tokens, as typed: the same tokens either way
+        assert normal is None or bare.encode(normal, add_special_tokens=False).ids == \
+            tok.encode(text, add_special_tokens=False).ids, text
     seen = {"plain": 0, "other": 0}
 
+    specials = st.sampled_from(["[MASK]", "[CLS]", "[SEP]", "[mask]", "<|endoftext|>", "<s>", "</s>", "<unk>"])
+    with_specials = st.tuples(TEXTS, specials, TEXTS).map(" ".join).map(str.strip)
+
     @hypothesis.settings(max_examples=400, deadline=None)
-    @hypothesis.given(text=TEXTS | TEXTS.map(str.lower).map(" ".join).map(str.strip))
+    @hypothesis.given(text=TEXTS | TEXTS.map(" ".join).map(str.strip) | with_specials)
     def check(text: str) -> None:
-        seen["plain" if plain(text) else "other"] += 1
-        if plain(text):
-            assert normalize(text) == text
+        normal = shortcut(text)
+        seen["other" if normal is None else "plain"] += 1
+        if normal is not None:
+            assert normal == normalize(text)
             full = tok.encode(text, add_special_tokens=False)
-            assert bare.encode(text, add_special_tokens=False).ids == full.ids
+            assert bare.encode(normal, add_special_tokens=False).ids == full.ids
 
     check()
     assert seen["plain"] >= 50 and seen["other"] >= 50, seen  # both kinds were tried
 
 
 def test_models_own_normalizers_are_understood() -> None:
-    plain = plain_text_predicate(_with(text_normalizer()))
-    assert plain is not None and plain("The King") and not plain("The  King")
-    lower = plain_text_predicate(_with(normalizers.Sequence([text_normalizer(), normalizers.Lowercase()])))
-    assert lower is not None and lower("the king") and not lower("The King")
+    as_is = plain_text_shortcut(_with(text_normalizer()))
+    assert as_is is not None and as_is("The King") == "The King" and as_is("The  King") is None
+    lower = plain_text_shortcut(_with(normalizers.Sequence([text_normalizer(), normalizers.Lowercase()])))
+    assert lower is not None and lower("The King") == "the king" and lower("The\tKing") is None
 
 
 @pytest.mark.parametrize("step", [
@@ -69,13 +77,13 @@ def test_models_own_normalizers_are_understood() -> None:
     normalizers.Prepend("\u2581"),
 ])
 def test_a_step_it_cannot_vouch_for_turns_the_shortcut_off(step: normalizers.Normalizer) -> None:
-    assert plain_text_predicate(_with(normalizers.Sequence([text_normalizer(), step]))) is None
+    assert plain_text_shortcut(_with(normalizers.Sequence([text_normalizer(), step]))) is None
 
 
 def test_harmless_literals_and_classes_keep_it_on() -> None:
     steps = [normalizers.Replace("\u2019", "'"), normalizers.Replace(Regex("[\u2010-\u2015]"), "-"),
              normalizers.Replace("  ", " ")]
-    assert plain_text_predicate(_with(normalizers.Sequence([text_normalizer(), *steps]))) is not None
+    assert plain_text_shortcut(_with(normalizers.Sequence([text_normalizer(), *steps]))) is not None
 
 
 def _with(normalizer: normalizers.Normalizer) -> Tokenizer:

@@ -24,7 +24,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.errors import FailedPrecondition, InvalidArgument
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors, top_of
-from service.families.textnorm import plain_text_predicate, without_normalizer
+from service.families.textnorm import PlainTextEncoder
 from service.metrics import Metrics
 from service.runtime import open_graph, pad_right
 
@@ -58,8 +58,7 @@ class BertAdapter(ModelAdapter):
         tok = manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
         # Plain text skips the normalizer, which would leave it unchanged (service/families/textnorm.py).
-        self._plain = plain_text_predicate(self.tokenizer)
-        self._bare = without_normalizer(self.tokenizer) if self._plain is not None else self.tokenizer
+        self._encoder = PlainTextEncoder(self.tokenizer)
         self._cls = self.special_id(self.tokenizer, tok.get("cls", "[CLS]"))
         self._sep = self.special_id(self.tokenizer, tok.get("sep", "[SEP]"))
         self._mask = self.special_id(self.tokenizer, tok.get("mask", "[MASK]"))
@@ -79,7 +78,7 @@ class BertAdapter(ModelAdapter):
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:
-        enc = self._tokenizer_for(text).encode(text, add_special_tokens=False)
+        enc = self._encoder.encode(text)
         ids = list(enc.ids)
         word_index: list[int] = []
         groups: list[list[int]] = []
@@ -95,10 +94,7 @@ class BertAdapter(ModelAdapter):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def encode_ids(self, text: str) -> list[int]:
-        return list(self._tokenizer_for(text).encode(text, add_special_tokens=False).ids)
-
-    def _tokenizer_for(self, text: str) -> Tokenizer:
-        return self._bare if self._plain is not None and self._plain(text) else self.tokenizer
+        return list(self._encoder.encode(text).ids)
 
     def token_text(self, token_id: int) -> str:
         return self._token_texts[token_id]

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
-from service.families.textnorm import plain_text_predicate, without_normalizer
+from service.families.textnorm import PlainTextEncoder
 from service.metrics import Metrics
 from service.runtime import cores, open_graph, pad_right
 
@@ -91,8 +91,7 @@ class GptAdapter(ModelAdapter):
         tok = manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
         # Plain text skips the normalizer, which would leave it unchanged (service/families/textnorm.py).
-        self._plain = plain_text_predicate(self.tokenizer)
-        self._bare = without_normalizer(self.tokenizer) if self._plain is not None else self.tokenizer
+        self._encoder = PlainTextEncoder(self.tokenizer)
         self._eos = self.special_id(self.tokenizer, tok.get("eos", "<|endoftext|>"))
         self._bos = self.special_id(self.tokenizer, tok.get("bos", "<|endoftext|>"))
         runtime = config.runtime_for(name)
@@ -132,7 +131,7 @@ class GptAdapter(ModelAdapter):
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:
-        enc = self._tokenizer_for(text).encode(text, add_special_tokens=False)
+        enc = self._encoder.encode(text)
         ids = list(enc.ids)
         tokens = [self._token_texts[i] for i in ids]
         word_index: list[int] = []
@@ -156,10 +155,7 @@ class GptAdapter(ModelAdapter):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def encode_ids(self, text: str) -> list[int]:
-        return list(self._tokenizer_for(text).encode(text, add_special_tokens=False).ids)
-
-    def _tokenizer_for(self, text: str) -> Tokenizer:
-        return self._bare if self._plain is not None and self._plain(text) else self.tokenizer
+        return list(self._encoder.encode(text).ids)
 
     def token_text(self, token_id: int) -> str:
         return self._token_texts[token_id]

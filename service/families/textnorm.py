@@ -3,12 +3,13 @@
 Our tokenizers normalise with NFKC, a few regex replacements (control characters, curly quotes, dashes,
 whitespace runs), Strip and, for word models, Lowercase. On a short text that is ~10 µs of the ~24 µs a GPT
 `encode` takes, paid on the event loop for every text of every call, although most served text is plain
-ASCII that none of those steps changes. `plain_text_predicate` reads the tokenizer's normalizer and, when every
-step is one whose effect on "plain" text (printable ASCII, single spaces, no space at either end, and no
-capital letters when a step lowercases) is nothing, returns that test; the caller then tokenizes plain text
-with a copy of the tokenizer that has no normalizer (`without_normalizer`), or skips `normalize_str`. Any step
-it does not understand turns the shortcut off for that tokenizer (None): a user's tokenizer.json is never
-second-guessed.
+ASCII that none of those steps changes but Lowercase. `plain_text_shortcut` reads the tokenizer's normalizer
+and, when every step is one whose effect on "plain" text (printable ASCII, single spaces, no space at either
+end) is nothing or, for Lowercase, `str.lower` (the same as Unicode lowercasing on ASCII), returns a function
+that gives the normalised text of plain text (and None for other text); the caller then tokenizes it with a
+copy of the tokenizer that has no normalizer (`without_normalizer`), or uses it instead of `normalize_str`.
+Any step it does not understand turns the shortcut off for that tokenizer (None): a user's tokenizer.json is
+never second-guessed. Text that holds one of the tokenizer's added tokens always goes the long way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 _PRINTABLE_ASCII = [chr(c) for c in range(0x20, 0x7F)]
 _UNICODE_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}  # every ASCII character is its own normal form
@@ -29,8 +30,12 @@ def _plain(text: str) -> bool:
     return text.isascii() and text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " "
 
 
-def _plain_lower(text: str) -> bool:
-    return _plain(text) and text == text.lower()
+def _as_is(text: str) -> str | None:
+    return text if _plain(text) else None
+
+
+def _lowered(text: str) -> str | None:
+    return text.lower() if _plain(text) else None
 
 
 def _replace_is_identity(step: dict[str, Any]) -> bool:
@@ -51,8 +56,8 @@ def _replace_is_identity(step: dict[str, Any]) -> bool:
     return not matched or (matched == {" "} and content == " " and m["plus"] == "+")
 
 
-def plain_text_predicate(tokenizer: Tokenizer) -> Callable[[str], bool] | None:
-    """The test for text the tokenizer's normalizer leaves unchanged, or None when it cannot be told."""
+def plain_text_shortcut(tokenizer: Tokenizer) -> Callable[[str], str | None] | None:
+    """The normalised text of plain text (None for other text), or None when the normalizer cannot be told."""
     spec = json.loads(tokenizer.to_str()).get("normalizer")
     if spec is None:
         return None  # nothing to skip
@@ -70,11 +75,41 @@ def plain_text_predicate(tokenizer: Tokenizer) -> Callable[[str], bool] | None:
             lowercase = lowercase or bool(step.get("lowercase", True))
         else:
             return None
-    return _plain_lower if lowercase else _plain
+    # Every other step leaves every plain text (capitals included) alone, so the order of steps does not matter.
+    plain = _lowered if lowercase else _as_is
+    # The tokenizer finds its added tokens ([MASK], <|endoftext|>...) in the text first and normalises each piece
+    # between them on its own (Strip then trims the piece's spaces): a text holding one takes the long way.
+    added = [a["content"].lower() for a in json.loads(tokenizer.to_str()).get("added_tokens", []) if a.get("content")]
+    if not added:
+        return plain
+
+    def plain_without_added(text: str) -> str | None:
+        normal = plain(text)
+        if normal is None:
+            return None
+        low = normal if lowercase else normal.lower()
+        return None if any(a in low for a in added) else normal
+
+    return plain_without_added
 
 
 def without_normalizer(tokenizer: Tokenizer) -> Tokenizer:
-    """The same tokenizer with its normalizer removed (for text `plain_text_predicate` passed)."""
+    """The same tokenizer with its normalizer removed (for the text `plain_text_shortcut` gives)."""
     spec = json.loads(tokenizer.to_str())
     spec["normalizer"] = None
     return Tokenizer.from_str(json.dumps(spec))
+
+
+class PlainTextEncoder:
+    """`tokenizer.encode(text, add_special_tokens=False)`, through the shortcut where it applies."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.shortcut = plain_text_shortcut(tokenizer)
+        self._bare = without_normalizer(tokenizer) if self.shortcut is not None else tokenizer
+
+    def encode(self, text: str) -> Encoding:
+        normal = self.shortcut(text) if self.shortcut is not None else None
+        if normal is not None:  # what the normalizer would give: tokenized without it
+            return self._bare.encode(normal, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)

@@ -14,22 +14,23 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.families.base import Encoded, ModelAdapter
-from service.families.textnorm import plain_text_predicate
+from service.families.textnorm import plain_text_shortcut
 
 
-def split_words(tokenizer: Tokenizer, text: str, plain: Callable[[str], bool] | None = None) -> list[str]:
-    """The normalised words of a text, exactly as the model was trained on them. `plain`: the tokenizer's
-    `plain_text_predicate` (text it passes skips the normalizer, which leaves it unchanged)."""
+def split_words(tokenizer: Tokenizer, text: str, shortcut: Callable[[str], str | None] | None = None) -> list[str]:
+    """The normalised words of a text, exactly as the model was trained on them. `shortcut`: the tokenizer's
+    `plain_text_shortcut` (plain text's normalised form without a call into the normalizer)."""
     normalizer, pre = tokenizer.normalizer, tokenizer.pre_tokenizer
-    skip = normalizer is None or (plain is not None and plain(text))
-    norm = text if skip else normalizer.normalize_str(text)
+    norm = shortcut(text) if shortcut is not None else None
+    if norm is None:
+        norm = normalizer.normalize_str(text) if normalizer is not None else text
     return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
 
 
 def encode_words(tokenizer: Tokenizer, word_to_id: Mapping[str, int], unk_id: int, text: str,
-                 plain: Callable[[str], bool] | None = None) -> Encoded:
+                 shortcut: Callable[[str], str | None] | None = None) -> Encoded:
     """Each word is one token: its id, or `unk_id` (flagged out of vocabulary)."""
-    words = split_words(tokenizer, text, plain)
+    words = split_words(tokenizer, text, shortcut)
     ids = [word_to_id.get(w, unk_id) for w in words]
     oov = [w not in word_to_id for w in words]
     return Encoded(ids, words, list(range(len(words))), words, oov)
@@ -46,7 +47,7 @@ class WordVocabulary:
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
         tok = manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
-        self.plain = plain_text_predicate(self.tokenizer)
+        self.shortcut = plain_text_shortcut(self.tokenizer)
         vocab: dict[str, int] = self.tokenizer.get_vocab()
         self.word_to_id = vocab
         self.id_to_word = [""] * len(vocab)
@@ -67,7 +68,7 @@ class WordVocabulary:
         return len(self.id_to_word)
 
     def encode(self, text: str) -> Encoded:
-        return encode_words(self.tokenizer, self.word_to_id, self.unk, text, self.plain)
+        return encode_words(self.tokenizer, self.word_to_id, self.unk, text, self.shortcut)
 
     def decode(self, ids: list[int]) -> str:
         return join_words(self.id_to_word, ids, self.skip)

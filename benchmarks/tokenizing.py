@@ -1,0 +1,89 @@
+"""Tokenizing on the event loop: each family's `encode` with and without the plain-text shortcut.
+
+    python benchmarks/tokenizing.py [--repository repository] [--out results/tokenizing.json]
+
+For every model of the repository with a tokenizer, times the tokenizer's own work on the held-out lines the
+serving benchmark sends (`benchmarks/serving.py`), the way the served adapter does it: the whole tokenizer
+(normalizer included) against the shortcut (`service/families/textnorm.py`: text the normalizer provably
+leaves unchanged goes to a copy of the tokenizer without it, or skips `normalize_str`). Best of 5 passes over
+the lines; checks that both give the same ids. Prints µs per line and the ratio, and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from serving import held_out_texts  # this folder is on sys.path when run as a script
+from tokenizers import Tokenizer
+
+from service.families.textnorm import plain_text_shortcut, without_normalizer
+
+
+def best_us(fn: Callable[[str], Any], texts: list[str], passes: int = 5) -> float:
+    best = float("inf")
+    for _ in range(passes):
+        started = time.perf_counter()
+        for t in texts:
+            fn(t)
+        best = min(best, time.perf_counter() - started)
+    return 1e6 * best / len(texts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repository", type=Path, default=Path("repository"))
+    ap.add_argument("--out", type=Path, default=Path("results/tokenizing.json"))
+    args = ap.parse_args()
+    texts = held_out_texts()
+    rows: dict[str, Any] = {}
+    for manifest_path in sorted(args.repository.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        spec = manifest.get("tokenizer") or {}
+        if "file" not in spec:
+            continue
+        tok = Tokenizer.from_file(str(manifest_path.parent / spec["file"]))
+        shortcut = plain_text_shortcut(tok)
+        if shortcut is None:
+            print(f"{manifest_path.parent.name:18} no shortcut (a normalizer step it cannot vouch for)")
+            continue
+        if spec.get("kind") in ("bpe", "wordpiece", "byte_bpe") or manifest.get("family") in ("gpt", "bert"):
+            bare = without_normalizer(tok)
+
+            def full(t: str, tok: Tokenizer = tok) -> list[int]:
+                return list(tok.encode(t, add_special_tokens=False).ids)
+
+            def fast(t: str, tok: Tokenizer = tok, bare: Tokenizer = bare, shortcut: Any = shortcut) -> list[int]:
+                normal = shortcut(t)
+                if normal is not None:
+                    return list(bare.encode(normal, add_special_tokens=False).ids)
+                return list(tok.encode(t, add_special_tokens=False).ids)
+        else:  # word models: normalise, then split into words (service/families/words.py)
+            norm, pre = tok.normalizer, tok.pre_tokenizer
+            assert norm is not None and pre is not None
+
+            def full(t: str, norm: Any = norm, pre: Any = pre) -> list[int]:
+                return [hash(w) for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))]
+
+            def fast(t: str, norm: Any = norm, pre: Any = pre, shortcut: Any = shortcut) -> list[int]:
+                normal = shortcut(t)
+                text = normal if normal is not None else norm.normalize_str(t)
+                return [hash(w) for w, _ in pre.pre_tokenize_str(text)]
+        assert all(full(t) == fast(t) for t in texts), manifest_path.parent.name
+        row = {"lines": len(texts), "plain_lines": sum(shortcut(t) is not None for t in texts),
+               "full_us": best_us(full, texts), "shortcut_us": best_us(fast, texts)}
+        row["full_vs_shortcut"] = row["full_us"] / row["shortcut_us"]
+        rows[manifest_path.parent.name] = row
+        print(f"{manifest_path.parent.name:18} {row['full_us']:6.1f} → {row['shortcut_us']:6.1f} µs per line "
+              f"({row['full_vs_shortcut']:.2f}×; {row['plain_lines']}/{row['lines']} lines plain)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
