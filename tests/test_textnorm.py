@@ -36,8 +36,10 @@ def test_plain_texts_shortcut_is_the_normalizers_output_and_the_same_tokens(tiny
     assert tok.normalizer is not None
     normalize = tok.normalizer.normalize_str
     assert shortcut("To be or not to be, that is the question.") is not None
-    for other in ("two  spaces", " lead", "tab\there", "café", "trail "):
+    for other in ("two  spaces", "tab\there", "café", "line\nbreak", "end\t"):
         assert shortcut(other) is None
+    for text in (" lead", "trail ", "  both  "):  # Strip takes these off first
+        assert shortcut(text) == normalize(text)
     for text in ("The cat sat on the [MASK].", "[CLS] a [SEP] b", "<|endoftext|>Hello", "A [mask] and [UNK]"):
         normal = shortcut(text)  # texts holding the tokenizer's added tokens, as typed: the same tokens either way
         assert normal is None or bare.encode(normal, add_special_tokens=False).ids == \

@@ -1,15 +1,16 @@
 """Skipping a tokenizer's normalizer for text it provably leaves unchanged.
 
 Our tokenizers normalise with NFKC, a few regex replacements (control characters, curly quotes, dashes,
-whitespace runs), Strip and, for word models, Lowercase. On a short text that is ~10 µs of the ~24 µs a GPT
-`encode` takes, paid on the event loop for every text of every call, although most served text is plain
-ASCII that none of those steps changes but Lowercase. `plain_text_shortcut` reads the tokenizer's normalizer
-and, when every step is one whose effect on "plain" text (printable ASCII, single spaces, no space at either
-end) is nothing or, for Lowercase, `str.lower` (the same as Unicode lowercasing on ASCII), returns a function
-that gives the normalised text of plain text (and None for other text); the caller then tokenizes it with a
-copy of the tokenizer that has no normalizer (`without_normalizer`), or uses it instead of `normalize_str`.
-Any step it does not understand turns the shortcut off for that tokenizer (None): a user's tokenizer.json is
-never second-guessed. Text that holds one of the tokenizer's added tokens always goes the long way.
+whitespace runs), Strip and, for word models, Lowercase: a third or more of the time `encode` takes on a short
+line (`python benchmarks/tokenizing.py`), paid on the event loop for every text of every call, although most
+served text is plain ASCII that none of those steps changes but Lowercase and Strip. `plain_text_shortcut`
+reads the tokenizer's normalizer and, when every step is one whose effect on "plain" text (printable ASCII,
+single spaces, no space at either end once Strip took the spaces off its ends) is nothing or, for Lowercase,
+`str.lower` (the same as Unicode lowercasing on ASCII), returns a function that gives the normalised text of
+plain text (and None for other text); the caller then tokenizes that with a copy of the tokenizer that has no
+normalizer (`without_normalizer`), or uses it instead of `normalize_str`. Any step it does not understand turns
+the shortcut off for that tokenizer (None): a user's tokenizer.json is never second-guessed. Text that holds
+one of the tokenizer's added tokens always goes the long way.
 """
 
 from __future__ import annotations
@@ -27,15 +28,8 @@ _CLASS = re.compile(r"^\[(?P<body>(?:[^\[\]\\]|\\.)*)\](?P<plus>\+?)$")  # one c
 
 
 def _plain(text: str) -> bool:
+    """Printable ASCII, single spaces, no space at either end."""
     return text.isascii() and text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " "
-
-
-def _as_is(text: str) -> str | None:
-    return text if _plain(text) else None
-
-
-def _lowered(text: str) -> str | None:
-    return text.lower() if _plain(text) else None
 
 
 def _replace_is_identity(step: dict[str, Any]) -> bool:
@@ -62,35 +56,36 @@ def plain_text_shortcut(tokenizer: Tokenizer) -> Callable[[str], str | None] | N
     if spec is None:
         return None  # nothing to skip
     steps = spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]
-    lowercase = False
+    lowercase = strip = False
     for step in steps:
         kind = step.get("type")
-        if kind in _UNICODE_FORMS or kind == "StripAccents":
+        if kind in _UNICODE_FORMS or kind == "StripAccents" or (kind == "Replace" and _replace_is_identity(step)):
             continue
-        if kind == "Strip" or (kind == "Replace" and _replace_is_identity(step)):
-            continue  # plain text has no whitespace at either end
-        if kind == "Lowercase":
+        if kind == "Strip":  # plain text has no space at either end; with both ends stripped, its spaces go first
+            strip = strip or (step.get("strip_left", True) and step.get("strip_right", True))
+        elif kind == "Lowercase":
             lowercase = True
         elif kind == "BertNormalizer":  # control characters out, each whitespace → " ", CJK spaced, accents
             lowercase = lowercase or bool(step.get("lowercase", True))
         else:
             return None
-    # Every other step leaves every plain text (capitals included) alone, so the order of steps does not matter.
-    plain = _lowered if lowercase else _as_is
     # The tokenizer finds its added tokens ([MASK], <|endoftext|>...) in the text first and normalises each piece
     # between them on its own (Strip then trims the piece's spaces): a text holding one takes the long way.
     added = [a["content"].lower() for a in json.loads(tokenizer.to_str()).get("added_tokens", []) if a.get("content")]
-    if not added:
-        return plain
 
-    def plain_without_added(text: str) -> str | None:
-        normal = plain(text)
-        if normal is None:
+    def shortcut(text: str) -> str | None:
+        # Every other step leaves plain text (capitals included) alone, so the order of the steps does not matter;
+        # spaces at the ends, which only the steps on whitespace touch (runs to one space), end up stripped.
+        if strip:
+            text = text.strip(" ")
+        if not _plain(text):
             return None
-        low = normal if lowercase else normal.lower()
-        return None if any(a in low for a in added) else normal
+        low = text.lower()
+        if any(a in low for a in added):
+            return None
+        return low if lowercase else text
 
-    return plain_without_added
+    return shortcut
 
 
 def without_normalizer(tokenizer: Tokenizer) -> Tokenizer:
