@@ -63,7 +63,9 @@ def test_learns_a_memorisable_corpus(tmp_path: Path) -> None:
     pairs = windows(ids, order=4, bos=BOS, eos=EOS)
     torch.manual_seed(0)
     model = NNLM(NNLMConfig(vocab_size=data.word_tokenizer.get_vocab_size(), order=4, n_embd=16, n_hidden=32))
-    cfg = TrainConfig(max_steps=300, lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_interval=100, eval_batches=2,
+    # 500 steps: 0.223 nats against the 0.265 bound on this machine (300 steps left 0.012 of margin, which
+    # another CPU's float rounding could take; a seeded tiny BERT test failed CI that way).
+    cfg = TrainConfig(max_steps=500, lr=1e-2, min_lr=1e-3, warmup_steps=10, eval_interval=100, eval_batches=2,
                       weight_decay=0.0, progress=False, num_threads=1, patience=None)
     result = train(model, window_batches({"train": pairs, "valid": pairs}, 32, np.random.default_rng(0)), cfg,
                    tmp_path)

@@ -226,10 +226,15 @@ def test_adapter_cloze_predicts_the_centre_word(folder: Path) -> None:
 @pytest.mark.parametrize("sg", [False, True])
 def test_as_good_as_gensim_on_a_topic_corpus(sg: bool) -> None:
     gensim_models = pytest.importorskip("gensim.models")
-    corpus = _topic_corpus(3000, seed=1)
     kw: dict[str, Any] = {"vector_size": 32, "window": 5, "min_count": 1, "sample": 1e-3, "negative": 5, "epochs": 3}
-    ours = Word2Vec.train_on(corpus, Word2VecConfig(sg=sg, **kw))
-    theirs = gensim_models.Word2Vec(corpus, sg=int(sg), workers=1, seed=1, **kw)
-    ref = Word2Vec(theirs.wv.index_to_key, np.ones(len(theirs.wv)), Word2VecConfig(vector_size=32))
-    ref.wv = __import__("torch").from_numpy(theirs.wv.vectors.copy())
-    assert _separation(ours) >= 0.9 * _separation(ref)
+    # Three corpora and seeds each, compared on the mean: one run of either moves by several per cent with the
+    # seed (one pair on one corpus left only 3 % of margin under the 0.9 factor).
+    ours_sep, ref_sep = [], []
+    for seed in (1, 2, 3):
+        corpus = _topic_corpus(3000, seed=seed)
+        ours_sep.append(_separation(Word2Vec.train_on(corpus, Word2VecConfig(sg=sg, seed=seed, **kw))))
+        theirs = gensim_models.Word2Vec(corpus, sg=int(sg), workers=1, seed=seed, **kw)
+        ref = Word2Vec(theirs.wv.index_to_key, np.ones(len(theirs.wv)), Word2VecConfig(vector_size=32))
+        ref.wv = __import__("torch").from_numpy(theirs.wv.vectors.copy())
+        ref_sep.append(_separation(ref))
+    assert np.mean(ours_sep) >= 0.9 * np.mean(ref_sep), (ours_sep, ref_sep)
