@@ -87,3 +87,14 @@ def test_access_lines_reach_other_handlers_and_respect_levels(stderr_file: Calla
     logging.getLogger().setLevel(logging.WARNING)
     logs.access("r-3", "Embed", "word2vec", "OK", 0.001)
     assert not any("r-3" in line for line in _lines(path))
+
+
+def test_the_buffered_handler_closes_twice(tmp_path: Path) -> None:
+    """`logging.shutdown` closes every handler at exit, after the server closed its own: the second close must
+    not raise (its stop event once shadowed logging.Handler's `_closed` flag, and the exit printed an error)."""
+    with (tmp_path / "log").open("w") as f:
+        handler = logs.BufferedStreamHandler(f.fileno(), 60.0)
+        handler.write_line("one")
+        handler.close()
+        handler.close()
+    assert (tmp_path / "log").read_text() == "one\n"
