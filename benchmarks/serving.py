@@ -178,8 +178,7 @@ def main() -> None:
                                      processes=args.processes)
     # The same on `--workers` server processes sharing the port: the client opens several connections, since
     # the kernel spreads connections (not calls) over the workers, by a hash of each connection's ports. With
-    # 4 connections over 2 workers a 3:1 or 4:0 split is as likely as not, and the busier worker sets the pace
-    # (n-gram runs of 1,610-1,888 calls/s at 4 connections against 1,948-1,959 at 16, 2026-11-23 05:16 UTC).
+    # 4 connections over 2 workers a 3:1 or 4:0 split is as likely as not, and the busier worker sets the pace.
     conns = 8 * args.workers
     with LocalServer(args.repository, ["gpt", "bert", "ngram-kn"], workers=args.workers) as srv:
         served["gpt_score_workers"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, connections=conns)

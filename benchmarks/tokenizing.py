@@ -6,12 +6,13 @@ For every model of the repository with a tokenizer, times the tokenizer's own wo
 serving benchmark sends (`benchmarks/serving.py`), the way the served adapter does it: the whole tokenizer
 (normalizer included) against the shortcut (`service/families/textnorm.py`: text the normalizer provably
 leaves unchanged goes to a copy of the tokenizer without it, or skips `normalize_str`). Best of 5 passes over
-the lines; checks that both give the same ids. Prints µs per line and the ratio, and writes the JSON.
+the lines; checks that both give the same ids (or words). Prints µs per line and the ratio, and writes the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -21,7 +22,13 @@ from typing import Any
 from serving import held_out_texts  # this folder is on sys.path when run as a script
 from tokenizers import Tokenizer
 
-from service.families.textnorm import plain_text_shortcut, without_normalizer
+from service.families.textnorm import PlainTextEncoder, plain_text_shortcut
+from service.families.words import split_words
+
+
+def _ids(out: Any) -> Any:
+    """An Encoding's ids, or the words themselves."""
+    return getattr(out, "ids", out)
 
 
 def best_us(fn: Callable[[str], Any], texts: list[str], passes: int = 5) -> float:
@@ -51,29 +58,16 @@ def main() -> None:
         if shortcut is None:
             print(f"{manifest_path.parent.name:18} no shortcut (a normalizer step it cannot vouch for)")
             continue
-        if spec.get("kind") in ("bpe", "wordpiece", "byte_bpe") or manifest.get("family") in ("gpt", "bert"):
-            bare = without_normalizer(tok)
-
-            def full(t: str, tok: Tokenizer = tok) -> list[int]:
-                return list(tok.encode(t, add_special_tokens=False).ids)
-
-            def fast(t: str, tok: Tokenizer = tok, bare: Tokenizer = bare, shortcut: Any = shortcut) -> list[int]:
-                normal = shortcut(t)
-                if normal is not None:
-                    return list(bare.encode(normal, add_special_tokens=False).ids)
-                return list(tok.encode(t, add_special_tokens=False).ids)
-        else:  # word models: normalise, then split into words (service/families/words.py)
-            norm, pre = tok.normalizer, tok.pre_tokenizer
-            assert norm is not None and pre is not None
-
-            def full(t: str, norm: Any = norm, pre: Any = pre) -> list[int]:
-                return [hash(w) for w, _ in pre.pre_tokenize_str(norm.normalize_str(t))]
-
-            def fast(t: str, norm: Any = norm, pre: Any = pre, shortcut: Any = shortcut) -> list[int]:
-                normal = shortcut(t)
-                text = normal if normal is not None else norm.normalize_str(t)
-                return [hash(w) for w, _ in pre.pre_tokenize_str(text)]
-        assert all(full(t) == fast(t) for t in texts), manifest_path.parent.name
+        full: Callable[[str], Any]
+        fast: Callable[[str], Any]
+        if manifest.get("family") in ("gpt", "bert"):  # the adapters' encoder, and the tokenizer as it is
+            encoder = PlainTextEncoder(tok)
+            full = functools.partial(tok.encode, add_special_tokens=False)
+            fast = encoder.encode
+        else:  # word models: normalise, then split into words, with and without the shortcut
+            full = functools.partial(split_words, tok)
+            fast = functools.partial(split_words, tok, shortcut=shortcut)
+        assert all(_ids(full(t)) == _ids(fast(t)) for t in texts), manifest_path.parent.name
         row = {"lines": len(texts), "plain_lines": sum(shortcut(t) is not None for t in texts),
                "full_us": best_us(full, texts), "shortcut_us": best_us(fast, texts)}
         row["full_vs_shortcut"] = row["full_us"] / row["shortcut_us"]

@@ -222,7 +222,7 @@ class _Worker:
         # A channel's own subchannel pool: channels to one target would otherwise share one connection.
         options = [("grpc.use_local_subchannel_pool", 1)] if cfg.connections > 1 else []
         # No retry policy is configured, so no call is ever retried; turning retries off skips gRPC's retry
-        # machinery (it buffers every call's messages): about 8 % less client CPU per n-gram call.
+        # machinery, which buffers every call's messages.
         options.append(("grpc.enable_retries", 0))
         self.channel_targets = [t for _ in range(max(1, cfg.connections)) for t in cfg.targets]
         self.channels = [grpc.aio.insecure_channel(t, options=options) for t in self.channel_targets]
@@ -247,8 +247,8 @@ class _Worker:
         return time.perf_counter() - self.perf0
 
     def _draw(self, queue: collections.deque[int], draw: Callable[[int], np.ndarray]) -> int:
-        """The next of numbers drawn 4096 at a time: numpy's per-call overhead (`choice` with weights alone took
-        ~30 µs) was a tenth of the load generator's CPU per call, on cores it shares with the server."""
+        """The next of numbers drawn 4096 at a time: numpy's per-call overhead (`choice` with weights above all)
+        was a large share of the load generator's CPU per call, on cores it shares with the server."""
         if not queue:
             queue.extend(draw(4096).tolist())
         return queue.popleft()

@@ -8,9 +8,6 @@ here: probes must answer under overload and during the drain.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from service.config import Limits
 from service.errors import ResourceExhausted, Unavailable
 from service.metrics import Metrics
@@ -43,12 +40,3 @@ class Admission:
     def leave(self) -> None:
         self.inflight -= 1
         self._metrics.set_inflight(self.inflight)
-
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """`enter` … `leave` around the body."""
-        self.enter()
-        try:
-            yield
-        finally:
-            self.leave()

@@ -130,14 +130,12 @@ def access(request_id: str, method: str, model: str, code: str, seconds: float) 
     """One call's access line on `plm.access` at INFO."""
     if not _ACCESS.isEnabledFor(logging.INFO):
         return
+    msg = f"request_id={request_id} method={method} model={model} code={code} duration_ms={seconds * 1000:.2f}"
     handler = _direct
     root = logging.root.handlers
     if (handler is not None and len(root) == 1 and root[0] is handler and not _ACCESS.handlers
-            and not _ACCESS.filters and not handler.filters and _ACCESS.propagate and handler.level <= logging.INFO):
-        formatter = handler.formatter
-        if isinstance(formatter, TextFormatter | JsonFormatter):
-            msg = f"request_id={request_id} method={method} model={model} code={code} duration_ms={seconds * 1000:.2f}"
-            handler.write_line(formatter.line(time.time(), "INFO", _ACCESS.name, msg))
-            return
-    _ACCESS.info("request_id=%s method=%s model=%s code=%s duration_ms=%.2f",
-                 request_id, method, model, code, seconds * 1000)
+            and not _ACCESS.filters and not handler.filters and _ACCESS.propagate and handler.level <= logging.INFO
+            and isinstance(handler.formatter, TextFormatter | JsonFormatter)):
+        handler.write_line(handler.formatter.line(time.time(), "INFO", _ACCESS.name, msg))
+    else:
+        _ACCESS.info("%s", msg)

@@ -44,11 +44,11 @@ AUTO = (TENSORRT, "CUDAExecutionProvider", CPU)  # `providers = []`: the best th
 GPU = {TENSORRT: "cuda", "CUDAExecutionProvider": "cuda"}
 
 
-
 def cores() -> int:
     """CPUs this process may run on (its affinity mask, which containers and taskset narrow): what "one per core"
     means for ONNX Runtime's threads, the decoder's and the workers' share."""
     return len(os.sched_getaffinity(0))
+
 
 def provider_name(name: str) -> str:
     """ORT's name of a provider given by full name or alias; an unknown name is a config error naming the list."""
@@ -97,20 +97,16 @@ def tensorrt_loadable() -> bool:
     return False
 
 
-_gpu_libraries: list[bool] = []  # [] until the first GPU session tries to load them
-
-
+@functools.cache
 def _load_gpu_libraries() -> None:
     """onnxruntime-gpu from PyPI finds CUDA and cuDNN in the nvidia-* wheels (its `cuda` and `cudnn` extras, or
     PyTorch's) only once they are loaded (ORT's `preload_dlls`); libraries on the loader's path need nothing.
     Once per process; a failure is a warning, and starting the session says what is missing."""
-    if _gpu_libraries or not hasattr(ort, "preload_dlls"):
+    if not hasattr(ort, "preload_dlls"):
         return
     try:
         ort.preload_dlls()
-        _gpu_libraries.append(True)
     except Exception as e:
-        _gpu_libraries.append(False)
         log.warning("could not preload the CUDA/cuDNN libraries of the nvidia-* wheels (%s); relying on the "
                     "loader's path", e)
 

@@ -116,16 +116,19 @@ class _EdgeCall:
     the event loop its creation, its registration with the loop and two extra coroutine steps.
     """
 
-    __slots__ = ("call", "code", "context", "method", "started", "svc")
+    __slots__ = ("admitted", "call", "code", "context", "method", "started", "svc")
 
     def __init__(self, svc: _Edge, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         self.started = time.perf_counter()
         self.svc, self.method, self.context = svc, method, context
         self.call = _Call(context, svc.registry, request)
         self.code = grpc.StatusCode.OK
+        self.admitted = False
 
     def begin(self) -> _Call:
+        """Admission (raises when the call is refused); the call's facts once it is in."""
         self.svc.admission.enter()
+        self.admitted = True
         return self.call
 
     async def fail(self, err: BaseException) -> None:
@@ -136,8 +139,8 @@ class _EdgeCall:
         else:  # cancelled by the client (a stream stops here)
             self.code = grpc.StatusCode.CANCELLED
 
-    def end(self, admitted: bool) -> None:
-        if admitted:
+    def end(self) -> None:
+        if self.admitted:
             self.svc.admission.leave()
         call = self.call
         call.release()
@@ -151,17 +154,15 @@ def unary(method: str) -> Callable[[Callable[..., Awaitable[Resp]]], Callable[..
         @functools.wraps(fn)
         async def handler(self: _Edge, request: Any, context: grpc.aio.ServicerContext) -> Resp:
             edge = _EdgeCall(self, method, request, context)
-            admitted = False
             try:
                 call = edge.begin()
-                admitted = True
                 context.set_trailing_metadata((("x-request-id", call.request_id),))
                 return await fn(self, request, call)
             except BaseException as err:
                 await edge.fail(err)
                 raise
             finally:
-                edge.end(admitted)
+                edge.end()
         return handler
     return wrap
 
@@ -171,10 +172,8 @@ def streaming(method: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], Cal
         @functools.wraps(fn)
         async def handler(self: _Edge, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
             edge = _EdgeCall(self, method, request, context)
-            admitted = False
             try:
                 call = edge.begin()
-                admitted = True
                 await context.send_initial_metadata((("x-request-id", call.request_id),))
                 async for item in fn(self, request, call):
                     yield item
@@ -182,7 +181,7 @@ def streaming(method: str) -> Callable[[Callable[..., AsyncIterator[Resp]]], Cal
                 await edge.fail(err)
                 raise
             finally:
-                edge.end(admitted)
+                edge.end()
         return handler
     return wrap
 

@@ -97,7 +97,7 @@ def test_automatic_providers_skip_tensorrt_without_its_libraries(monkeypatch: py
 
     gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: gpu_build)
-    monkeypatch.setattr(runtime, "_gpu_libraries", [True])  # nothing to preload in this test
+    monkeypatch.setattr(runtime, "_load_gpu_libraries", lambda: None)  # nothing to preload in this test
     for loadable, expected in ((False, gpu_build[1:]), (True, gpu_build)):
         monkeypatch.setattr(runtime, "tensorrt_loadable", lambda loadable=loadable: loadable)
         assert [n for n, _ in choose_providers(Runtime(), "m")] == expected

@@ -11,7 +11,6 @@ pseudo-log-likelihood (Salazar et al. 2020), one row per token with that token a
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,34 +118,37 @@ class BertAdapter(ModelAdapter):
         return self._never
 
     # -- model --------------------------------------------------------------------------------------------
-    def _single(self, seq: Sequence[int], positions: Sequence[int] = (), want_hidden: bool = False) -> _Row:
+    def _single(self, seq: Sequence[int], positions: Sequence[int] = (), want_hidden: bool = False,
+                top: tuple[np.ndarray, int] | None = None) -> _Row:
         """`[CLS] seq [SEP]`, segment 0; `positions` index `seq` and are shifted past [CLS]."""
         if len(seq) > self.context_budget:
             raise InvalidArgument("text", f"is {len(seq)} tokens; model {self.name!r} takes at most "
                                           f"{self.context_budget} (window {self.max_length}, less [CLS] and [SEP])")
         ids = (self._cls, *seq, self._sep)
-        return _Row(ids, (0,) * len(ids), tuple(p + 1 for p in positions), want_hidden, False)
+        return _Row(ids, (0,) * len(ids), tuple(p + 1 for p in positions), want_hidden, False, top)
 
     async def _submit(self, rows: list[_Row], deadline: float | None) -> list[_RowOut]:
         return await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
 
     async def mask_logprobs(self, seqs: list[list[int]], positions: list[list[int]],
                             deadline: float | None) -> list[np.ndarray]:
-        for seq, pos in zip(seqs, positions, strict=True):
-            if any(not 0 <= p < len(seq) for p in pos):
-                raise InvalidArgument("positions", f"must index the sequence of {len(seq)} tokens, got {pos}")
-        outs = await self._submit([self._single(s, p) for s, p in zip(seqs, positions, strict=True)], deadline)
+        outs = await self._submit(self._blank_rows(seqs, positions), deadline)
         empty = np.zeros((0, self.vocab_size), dtype=np.float32)
         return [o.mask_logprobs if o.mask_logprobs is not None else empty for o in outs]
 
     async def mask_top(self, seqs: list[list[int]], positions: list[list[int]], allowed: np.ndarray, k: int,
                        deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """The top k of each blank, taken on the batcher's thread: (M, V) rows never reach the event loop."""
+        rows = self._blank_rows(seqs, positions, top=(allowed, k))
+        return [o.mask_top or [] for o in await self._submit(rows, deadline)]
+
+    def _blank_rows(self, seqs: list[list[int]], positions: list[list[int]],
+                    top: tuple[np.ndarray, int] | None = None) -> list[_Row]:
+        """One row per sequence, its blanks at `positions` (checked to index it)."""
         for seq, pos in zip(seqs, positions, strict=True):
             if any(not 0 <= p < len(seq) for p in pos):
                 raise InvalidArgument("positions", f"must index the sequence of {len(seq)} tokens, got {pos}")
-        rows = [dataclasses.replace(self._single(s, p), top=(allowed, k)) for s, p in zip(seqs, positions, strict=True)]
-        return [o.mask_top or [] for o in await self._submit(rows, deadline)]
+        return [self._single(s, p, top=top) for s, p in zip(seqs, positions, strict=True)]
 
     async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,
                     deadline: float | None) -> list[TokenVectors]:

@@ -52,7 +52,8 @@ def _replace_is_identity(step: dict[str, Any]) -> bool:
 
 def plain_text_shortcut(tokenizer: Tokenizer) -> Callable[[str], str | None] | None:
     """The normalised text of plain text (None for other text), or None when the normalizer cannot be told."""
-    spec = json.loads(tokenizer.to_str()).get("normalizer")
+    full = json.loads(tokenizer.to_str())
+    spec = full.get("normalizer")
     if spec is None:
         return None  # nothing to skip
     steps = spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]
@@ -71,7 +72,7 @@ def plain_text_shortcut(tokenizer: Tokenizer) -> Callable[[str], str | None] | N
             return None
     # The tokenizer finds its added tokens ([MASK], <|endoftext|>...) in the text first and normalises each piece
     # between them on its own (Strip then trims the piece's spaces): a text holding one takes the long way.
-    added = [a["content"].lower() for a in json.loads(tokenizer.to_str()).get("added_tokens", []) if a.get("content")]
+    added = [a["content"].lower() for a in full.get("added_tokens", []) if a.get("content")]
 
     def shortcut(text: str) -> str | None:
         # Every other step leaves plain text (capitals included) alone, so the order of the steps does not matter;

@@ -70,12 +70,11 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
     for i, (t, ids) in enumerate(targets):
         if not ids or model.never_generate_mask()[ids].any():
             raise InvalidArgument(f"targets[{i}]", f"{t!r} is not a word the model can predict (out of vocabulary?)")
-    allowed = ~model.never_generate_mask()
     seqs, blanks = [ids for ids, _ in rows], [pos for _, pos in rows]
     if targets:  # each target's own log-prob: the whole (M, V) rows
         dists: list[Any] = await model.mask_logprobs(seqs, blanks, deadline)
     else:  # the top k of each blank, taken where the model ran
-        dists = await model.mask_top(seqs, blanks, allowed, params.top_k, deadline)
+        dists = await model.mask_top(seqs, blanks, ~model.never_generate_mask(), params.top_k, deadline)
     # Several-token targets: one extra row per (text, blank, target) with the blank widened.
     wide_rows: list[list[int]] = []
     wide_pos: list[list[int]] = []
