@@ -69,7 +69,11 @@ class _Slot:
 @dataclass(frozen=True)
 class _Batch:
     """Running sequences and their keys and values: row i belongs to slots[i]; each row's real columns are
-    its last lengths[i] (left padding before them is masked out)."""
+    its last lengths[i] (left padding before them is masked out).
+
+    A row in `holes` belongs to nobody: its sequence left and no joiner has taken it yet. It is kept for a
+    few steps (decoding a pad token against nothing but itself) because a sequence that joins later then
+    takes it with one row's copy, where growing the batch by a row lays every row out again."""
 
     slots: list[_Slot]
     # 2 × n_layer tensors (B, H, P, D): k0, v0, k1, v1, …; numpy arrays, or under IO binding the decoder's
@@ -77,6 +81,12 @@ class _Batch:
     kv: list[Any]
     mask: np.ndarray  # (B, P) int64
     lengths: np.ndarray  # (B,) int64: real past tokens per row
+    holes: frozenset[int] = frozenset()
+    holes_since: int = 0  # the engine's step count when the oldest of the holes opened
+
+    @property
+    def live(self) -> list[_Slot]:
+        return [s for i, s in enumerate(self.slots) if i not in self.holes] if self.holes else self.slots
 
 
 _EMPTY = _Batch([], [], np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
@@ -86,7 +96,7 @@ def _host(batch: _Batch) -> _Batch:
     """The batch with its keys and values as numpy arrays (copied from the GPU when IO binding left them there)."""
     if all(isinstance(a, np.ndarray) for a in batch.kv):
         return batch
-    return _Batch(batch.slots, on_host(batch.kv), batch.mask, batch.lengths)
+    return dataclasses.replace(batch, kv=on_host(batch.kv))
 
 
 def kv_layout_feeds(a_rows: list[int], a_past: int, b_rows: list[int], b_past: int,
@@ -99,15 +109,22 @@ def kv_layout_feeds(a_rows: list[int], a_past: int, b_rows: list[int], b_past: i
             "start": np.array([-width], dtype=np.int64), "a_pads": pads(a_past), "b_pads": pads(b_past)}
 
 
-def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int]) -> _Batch | None:
-    """The batch with the rows of those who left given to those who join (`rows` of `joined`) and the holes
-    left over filled by moving its last rows down, in place: one row's copy per change instead of the whole
-    batch's. None when that cannot be done: more join than leave, or the batch's width would change (its
-    longest sequence left, or a joiner is longer than the batch)."""
+def width_slack(longest: int) -> int:
+    """How many leading columns no row uses a batch may keep rather than be laid out again to trim them: masked
+    columns cost a decode step little (attention over them), a layout copies every row."""
+    return max(8, longest // 4)
+
+
+def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int], holes_kept: int = 0) -> _Batch | None:
+    """The batch with the rows of those who left given to those who join (`rows` of `joined`), in place: one
+    row's copy per change instead of the whole batch's. Rows nobody takes stay holes, up to `holes_kept` of
+    them; beyond that the batch's last live rows move down into them. None when that cannot be done: more join
+    than there are free rows, a joiner is wider than the batch, or the batch would be wider than its longest
+    sequence by more than `width_slack`."""
     width = batch.mask.shape[1]
-    holes = sorted(set(range(len(batch.slots))) - set(keep))
+    free = sorted(set(range(len(batch.slots))) - set(keep))  # rows that left, now or earlier (holes)
     longest = max(int(batch.lengths[keep].max(initial=0)), int(joined.lengths[rows].max(initial=0)))
-    if len(rows) > len(holes) or longest != width or joined.mask.shape[1] > width:
+    if len(rows) > len(free) or joined.mask.shape[1] > width or width - longest > width_slack(longest):
         return None
     slots, mask, lengths = list(batch.slots), batch.mask.copy(), batch.lengths.copy()
 
@@ -121,10 +138,14 @@ def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int]) -> 
         lengths[dst] = src_batch.lengths[src]
         slots[dst] = src_batch.slots[src]
 
-    for h, j in zip(holes, rows, strict=False):
+    for h, j in zip(free, rows, strict=False):
         move(h, joined, j)
-    left = holes[len(rows):]  # rows nobody took: the batch's last live rows move into them
-    size = len(slots) - len(left)
+    left = free[len(rows):]  # rows nobody took
+    if len(left) <= holes_kept:  # they stay, masked out: a later joiner takes one without a layout
+        mask[left] = 0
+        lengths[left] = 0
+        return _Batch(slots, batch.kv, mask, lengths, frozenset(left))
+    size = len(slots) - len(left)  # else the batch's last live rows move into them
     tail = [r for r in range(size, len(slots)) if r not in left]
     for h, r in zip([h for h in left if h < size], tail, strict=True):
         move(h, batch, r)
@@ -227,6 +248,10 @@ def _coalesce(items: list[_Item]) -> collections.deque[_Item]:
 
 
 class GenerationEngine:
+    # A row left by a finished sequence waits this many steps for a joiner (see _Batch) before the batch closes
+    # up; a hole costs one row's share of each step, growing the batch by a row costs a copy of every row.
+    HOLE_STEPS = 4
+
     def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
                  pad_id: int, allowed: np.ndarray, batching: Batching, metrics: Metrics,
                  layout: OrtSession | None = None) -> None:
@@ -280,7 +305,7 @@ class GenerationEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         # The thread has stopped: what it held is the event loop's to fail now.
-        for slot in [*self._inbox, *self._waiting, *self._joining, *self._batch.slots]:
+        for slot in [*self._inbox, *self._waiting, *self._joining, *self._batch.live]:
             slot.request.events.put_nowait(Unavailable(f"model {self.model!r} was unloaded"))
         self._inbox.clear()
         self._waiting.clear()
@@ -292,7 +317,7 @@ class GenerationEngine:
     @property
     def active(self) -> int:
         """Sequences holding KV memory or waiting for it."""
-        return len(self._batch.slots) + len(self._joining) + len(self._waiting) + len(self._inbox)
+        return len(self._batch.live) + len(self._joining) + len(self._waiting) + len(self._inbox)
 
     def refuse_if_full(self, sequences: int = 1) -> None:
         """RESOURCE_EXHAUSTED unless `sequences` more fit in the waiting queue."""
@@ -380,7 +405,7 @@ class GenerationEngine:
                 self._step(keep, out)
             except Exception as e:  # the step failed: every sequence in it hears about it (the thread goes on)
                 log.exception("model %s: generation step failed", self.model)
-                for slot in [*self._joining, *self._batch.slots]:
+                for slot in [*self._joining, *self._batch.live]:
                     slot.request.cancelled = True
                     out.append((slot.request, e))
                 self._joining, self._batch = [], _EMPTY
@@ -400,27 +425,34 @@ class GenerationEngine:
     def _step(self, keep: list[int], out: list[tuple[_Request, _Item]]) -> None:
         """Prefill whoever joins (their first tokens go out at once), lay the batch out again if anyone joined or
         left (`keep`: the rows still running), then one decode step for the whole batch."""
-        self._joining = self._admit([self._batch.slots[i] for i in keep])
+        batch = self._batch
+        self._joining = self._admit([batch.slots[i] for i in keep])
         joined, rows = _EMPTY, []
         if self._joining:
             logprobs, joined = self._prefill(self._joining)
             self._emit(self._joining, logprobs, out)
             self._hand_over(out)
             rows = [i for i, s in enumerate(joined.slots) if not (s.seq.finished or s.request.cancelled)]
-        if rows or len(keep) < len(self._batch.slots):
+        stale = bool(batch.holes) and self.steps - batch.holes_since >= self.HOLE_STEPS
+        if rows or len(keep) < len(batch.slots) - len(batch.holes) or stale:
             if self.layout is not None:
                 self._batch = self._layout_on_device(keep, joined, rows)
             else:  # joiners take the rows of those who left where they can; else one copy for everyone
-                batch, joined = _host(self._batch), _host(joined)
-                refilled = _refill(batch, keep, joined, rows)
-                self._batch = (refilled if refilled is not None
-                               else self._scratch.layout([(batch, keep), (joined, rows)]))
+                batch, joined = _host(batch), _host(joined)
+                holes_kept = 0 if stale else len(batch.slots) // 4
+                refilled = _refill(batch, keep, joined, rows, holes_kept)
+                if refilled is None:
+                    self._batch = self._scratch.layout([(batch, keep), (joined, rows)])
+                else:
+                    since = batch.holes_since if batch.holes and refilled.holes else self.steps
+                    self._batch = dataclasses.replace(refilled, holes_since=since)
         self._joining = []
-        self._m_active.set(len(self._batch.slots))
-        if self._batch.slots:
+        live = len(self._batch.slots) - len(self._batch.holes)
+        self._m_active.set(live)
+        if live:
             logprobs = self._decode()
             self.steps += 1
-            self._emit(self._batch.slots, logprobs, out)
+            self._emit(self._batch.slots, logprobs, out, self._batch.holes)
 
     def _layout_on_device(self, keep: list[int], joined: _Batch, rows: list[int]) -> _Batch:
         """The kept rows of the batch, then the joiners' `rows`, laid out by the KV layout graph where the
@@ -466,7 +498,8 @@ class GenerationEngine:
             out.append((req, DeadlineExceeded(f"model {self.model!r}: the deadline passed {where}")))
             return True
 
-        keep = [i for i, s in enumerate(self._batch.slots) if not (s.seq.finished or s.request.cancelled
+        holes = self._batch.holes
+        keep = [i for i, s in enumerate(self._batch.slots) if not (i in holes or s.seq.finished or s.request.cancelled
                                                                     or late(s.request, "while generating"))]
         if self._waiting:  # a request whose deadline passed while it waited is never prefilled
             for slot in self._waiting:
@@ -474,8 +507,9 @@ class GenerationEngine:
             self._waiting = collections.deque(s for s in self._waiting if not s.request.cancelled)
         return keep
 
-    def _emit(self, slots: Sequence[_Slot], logprobs: np.ndarray, out: list[tuple[_Request, _Item]]) -> None:
-        live = [i for i, s in enumerate(slots) if not s.request.cancelled]
+    def _emit(self, slots: Sequence[_Slot], logprobs: np.ndarray, out: list[tuple[_Request, _Item]],
+              holes: frozenset[int] = frozenset()) -> None:
+        live = [i for i, s in enumerate(slots) if not (s.request.cancelled or i in holes)]
         if not live:
             return
         rows = logprobs if len(live) == len(slots) else logprobs[live]
@@ -594,9 +628,11 @@ class GenerationEngine:
     def _decode(self) -> np.ndarray:
         """One new token per running sequence; the presents become the batch's pasts as they are."""
         batch = self._batch
-        ids = np.array([[s.seq.generated[-1]] for s in batch.slots], dtype=np.int64)  # (B, 1)
+        holes = batch.holes  # rows nobody holds: a pad token, attending to nothing but its own
+        ids = np.array([[self.pad_id if i in holes else s.seq.generated[-1]] for i, s in enumerate(batch.slots)],
+                       dtype=np.int64)  # (B, 1)
         mask = np.concatenate([batch.mask, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, P + 1)
         pos = batch.lengths[:, None]  # the new token's position: after the row's real ones
         logprobs, presents = self._run(ids, mask, pos, batch.kv, "decode")
-        self._batch = _Batch(batch.slots, presents, mask, batch.lengths + 1)
+        self._batch = dataclasses.replace(batch, kv=presents, mask=mask, lengths=batch.lengths + 1)
         return logprobs
