@@ -11,7 +11,8 @@ reporting the median round (the raw decode step likewise: the median request's m
 engine with `stream_interval` (tokens sent per message), runs the most streams once more.
 References, requests one after another: a raw ONNX Runtime greedy loop over the same decoder graph, and
 Hugging Face `transformers` generating (KV cache on) with the same weights (`weights.npz`). Also
-times Classify (8 demonstrations × 4 labels × 16 queries) with prefix reuse (engine) and without. Prints
+times Classify (8 demonstrations × 4 labels × 16 queries) with prefix reuse (engine) and without: whole sequences
+on the server without the engine, and on the engine server with `prefix_reuse = false`. Prints
 the ratios measured in this one run, and writes results/generation.json and results/generation.png.
 
 `--device cuda` (a GPU machine with onnxruntime-gpu): the servers pick the GPU themselves (automatic
@@ -210,15 +211,17 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {"engine": [], "recompute": [], "engine_interval": []}
     classify_s: dict[str, float] = {}
     interval = f"engine, stream_interval {args.stream_interval}"
+    # Classify: the prefix's keys and values reused ("engine") vs whole sequences: through the engine server with
+    # prefix_reuse off ("whole", timed on the third server) and without the engine at all ("recompute").
     for mode, env in (("engine", {"PLM_RUNTIME__KV_CACHE": "true"}),
                       ("recompute", {"PLM_RUNTIME__KV_CACHE": "false"}),
-                      ("engine_interval", {"PLM_STREAM_INTERVAL": str(args.stream_interval)})):
+                      ("engine_interval", {"PLM_STREAM_INTERVAL": str(args.stream_interval),
+                                           "PLM_RUNTIME__PREFIX_REUSE": "false"})):
         srv = LocalServer(args.repository, [args.model], env, metrics=True)
         try:
-            if mode != "engine_interval":
-                classify_s[mode] = classify_timing(srv.target, args.model)
-                print(f"{mode:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[mode] * 1000:.1f} ms",
-                      flush=True)
+            key = "whole" if mode == "engine_interval" else mode
+            classify_s[key] = classify_timing(srv.target, args.model)
+            print(f"{key:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[key] * 1000:.1f} ms", flush=True)
             for s in args.streams if mode != "engine_interval" else [max(args.streams)]:
                 rows[mode].append(drive(srv.target, args.model, s, n, srv.metrics_url, args.rounds))
                 r = rows[mode][-1]
@@ -242,6 +245,7 @@ def main() -> None:
         ratios[f"engine_stream_interval_{args.stream_interval}_vs_transformers_sequential_{e['streams']}"] = (
             e["tokens_per_s"] / hf["tokens_per_s"])
     ratios["classify_prefix_reuse_speedup"] = classify_s["recompute"] / classify_s["engine"]
+    ratios["classify_prefix_reuse_vs_whole_sequences_same_server"] = classify_s["whole"] / classify_s["engine"]
     one = rows["engine"][0]
     ratios["inter_token_1_stream_vs_raw_step"] = one["mean_inter_token_ms"] / raw["mean_decode_step_ms"]
     ratios["server_inter_token_1_stream_vs_raw_step"] = one["server_mean_inter_token_ms"] / raw["mean_decode_step_ms"]

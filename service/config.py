@@ -74,6 +74,10 @@ class Runtime:
     # "auto" = on when the decoder runs on a GPU (CUDA, TensorRT), where `run` would copy every past to the device
     # and every present back each step; "on" also on CPU (no faster there: docs/benchmarks.md); "off" = never.
     io_binding: str = "auto"
+    # Classify over the engine's cached prefix keys and values (few-shot demonstrations computed once; each label
+    # token then one decode step) or, when false, over whole sequences (one batched forward through the batcher).
+    # On CPU the prefix is 3.1-3.4x faster; on a GPU the two were within noise of each other (docs/benchmarks.md).
+    prefix_reuse: bool = True
     variant: str = ""  # an optimised graph the model folder holds ("int8", "fused", "fp16"); "" = the exported one
 
 

@@ -254,7 +254,7 @@ class GenerationEngine:
 
     def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
                  pad_id: int, allowed: np.ndarray, batching: Batching, metrics: Metrics,
-                 layout: OrtSession | None = None) -> None:
+                 layout: OrtSession | None = None, prefix_reuse: bool = True) -> None:
         self.model = model
         self.session = session
         # Under IO binding, the KV layout graph (export_kv_layout) lays the batch out again on the decoder's
@@ -289,6 +289,7 @@ class GenerationEngine:
         self._prefixes: collections.OrderedDict[str, tuple[list[np.ndarray], np.ndarray]] = collections.OrderedDict()
         self._prefix_bytes = 0
         self.prefix_cache_max_bytes = 64 * 1024 * 1024
+        self.prefix_reuse = prefix_reuse  # whether Classify scores from the cached prefix (runtime.prefix_reuse)
         self._m_active = metrics.active_sequences.labels(model)
         self._m_batch = metrics.batch_size.labels(model)
 

@@ -114,6 +114,28 @@ def test_classify_from_cached_prefix_equals_full_sequences(server: ServerThread,
             assert sx.log_likelihood == sy.log_likelihood and sx.num_tokens == sz.num_tokens
 
 
+def test_classify_prefix_reuse_follows_the_config(tiny_repo: Path, server: ServerThread) -> None:
+    """`prefix_reuse = false` scores whole sequences through the model's batcher, with the engine still
+    generating, and gives the scores the cached prefix gives; GetModel says which."""
+    demos = [pb.Demonstration(text="Alas!", label="tragedy"), pb.Demonstration(text="Ha!", label="comedy")]
+    req = pb.ClassifyRequest(model="gpt", demonstrations=demos, labels=["tragedy", "comedy"], queries=["To be.", "O"])
+    srv = ServerThread(make_config(tiny_repo, models=("gpt",), runtime=Runtime(prefix_reuse=False)))
+    try:
+        lookups = srv.running.metrics.prefix_cache
+        with PlmClient(srv.target) as off, PlmClient(server.target) as on:
+            assert on.get_model("gpt").details["classify"] == "prefix_cache"
+            assert off.get_model("gpt").details["classify"] == "whole_sequences"
+            assert off.get_model("gpt").details["generation"] == "kv_cache"
+            got, want = off.stub.Classify(req), on.stub.Classify(req)
+        assert lookups.labels("gpt", "hit")._value.get() == lookups.labels("gpt", "miss")._value.get() == 0
+        for x, y in zip(got.results, want.results, strict=True):
+            assert x.label == y.label
+            for sx, sy in zip(x.scores, y.scores, strict=True):
+                assert sx.log_likelihood == pytest.approx(sy.log_likelihood, abs=1e-4)
+    finally:
+        srv.stop()
+
+
 def test_deadline_stops_generation_and_frees_the_slot(server: ServerThread) -> None:
     engine = server.running.registry.get("gpt").engine
     with PlmClient(server.target, timeout=0.01) as c, pytest.raises(grpc.RpcError) as e:

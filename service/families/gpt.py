@@ -127,7 +127,7 @@ class GptAdapter(ModelAdapter):
             self.engine = GenerationEngine(
                 name, decoder_session, int(decoder["n_layer"]), int(decoder["n_head"]), int(decoder["head_dim"]),
                 self._bos, self._eos, ~self._never, config.batching_for(name, manifest.get("batching")), metrics,
-                layout)
+                layout, runtime.prefix_reuse)
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:
@@ -221,4 +221,5 @@ class GptAdapter(ModelAdapter):
             info["io_binding"] = session.device if session.io_binding else "off"
             if session.io_binding:  # where joins and leaves lay the batch out again
                 info["kv_layout"] = session.device if self.engine.layout is not None else "host"
+            info["classify"] = "prefix_cache" if self.engine.prefix_reuse else "whole_sequences"
         return info

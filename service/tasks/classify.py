@@ -100,7 +100,7 @@ async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | Non
                     f"{model.context_budget}: use fewer or shorter demonstrations")
             seqs.append(full)
             label_lens.append(n)
-    if model.engine is not None:
+    if model.engine is not None and model.engine.prefix_reuse:
         # The shared prefix's keys and values are computed once (and cached across requests); every row
         # then runs from them.
         rows = [(seq[shared:len(seq) - n], seq[len(seq) - n:]) for seq, n in zip(seqs, label_lens, strict=True)]
