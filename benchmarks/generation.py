@@ -5,8 +5,11 @@
 
 Starts two `plm serve` processes on loopback over the same model folder — the engine on (KV cache, continuous
 batching) and off (each step re-reads the whole sequence through the dynamic batcher) — and drives each with
-1, 4 and 16 concurrent GenerateStream calls of up to `--new-tokens` tokens (seeded top-k sampling; a stream
-that samples EOS ends early, and the throughput counts the tokens actually generated), `--rounds` times each,
+1, 4 and 16 concurrent GenerateStream calls of `--new-tokens` tokens each (seeded top-k sampling with
+`min_new_tokens` = `max_new_tokens`, so every request makes exactly that many, as the `transformers` reference
+below does with no EOS token and vLLM's benchmarks do with `ignore_eos`; `--stop-at-eos` lets a sampled EOS end a
+request and starts the next one until the stream has its tokens, the workload before 2026-11-23 08:00 UTC, which
+made about 6 requests per 64 tokens), `--rounds` times each,
 reporting the median round (the raw decode step likewise: the median request's mean step). A third server, the
 engine with `stream_interval` (tokens sent per message), runs the most streams once more.
 References, requests one after another: a raw ONNX Runtime greedy loop over the same decoder graph, and
@@ -44,11 +47,14 @@ PROMPTS = ["The king", "Good morrow, my lord", "O Romeo", "What light through yo
            "Now is the winter", "Friends, Romans", "To be, or not"]
 
 
-def stream_once(c: PlmClient, model: str, prompt: str, n: int, seed: int) -> tuple[int, list[float]]:
-    """One GenerateStream; returns tokens generated and the arrival times of the token messages."""
+def stream_once(c: PlmClient, model: str, prompt: str, n: int, seed: int,
+                fixed: bool = True) -> tuple[int, list[float]]:
+    """One GenerateStream (`fixed`: exactly `n` tokens, no EOS); returns tokens generated and the arrival times
+    of the token messages."""
     times: list[float] = []
     tokens = 0
-    sampling = pb.SamplingParams(temperature=1.0, top_k=50, seed=seed, max_new_tokens=n)
+    sampling = pb.SamplingParams(temperature=1.0, top_k=50, seed=seed, max_new_tokens=n,
+                                 min_new_tokens=n if fixed else 0)
     for ev in c.generate_stream(model, [prompt], sampling):
         if ev.token_ids:
             tokens += len(ev.token_ids)
@@ -56,14 +62,15 @@ def stream_once(c: PlmClient, model: str, prompt: str, n: int, seed: int) -> tup
     return tokens, times
 
 
-def stream_until(target: str, model: str, i: int, n: int) -> tuple[int, list[list[float]]]:
+def stream_until(target: str, model: str, i: int, n: int, fixed: bool = True) -> tuple[int, list[list[float]]]:
     """Stream requests one after another on one channel until `n` tokens came (a sampled EOS ends a request
     early); returns the tokens and each request's message arrival times. (A channel per request, as before
     2026-11-23, put a TCP and HTTP/2 handshake on both processes' cores before every request.)"""
     tokens, times = 0, []
     with PlmClient(target, timeout=600) as c:
         for attempt in range(16):
-            t, ts = stream_once(c, model, PROMPTS[(i + attempt) % len(PROMPTS)], n - tokens, 1000 * attempt + i)
+            t, ts = stream_once(c, model, PROMPTS[(i + attempt) % len(PROMPTS)], n - tokens, 1000 * attempt + i,
+                                fixed)
             tokens += t
             times.append(ts)
             if tokens >= n:
@@ -80,7 +87,7 @@ def _inter_token_seconds(metrics_url: str) -> tuple[float, float]:
 
 
 def drive(target: str, model: str, streams: int, n: int, metrics_url: str | None = None,
-          rounds: int = 5) -> dict[str, float]:
+          rounds: int = 5, fixed: bool = True) -> dict[str, float]:
     """`streams` concurrent streams of `n` tokens each, `rounds` times; the median round's figures (one round
     of 64 tokens takes a fraction of a second, and a shared machine's slow spells move single rounds by ±30 %)."""
     with PlmClient(target, timeout=600) as c:
@@ -90,7 +97,7 @@ def drive(target: str, model: str, streams: int, n: int, metrics_url: str | None
         before = _inter_token_seconds(metrics_url) if metrics_url else (0.0, 0.0)
         started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-            results = list(pool.map(lambda i: stream_until(target, model, i, n), range(streams)))
+            results = list(pool.map(lambda i: stream_until(target, model, i, n, fixed), range(streams)))
         wall = time.perf_counter() - started
         tokens = sum(t for t, _ in results)
         # Gaps between messages of one request: the first token of the next request is not an inter-token gap.
@@ -202,6 +209,8 @@ def main() -> None:
                     help="also the most streams on a server with this stream_interval (tokens per message)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="where the raw loop and transformers run (the servers choose for themselves)")
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="let a sampled EOS end a request (the stream then starts another) instead of fixed lengths")
     ap.add_argument("--out", type=Path, default=Path("results/generation.json"))
     args = ap.parse_args()
     folder = args.repository / args.model
@@ -223,7 +232,8 @@ def main() -> None:
             classify_s[key] = classify_timing(srv.target, args.model)
             print(f"{key:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[key] * 1000:.1f} ms", flush=True)
             for s in args.streams if mode != "engine_interval" else [max(args.streams)]:
-                rows[mode].append(drive(srv.target, args.model, s, n, srv.metrics_url, args.rounds))
+                rows[mode].append(drive(srv.target, args.model, s, n, srv.metrics_url, args.rounds,
+                                        not args.stop_at_eos))
                 r = rows[mode][-1]
                 print(f"{mode:9} {s:3d} streams: {r['tokens_per_s']:8.1f} tokens/s, "
                       f"inter-token {r['mean_inter_token_ms']:.2f} ms", flush=True)
@@ -252,7 +262,8 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:40} {v:6.2f}×")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "device": args.device, "new_tokens": n, "rows": rows,
+    args.out.write_text(json.dumps({"model": args.model, "device": args.device, "new_tokens": n,
+                                    "fixed_length": not args.stop_at_eos, "rows": rows,
                                     "raw_ort": raw,
                                     "transformers": hf,
                                     "classify_seconds": classify_s, "ratios": ratios}, indent=2) + "\n")

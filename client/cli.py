@@ -119,6 +119,7 @@ def _build_parser() -> argparse.ArgumentParser:
         g.add_argument("model")
         g.add_argument("prompts", nargs="+")
         g.add_argument("-n", "--max-new-tokens", type=int, default=32)
+        g.add_argument("--min-new-tokens", type=int, default=None, help="no end-of-sequence before this many [0]")
         g.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy [1.0]")
         g.add_argument("--top-k", type=int, default=None)
         g.add_argument("--top-p", type=float, default=None)
@@ -300,7 +301,7 @@ def _client(args: argparse.Namespace) -> int:
                                     for c in cr.results))
             else:
                 sampling = pb.SamplingParams(max_new_tokens=args.max_new_tokens, stop=args.stop)
-                for field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+                for field in ("temperature", "top_k", "top_p", "repetition_penalty", "seed", "min_new_tokens"):
                     if getattr(args, field) is not None:
                         setattr(sampling, field, getattr(args, field))
                 if args.verb == "generate":

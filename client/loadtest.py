@@ -36,13 +36,15 @@ RPCS = ("Score", "PredictNext", "Generate", "FillMask", "Embed")
 _PARAMS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "Score": {"add_eos": bool, "per_token": bool},
     "PredictNext": {"top_k": int, "include_tokens": bool, "beam_width": int, "max_word_tokens": int},
-    "Generate": {"max_new_tokens": int, "temperature": (int, float), "top_k": int, "top_p": (int, float),
+    "Generate": {"max_new_tokens": int, "min_new_tokens": int, "temperature": (int, float), "top_k": int,
+                 "top_p": (int, float),
                  "repetition_penalty": (int, float), "seed": int, "truncate_prompt": bool, "stop": list},
     "FillMask": {"top_k": int},
     "Embed": {"pooling": str, "normalize": bool, "nearest_k": int, "include_tokens": bool},
 }
 _COMMON = {"weight", "rpc", "model", "texts_per_request"}
-_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop")
+_SAMPLING = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
+             "stop")
 
 # Used when no --inputs file is given: short, varied sentences (questions, numbers, names, punctuation), so the
 # request lengths and therefore the padding vary the way real traffic does. The held-out corpus needs the cache.

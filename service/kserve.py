@@ -89,7 +89,7 @@ def _pairs(x: Inputs, a: str, b: str) -> list[tuple[str, str]]:
 
 
 def _sampling(p: Params) -> pb.SamplingParams:
-    keys = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+    keys = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "min_new_tokens", "seed")
     return pb.SamplingParams(stop=[p["stop"]] if "stop" in p else [], **{k: p[k] for k in keys if k in p})
 
 
@@ -142,8 +142,8 @@ TASKS: dict[str, TaskSpec] = {
         "Generate", (_texts(),),
         (Tensor("TEXT_OUTPUT", "BYTES", (-1,)), Tensor("FINISH_REASON", "BYTES", (-1,)),
          Tensor("GENERATED_TOKENS", "INT32", (-1,))),
-        {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "repetition_penalty": float,
-         "seed": int, "stop": str, "truncate_prompt": bool},
+        {"max_new_tokens": int, "min_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
+         "repetition_penalty": float, "seed": int, "stop": str, "truncate_prompt": bool},
         lambda m, x, p: pb.GenerateRequest(model=m, prompts=x["TEXT"], sampling=_sampling(p),
                                            truncate_prompt=p.get("truncate_prompt", False)),
         lambda r: {"TEXT_OUTPUT": np.array([g.text for g in r.generations], object),

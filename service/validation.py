@@ -97,6 +97,14 @@ def next_params(req: pb.PredictNextRequest, limits: Limits) -> NextParams:
     )
 
 
+def _min_new_tokens(s: pb.SamplingParams, max_new: int) -> int:
+    value = _int_in(s, "min_new_tokens", 0, 0, 2**31 - 1, "sampling.min_new_tokens")
+    if value > max_new:
+        raise InvalidArgument("sampling.min_new_tokens",
+                              f"is {value}; must be at most sampling.max_new_tokens ({max_new})")
+    return value
+
+
 def generate_params(req: pb.GenerateRequest, limits: Limits) -> GenerateParams:
     s = req.sampling
     if len(s.stop) > limits.max_stop_sequences:
@@ -104,13 +112,15 @@ def generate_params(req: pb.GenerateRequest, limits: Limits) -> GenerateParams:
     for i, stop in enumerate(s.stop):
         if not stop or len(stop) > 256:
             raise InvalidArgument(f"sampling.stop[{i}]", "must be 1 to 256 characters")
+    max_new = _int_in(s, "max_new_tokens", 32, 1, limits.max_new_tokens, "sampling.max_new_tokens")
     sampling = SamplingParams(
         temperature=_float_in(s, "temperature", 1.0, 0.0, 100.0, "sampling.temperature"),
         top_k=_int_in(s, "top_k", 0, 0, 1_000_000, "sampling.top_k"),
         top_p=_float_in(s, "top_p", 1.0, 0.0, 1.0, "sampling.top_p", lo_open=True),
         repetition_penalty=_float_in(s, "repetition_penalty", 1.0, 0.0, 100.0, "sampling.repetition_penalty",
                                      lo_open=True),
-        max_new_tokens=_int_in(s, "max_new_tokens", 32, 1, limits.max_new_tokens, "sampling.max_new_tokens"),
+        max_new_tokens=max_new,
+        min_new_tokens=_min_new_tokens(s, max_new),
         stop=tuple(s.stop),
         seed=int(s.seed) if s.HasField("seed") else None,
     )

@@ -114,6 +114,22 @@ def test_classify_from_cached_prefix_equals_full_sequences(server: ServerThread,
             assert sx.log_likelihood == sy.log_likelihood and sx.num_tokens == sz.num_tokens
 
 
+def test_min_new_tokens_gives_fixed_lengths_with_and_without_the_cache(server: ServerThread,
+                                                                        recompute: ServerThread) -> None:
+    """With min_new_tokens = max_new_tokens every prompt gets exactly that many tokens, none of them the end of
+    sequence (sampled and greedy; unconstrained sampling ends some prompts at EOS); the engine and recomputing
+    agree token for token."""
+    eos = server.running.registry.get("gpt").eos_id
+    free = _gen(server.target, PROMPTS, temperature=1.0, top_k=50, seed=3, max_new_tokens=40)
+    assert any(g.finish_reason == pb.FINISH_REASON_EOS for g in free)  # else the test shows nothing
+    for sampling in ({"temperature": 1.0, "top_k": 50, "seed": 3}, {"temperature": 0.0}):
+        fixed = _gen(server.target, PROMPTS, max_new_tokens=40, min_new_tokens=40, **sampling)
+        assert [g.generated_tokens for g in fixed] == [40] * len(PROMPTS)
+        assert all(g.finish_reason == pb.FINISH_REASON_LENGTH and eos not in g.token_ids for g in fixed)
+        again = _gen(recompute.target, PROMPTS, max_new_tokens=40, min_new_tokens=40, **sampling)
+        assert [list(g.token_ids) for g in fixed] == [list(g.token_ids) for g in again]
+
+
 def test_classify_prefix_reuse_follows_the_config(tiny_repo: Path, server: ServerThread) -> None:
     """`prefix_reuse = false` scores whole sequences through the model's batcher, with the engine still
     generating, and gives the scores the cached prefix gives; GetModel says which."""

@@ -135,7 +135,9 @@ def test_streamed_text_is_a_prefix_of_the_final_text_cut_at_the_first_stop(gpt: 
 
 SAMPLINGS = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=50),
              SamplingParams(temperature=0.9, top_k=40, top_p=0.9), SamplingParams(temperature=1.2, top_p=0.8),
-             SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.3)]
+             SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.3),
+             SamplingParams(temperature=0.0, min_new_tokens=8),
+             SamplingParams(temperature=1.0, top_k=5, min_new_tokens=8)]
 
 
 def test_a_rows_token_does_not_depend_on_what_it_is_batched_with(gpt: ModelAdapter) -> None:
@@ -153,10 +155,13 @@ def test_a_rows_token_does_not_depend_on_what_it_is_batched_with(gpt: ModelAdapt
         def seqs() -> list[Sequence]:
             return [Sequence(i, [1, 2, 3], SAMPLINGS[k], seed, gpt, Metrics(), 0.0) for i, k in enumerate(kinds)]
 
+        if banned:  # make the end-of-sequence token every row's favourite: min_new_tokens must still refuse it
+            logprobs[:, gpt.eos_id] = 0.0
         before = logprobs.copy()
         together = choose(logprobs, allowed, seqs())
         alone = [choose(logprobs[i:i + 1], allowed, [s])[0] for i, s in enumerate(seqs())]
         assert together == alone and all(allowed[t] for t in together)
+        assert all(t != gpt.eos_id for t, k in zip(together, kinds, strict=True) if SAMPLINGS[k].min_new_tokens)
         assert (logprobs == before).all()  # the caller's array is left as it was
 
     check()

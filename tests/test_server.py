@@ -328,6 +328,10 @@ def test_generate_unicode_prompt_and_empty_prompt(client: PlmClient) -> None:
     (lambda c: c.generate("gpt", ["x"], _sampling(max_new_tokens=500)), grpc.StatusCode.INVALID_ARGUMENT,
      "sampling.max_new_tokens"),
     (lambda c: c.generate("gpt", ["x"], _sampling(stop=[""])), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop[0]"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(max_new_tokens=8, min_new_tokens=9)),
+     grpc.StatusCode.INVALID_ARGUMENT, "sampling.min_new_tokens: is 9; must be at most sampling.max_new_tokens (8)"),
+    (lambda c: c.generate("gpt", ["x"], _sampling(min_new_tokens=-1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "sampling.min_new_tokens"),
 ])
 def test_errors_have_the_right_status_and_name_the_field(client: PlmClient, call, code, needle) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as e:

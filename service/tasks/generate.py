@@ -31,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
     max_new_tokens: int = 32
+    min_new_tokens: int = 0  # EOS is not chosen before this many new tokens
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
@@ -76,6 +77,10 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> l
             idx = np.fromiter(seq.seen, dtype=np.int64)
             # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
             x[i, idx] = x[i, idx] * seq.p.repetition_penalty
+        if len(seq.generated) < seq.p.min_new_tokens:  # too early to end
+            if x is logprobs:
+                x = logprobs.copy()
+            x[i, seq.model.eos_id] = -np.inf
     out = [0] * len(seqs)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for i, seq in enumerate(seqs):
