@@ -102,7 +102,8 @@ def drive(target: str, model: str, streams: int, n: int, metrics_url: str | None
         tokens = sum(t for t, _ in results)
         # Gaps between messages of one request: the first token of the next request is not an inter-token gap.
         gaps = [b - a for _, requests in results for ts in requests for a, b in itertools.pairwise(ts)]
-        row = {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+        row = {"tokens": tokens, "requests": sum(len(requests) for _, requests in results), "seconds": wall,
+               "tokens_per_s": tokens / wall,
                "mean_inter_token_ms": 1000 * float(np.mean(gaps)) if gaps else float("nan")}
         if metrics_url:  # the server's view: between the engine's events of one sequence, before gRPC
             after = _inter_token_seconds(metrics_url)
@@ -256,9 +257,10 @@ def main() -> None:
             e["tokens_per_s"] / hf["tokens_per_s"])
     ratios["classify_prefix_reuse_speedup"] = classify_s["recompute"] / classify_s["engine"]
     ratios["classify_prefix_reuse_vs_whole_sequences_same_server"] = classify_s["whole"] / classify_s["engine"]
-    one = rows["engine"][0]
-    ratios["inter_token_1_stream_vs_raw_step"] = one["mean_inter_token_ms"] / raw["mean_decode_step_ms"]
-    ratios["server_inter_token_1_stream_vs_raw_step"] = one["server_mean_inter_token_ms"] / raw["mean_decode_step_ms"]
+    for one in (r for r in rows["engine"] if r["streams"] == 1):  # only when 1 stream was run
+        ratios["inter_token_1_stream_vs_raw_step"] = one["mean_inter_token_ms"] / raw["mean_decode_step_ms"]
+        ratios["server_inter_token_1_stream_vs_raw_step"] = (one["server_mean_inter_token_ms"]
+                                                             / raw["mean_decode_step_ms"])
     for k, v in ratios.items():
         print(f"{k:40} {v:6.2f}×")
     args.out.parent.mkdir(parents=True, exist_ok=True)
