@@ -8,6 +8,8 @@ here: probes must answer under overload and during the drain.
 
 from __future__ import annotations
 
+import time
+
 from service.config import Limits
 from service.errors import ResourceExhausted, Unavailable
 from service.metrics import Metrics
@@ -22,11 +24,13 @@ class Admission:
         self.limit = limits.max_inflight_requests
         self.inflight = 0
         self.draining = False
+        self.last_refusal = 0.0  # time.monotonic() of the last call refused while draining
         self._metrics = metrics
 
     def enter(self) -> None:
         """Hold one in-flight place, or raise before the call runs; `leave` gives it back."""
         if self.draining:
+            self.last_refusal = time.monotonic()
             self._metrics.rejections.labels(GLOBAL, "draining").inc()
             raise Unavailable("the server is shutting down; retry (another replica will answer)")
         if self.inflight >= self.limit:

@@ -37,6 +37,11 @@ log = logging.getLogger("plm.server")
 
 SERVICE_NAME = plm_pb2.DESCRIPTOR.services_by_name["LanguageModelService"].full_name
 _CLOSE_SECONDS = 1.0  # after the drain: time for refusals being written and open health watches to end
+# ...and before it: once nothing is in flight the port stays open until no call has been refused for this long
+# (at most _QUIET_MAX_SECONDS), so a client whose next call was on its way when the last call in flight ended
+# hears UNAVAILABLE from admission rather than CANCELLED from gRPC's own shutdown.
+_QUIET_SECONDS = 0.25
+_QUIET_MAX_SECONDS = 2.0
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
@@ -64,10 +69,15 @@ class RunningServer:
         self.admission.draining = True  # new calls: UNAVAILABLE; calls in flight go on
         if self.watcher is not None:
             self.watcher.cancel()
-        until = time.monotonic() + (self.config.grace_seconds if grace is None else grace)
+        started = time.monotonic()
+        until = started + (self.config.grace_seconds if grace is None else grace)
         # The port stays open while calls drain, so a late client hears a clear UNAVAILABLE from admission
         # (gRPC's own shutdown would cancel calls that arrive while it closes).
         while self.admission.inflight and time.monotonic() < until:
+            await asyncio.sleep(0.02)
+        idle = time.monotonic()  # the last call in flight ended (or the grace ran out)
+        quiet_until = min(until, idle + _QUIET_MAX_SECONDS)
+        while (now := time.monotonic()) < quiet_until and now - max(self.admission.last_refusal, idle) < _QUIET_SECONDS:
             await asyncio.sleep(0.02)
         # What is left: health watches and reflection streams (never admitted), and calls past the grace.
         await self.server.stop(min(max(until - time.monotonic(), 0.0), _CLOSE_SECONDS))

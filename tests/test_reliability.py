@@ -323,6 +323,35 @@ def test_sigterm_under_load_fails_no_accepted_request(serve_gpt: Served) -> None
           f"{sum(not o.accepted for o in outcomes)} refused with UNAVAILABLE, 3 streams finished, exit 0")
 
 
+def test_a_call_sent_as_the_last_call_in_flight_ends_is_refused_not_cancelled(tiny_repo: Path) -> None:
+    """During the drain: a client whose next call leaves shortly after its stream (the last call in flight)
+    ended hears UNAVAILABLE from admission ("shutting down; retry"), not gRPC closing the port under it (a
+    CANCELLED or a bare connection error, which clients do not take as "try another replica"); then the server
+    stops. Before the quiet period this call met the closing port."""
+    from client.client import PlmClient
+
+    srv = ServerThread(make_config(tiny_repo, models=("gpt",)))
+    try:
+        with PlmClient(srv.target) as c:
+            stream = c.generate_stream("gpt", ["The king"], pb.SamplingParams(
+                temperature=0.0, max_new_tokens=24, min_new_tokens=24))
+            next(stream)  # admitted and generating
+            stopping = asyncio.run_coroutine_threadsafe(srv.running.stop(grace=10.0), srv.loop)
+            deadline = time.monotonic() + 10
+            while not srv.running.admission.draining and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert sum(len(ev.token_ids) for ev in stream) > 0  # the stream in flight finishes during the drain
+            time.sleep(0.1)  # the client's next call: a moment later (the drain polls every 20 ms)
+            with pytest.raises(grpc.RpcError) as refused:
+                c.stub.Score(pb.ScoreRequest(model="gpt", texts=["To be."]), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert "shutting down" in (refused.value.details() or "")
+        stopping.result(timeout=15)
+    finally:
+        srv.loop.call_soon_threadsafe(srv.loop.stop)
+        srv.thread.join(timeout=10)
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
