@@ -152,6 +152,13 @@ def _refill(batch: _Batch, keep: list[int], joined: _Batch, rows: list[int], hol
     return _Batch(slots[:size], [a[:size] for a in batch.kv], mask[:size], lengths[:size])
 
 
+def _nbytes(value: Any) -> int:
+    """Bytes of a numpy array or an OrtValue (float32 or float16)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    return int(np.prod(value.shape())) * (2 if "float16" in value.data_type() else 4)
+
+
 class _Scratch:
     """Where the batch is laid out again when sequences join or leave. The memory is kept from one layout to the
     next: touching a fresh array of a few MB (page faults) costs more than copying into memory already mapped.
@@ -285,7 +292,8 @@ class GenerationEngine:
         self._closed = False
         self.steps = 0  # decode steps run (tests and benchmarks read it)
         # Prompt prefixes already run (few-shot demonstrations): sha256 of the ids → (presents, next logprobs),
-        # least recently used first; bounded by bytes.
+        # least recently used first; bounded by bytes. The presents are one row, kept where the decoder runs
+        # when it has the KV layout graph (OrtValues on the GPU), else numpy arrays.
         self._prefixes: collections.OrderedDict[str, tuple[list[np.ndarray], np.ndarray]] = collections.OrderedDict()
         self._prefix_bytes = 0
         self.prefix_cache_max_bytes = 64 * 1024 * 1024
@@ -461,15 +469,22 @@ class GenerationEngine:
         laid = _layout_rows([(self._batch, keep), (joined, rows)])
         if not laid.slots:
             return _EMPTY
+        kv = self._lay_out((self._batch.kv, keep, self._batch.mask.shape[1]), (joined.kv, rows, joined.mask.shape[1]),
+                           laid.mask.shape[1])
+        return dataclasses.replace(laid, kv=kv)
+
+    def _lay_out(self, a: tuple[list[Any], list[int], int], b: tuple[list[Any], list[int], int],
+                 width: int) -> list[Any]:
+        """The KV layout graph's run: rows `a[1]` of keys and values `a[0]` (whose past is `a[2]` columns), then
+        rows `b[1]` of `b[0]`, `width` columns wide, on the decoder's device (rows may repeat)."""
         empty = np.zeros((0, self.n_head, 0, self.head_dim), dtype=np.float32)
-        feeds: dict[str, Any] = kv_layout_feeds(keep, self._batch.mask.shape[1], rows, joined.mask.shape[1],
-                                                laid.mask.shape[1])
+        feeds: dict[str, Any] = kv_layout_feeds(a[1], a[2], b[1], b[2], width)
         for i in range(len(self.layout_outputs)):
-            feeds[f"a.{i}"] = self._batch.kv[i] if self._batch.kv else empty
-            feeds[f"b.{i}"] = joined.kv[i] if joined.kv else empty
+            feeds[f"a.{i}"] = a[0][i] if a[0] else empty
+            feeds[f"b.{i}"] = b[0][i] if b[0] else empty
         assert self.layout is not None
         _, kv = self.layout.run_bound([], self.layout_outputs, feeds, stage="layout")
-        return dataclasses.replace(laid, kv=kv)
+        return kv
 
     def _admit(self, running: list[_Slot]) -> list[_Slot]:
         """Move waiting sequences into the batch while the count and token budgets allow."""
@@ -533,7 +548,7 @@ class GenerationEngine:
         result: list[np.ndarray] = await self._call(self._score_continuations, [self.bos_id, *prefix], rows)
         return result
 
-    def _prefix_state(self, prefix: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+    def _prefix_state(self, prefix: list[int]) -> tuple[list[Any], np.ndarray]:
         key = hashlib.sha256(np.asarray(prefix, dtype=np.int64).tobytes()).hexdigest()
         hit = self._prefixes.get(key)
         if hit is not None:
@@ -544,17 +559,26 @@ class GenerationEngine:
         ids = np.asarray([prefix], dtype=np.int64)
         mask = np.ones_like(ids)
         empty = np.zeros((1, self.n_head, 0, self.head_dim), dtype=np.float32)
+        # With the layout graph the prefix's keys and values stay on the decoder's device and each use repeats
+        # them for its rows there; otherwise in host memory, repeated by numpy.
         logprobs, presents = self._run(ids, mask, np.arange(len(prefix), dtype=np.int64)[None],
-                                       [empty] * len(self.past_names), "prefill", on_device=False)
-        state = (presents, logprobs[0])  # in host memory: each use repeats it for its rows
-        size = sum(p.nbytes for p in state[0])
+                                       [empty] * len(self.past_names), "prefill", on_device=self.layout is not None)
+        state = (presents, logprobs[0])
+        size = sum(_nbytes(p) for p in state[0])
         self._prefixes[key] = state
         self._prefix_bytes += size
         while self._prefix_bytes > self.prefix_cache_max_bytes and len(self._prefixes) > 1:
             _, (old, _) = self._prefixes.popitem(last=False)
-            self._prefix_bytes -= sum(p.nbytes for p in old)
+            self._prefix_bytes -= sum(_nbytes(p) for p in old)
         self.metrics.prefix_cache_bytes.labels(self.model).set(self._prefix_bytes)
         return state
+
+    def _repeat(self, presents: list[Any], b: int, past: int) -> list[Any]:
+        """The prefix's keys and values (one row) repeated for `b` rows: by the layout graph where they are kept on
+        the device (no copy through host memory per call), else numpy."""
+        if self.layout is not None and not isinstance(presents[0], np.ndarray):
+            return self._lay_out((presents, [0] * b, past), ([], [], 0), past)
+        return [np.repeat(p, b, axis=0) for p in presents]
 
     def _score_continuations(self, prefix: list[int], rows: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
         presents, after_prefix = self._prefix_state(prefix)
@@ -564,7 +588,7 @@ class GenerationEngine:
         ctx_len = max(len(ctx) for ctx, _ in rows)
         if ctx_len == 0:  # no context after the prefix: the first target follows the prefix directly
             logprobs = np.repeat(after_prefix[None], b, axis=0)
-            pasts = [np.repeat(p, b, axis=0) for p in presents]
+            pasts = self._repeat(presents, b, p_len)
             mask = np.ones((b, p_len), dtype=np.int64)
         else:
             ids = np.full((b, ctx_len), self.pad_id, dtype=np.int64)
@@ -576,7 +600,7 @@ class GenerationEngine:
                 else:  # nothing new for this row: feed the pad, masked, and read the prefix's distribution below
                     ids[i, -1] = self.pad_id
             pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, p_len:]
-            logprobs, pasts = self._run(ids, mask, pos, [np.repeat(p, b, axis=0) for p in presents], "prefill")
+            logprobs, pasts = self._run(ids, mask, pos, self._repeat(presents, b, p_len), "prefill")
             for i, (ctx, _) in enumerate(rows):
                 if not ctx:
                     logprobs[i] = after_prefix

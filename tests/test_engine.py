@@ -227,6 +227,8 @@ def test_io_binding_generates_and_classifies_what_plain_runs_do(server: ServerTh
     finally:
         del engine._decode
     assert fed and all(fed)  # joins and leaves too were laid out by the KV layout graph, never through numpy
+    # Classify's cached prefix stays where the decoder keeps it (each use repeats it there, by the layout graph).
+    assert engine._prefixes and all(isinstance(p, ort.OrtValue) for kv, _ in engine._prefixes.values() for p in kv)
     with PlmClient(bound.target) as c:
         details = c.get_model("gpt").details
         assert details["io_binding"] == details["kv_layout"] == engine.session.device  # "cpu" here, "cuda" on a GPU
