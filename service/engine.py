@@ -294,7 +294,7 @@ class GenerationEngine:
         # Prompt prefixes already run (few-shot demonstrations): sha256 of the ids → (presents, next logprobs),
         # least recently used first; bounded by bytes. The presents are one row, kept where the decoder runs
         # when it has the KV layout graph (OrtValues on the GPU), else numpy arrays.
-        self._prefixes: collections.OrderedDict[str, tuple[list[np.ndarray], np.ndarray]] = collections.OrderedDict()
+        self._prefixes: collections.OrderedDict[str, tuple[list[Any], np.ndarray]] = collections.OrderedDict()
         self._prefix_bytes = 0
         self.prefix_cache_max_bytes = 64 * 1024 * 1024
         self.prefix_reuse = prefix_reuse  # whether Classify scores from the cached prefix (runtime.prefix_reuse)
