@@ -5,7 +5,8 @@
 For every model of the repository with a tokenizer, times the tokenizer's own work on the held-out lines the
 serving benchmark sends (`benchmarks/serving.py`), the way the served adapter does it: the whole tokenizer
 (normalizer included) against the shortcut (`service/families/textnorm.py`: text the normalizer provably
-leaves unchanged goes to a copy of the tokenizer without it, or skips `normalize_str`). Best of 5 passes over
+leaves unchanged goes to a copy of the tokenizer without it, or skips `normalize_str` and, for word models, the
+pre-tokenizer: `plain_text_splitter`). Best of 5 passes over
 the lines; checks that both give the same ids (or words). Prints µs per line and the ratio, and writes the JSON.
 """
 
@@ -23,7 +24,7 @@ from serving import held_out_texts  # this folder is on sys.path when run as a s
 from tokenizers import Tokenizer
 
 from service.families.textnorm import PlainTextEncoder, plain_text_shortcut
-from service.families.words import split_words
+from service.families.words import PlainText, split_words
 
 
 def _ids(out: Any) -> Any:
@@ -66,7 +67,7 @@ def main() -> None:
             fast = encoder.encode
         else:  # word models: normalise, then split into words, with and without the shortcut
             full = functools.partial(split_words, tok)
-            fast = functools.partial(split_words, tok, shortcut=shortcut)
+            fast = functools.partial(split_words, tok, plain=PlainText(tok))
         assert all(_ids(full(t)) == _ids(fast(t)) for t in texts), manifest_path.parent.name
         row = {"lines": len(texts), "plain_lines": sum(shortcut(t) is not None for t in texts),
                "full_us": best_us(full, texts), "shortcut_us": best_us(fast, texts)}

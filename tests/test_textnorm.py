@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Regex, Tokenizer, normalizers
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 
 from models.tokenization import text_normalizer
-from service.families.textnorm import plain_text_shortcut, without_normalizer
+from service.families.textnorm import plain_text_shortcut, plain_text_splitter, without_normalizer
 
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")
@@ -94,3 +94,54 @@ def _with(normalizer: normalizers.Normalizer) -> Tokenizer:
     tok = Tokenizer(tok_models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     tok.normalizer = normalizer
     return tok
+
+
+WORD_FAMILIES = ["ngram-kn", "nnlm", "word2vec-cbow", "elmo"]
+# Plain text as a word model sees it after the shortcut: lower-case ASCII with what the punctuation split is about
+# (apostrophes inside, before and after words, underscores, digits, runs of punctuation), single spaces.
+_PLAIN_WORDS = st.lists(st.text(alphabet=st.sampled_from(list("abz09_'-.,!?;:\"()[]&#$%*+/<=>@\\^`{|}~")), min_size=1,
+                                max_size=9), min_size=1, max_size=8).map(" ".join)
+
+
+@pytest.mark.parametrize("model", WORD_FAMILIES)
+def test_plain_texts_words_are_the_pre_tokenizers(tiny_repo: Path, model: str) -> None:
+    """The plain-text splitter gives the pre-tokenizer's words, word for word; and split_words through both
+    shortcuts gives what the whole tokenizer gives, for any text."""
+    from service.families.words import PlainText, split_words
+
+    tok = _tokenizer(tiny_repo, model)
+    split = plain_text_splitter(tok)
+    assert split is not None, "our word models' pre-tokenizer is understood"
+    assert tok.pre_tokenizer is not None
+    pre = tok.pre_tokenizer.pre_tokenize_str
+    assert split("don't 'tis o'er the king's ''quoted'' x_y 3.5") == [w for w, _ in pre(
+        "don't 'tis o'er the king's ''quoted'' x_y 3.5")]
+    plain = PlainText(tok)
+
+    @hypothesis.settings(max_examples=400, deadline=None)
+    @hypothesis.given(text=_PLAIN_WORDS, other=TEXTS)
+    def check(text: str, other: str) -> None:
+        assert split(text) == [w for w, _ in pre(text)]
+        for t in (text, other):
+            assert split_words(tok, t, plain) == split_words(tok, t)
+
+    check()
+
+
+def test_punctuation_split_it_knows_is_the_word_tokenizers() -> None:
+    from models.tokenization import _PUNCTUATION_SPLIT
+    from service.families.textnorm import _KNOWN_SPLITS
+
+    assert {_PUNCTUATION_SPLIT} == _KNOWN_SPLITS
+
+
+@pytest.mark.parametrize("pre", [
+    pre_tokenizers.Split(Regex("[a-c]"), behavior="isolated"),  # a class that matches plain text, unknown
+    pre_tokenizers.Split(Regex("[^\\w']|(?<!\\w)'|'(?!\\w)"), behavior="removed"),  # known pattern, other behaviour
+    pre_tokenizers.Whitespace(),
+    pre_tokenizers.Punctuation(),
+])
+def test_a_pre_tokenizer_step_it_cannot_reproduce_turns_the_splitter_off(pre: pre_tokenizers.PreTokenizer) -> None:
+    tok = _with(text_normalizer())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre])
+    assert plain_text_splitter(tok) is None

@@ -15,8 +15,7 @@ from tokenizers import Tokenizer
 
 from service.config import ServerConfig
 from service.families.base import Encoded, ModelAdapter, TokenScores
-from service.families.textnorm import plain_text_shortcut
-from service.families.words import encode_words, join_words
+from service.families.words import PlainText, encode_words, join_words
 from service.metrics import Metrics
 from service.ngram import NgramModel
 
@@ -30,7 +29,7 @@ class NgramAdapter(ModelAdapter):
                  metrics: Metrics) -> None:
         super().__init__(name, folder, manifest)
         self.tokenizer = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
-        self._shortcut = plain_text_shortcut(self.tokenizer)
+        self._plain = PlainText(self.tokenizer)
         spec = manifest["ngram"]
         path = folder / spec["file"]
         self.lm = NgramModel.load_arpa(path) if spec["format"] == "arpa" else NgramModel.load_counts(path)
@@ -45,7 +44,7 @@ class NgramAdapter(ModelAdapter):
         self._skip[self._eos] = True  # decode: specials and the end of sentence are not text
 
     def encode(self, text: str) -> Encoded:
-        return encode_words(self.tokenizer, self.lm.word_to_id, self.lm.unk_id, text, self._shortcut)
+        return encode_words(self.tokenizer, self.lm.word_to_id, self.lm.unk_id, text, self._plain)
 
     def decode(self, ids: list[int]) -> str:
         return join_words(self.lm.vocab, ids, self._skip)

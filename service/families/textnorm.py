@@ -89,6 +89,48 @@ def plain_text_shortcut(tokenizer: Tokenizer) -> Callable[[str], str | None] | N
     return shortcut
 
 
+# The word tokenizers' punctuation split (models/tokenization.py, `_PUNCTUATION_SPLIT`): each non-word character
+# is a word of its own, but an apostrophe between word characters stays inside ("don't"). On ASCII, Python's `re`
+# and the tokenizers' Oniguruma agree on it (`\w` is [A-Za-z0-9_] for both; tests/test_textnorm.py checks).
+_KNOWN_SPLITS = {r"[^\w']|(?<!\w)'|'(?!\w)"}
+
+
+def plain_text_splitter(tokenizer: Tokenizer) -> Callable[[str], list[str]] | None:
+    """The pre-tokenizer's words of plain text (what `plain_text_shortcut` returns) without a call into it, or None
+    when a step is not one it can reproduce exactly: WhitespaceSplit (single spaces on plain text), an isolating
+    Split whose character class matches no printable ASCII (the CJK one: nothing to do), or an isolating Split by a
+    known pattern. The pre-tokenizer costs as much as the rest of a word model's PredictNext on the event loop."""
+    spec = json.loads(tokenizer.to_str()).get("pre_tokenizer")
+    if spec is None:
+        return None
+    steps = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    splits: list[re.Pattern[str] | None] = []  # None: split on the single spaces
+    for step in steps:
+        kind, pattern = step.get("type"), (step.get("pattern") or {}).get("Regex")
+        if kind == "WhitespaceSplit":
+            splits.append(None)
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert") and pattern:
+            m = _CLASS.match(pattern)
+            if m is not None and not m["plus"] and not any(re.fullmatch(pattern, c) for c in _PRINTABLE_ASCII):
+                continue  # it matches nothing in plain text
+            if pattern not in _KNOWN_SPLITS:
+                return None
+            splits.append(re.compile(f"({pattern})"))  # a group: re.split keeps what matched, as "isolated" does
+        else:
+            return None
+
+    def split(text: str) -> list[str]:
+        pieces = [text]
+        for rule in splits:
+            if rule is None:
+                pieces = [p for piece in pieces for p in piece.split(" ") if p]
+            else:
+                pieces = [p for piece in pieces for p in rule.split(piece) if p]
+        return pieces
+
+    return split
+
+
 def without_normalizer(tokenizer: Tokenizer) -> Tokenizer:
     """The same tokenizer with its normalizer removed (for the text `plain_text_shortcut` gives)."""
     spec = json.loads(tokenizer.to_str())

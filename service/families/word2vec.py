@@ -32,8 +32,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServerConfig
 from service.errors import FailedPrecondition
 from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
-from service.families.textnorm import plain_text_shortcut
-from service.families.words import encode_words, join_words
+from service.families.words import PlainText, encode_words, join_words
 from service.metrics import Metrics
 from service.runtime import open_graph, pad_right
 
@@ -51,7 +50,7 @@ class Word2VecAdapter(ModelAdapter):
         super().__init__(name, folder, manifest)
         spec = manifest["word2vec"]
         self.tokenizer = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
-        self._shortcut = plain_text_shortcut(self.tokenizer)
+        self._plain = PlainText(self.tokenizer)
         vocab = json.loads((folder / spec["vocab_file"]).read_text(encoding="utf-8"))
         if not isinstance(vocab, list) or len(vocab) != self.vocab_size:
             raise ValueError(f"{folder.name}: {spec['vocab_file']} must list {self.vocab_size} words")
@@ -76,7 +75,7 @@ class Word2VecAdapter(ModelAdapter):
 
     # -- text ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> Encoded:
-        return encode_words(self.tokenizer, self.word_to_id, self._unk, text, self._shortcut)
+        return encode_words(self.tokenizer, self.word_to_id, self._unk, text, self._plain)
 
     def decode(self, ids: list[int]) -> str:
         return join_words(self.vocab, ids, self._never)

@@ -6,7 +6,7 @@ from the model's own vocabulary, and a word outside it is scored as <unk> and fl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +14,34 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.families.base import Encoded, ModelAdapter
-from service.families.textnorm import plain_text_shortcut
+from service.families.textnorm import plain_text_shortcut, plain_text_splitter
 
 
-def split_words(tokenizer: Tokenizer, text: str, shortcut: Callable[[str], str | None] | None = None) -> list[str]:
-    """The normalised words of a text, exactly as the model was trained on them. `shortcut`: the tokenizer's
-    `plain_text_shortcut` (plain text's normalised form without a call into the normalizer)."""
+class PlainText:
+    """A word tokenizer's shortcuts for plain text: its normalised form (`plain_text_shortcut`) and its words
+    (`plain_text_splitter`), each None where the tokenizer's steps cannot be reproduced."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.normalize = plain_text_shortcut(tokenizer)
+        self.split = plain_text_splitter(tokenizer) if self.normalize is not None else None
+
+
+def split_words(tokenizer: Tokenizer, text: str, plain: PlainText | None = None) -> list[str]:
+    """The normalised words of a text, exactly as the model was trained on them; through `plain`'s shortcuts
+    where the text is plain (no call into the normalizer or pre-tokenizer)."""
     normalizer, pre = tokenizer.normalizer, tokenizer.pre_tokenizer
-    norm = shortcut(text) if shortcut is not None else None
+    norm = plain.normalize(text) if plain is not None and plain.normalize is not None else None
     if norm is None:
         norm = normalizer.normalize_str(text) if normalizer is not None else text
+    elif plain is not None and plain.split is not None:
+        return plain.split(norm)
     return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
 
 
 def encode_words(tokenizer: Tokenizer, word_to_id: Mapping[str, int], unk_id: int, text: str,
-                 shortcut: Callable[[str], str | None] | None = None) -> Encoded:
+                 plain: PlainText | None = None) -> Encoded:
     """Each word is one token: its id, or `unk_id` (flagged out of vocabulary)."""
-    words = split_words(tokenizer, text, shortcut)
+    words = split_words(tokenizer, text, plain)
     ids = [word_to_id.get(w, unk_id) for w in words]
     oov = [w not in word_to_id for w in words]
     return Encoded(ids, words, list(range(len(words))), words, oov)
@@ -47,7 +58,7 @@ class WordVocabulary:
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
         tok = manifest["tokenizer"]
         self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
-        self.shortcut = plain_text_shortcut(self.tokenizer)
+        self.plain = PlainText(self.tokenizer)
         vocab: dict[str, int] = self.tokenizer.get_vocab()
         self.word_to_id = vocab
         self.id_to_word = [""] * len(vocab)
@@ -68,7 +79,7 @@ class WordVocabulary:
         return len(self.id_to_word)
 
     def encode(self, text: str) -> Encoded:
-        return encode_words(self.tokenizer, self.word_to_id, self.unk, text, self.shortcut)
+        return encode_words(self.tokenizer, self.word_to_id, self.unk, text, self.plain)
 
     def decode(self, ids: list[int]) -> str:
         return join_words(self.id_to_word, ids, self.skip)
