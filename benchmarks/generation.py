@@ -8,8 +8,8 @@ batching) and off (each step re-reads the whole sequence through the dynamic bat
 1, 4 and 16 concurrent GenerateStream calls of `--new-tokens` tokens each (seeded top-k sampling with
 `min_new_tokens` = `max_new_tokens`, so every request makes exactly that many, as the `transformers` reference
 below does with no EOS token and vLLM's benchmarks do with `ignore_eos`; `--stop-at-eos` lets a sampled EOS end a
-request and starts the next one until the stream has its tokens, the workload before 2026-11-23 08:00 UTC, which
-made about 6 requests per 64 tokens), `--rounds` times each,
+request and starts the next one until the stream has its tokens, the workload before 2026-11-23 08:00 UTC; each
+round records its requests), `--rounds` times each,
 reporting the median round (the raw decode step likewise: the median request's mean step). A third server, the
 engine with `stream_interval` (tokens sent per message), runs the most streams once more.
 References, requests one after another: a raw ONNX Runtime greedy loop over the same decoder graph, and

@@ -37,8 +37,8 @@ _PARAMS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "Score": {"add_eos": bool, "per_token": bool},
     "PredictNext": {"top_k": int, "include_tokens": bool, "beam_width": int, "max_word_tokens": int},
     "Generate": {"max_new_tokens": int, "min_new_tokens": int, "temperature": (int, float), "top_k": int,
-                 "top_p": (int, float),
-                 "repetition_penalty": (int, float), "seed": int, "truncate_prompt": bool, "stop": list},
+                 "top_p": (int, float), "repetition_penalty": (int, float), "seed": int, "truncate_prompt": bool,
+                 "stop": list},
     "FillMask": {"top_k": int},
     "Embed": {"pooling": str, "normalize": bool, "nearest_k": int, "include_tokens": bool},
 }

@@ -88,6 +88,10 @@ class _Batch:
     def live(self) -> list[_Slot]:
         return [s for i, s in enumerate(self.slots) if i not in self.holes] if self.holes else self.slots
 
+    @property
+    def n_live(self) -> int:
+        return len(self.slots) - len(self.holes)
+
 
 _EMPTY = _Batch([], [], np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64))
 
@@ -326,7 +330,7 @@ class GenerationEngine:
     @property
     def active(self) -> int:
         """Sequences holding KV memory or waiting for it."""
-        return len(self._batch.live) + len(self._joining) + len(self._waiting) + len(self._inbox)
+        return self._batch.n_live + len(self._joining) + len(self._waiting) + len(self._inbox)
 
     def refuse_if_full(self, sequences: int = 1) -> None:
         """RESOURCE_EXHAUSTED unless `sequences` more fit in the waiting queue."""
@@ -443,7 +447,7 @@ class GenerationEngine:
             self._hand_over(out)
             rows = [i for i, s in enumerate(joined.slots) if not (s.seq.finished or s.request.cancelled)]
         stale = bool(batch.holes) and self.steps - batch.holes_since >= self.HOLE_STEPS
-        if rows or len(keep) < len(batch.slots) - len(batch.holes) or stale:
+        if rows or len(keep) < batch.n_live or stale:
             if self.layout is not None:
                 self._batch = self._layout_on_device(keep, joined, rows)
             else:  # joiners take the rows of those who left where they can; else one copy for everyone
@@ -456,9 +460,8 @@ class GenerationEngine:
                     since = batch.holes_since if batch.holes and refilled.holes else self.steps
                     self._batch = dataclasses.replace(refilled, holes_since=since)
         self._joining = []
-        live = len(self._batch.slots) - len(self._batch.holes)
-        self._m_active.set(live)
-        if live:
+        self._m_active.set(self._batch.n_live)
+        if self._batch.n_live:
             logprobs = self._decode()
             self.steps += 1
             self._emit(self._batch.slots, logprobs, out, self._batch.holes)

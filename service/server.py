@@ -69,8 +69,7 @@ class RunningServer:
         self.admission.draining = True  # new calls: UNAVAILABLE; calls in flight go on
         if self.watcher is not None:
             self.watcher.cancel()
-        started = time.monotonic()
-        until = started + (self.config.grace_seconds if grace is None else grace)
+        until = time.monotonic() + (self.config.grace_seconds if grace is None else grace)
         # The port stays open while calls drain, so a late client hears a clear UNAVAILABLE from admission
         # (gRPC's own shutdown would cancel calls that arrive while it closes).
         while self.admission.inflight and time.monotonic() < until:
