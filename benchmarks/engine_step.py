@@ -20,10 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from service.config import load_config
-from service.metrics import Metrics
-from service.registry import load_model
-from service.tasks.generate import GenerateParams, SamplingParams, generate
+from plm.service.config import load_config
+from plm.service.metrics import Metrics
+from plm.service.registry import load_model
+from plm.service.tasks.generate import GenerateParams, SamplingParams, generate
 
 
 async def measure(repository: Path, model_name: str, batches: list[int], n: int) -> list[dict[str, Any]]:
@@ -60,7 +60,7 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
     engine._emit = timed("emit", engine._emit)
     # Laying the batch out again when sequences join or leave (and, under IO binding, fetching it from the GPU).
     layouts = [0]
-    import service.engine as eng
+    import plm.service.engine as eng
 
     host, refill, layout = eng._host, eng._refill, eng._Scratch.layout
 

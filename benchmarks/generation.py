@@ -37,11 +37,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from plm.client.client import PlmClient
+from plm.client.local_server import LocalServer
+from plm.service.runtime import run_bound
 
-from client.client import PlmClient
-from client.local_server import LocalServer
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.runtime import run_bound
+from plm.api.v1 import plm_pb2 as pb
 
 PROMPTS = ["The king", "Good morrow, my lord", "O Romeo", "What light through yonder window", "My liege",
            "Now is the winter", "Friends, Romans", "To be, or not"]
@@ -162,10 +162,9 @@ def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int,
                   device: str = "cpu") -> dict[str, float]:
     """Hugging Face `transformers` generating with the same weights (KV cache on), one request after another."""
     import torch
+    from plm.export.hf_gpt2 import load_weights, to_hf_gpt2
+    from plm.models.gpt import GPTConfig
     from tokenizers import Tokenizer
-
-    from export.hf_gpt2 import load_weights, to_hf_gpt2
-    from models.gpt import GPTConfig
 
     if device == "cpu":
         torch.set_num_threads(2)

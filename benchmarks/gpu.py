@@ -35,11 +35,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_step import measure as engine_measure
+from plm.client.local_server import LocalServer
+from plm.service.config import Runtime
+from plm.service.runtime import run_bound
 from serving import Raw, best_rate, drive, held_out_texts
-
-from client.local_server import LocalServer
-from service.config import Runtime
-from service.runtime import run_bound
 
 GPU_BATCHES = (1, 4, 16, 64, 128, 256)
 CUDA = "CUDAExecutionProvider"

@@ -24,15 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.loadtest import LoadConfig, RequestSpec, run_loadtest
-from client.local_server import LocalServer, free_port
+from plm.client.loadtest import LoadConfig, RequestSpec, run_loadtest
+from plm.client.local_server import LocalServer, free_port
 
 
 def _serve_bare(port: int, metadata: bool) -> None:
     import grpc
 
-    from service.pb.plm.v1 import plm_pb2 as pb
-    from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+    from plm.api.v1 import plm_pb2 as pb
+    from plm.api.v1 import plm_pb2_grpc as pb_grpc
 
     class Bare(pb_grpc.LanguageModelServiceServicer):
         async def PredictNext(self, request: Any, context: Any) -> Any:

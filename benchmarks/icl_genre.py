@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import grpc
+from plm.client.client import PlmClient
+from plm.data import corpus as corpus_mod
 
-from client.client import PlmClient
-from models import corpus as corpus_mod
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2 as pb
 
 GENRES = {
     "comedy": "alls_well_that_ends_well as_you_like_it comedy_of_errors cymbeline loves_labours_lost "

@@ -23,10 +23,11 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from plm.client import AsyncPlmClient, PlmClient
+
 from benchmarks.generation import Server
-from client import AsyncPlmClient, PlmClient
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 
 TEXT = "The king is dead, long live the king."
 

@@ -34,13 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from client.loadtest import BUILTIN_INPUTS, LoadConfig, RequestSpec, mask_one_word, run_loadtest
-from client.local_server import LocalServer
-from service.config import Runtime, ServerConfig
-from service.metrics import Metrics
-from service.registry import load_model
-from service.runtime import open_graph, pad_right
+from plm.client.loadtest import BUILTIN_INPUTS, LoadConfig, RequestSpec, mask_one_word, run_loadtest
+from plm.client.local_server import LocalServer
+from plm.service.config import Runtime, ServerConfig
+from plm.service.metrics import Metrics
+from plm.service.registry import load_model
+from plm.service.runtime import open_graph, pad_right
 
 BATCHES = (1, 4, 8, 16, 32, 64)
 

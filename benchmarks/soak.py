@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from plm.client import loadtest
+from plm.client.client import PlmClient
 
-from client import loadtest
-from client.client import PlmClient
-from service.pb.plm.v1 import admin_pb2, admin_pb2_grpc
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import admin_pb2, admin_pb2_grpc
+from plm.api.v1 import plm_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 GROWTH_LIMIT = 0.05
@@ -46,7 +46,7 @@ def _free_port() -> int:
 def start_server(repository: Path, models: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", "--repository", str(repository), "--port", str(port),
+        [sys.executable, "-m", "plm.cli", "serve", "--repository", str(repository), "--port", str(port),
          "--metrics-port", "0", "--models", *models],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"

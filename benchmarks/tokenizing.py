@@ -20,11 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plm.service.families.textnorm import PlainTextEncoder, plain_text_shortcut
+from plm.service.families.words import PlainText, split_words
 from serving import held_out_texts  # this folder is on sys.path when run as a script
 from tokenizers import Tokenizer
-
-from service.families.textnorm import PlainTextEncoder, plain_text_shortcut
-from service.families.words import PlainText, split_words
 
 
 def _ids(out: Any) -> Any:

@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.build import PROFILES, prepare_data  # noqa: E402 — after the path set-up above
-from models.corpus import fetch_eval_sets  # noqa: E402
-from models.word2vec import Word2Vec, Word2VecConfig, evaluate_all  # noqa: E402
+from plm.data.corpus import fetch_eval_sets  # noqa: E402
+from plm.export.build import PROFILES, prepare_data  # noqa: E402 — after the path set-up above
+from plm.models.word2vec import Word2Vec, Word2VecConfig, evaluate_all  # noqa: E402
 
 METRICS = ("wordsim353_spearman", "simlex999_spearman", "analogy_accuracy")
 

@@ -18,10 +18,10 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2
+from plm.client import core
+from plm.client.core import Prepared
 
-from client import core
-from client.core import Prepared
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2 as pb
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -19,8 +19,8 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 

@@ -159,7 +159,7 @@ def mask_one_word(text: str, rng: np.random.Generator) -> str:
 
 def build_request(spec: RequestSpec, texts: list[str]) -> Any:
     """The protobuf request for one scenario entry and its input texts."""
-    from service.pb.plm.v1 import plm_pb2 as pb
+    from plm.api.v1 import plm_pb2 as pb
 
     p = spec.params
     if spec.rpc == "Score":
@@ -212,7 +212,7 @@ class _Worker:
     def __init__(self, cfg: LoadConfig, counters: Any, t0_wall: float) -> None:
         import grpc
 
-        from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+        from plm.api.v1 import plm_pb2_grpc as pb_grpc
 
         self.cfg = cfg
         self.counters = counters
@@ -686,7 +686,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> Path:
 
 
 def main(args: Any) -> int:
-    """The `plm loadtest` verb (arguments parsed by client.cli)."""
+    """The `plm loadtest` verb (arguments parsed by plm.cli)."""
     try:
         specs = load_scenario(args.scenario) if args.scenario else parse_scenario(
             {"requests": [{"weight": 1, "rpc": "Score", "model": args.model}]})

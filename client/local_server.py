@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-
-from client.client import PlmClient
+from plm.client.client import PlmClient
 
 
 class LocalServer:
@@ -31,7 +30,7 @@ class LocalServer:
         # The log goes to a file: a pipe nobody reads fills up and blocks the server's event loop mid-run.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 — closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "serve", "--repository", str(repository), "--port", str(self.port),
+            [sys.executable, "-m", "plm.cli", "serve", "--repository", str(repository), "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--workers", str(workers),
              *(["--models", *models] if models else [])],
             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=self.log)

@@ -25,11 +25,10 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
+from plm.export.parity import PARITY_TOLERANCE, export_module, output_diff, require_parity
+from plm.models.bert import Bert
 from torch import Tensor
 from torch.nn import functional as F
-
-from export.parity import PARITY_TOLERANCE, export_module, output_diff, require_parity
-from models.bert import Bert
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "mask_positions")
 OUTPUT_NAMES = ("mask_logprobs", "nsp_logprobs", "hidden_states")

@@ -18,23 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from export.repository import build_key, is_current, staging, write_manifest
-from export.variants import MAKERS, add_variants, applicable
-from models import corpus as corpus_mod
-from models import tokenization
+from plm.data import corpus as corpus_mod
+from plm.export.repository import build_key, is_current, staging, write_manifest
+from plm.export.variants import MAKERS, add_variants, applicable
+from plm.models import tokenization
 
 log = logging.getLogger("plm.build")
 
 # family → (the model folders it writes, its builder `build(data, profile, repository, key, seed)`), in the
 # order of the lineage; each builder module is imported only when its family is built.
 FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
-    "ngram": (("ngram-kn", "ngram-laplace"), "export.build:build_ngram"),
-    "nnlm": (("nnlm",), "export.build_nnlm:build"),
-    "word2vec": (("word2vec-cbow", "word2vec-skipgram"), "export.build_word2vec:build"),
-    "elmo": (("elmo",), "export.build_elmo:build"),
-    "gpt": (("gpt",), "export.build:build_gpt"),
-    "bert": (("bert",), "export.build_bert:build"),
+    "ngram": (("ngram-kn", "ngram-laplace"), "plm.export.build:build_ngram"),
+    "nnlm": (("nnlm",), "plm.export.build_nnlm:build"),
+    "word2vec": (("word2vec-cbow", "word2vec-skipgram"), "plm.export.build_word2vec:build"),
+    "elmo": (("elmo",), "plm.export.build_elmo:build"),
+    "gpt": (("gpt",), "plm.export.build:build_gpt"),
+    "bert": (("bert",), "plm.export.build_bert:build"),
 }
 
 
@@ -163,7 +162,7 @@ def _common(data: BuildData, key: str) -> dict[str, Any]:
 
 def build_ngram(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     """Kneser-Ney (ARPA) and Laplace (counts) models over the word-level vocabulary."""
-    from models.ngram import KneserNeyLM, LaplaceLM, count_ngrams, perplexity
+    from plm.models.ngram import KneserNeyLM, LaplaceLM, count_ngrams, perplexity
 
     order = PROFILES[profile].ngram_order
     vocab = [w for w, _ in sorted(data.word_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
@@ -208,11 +207,10 @@ def build_ngram(data: BuildData, profile: str, repository: Path, key: str, seed:
 
 def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     import torch
-
-    from export.hf_gpt2 import save_weights
-    from export.onnx_export import export_gpt, export_gpt_decoder, export_kv_layout
-    from models.gpt import GPT, GPTConfig
-    from models.train import TrainConfig, lm_batches, train
+    from plm.export.hf_gpt2 import save_weights
+    from plm.export.onnx_export import export_gpt, export_gpt_decoder, export_kv_layout
+    from plm.models.gpt import GPT, GPTConfig
+    from plm.models.train import TrainConfig, lm_batches, train
 
     g = PROFILES[profile].gpt
     started = time.perf_counter()

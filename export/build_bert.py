@@ -18,15 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from export.build import BuildData
-from export.repository import staging, write_manifest
-from models import tokenization
+from plm.export.build import BuildData
+from plm.export.repository import staging, write_manifest
+from plm.models import tokenization
 
 if TYPE_CHECKING:  # torch is imported only when a build runs
+    from plm.models.bert import Bert, SpecialIds
     from tokenizers import Tokenizer
-
-    from models.bert import Bert, SpecialIds
 
 log = logging.getLogger("plm.build")
 
@@ -66,10 +64,9 @@ PROFILES = {
 def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     """Train, export and evaluate BERT on `data`; returns {"bert": manifest}."""
     import torch
-
-    from export.bert_export import export_bert
-    from models.bert import Bert, BertConfig, mlm_nsp_batches, mlm_nsp_loss
-    from models.train import TrainConfig, train
+    from plm.export.bert_export import export_bert
+    from plm.models.bert import Bert, BertConfig, mlm_nsp_batches, mlm_nsp_loss
+    from plm.models.train import TrainConfig, train
 
     p = PROFILES[profile]
     started = time.perf_counter()
@@ -123,7 +120,7 @@ def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) 
 
 
 def _special_ids(tok: Tokenizer) -> SpecialIds:
-    from models.bert import SpecialIds
+    from plm.models.bert import SpecialIds
 
     ids = [tok.token_to_id(t) for t in tokenization.WORDPIECE_SPECIALS]
     if any(i is None for i in ids):
@@ -136,8 +133,7 @@ def evaluate(model: Bert, doc: list[list[int]], max_length: int, specials: Speci
     """Held-out accuracy: MLM top-1/top-5 at 15% of the tokens, all replaced by [MASK] (the fill-mask task),
     and NSP accuracy on 50/50 pairs. Empty when the split cannot make pairs."""
     import torch
-
-    from models.bert import IGNORE_INDEX, collate_pairs, mask_tokens, sample_pairs
+    from plm.models.bert import IGNORE_INDEX, collate_pairs, mask_tokens, sample_pairs
 
     if len(doc) < 3:
         return {"test_pairs": 0, "note": "test split too small for NSP pairs"}

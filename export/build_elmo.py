@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from export.build import BuildData
-from export.build_nnlm import word_ids
-from export.repository import staging, write_manifest
-from models import tokenization
+from plm.export.build import BuildData
+from plm.export.build_nnlm import word_ids
+from plm.export.repository import staging, write_manifest
+from plm.models import tokenization
 
 log = logging.getLogger("plm.build")
 
@@ -52,10 +51,9 @@ PROFILES = {
 def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     """Train, export and evaluate the ELMo of `profile` into `repository/elmo`; returns {"elmo": manifest}."""
     import torch
-
-    from export.rnn_export import export_elmo
-    from models.elmo import ELMo, ELMoConfig, elmo_loss, forward_logprob_sum, sentence_batches
-    from models.train import TrainConfig, train
+    from plm.export.rnn_export import export_elmo
+    from plm.models.elmo import ELMo, ELMoConfig, elmo_loss, forward_logprob_sum, sentence_batches
+    from plm.models.train import TrainConfig, train
 
     p = PROFILES[profile]
     started = time.perf_counter()

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from export.build import BuildData
-from export.repository import staging, write_manifest
-from models import tokenization
+from plm.export.build import BuildData
+from plm.export.repository import staging, write_manifest
+from plm.models import tokenization
 
 log = logging.getLogger("plm.build")
 
@@ -55,10 +54,9 @@ def word_ids(data: BuildData, split: str) -> list[list[int]]:
 def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) -> dict[str, dict[str, Any]]:
     """Train, export and evaluate the NNLM of `profile` into `repository/nnlm`; returns {"nnlm": manifest}."""
     import torch
-
-    from export.rnn_export import export_nnlm
-    from models.nnlm import NNLM, NNLMConfig, sentence_logprob_sum, window_batches, windows
-    from models.train import TrainConfig, train
+    from plm.export.rnn_export import export_nnlm
+    from plm.models.nnlm import NNLM, NNLMConfig, sentence_logprob_sum, window_batches, windows
+    from plm.models.train import TrainConfig, train
 
     p = PROFILES[profile]
     started = time.perf_counter()

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from export.build import BuildData
-from export.repository import staging, write_manifest
-from export.word2vec_export import MASK_ID, SPECIALS, UNK_ID, export_word2vec
-from models import tokenization
-from models.corpus import fetch_eval_sets
-from models.word2vec import Word2Vec, Word2VecConfig, evaluate_all
+from plm.data.corpus import fetch_eval_sets
+from plm.export.build import BuildData
+from plm.export.repository import staging, write_manifest
+from plm.export.word2vec_export import MASK_ID, SPECIALS, UNK_ID, export_word2vec
+from plm.models import tokenization
+from plm.models.word2vec import Word2Vec, Word2VecConfig, evaluate_all
 
 log = logging.getLogger("plm.build.word2vec")
 

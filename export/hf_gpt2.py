@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from models.gpt import GPT, GPTConfig
+from plm.models.gpt import GPT, GPTConfig
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 

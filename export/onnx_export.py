@@ -33,12 +33,11 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
+from plm.export.parity import PARITY_TOLERANCE, export_module, make_model, output_diff, require_parity
+from plm.models.gpt import GPT, position_ids_from_mask
+from plm.service.engine import kv_layout_feeds
 from torch import Tensor
 from torch.nn import functional as F
-
-from export.parity import PARITY_TOLERANCE, export_module, make_model, output_diff, require_parity
-from models.gpt import GPT, position_ids_from_mask
-from service.engine import kv_layout_feeds
 
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 OUTPUT_NAMES = ("token_logprobs", "next_logprobs", "hidden_states")

@@ -25,11 +25,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn as nn
+from plm.export.parity import PARITY_TOLERANCE, export_module, require_parity
+from plm.models.elmo import ELMo
+from plm.models.nnlm import NNLM
 from torch import Tensor
-
-from export.parity import PARITY_TOLERANCE, export_module, require_parity
-from models.elmo import ELMo
-from models.nnlm import NNLM
 
 NNLM_PARITY_BATCHES = (1, 3, 17, 64)  # differ from the export dummy's 2
 ELMO_PARITY_SHAPES = ((1, 1), (1, 5), (3, 11), (7, 9), (5, 16))  # (batch, length), differ from the dummy (2, 8)

@@ -101,9 +101,9 @@ def _save(path: Path, manifest: dict[str, Any]) -> None:
 
 def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, Any]:
     """Score `sentences` through the server's adapter for this folder, serving `variant` ("" = exported)."""
-    from service.config import Runtime, ServerConfig
-    from service.metrics import Metrics
-    from service.registry import load_model
+    from plm.service.config import Runtime, ServerConfig
+    from plm.service.metrics import Metrics
+    from plm.service.registry import load_model
 
     config = ServerConfig(repository=folder.parent, runtime=Runtime(providers=("CPUExecutionProvider",),
                                                                     variant=variant))

@@ -28,8 +28,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-
-from export.parity import PARITY_TOLERANCE, make_model, require_parity
+from plm.export.parity import PARITY_TOLERANCE, make_model, require_parity
 
 SPECIALS = ("<unk>", "[MASK]")  # served ids 0 and 1, ahead of the trained vocabulary
 UNK_ID, MASK_ID = 0, 1

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+from plm.models.train import Batch, GetBatch
 from torch import Tensor
 from torch.nn import functional as F
-
-from models.train import Batch, GetBatch
 
 IGNORE_INDEX = -100  # MLM targets at positions not chosen for prediction; F.cross_entropy's default
 IS_NEXT, NOT_NEXT = 0, 1  # NSP classes, as in the paper's and Hugging Face's heads

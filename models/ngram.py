@@ -26,8 +26,7 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-
-from service.ngram import BOS, COUNTS_MAGIC, EOS, UNK, BackoffNgramModel, LaplaceNgramModel, NgramModel
+from plm.service.ngram import BOS, COUNTS_MAGIC, EOS, UNK, BackoffNgramModel, LaplaceNgramModel, NgramModel
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+from plm.models.train import Batch, GetBatch
 from torch import Tensor
 from torch.nn import functional as F
-
-from models.train import Batch, GetBatch
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 
-from service.config import Limits
-from service.errors import ResourceExhausted, Unavailable
-from service.metrics import Metrics
+from plm.service.config import Limits
+from plm.service.errors import ResourceExhausted, Unavailable
+from plm.service.metrics import Metrics
 
 GLOBAL = "-"  # the model label of rejections that happen before a model is known
 

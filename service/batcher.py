@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from service.config import Batching
-from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from service.metrics import Metrics
+from plm.service.config import Batching
+from plm.service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from plm.service.metrics import Metrics
 
 P = TypeVar("P")
 R = TypeVar("R")

@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from service.config import Batching
-from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from service.metrics import Metrics
-from service.runtime import OrtSession, on_host
-from service.tasks.generate import Sequence as GenSequence
-from service.tasks.generate import StepEvent, choose
+from plm.service.config import Batching
+from plm.service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from plm.service.metrics import Metrics
+from plm.service.runtime import OrtSession, on_host
+from plm.service.tasks.generate import Sequence as GenSequence
+from plm.service.tasks.generate import StepEvent, choose
 
 log = logging.getLogger(__name__)
 

@@ -21,16 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from plm.service.config import ServerConfig
+from plm.service.errors import InvalidArgument, NotFound, Unavailable
+from plm.service.families.base import ModelAdapter
+from plm.service.metrics import Metrics
+from plm.service.registry import Registry
+from plm.service.servicer import LanguageModelServicer, _Call, _Edge, unary
 
-from service.config import ServerConfig
-from service.errors import InvalidArgument, NotFound, Unavailable
-from service.families.base import ModelAdapter
-from service.metrics import Metrics
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.triton import grpc_service_pb2 as kv
-from service.pb.triton import grpc_service_pb2_grpc as kv_grpc
-from service.registry import Registry
-from service.servicer import LanguageModelServicer, _Call, _Edge, unary
+from plm.api.triton import grpc_service_pb2 as kv
+from plm.api.triton import grpc_service_pb2_grpc as kv_grpc
+from plm.api.v1 import plm_pb2 as pb
 
 SERVICE_NAME = kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 TASK_SEP = ":"

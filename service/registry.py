@@ -14,23 +14,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.config import ServerConfig
-from service.errors import NotFound
-from service.families.base import ModelAdapter, read_json
-from service.metrics import Metrics
-from service.runtime import provider_name
+from plm.service.config import ServerConfig
+from plm.service.errors import NotFound
+from plm.service.families.base import ModelAdapter, read_json
+from plm.service.metrics import Metrics
+from plm.service.runtime import provider_name
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # family → adapter class; each takes (name, folder, manifest, config, metrics). Imported on first use.
 FAMILIES = {
-    "ngram": "service.families.ngram:NgramAdapter",
-    "gpt": "service.families.gpt:GptAdapter",
-    "nnlm": "service.families.nnlm:NnlmAdapter",
-    "word2vec": "service.families.word2vec:Word2VecAdapter",
-    "elmo": "service.families.elmo:ElmoAdapter",
-    "bert": "service.families.bert:BertAdapter",
+    "ngram": "plm.service.families.ngram:NgramAdapter",
+    "gpt": "plm.service.families.gpt:GptAdapter",
+    "nnlm": "plm.service.families.nnlm:NnlmAdapter",
+    "word2vec": "plm.service.families.word2vec:Word2VecAdapter",
+    "elmo": "plm.service.families.elmo:ElmoAdapter",
+    "bert": "plm.service.families.bert:BertAdapter",
 }
 _REQUIRED = ("name", "family", "tasks", "max_length", "vocab_size", "tokenizer")
 

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from grpc_health.v1 import health, health_pb2
-
-from service.families.base import ModelAdapter
-from service.registry import Fingerprint, Registry, fingerprint, load_model
+from plm.service.families.base import ModelAdapter
+from plm.service.registry import Fingerprint, Registry, fingerprint, load_model
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

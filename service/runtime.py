@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-
-from service.config import Runtime
-from service.metrics import Metrics
+from plm.service.config import Runtime
+from plm.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-
-from service.admission import GLOBAL
-from service.config import Security
-from service.metrics import Metrics
+from plm.service.admission import GLOBAL
+from plm.service.config import Security
+from plm.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -19,19 +19,19 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from plm.service import logs
+from plm.service.admission import Admission
+from plm.service.config import ServerConfig
+from plm.service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from plm.service.kserve import KServeServicer
+from plm.service.metrics import Metrics
+from plm.service.registry import Registry
+from plm.service.reload import Reloader
+from plm.service.security import TokenAuth, server_credentials
+from plm.service.servicer import AdminServicer, LanguageModelServicer
 
-from service import logs
-from service.admission import Admission
-from service.config import ServerConfig
-from service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from service.kserve import KServeServicer
-from service.metrics import Metrics
-from service.pb.plm.v1 import admin_pb2, admin_pb2_grpc, plm_pb2, plm_pb2_grpc
-from service.pb.triton import grpc_service_pb2_grpc
-from service.registry import Registry
-from service.reload import Reloader
-from service.security import TokenAuth, server_credentials
-from service.servicer import AdminServicer, LanguageModelServicer
+from plm.api.triton import grpc_service_pb2_grpc
+from plm.api.v1 import admin_pb2, admin_pb2_grpc, plm_pb2, plm_pb2_grpc
 
 log = logging.getLogger("plm.server")
 

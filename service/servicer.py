@@ -16,21 +16,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from plm.service import logs, reload, validation
+from plm.service.admission import Admission
+from plm.service.config import ServerConfig
+from plm.service.errors import ServiceError
+from plm.service.families.base import ModelAdapter
+from plm.service.metrics import Metrics
+from plm.service.registry import Registry
+from plm.service.tasks import classify, fill_mask, next_sentence, next_word, score
+from plm.service.tasks import embed as embed_task
+from plm.service.tasks import generate as gen_task
 
-from service import logs, reload, validation
-from service.admission import Admission
-from service.config import ServerConfig
-from service.errors import ServiceError
-from service.families.base import ModelAdapter
-from service.metrics import Metrics
-from service.pb.plm.v1 import admin_pb2 as admin_pb
-from service.pb.plm.v1 import admin_pb2_grpc as admin_grpc
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
-from service.registry import Registry
-from service.tasks import classify, fill_mask, next_sentence, next_word, score
-from service.tasks import embed as embed_task
-from service.tasks import generate as gen_task
+from plm.api.v1 import admin_pb2 as admin_pb
+from plm.api.v1 import admin_pb2_grpc as admin_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("plm.access")
 

@@ -10,10 +10,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from service.config import Limits
-from service.errors import InvalidArgument
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.tasks.classify import (
+from plm.service.config import Limits
+from plm.service.errors import InvalidArgument
+from plm.service.tasks.classify import (
     DEFAULT_TEMPLATE,
     SCORING_PER_CHAR,
     SCORING_SUM,
@@ -21,12 +20,14 @@ from service.tasks.classify import (
     ClassifyParams,
     split_template,
 )
-from service.tasks.embed import POOL_CLS, POOL_MEAN, POOL_NONE, EmbedParams
-from service.tasks.fill_mask import FillMaskParams
-from service.tasks.generate import GenerateParams, SamplingParams
-from service.tasks.next_sentence import NspParams
-from service.tasks.next_word import NextParams
-from service.tasks.score import ScoreParams
+from plm.service.tasks.embed import POOL_CLS, POOL_MEAN, POOL_NONE, EmbedParams
+from plm.service.tasks.fill_mask import FillMaskParams
+from plm.service.tasks.generate import GenerateParams, SamplingParams
+from plm.service.tasks.next_sentence import NspParams
+from plm.service.tasks.next_word import NextParams
+from plm.service.tasks.score import ScoreParams
+
+from plm.api.v1 import plm_pb2 as pb
 
 
 def model_name(value: str, field: str = "model") -> str:

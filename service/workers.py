@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.config import ServerConfig
-from service.runtime import cores
+from plm.service.config import ServerConfig
+from plm.service.runtime import cores
 
 log = logging.getLogger("plm.workers")
 
@@ -64,7 +64,7 @@ class Supervisor:
         if config.runtime.intra_op_threads == 0:  # left to the server: share the cores out
             self.env["PLM_RUNTIME__INTRA_OP_THREADS"] = str(max(1, cores() // config.workers))
         # The worker's command: the same `plm serve` flags, as one worker without its own /metrics.
-        self.command = [sys.executable, "-m", "client.cli", "serve", *argv, "--workers", "1", "--metrics-port", "0"]
+        self.command = [sys.executable, "-m", "plm.cli", "serve", *argv, "--workers", "1", "--metrics-port", "0"]
         self.workers = [_Worker(i) for i in range(config.workers)]
         self._stopping = threading.Event()
         self._exit_code = 0

@@ -18,7 +18,7 @@ CACHE = Path(os.environ.get("PLM_CACHE", ROOT / "cache"))
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `--profile tiny` repository: every default model family, trained in seconds on a corpus slice."""
-    from export.build import build_repository
+    from plm.export.build import build_repository
 
     if os.environ.get("PLM_TEST_REPOSITORY"):  # reuse a tiny repository while iterating locally
         return Path(os.environ["PLM_TEST_REPOSITORY"])
@@ -31,7 +31,7 @@ class ServerThread:
     """A real grpc.aio server on its own event loop thread, bound to a free loopback port."""
 
     def __init__(self, config: object) -> None:
-        from service.server import RunningServer, start_server
+        from plm.service.server import RunningServer, start_server
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -50,7 +50,7 @@ class ServerThread:
 
 
 def make_config(repo: Path, **changes: object) -> object:
-    from service.config import ServerConfig
+    from plm.service.config import ServerConfig
 
     return replace(ServerConfig(), repository=repo, port=0, metrics_port=0, **changes)  # type: ignore[arg-type]
 
@@ -64,7 +64,7 @@ def server(tiny_repo: Path) -> Iterator[ServerThread]:
 
 @pytest.fixture()
 def client(server: ServerThread) -> Iterator[object]:
-    from client.client import PlmClient
+    from plm.client.client import PlmClient
 
     with PlmClient(server.target, timeout=60) as c:
         yield c

@@ -8,11 +8,10 @@ import time
 from collections.abc import Sequence
 
 import pytest
-
-from service.batcher import DynamicBatcher
-from service.config import Batching
-from service.errors import DeadlineExceeded, ResourceExhausted
-from service.metrics import Metrics
+from plm.service.batcher import DynamicBatcher
+from plm.service.config import Batching
+from plm.service.errors import DeadlineExceeded, ResourceExhausted
+from plm.service.metrics import Metrics
 
 
 def _run_with(batching: Batching, lengths: list[int], deadlines: list[float | None] | None = None,

@@ -16,12 +16,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from tokenizers import Tokenizer
-
-from export.bert_export import INPUT_NAMES, OUTPUT_NAMES, BertServingGraph, export_bert, random_batch
-from export.build import BuildData
-from export.build_bert import build
-from models.bert import (
+from plm.data.corpus import Corpus
+from plm.export.bert_export import INPUT_NAMES, OUTPUT_NAMES, BertServingGraph, export_bert, random_batch
+from plm.export.build import BuildData
+from plm.export.build_bert import build
+from plm.models.bert import (
     IGNORE_INDEX,
     IS_NEXT,
     NOT_NEXT,
@@ -34,12 +33,12 @@ from models.bert import (
     mlm_nsp_loss,
     sample_pairs,
 )
-from models.corpus import Corpus
-from models.train import TrainConfig, train
-from service.config import Runtime, ServerConfig
-from service.families.base import top_of
-from service.families.bert import BertAdapter
-from service.metrics import Metrics
+from plm.models.train import TrainConfig, train
+from plm.service.config import Runtime, ServerConfig
+from plm.service.families.base import top_of
+from plm.service.families.bert import BertAdapter
+from plm.service.metrics import Metrics
+from tokenizers import Tokenizer
 
 TINY = BertConfig(vocab_size=60, max_position=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 T = TypeVar("T")

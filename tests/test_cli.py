@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from plm.client.local_server import free_port
 
-from client.local_server import free_port
-
-PLM = [sys.executable, "-m", "client.cli"]
+PLM = [sys.executable, "-m", "plm.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from models import corpus
-from models.corpus import (
+from plm.data import corpus
+from plm.data.corpus import (
     Document,
     build_corpus,
     fetch_default_sources,

@@ -21,13 +21,13 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from plm.client.local_server import free_port
+from plm.service.config import ServerConfig, load_config
+from plm.service.metrics import Metrics
+from plm.service.server import SERVICE_NAME
 
-from client.local_server import free_port
-from service.config import ServerConfig, load_config
-from service.metrics import Metrics
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc
-from service.server import SERVICE_NAME
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc
 from tests.conftest import ROOT, ServerThread, make_config
 
 DEPLOY = ROOT / "deploy"
@@ -148,7 +148,7 @@ def test_dockerignore_sends_what_the_images_copy_and_nothing_heavy() -> None:
         for path in tracked:  # every committed file inside a COPYed folder reaches the build too
             assert not dockerignored(path, patterns), path
     for heavy in (".venv/bin/python", ".git/HEAD", "repository/gpt/model.onnx", "cache/corpus.txt",
-                  "service/pb/plm/v1/plm_pb2.py", "service/__pycache__/x.pyc", "tests/test_deploy.py"):
+                  "plm/api/v1/plm_pb2.py", "service/__pycache__/x.pyc", "tests/test_deploy.py"):
         assert dockerignored(heavy, patterns), heavy
 
 

@@ -15,14 +15,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from plm.data import corpus as corpus_mod
+from plm.export.build import BuildData
+from plm.export.rnn_export import export_elmo
+from plm.models import tokenization
+from plm.models.elmo import ELMo, ELMoConfig, mix_layers, padding_indices
+from plm.service.errors import InvalidArgument
 from torch import Tensor
-
-from export.build import BuildData
-from export.rnn_export import export_elmo
-from models import corpus as corpus_mod
-from models import tokenization
-from models.elmo import ELMo, ELMoConfig, mix_layers, padding_indices
-from service.errors import InvalidArgument
 
 H = 8
 PAD = 3
@@ -165,7 +164,7 @@ def toy_data() -> BuildData:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from export.build_elmo import build
+    from plm.export.build_elmo import build
 
     repo = tmp_path_factory.mktemp("repo")
     return repo / "elmo", build(toy_data(), "tiny", repo, "test-key", 0)["elmo"]
@@ -180,10 +179,10 @@ def test_manifest(folder: tuple[Path, dict[str, Any]]) -> None:
 
 
 def test_adapter(folder: tuple[Path, dict[str, Any]]) -> None:
-    from service.config import ServerConfig
-    from service.errors import FailedPrecondition
-    from service.families.elmo import ElmoAdapter
-    from service.metrics import Metrics
+    from plm.service.config import ServerConfig
+    from plm.service.errors import FailedPrecondition
+    from plm.service.families.elmo import ElmoAdapter
+    from plm.service.metrics import Metrics
 
     path, manifest = folder
     texts = ["She put money in the bank.", "the bank of the river", "zebra", "a boat sat on the river bank ."]

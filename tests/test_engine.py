@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 import pytest
+from plm.client.client import PlmClient
+from plm.service.config import Runtime
 
-from client.client import PlmClient
-from service.config import Runtime
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2 as pb
 from tests.conftest import ServerThread, make_config
 
 PROMPTS = ["The king", "Good morrow, my lord", "O", "What light through yonder window breaks"]
@@ -165,7 +165,7 @@ def test_deadline_stops_generation_and_frees_the_slot(server: ServerThread) -> N
 
 def test_a_slow_reader_gets_piled_up_tokens_together(server: ServerThread) -> None:
     """Events that pile up while their reader is busy leave in one message per prompt, nothing lost."""
-    from service.tasks.generate import GenerateParams, SamplingParams, start_sequences
+    from plm.service.tasks.generate import GenerateParams, SamplingParams, start_sequences
 
     model = server.running.registry.get("gpt")
     sampling = SamplingParams(temperature=1.0, seed=4, max_new_tokens=40)
@@ -241,8 +241,8 @@ def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_al
     or leaves around a sequence, it gets the tokens it gets alone, and the batch is never much wider than its
     longest sequence (leading padding that no row uses is trimmed once it exceeds `width_slack`). With IO
     binding too."""
-    from service.engine import width_slack
-    from service.tasks.generate import GenerateParams, SamplingParams, start_sequences
+    from plm.service.engine import width_slack
+    from plm.service.tasks.generate import GenerateParams, SamplingParams, start_sequences
 
     server: ServerThread = request.getfixturevalue(which)
     model = server.running.registry.get("gpt")
@@ -293,8 +293,7 @@ def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_al
 def _random_batch(rng: Any, lengths: list[int], width: int, tag: str) -> Any:
     """A running batch of the given real lengths, left-padded to `width`: 4 KV arrays (B, 2, width, 3)."""
     import numpy as np
-
-    from service.engine import _Batch
+    from plm.service.engine import _Batch
 
     mask = np.zeros((len(lengths), width), dtype=np.int64)
     for i, n in enumerate(lengths):
@@ -309,8 +308,7 @@ def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives()
     keys, values, mask and length as in a full layout; the batch is at most `width_slack` wider, and rows
     nobody took stay as holes (masked out entirely) up to the number allowed, else the batch closes up."""
     import numpy as np
-
-    from service.engine import _EMPTY, _Batch, _refill, _Scratch, width_slack
+    from plm.service.engine import _EMPTY, _Batch, _refill, _Scratch, width_slack
 
     hypothesis = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
@@ -356,11 +354,10 @@ def test_the_kv_layout_graph_lays_out_what_numpy_lays_out(tmp_path: Path) -> Non
     """The layout graph (joins and leaves on the decoder's device under IO binding) gives the same batch as the
     numpy layout, bit for bit: slots, mask, lengths and every key and value, whatever rows are kept or join."""
     import numpy as np
-
-    from export.onnx_export import export_kv_layout
-    from service.config import Runtime
-    from service.engine import _EMPTY, GenerationEngine, _Scratch
-    from service.runtime import OrtSession, on_host
+    from plm.export.onnx_export import export_kv_layout
+    from plm.service.config import Runtime
+    from plm.service.engine import _EMPTY, GenerationEngine, _Scratch
+    from plm.service.runtime import OrtSession, on_host
 
     hypothesis = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import grpc
+from plm.service.config import Batching
 
-from service.config import Batching
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, make_config
 
 LONG = "the king and the queen of the land went to the sea to see the ships that came from the far west"

@@ -24,9 +24,9 @@ import pytest
 from google.protobuf import descriptor as d
 from google.protobuf import message_factory
 from google.protobuf.message import Message
+from plm.service.config import Limits
 
-from service.config import Limits
-from service.pb.plm.v1 import admin_pb2, plm_pb2
+from plm.api.v1 import admin_pb2, plm_pb2
 from tests.conftest import ServerThread, make_config
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -196,7 +196,7 @@ def test_fuzz_rpc(channel: grpc.Channel, service: str, method: d.MethodDescripto
 
 def test_message_size_and_input_count_limits(channel: grpc.Channel) -> None:
     """The two limits the fuzzing also hits, each named: the message size (gRPC's own check) and inputs."""
-    from service.pb.plm.v1 import plm_pb2_grpc
+    from plm.api.v1 import plm_pb2_grpc
 
     stub = plm_pb2_grpc.LanguageModelServiceStub(channel)
     big = pb_score(["word " * 14_000])  # 70 kB > max_message_bytes (64 KiB)

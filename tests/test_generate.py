@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from service.config import Runtime, ServerConfig
-from service.families.base import ModelAdapter
-from service.metrics import Metrics
-from service.registry import load_model
-from service.tasks.generate import (
+from plm.service.config import Runtime, ServerConfig
+from plm.service.families.base import ModelAdapter
+from plm.service.metrics import Metrics
+from plm.service.registry import load_model
+from plm.service.tasks.generate import (
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -172,7 +171,7 @@ def test_every_sends_the_first_tokens_and_the_end_at_once_and_merges_the_rest() 
     (merged: text and ids concatenated), and the finishing event flushes what waits; prompts never mix."""
     import asyncio
 
-    from service.tasks.generate import every
+    from plm.service.tasks.generate import every
 
     def ev(i: int, tok: int, finish: str | None = None) -> StepEvent:
         return StepEvent(i, f"<{tok}>", (tok,), finish, 3 if finish else 0, 7 if finish else 0)

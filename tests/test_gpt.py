@@ -13,11 +13,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from plm.export.onnx_export import INPUT_NAMES, OUTPUT_NAMES, GPTScoringGraph, export_gpt
+from plm.models.gpt import GPT, GPTConfig, position_ids_from_mask
+from plm.models.train import TrainConfig, lm_batches, train
 from torch import Tensor
-
-from export.onnx_export import INPUT_NAMES, OUTPUT_NAMES, GPTScoringGraph, export_gpt
-from models.gpt import GPT, GPTConfig, position_ids_from_mask
-from models.train import TrainConfig, lm_batches, train
 
 TINY = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 

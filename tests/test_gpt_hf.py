@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from plm.client.client import PlmClient
+from plm.export.hf_gpt2 import load_weights, to_hf_gpt2
+from plm.models.gpt import GPT, GPTConfig
 
-from client.client import PlmClient
-from export.hf_gpt2 import load_weights, to_hf_gpt2
-from models.gpt import GPT, GPTConfig
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2 as pb
 from tests.conftest import ServerThread
 
 pytest.importorskip("transformers")

@@ -10,16 +10,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from torch import Tensor
-
-from export.onnx_export import (
+from plm.export.onnx_export import (
     DECODER_INPUT_NAMES,
     GPTDecoderGraph,
     export_gpt_decoder,
     past_names,
     present_names,
 )
-from models.gpt import GPT, GPTConfig, KVCache, position_ids_from_mask
+from plm.models.gpt import GPT, GPTConfig, KVCache, position_ids_from_mask
+from torch import Tensor
 
 torch.set_num_threads(1)
 

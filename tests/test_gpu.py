@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from plm.client.client import PlmClient
+from plm.export.variants import FP16_TOLERANCE
+from plm.service.config import Runtime
 
-from client.client import PlmClient
-from export.variants import FP16_TOLERANCE
-from service.config import Runtime
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2 as pb
 from tests.conftest import ServerThread, make_config
 
 pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
@@ -128,7 +128,7 @@ def test_fp16_variant_on_gpu_within_its_tolerance(tiny_repo: Path, tmp_path: Pat
     and its greedy generation through the fp16 decoder starts as float32's does."""
     import shutil
 
-    from export.variants import add_variants
+    from plm.export.variants import add_variants
 
     shutil.copytree(tiny_repo / "gpt", tmp_path / "gpt")
     add_variants(tmp_path / "gpt", ["fp16"], TEXTS * 3)  # its own parity check runs here, on the GPU

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from plm.client import PlmClient
 
-from client import PlmClient
 from tests.conftest import ServerThread
 
 tc = pytest.importorskip("tritonclient.grpc")
@@ -89,8 +89,8 @@ def test_the_protocol_is_tritons_byte_for_byte(server: ServerThread) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     from tritonclient.grpc import model_config_pb2
 
-    from service.pb.triton import grpc_service_pb2 as ours
-    from service.pb.triton import model_config_pb2 as ours_config
+    from plm.api.triton import grpc_service_pb2 as ours
+    from plm.api.triton import model_config_pb2 as ours_config
 
     assert ours.DESCRIPTOR.serialized_pb == service_pb2.DESCRIPTOR.serialized_pb
     assert ours_config.DESCRIPTOR.serialized_pb == model_config_pb2.DESCRIPTOR.serialized_pb
@@ -113,7 +113,7 @@ def test_liveness_readiness_and_server_metadata(triton: Any) -> None:
 
 def test_model_metadata_for_every_model_and_task(triton: Any, plm: PlmClient) -> None:
     """Every plm.v1 model answers under its own name (its first task) and under `name:task` for each task."""
-    from service.kserve import TASKS
+    from plm.service.kserve import TASKS
 
     for info in plm.list_models().models:
         first = triton.get_model_metadata(info.name)

@@ -12,9 +12,9 @@ import math
 import grpc
 import numpy as np
 import pytest
+from plm.client.client import PlmClient
 
-from client.client import PlmClient
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2 as pb
 from tests.conftest import ServerThread
 
 

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from plm.client import loadtest as lt
+from plm.client.local_server import free_port
 
-from client import loadtest as lt
-from client.cli import main as plm_main
-from client.local_server import free_port
+from plm.cli import main as plm_main
 from tests.conftest import ServerThread, make_config
 
 MIXED = {"requests": [

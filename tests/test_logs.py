@@ -11,8 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from service import logs
+from plm.service import logs
 
 
 @pytest.fixture()

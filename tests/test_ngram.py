@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from nltk.lm import Laplace, Vocabulary
 from nltk.util import everygrams
-
-from models.ngram import FALLBACK_DISCOUNTS, KneserNeyLM, LaplaceLM, count_ngrams, perplexity
-from service.ngram import LaplaceNgramModel, NgramModel
+from plm.models.ngram import FALLBACK_DISCOUNTS, KneserNeyLM, LaplaceLM, count_ngrams, perplexity
+from plm.service.ngram import LaplaceNgramModel, NgramModel
 
 SYLLABLES = ["ba", "ko", "mi", "ta", "ru", "se", "lo", "ne", "pi", "da"]
 

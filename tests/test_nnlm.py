@@ -16,13 +16,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
-from export.build import BuildData
-from export.rnn_export import NNLMGraph, export_nnlm
-from models import corpus as corpus_mod
-from models import tokenization
-from models.nnlm import NNLM, NNLMConfig, window_batches, windows
-from models.train import TrainConfig, train
+from plm.data import corpus as corpus_mod
+from plm.export.build import BuildData
+from plm.export.rnn_export import NNLMGraph, export_nnlm
+from plm.models import tokenization
+from plm.models.nnlm import NNLM, NNLMConfig, window_batches, windows
+from plm.models.train import TrainConfig, train
 
 # Past the first words of a sentence, every 3-word history determines the next word.
 TOY = [
@@ -102,7 +101,7 @@ def test_onnx_matches_pytorch(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from export.build_nnlm import build
+    from plm.export.build_nnlm import build
 
     repo = tmp_path_factory.mktemp("repo")
     manifests = build(toy_data(), "tiny", repo, "test-key", 0)
@@ -121,9 +120,9 @@ def test_manifest(folder: tuple[Path, dict[str, Any]]) -> None:
 
 
 def _adapter(path: Path, manifest: dict[str, Any]) -> Any:
-    from service.config import ServerConfig
-    from service.families.nnlm import NnlmAdapter
-    from service.metrics import Metrics
+    from plm.service.config import ServerConfig
+    from plm.service.families.nnlm import NnlmAdapter
+    from plm.service.metrics import Metrics
 
     return NnlmAdapter("nnlm", path, manifest, ServerConfig(), Metrics())
 

@@ -20,11 +20,11 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from plm.client.local_server import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.local_server import free_port
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc
 from tests.conftest import ServerThread, make_config
 from tests.test_deploy import DEPLOY, run, tool
 

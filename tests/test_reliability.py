@@ -27,15 +27,15 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from plm.client.local_server import free_port
+from plm.service.batcher import DynamicBatcher
+from plm.service.config import Batching, Limits
+from plm.service.errors import DeadlineExceeded
+from plm.service.metrics import Metrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.local_server import free_port
-from service.batcher import DynamicBatcher
-from service.config import Batching, Limits
-from service.errors import DeadlineExceeded
-from service.metrics import Metrics
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, ServerThread, make_config
 
 TEXT = "the king is dead and the queen is in the tower of london"
@@ -213,7 +213,7 @@ def _plm_serve(repo: Path, tmp: Path, env: dict[str, str], *args: str) -> Iterat
     port, mport = free_port(), free_port()
     log = tmp / "serve.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "serve", "--repository", str(repo), "--port", str(port),
+        [sys.executable, "-m", "plm.cli", "serve", "--repository", str(repo), "--port", str(port),
          "--metrics-port", str(mport), *args],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     served = Served(proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics", log)
@@ -328,7 +328,7 @@ def test_a_call_sent_as_the_last_call_in_flight_ends_is_refused_not_cancelled(ti
     ended hears UNAVAILABLE from admission ("shutting down; retry"), not gRPC closing the port under it (a
     CANCELLED or a bare connection error, which clients do not take as "try another replica"); then the server
     stops. Before the quiet period this call met the closing port."""
-    from client.client import PlmClient
+    from plm.client.client import PlmClient
 
     srv = ServerThread(make_config(tiny_repo, models=("gpt",)))
     try:

@@ -17,10 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.pb.plm.v1 import admin_pb2 as apb
-from service.pb.plm.v1 import admin_pb2_grpc
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from plm.api.v1 import admin_pb2 as apb
+from plm.api.v1 import admin_pb2_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, make_config
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -100,7 +100,7 @@ def _health(ch: grpc.Channel, name: str) -> int:
 @pytest.mark.timeout(180)
 def test_reload_under_load_fails_no_request(server: ServerThread, repo: Path, tiny_repo: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="service.reload")
+    caplog.set_level(logging.INFO, logger="plm.service.reload")
     load = Load(server.target, ["nnlm", "ngram-kn"])
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.LanguageModelServiceStub(ch)

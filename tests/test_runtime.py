@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from plm.client.client import PlmClient
+from plm.export.variants import FP16_TOLERANCE, add_variants
+from plm.service.config import Runtime, load_config
+from plm.service.metrics import Metrics
+from plm.service.registry import Registry
+from plm.service.runtime import AUTO, choose_providers
 
-from client.client import PlmClient
-from export.variants import FP16_TOLERANCE, add_variants
-from service.config import Runtime, load_config
-from service.metrics import Metrics
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.registry import Registry
-from service.runtime import AUTO, choose_providers
+from plm.api.v1 import plm_pb2 as pb
 from tests.conftest import ServerThread, make_config
 
 HELD_OUT = ["To be, or not to be, that is the question.", "The king is dead.",
@@ -72,7 +72,7 @@ def test_provider_choice_skips_what_is_missing_and_keeps_cpu_last(caplog: pytest
     auto = choose_providers(Runtime(), "m")
     assert [n for n, _ in auto][-1] == "CPUExecutionProvider"
     assert all(n in AUTO for n, _ in auto)
-    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+    with caplog.at_level(logging.WARNING, logger="plm.service.runtime"):
         chosen = choose_providers(Runtime(providers=("cuda", "tensorrt"),
                                           provider_options={"cuda": {"device_id": 1}}), "m")
     names = [n for n, _ in chosen]
@@ -92,8 +92,7 @@ def test_automatic_providers_skip_tensorrt_without_its_libraries(monkeypatch: py
     """onnxruntime-gpu lists TensorRT whether or not libnvinfer is installed: the automatic choice starts at CUDA
     then (no failed TensorRT start per session), while a TensorRT asked for by name is still tried."""
     import onnxruntime as ort
-
-    from service import runtime
+    from plm.service import runtime
 
     gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: gpu_build)
@@ -113,7 +112,7 @@ def test_unknown_provider_fails_the_start_naming_it(tiny_repo: Path) -> None:
 def test_server_without_gpu_starts_on_cpu_and_says_so(tiny_repo: Path, caplog: pytest.LogCaptureFixture) -> None:
     runtime = Runtime(providers=("tensorrt", "cuda", "cpu"), provider_options={
         "CUDAExecutionProvider": {"device_id": 0, "gpu_mem_limit": 1 << 30}})
-    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+    with caplog.at_level(logging.WARNING, logger="plm.service.runtime"):
         srv = ServerThread(make_config(tiny_repo, models=("gpt", "bert"), runtime=runtime))
     try:
         with PlmClient(srv.target) as c:
@@ -187,7 +186,7 @@ def test_the_configured_variant_is_served_and_shown(variant_repo: Path) -> None:
 
 
 def test_an_unknown_variant_is_refused_before_any_work(tmp_path: Path) -> None:
-    from export.build import build_repository
+    from plm.export.build import build_repository
 
     with pytest.raises(ValueError, match="unknown variant"):
         build_repository(profile="tiny", repository=tmp_path, variants=["int4"])

@@ -11,8 +11,8 @@ import re
 import urllib.request
 from pathlib import Path
 
-from client import PlmClient
-from client.local_server import LocalServer
+from plm.client import PlmClient
+from plm.client.local_server import LocalServer
 
 SENTENCES = ["the king is dead", "to be or not to be", "what light through yonder window breaks"]
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import grpc
 import pytest
+from plm.client import NO_RETRY, AsyncPlmClient, PlmClient, RetryPolicy, TlsConfig
+from plm.client.core import RETRYABLE
+from plm.client.local_server import free_port
 
-from client import NO_RETRY, AsyncPlmClient, PlmClient, RetryPolicy, TlsConfig
-from client.core import RETRYABLE
-from client.local_server import free_port
-from service.pb.plm.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2 as pb
 from tests.conftest import ServerThread, make_config
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 6}
@@ -112,8 +112,9 @@ METHODS = {"list_models": "ListModels", "get_model": "GetModel", "score": "Score
 
 def _raw(server: ServerThread, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The same call through the bare generated stub: the oracle for what the SDK returns."""
-    from client import core
-    from service.pb.plm.v1 import plm_pb2_grpc
+    from plm.client import core
+
+    from plm.api.v1 import plm_pb2_grpc
 
     build = getattr(core, {"predict_next_sentence": "next_sentence"}.get(name, name) + "_request")
     with grpc.insecure_channel(server.target) as ch:
@@ -123,7 +124,7 @@ def _raw(server: ServerThread, name: str, args: tuple[Any, ...], kwargs: dict[st
 
 def test_requests_are_the_documented_messages() -> None:
     """The builders write exactly the fields a hand-written request has, and leave unset what the caller left."""
-    from client import core
+    from plm.client import core
 
     assert core.score_request("m", ["a"]).request == pb.ScoreRequest(model="m", texts=["a"])
     assert not core.score_request("m", ["a"]).request.HasField("add_eos")
@@ -318,7 +319,7 @@ def test_a_stream_is_not_retried_after_its_first_message(tiny_repo: Path, varian
 def test_a_full_queue_is_retried_until_served(tiny_repo: Path) -> None:
     """A one-row batch and a two-row queue refuse most of a burst with RESOURCE_EXHAUSTED; with retries every
     request is served. The client's attempt count equals the server's own request counter, status by status."""
-    from service.config import Batching
+    from plm.service.config import Batching
 
     tiny_queue = Batching(max_batch_size=1, max_queue_size=2, max_queue_delay_ms=50)
     srv = ServerThread(make_config(tiny_repo, models=("gpt",), model_batching={"gpt": tiny_queue}))
@@ -392,7 +393,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tls_server(repo: Path, pki: Path, mutual: bool) -> ServerThread:
     """The real server (start_server) on a TLS or mutual-TLS port, accepting three bearer tokens."""
-    from service.config import Security
+    from plm.service.config import Security
 
     tokens = pki / "tokens.txt"
     tokens.write_text("s3cret\nother\nfrom-cli\n")
@@ -460,20 +461,20 @@ def test_plm_client_verbs_take_the_sdk_options(tls_servers: tuple[ServerThread, 
 
     plain, mutual = tls_servers
     out = subprocess.run(
-        [sys.executable, "-m", "client.cli", "client", "--target", f"{plain.target},{plain.target}", "--json",
+        [sys.executable, "-m", "plm.cli", "client", "--target", f"{plain.target},{plain.target}", "--json",
          "--tls-ca", str(pki / "ca.pem"), "--tls-server-name", "plm.test", "--token", "from-cli",
          "score", "ngram-kn", "the king"], capture_output=True, text=True, timeout=60, check=True).stdout
     assert '"model": "ngram-kn"' in out  # the server took the call: the CLI's token reached it
     args = ["--target", mutual.target, "--tls-ca", str(pki / "ca.pem"), "--tls-server-name", "plm.test",
             "--retries", "0", "--timeout", "10", "health"]
-    refused = subprocess.run([sys.executable, "-m", "client.cli", "client", *args], capture_output=True, text=True,
+    refused = subprocess.run([sys.executable, "-m", "plm.cli", "client", *args], capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
-    served = subprocess.run([sys.executable, "-m", "client.cli", "client", "--tls-cert", str(pki / "client.pem"),
+    served = subprocess.run([sys.executable, "-m", "plm.cli", "client", "--tls-cert", str(pki / "client.pem"),
                              "--tls-key", str(pki / "client.key"), *args], capture_output=True, text=True,
                             timeout=60, check=True)
     assert served.stdout.strip() == "SERVING"
-    half = subprocess.run([sys.executable, "-m", "client.cli", "client", "--tls-cert", str(pki / "client.pem"),
+    half = subprocess.run([sys.executable, "-m", "plm.cli", "client", "--tls-cert", str(pki / "client.pem"),
                            *args], capture_output=True, text=True, timeout=60)
     assert half.returncode == 2 and "cert_file and key_file" in half.stderr
 

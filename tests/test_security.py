@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from plm.service.config import Security, load_config
 
-from service.config import Security, load_config
-from service.pb.plm.v1 import admin_pb2, admin_pb2_grpc
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from plm.api.v1 import admin_pb2, admin_pb2_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, make_config
 
 x509 = pytest.importorskip("cryptography.x509")
@@ -230,7 +230,7 @@ def test_model_names_and_manifests_never_leave_the_repository(tiny_repo: Path, t
 
 def test_plm_client_speaks_mutual_tls_and_tokens(tiny_repo: Path, pki: Pki, capsys: pytest.CaptureFixture[str],
                                                 auth_server: ServerThread) -> None:
-    from client.cli import main
+    from plm.cli import main
 
     srv = _serve(tiny_repo, Security(tls_cert_file=pki.write("m.pem", pki.server.cert),
                                      tls_key_file=pki.write("m.key", pki.server.key),
@@ -254,7 +254,7 @@ def test_plm_client_speaks_mutual_tls_and_tokens(tiny_repo: Path, pki: Pki, caps
 
 
 def test_plm_serve_flags_reach_the_config() -> None:
-    from client.cli import _build_parser, serve_config
+    from plm.cli import _build_parser, serve_config
 
     args = _build_parser().parse_args(["serve", "--tls-cert", "s.pem", "--tls-key", "s.key", "--tls-client-ca",
                                        "ca.pem", "--auth-tokens-file", "tokens.txt", "--grace-seconds", "3",

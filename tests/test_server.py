@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from plm.client.client import PlmClient
+from plm.client.core import NO_RETRY
+from plm.service.config import Batching
 
-from client.client import PlmClient
-from client.core import NO_RETRY
-from service.config import Batching
-from service.pb.plm.v1 import plm_pb2 as pb
-from service.pb.plm.v1 import plm_pb2_grpc as pb_grpc
+from plm.api.v1 import plm_pb2 as pb
+from plm.api.v1 import plm_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread, make_config
 
 HELD_OUT = [
@@ -356,7 +356,7 @@ def test_request_id_is_echoed(client: PlmClient) -> None:
 
 
 def test_queue_full_is_resource_exhausted(tiny_repo: Path) -> None:
-    from service.config import Batching
+    from plm.service.config import Batching
 
     tiny_queue = Batching(max_batch_size=1, max_queue_size=2, max_queue_delay_ms=50)
     srv = ServerThread(make_config(tiny_repo, models=("gpt",), model_batching={"gpt": tiny_queue}))

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from plm.models.tokenization import text_normalizer
+from plm.service.families.textnorm import plain_text_shortcut, plain_text_splitter, without_normalizer
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-
-from models.tokenization import text_normalizer
-from service.families.textnorm import plain_text_shortcut, plain_text_splitter, without_normalizer
 
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")
@@ -107,7 +106,7 @@ _PLAIN_WORDS = st.lists(st.text(alphabet=st.sampled_from(list("abz09_'-.,!?;:\"(
 def test_plain_texts_words_are_the_pre_tokenizers(tiny_repo: Path, model: str) -> None:
     """The plain-text splitter gives the pre-tokenizer's words, word for word; and split_words through both
     shortcuts gives what the whole tokenizer gives, for any text."""
-    from service.families.words import PlainText, split_words
+    from plm.service.families.words import PlainText, split_words
 
     tok = _tokenizer(tiny_repo, model)
     split = plain_text_splitter(tok)
@@ -129,8 +128,8 @@ def test_plain_texts_words_are_the_pre_tokenizers(tiny_repo: Path, model: str) -
 
 
 def test_punctuation_split_it_knows_is_the_word_tokenizers() -> None:
-    from models.tokenization import _PUNCTUATION_SPLIT
-    from service.families.textnorm import _KNOWN_SPLITS
+    from plm.models.tokenization import _PUNCTUATION_SPLIT
+    from plm.service.families.textnorm import _KNOWN_SPLITS
 
     assert {_PUNCTUATION_SPLIT} == _KNOWN_SPLITS
 

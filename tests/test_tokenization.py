@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
-
-from models.tokenization import (
+from plm.models.tokenization import (
     BOS,
     ENDOFTEXT,
     EOS,
@@ -21,6 +19,7 @@ from models.tokenization import (
     word_starts,
     words,
 )
+from tokenizers import Tokenizer
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -219,9 +218,9 @@ def test_word_starts_around_special_tokens(bpe_tok: Tokenizer) -> None:
 def test_ids_only_encoding_and_cached_token_texts_match_the_full_path(tiny_repo: Path, name: str) -> None:
     """`encode_ids` (the fast path of calls that need no token texts) gives `encode(...).ids`, and the token
     texts decoded once at load are what the tokenizer decodes for each id."""
-    from service.config import ServerConfig
-    from service.metrics import Metrics
-    from service.registry import load_model
+    from plm.service.config import ServerConfig
+    from plm.service.metrics import Metrics
+    from plm.service.registry import load_model
 
     model = load_model(tiny_repo / name, ServerConfig(), Metrics())
     texts = ["The king is dead.", "  whitespace\tand\nnewlines  ", "naïve café — “quotes” 東京 😀", "", "x" * 50]

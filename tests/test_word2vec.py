@@ -15,12 +15,11 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
-
-from export.build import BuildData
-from export.build_word2vec import PROFILES, build
-from export.word2vec_export import UNK_ID, cloze_reference, export_word2vec, served_matrices, vectors_reference
-from models import tokenization
-from models.word2vec import (
+from plm.export.build import BuildData
+from plm.export.build_word2vec import PROFILES, build
+from plm.export.word2vec_export import UNK_ID, cloze_reference, export_word2vec, served_matrices, vectors_reference
+from plm.models import tokenization
+from plm.models.word2vec import (
     Word2Vec,
     Word2VecConfig,
     evaluate_word_pairs,
@@ -156,10 +155,10 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _adapter(folder: Path) -> Any:
-    from service.config import ServerConfig
-    from service.families.base import read_json
-    from service.families.word2vec import Word2VecAdapter
-    from service.metrics import Metrics
+    from plm.service.config import ServerConfig
+    from plm.service.families.base import read_json
+    from plm.service.families.word2vec import Word2VecAdapter
+    from plm.service.metrics import Metrics
 
     return Word2VecAdapter(folder.name, folder, read_json(folder / "manifest.json"), ServerConfig(), Metrics())
 
@@ -185,7 +184,7 @@ def test_adapter_vectors_are_static(folder: Path, name: str) -> None:
 
 def test_adapter_cloze_predicts_the_centre_word(folder: Path) -> None:
     model = _adapter(folder / "word2vec-cbow")
-    from service.errors import FailedPrecondition
+    from plm.service.errors import FailedPrecondition
 
     async def go() -> tuple[list[np.ndarray], list[np.ndarray]]:
         await model.start()

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from plm.client import PlmClient
+from plm.client.loadtest import LoadConfig, RequestSpec, run_loadtest
+from plm.client.local_server import LocalServer
 
-from client import PlmClient
-from client.cli import main as cli_main
-from client.loadtest import LoadConfig, RequestSpec, run_loadtest
-from client.local_server import LocalServer
-from service.pb.plm.v1.admin_pb2 import ReloadModelsRequest
-from service.pb.plm.v1.admin_pb2_grpc import AdminServiceStub
+from plm.api.v1.admin_pb2 import ReloadModelsRequest
+from plm.api.v1.admin_pb2_grpc import AdminServiceStub
+from plm.cli import main as cli_main
 from tests.test_deploy import run, tool
 
 
@@ -136,7 +136,7 @@ def test_workers_that_cannot_start_stop_the_server(tiny_repo: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "client.cli", "serve", "--repository", str(tiny_repo), "--port", str(port),
+            [sys.executable, "-m", "plm.cli", "serve", "--repository", str(tiny_repo), "--port", str(port),
              "--metrics-port", "0", "--workers", "2", "--models", "ngram-kn"],
             capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from plm.service.batcher import DynamicBatcher
+from plm.service.errors import FailedPrecondition
 from tokenizers import Tokenizer
-
-from service.batcher import DynamicBatcher
-from service.errors import FailedPrecondition
 
 # The task names a manifest may list, and the RPCs that need them.
 TASK_SCORE = "score"

@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from plm.service.batcher import DynamicBatcher
+from plm.service.config import ServerConfig
+from plm.service.errors import FailedPrecondition, InvalidArgument
+from plm.service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors, top_of
+from plm.service.families.textnorm import PlainTextEncoder
+from plm.service.metrics import Metrics
+from plm.service.runtime import open_graph, pad_right
 from tokenizers import Tokenizer
-
-from service.batcher import DynamicBatcher
-from service.config import ServerConfig
-from service.errors import FailedPrecondition, InvalidArgument
-from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors, top_of
-from service.families.textnorm import PlainTextEncoder
-from service.metrics import Metrics
-from service.runtime import open_graph, pad_right
 
 CONTINUATION = "##"  # WordPiece's prefix of a piece that continues the word before it
 

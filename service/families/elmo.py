@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.batcher import DynamicBatcher
-from service.config import ServerConfig
-from service.errors import FailedPrecondition, InvalidArgument
-from service.families.base import TokenScores, TokenVectors
-from service.families.words import WordModel, WordVocabulary
-from service.metrics import Metrics
-from service.runtime import open_graph, pad_right
+from plm.service.batcher import DynamicBatcher
+from plm.service.config import ServerConfig
+from plm.service.errors import FailedPrecondition, InvalidArgument
+from plm.service.families.base import TokenScores, TokenVectors
+from plm.service.families.words import WordModel, WordVocabulary
+from plm.service.metrics import Metrics
+from plm.service.runtime import open_graph, pad_right
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from plm.service.batcher import DynamicBatcher
+from plm.service.config import ServerConfig
+from plm.service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.textnorm import PlainTextEncoder
+from plm.service.metrics import Metrics
+from plm.service.runtime import cores, open_graph, pad_right
 from tokenizers import Tokenizer
-
-from service.batcher import DynamicBatcher
-from service.config import ServerConfig
-from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
-from service.families.textnorm import PlainTextEncoder
-from service.metrics import Metrics
-from service.runtime import cores, open_graph, pad_right
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ class GptAdapter(ModelAdapter):
             self._never[self._bos] = True
         decoder = manifest["graphs"].get("decoder")
         if decoder is not None and runtime.kv_cache:
-            from service.engine import GenerationEngine
+            from plm.service.engine import GenerationEngine
 
             # Unless threads are configured, the decoder leaves one core free: the engine's thread runs it while the
             # event loop sends the previous step's tokens (2 cores: 1 thread, which also runs a B=16 step faster

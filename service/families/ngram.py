@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from plm.service.config import ServerConfig
+from plm.service.families.base import Encoded, ModelAdapter, TokenScores
+from plm.service.families.words import PlainText, encode_words, join_words
+from plm.service.metrics import Metrics
+from plm.service.ngram import NgramModel
 from tokenizers import Tokenizer
-
-from service.config import ServerConfig
-from service.families.base import Encoded, ModelAdapter, TokenScores
-from service.families.words import PlainText, encode_words, join_words
-from service.metrics import Metrics
-from service.ngram import NgramModel
 
 _LN10 = math.log(10.0)
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.batcher import DynamicBatcher
-from service.config import ServerConfig
-from service.families.base import TokenScores, top_of
-from service.families.words import WordModel, WordVocabulary
-from service.metrics import Metrics
-from service.runtime import open_graph
+from plm.service.batcher import DynamicBatcher
+from plm.service.config import ServerConfig
+from plm.service.families.base import TokenScores, top_of
+from plm.service.families.words import WordModel, WordVocabulary
+from plm.service.metrics import Metrics
+from plm.service.runtime import open_graph
 
 
 @dataclass(frozen=True)

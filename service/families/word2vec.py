@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from plm.service.batcher import DynamicBatcher
+from plm.service.config import ServerConfig
+from plm.service.errors import FailedPrecondition
+from plm.service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.words import PlainText, encode_words, join_words
+from plm.service.metrics import Metrics
+from plm.service.runtime import open_graph, pad_right
 from tokenizers import Tokenizer
-
-from service.batcher import DynamicBatcher
-from service.config import ServerConfig
-from service.errors import FailedPrecondition
-from service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
-from service.families.words import PlainText, encode_words, join_words
-from service.metrics import Metrics
-from service.runtime import open_graph, pad_right
 
 
 @dataclass(frozen=True)

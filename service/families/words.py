@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from plm.service.families.base import Encoded, ModelAdapter
+from plm.service.families.textnorm import plain_text_shortcut, plain_text_splitter
 from tokenizers import Tokenizer
-
-from service.families.base import Encoded, ModelAdapter
-from service.families.textnorm import plain_text_shortcut, plain_text_splitter
 
 
 class PlainText:

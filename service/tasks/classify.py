@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.errors import InvalidArgument
-from service.families.base import TASK_SCORE, ModelAdapter
+from plm.service.errors import InvalidArgument
+from plm.service.families.base import TASK_SCORE, ModelAdapter
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel: {label}\n\n"
 SCORING_SUM, SCORING_TOKEN_MEAN, SCORING_PER_CHAR = "sum", "token_mean", "per_char"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from service.errors import InvalidArgument
-from service.families.base import Encoded, ModelAdapter
+from plm.service.errors import InvalidArgument
+from plm.service.families.base import Encoded, ModelAdapter
 
 
 def encode_checked(model: ModelAdapter, texts: tuple[str, ...], field: str, reserve: int | None = 0,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.errors import FailedPrecondition, InvalidArgument
-from service.families.base import TASK_EMBED, ModelAdapter
-from service.tasks.common import encode_checked
+from plm.service.errors import FailedPrecondition, InvalidArgument
+from plm.service.families.base import TASK_EMBED, ModelAdapter
+from plm.service.tasks.common import encode_checked
 
 POOL_MEAN, POOL_CLS, POOL_NONE = "mean", "cls", "none"
 

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import InvalidArgument
-from service.families.base import MASK, TASK_FILL_MASK, ModelAdapter
+from plm.service.errors import InvalidArgument
+from plm.service.families.base import MASK, TASK_FILL_MASK, ModelAdapter
 
 
 @dataclass(frozen=True)

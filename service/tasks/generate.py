@@ -15,11 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from service.errors import InvalidArgument
-from service.families.base import TASK_GENERATE, ModelAdapter
-from service.metrics import Metrics
-from service.tasks.common import encode_checked
+from plm.service.errors import InvalidArgument
+from plm.service.families.base import TASK_GENERATE, ModelAdapter
+from plm.service.metrics import Metrics
+from plm.service.tasks.common import encode_checked
 
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS = "length", "stop", "eos"
 

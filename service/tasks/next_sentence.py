@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from service.errors import InvalidArgument
-from service.families.base import TASK_NSP, ModelAdapter
+from plm.service.errors import InvalidArgument
+from plm.service.families.base import TASK_NSP, ModelAdapter
 
 
 @dataclass(frozen=True)

