@@ -4,7 +4,7 @@ This module owns turning word-tokenised sentences into an n-gram model file:
 
 - `count_ngrams` counts every n-gram of orders 1..N (numpy, sort-based; 1M words in one or two seconds);
 - `KneserNeyLM` estimates interpolated modified Kneser-Ney with the formulas of KenLM's `lmplz` and writes
-  it as an ARPA file that KenLM loads and scores identically to `service.ngram.NgramModel`;
+  it as an ARPA file that KenLM loads and scores identically to the served `NgramModel`;
 - `LaplaceLM` is add-one smoothing as in the study notes (and as `nltk.lm.Laplace`), saved as a plain-text
   counts file;
 - `perplexity` evaluates either on held-out sentences.
@@ -12,8 +12,9 @@ This module owns turning word-tokenised sentences into an n-gram model file:
 Conventions shared by both models. Each sentence is padded as `<s> w1 ... wn </s>`: one `<s>`, like KenLM
 and SRILM, so an n-gram never starts before `<s>`; `<s>` is only ever a context, never predicted. Words
 outside the vocabulary are mapped to `<unk>` before counting, so `<unk>` is an ordinary word of the model.
-Loading and scoring the files is the serving side's job (`service/ngram.py`, numpy only); this module
-reuses it for evaluation.
+The file formats are the repository contract's (`service/contract/ngram_format.py`, which reads and writes
+them); scoring is the serving side's job (`service/families/ngram_scorer.py`, numpy only), which this module
+reuses for evaluation.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-from plm.service.ngram import BOS, COUNTS_MAGIC, EOS, UNK, BackoffNgramModel, LaplaceNgramModel, NgramModel
+from plm.service.contract import ngram_format
+from plm.service.contract.ngram_format import BOS, EOS, UNK
+from plm.service.families.ngram_scorer import BackoffNgramModel, LaplaceNgramModel, NgramModel
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -281,22 +284,9 @@ class KneserNeyLM:
 
     def write_arpa(self, path: str | Path) -> None:
         """Write the model as an ARPA file (every vocabulary word is a unigram, in vocabulary order)."""
-        order = self.counts.order
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\\data\\\n")
-            for k in range(1, order + 1):
-                f.write(f"ngram {k}={self.counts.num_ngrams(k)}\n")
-            for k in range(1, order + 1):
-                f.write(f"\n\\{k}-grams:\n")
-                grams = self.counts.ngram_strings(k)
-                # Seven decimals in log10 is a relative error below 2e-7 in probability.
-                probs = [f"{x:.7f}" for x in self.log10_probs(k).tolist()]
-                if k < order:
-                    bows = [f"{x:.7f}" for x in self.log10_backoffs[k - 1].tolist()]
-                    f.writelines(f"{p}\t{g}\t{b}\n" for p, g, b in zip(probs, grams, bows, strict=True))
-                else:
-                    f.writelines(f"{p}\t{g}\n" for p, g in zip(probs, grams, strict=True))
-            f.write("\n\\end\\\n")
+        ks = range(1, self.counts.order + 1)
+        ngram_format.write_arpa(path, [self.counts.ngram_strings(k) for k in ks], [self.log10_probs(k) for k in ks],
+                                list(self.log10_backoffs))
 
     def to_model(self) -> NgramModel:
         """The serving model, built in memory (full float64 precision, no file round-trip)."""
@@ -340,11 +330,7 @@ class LaplaceLM:
         defines the vocabulary; `<s>` carries the number of sentences.
         """
         c = self.counts
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(f"{COUNTS_MAGIC} order={c.order} vocab_size={len(c.vocab)} smoothing=laplace\n")
-            for k in range(1, c.order + 1):
-                grams = c.ngram_strings(k)
-                f.writelines(f"{g}\t{n}\n" for g, n in zip(grams, c.count[k - 1].tolist(), strict=True))
+        ngram_format.write_counts(path, [c.ngram_strings(k) for k in range(1, c.order + 1)], list(c.count))
 
     def to_model(self) -> NgramModel:
         """The serving model, built in memory."""

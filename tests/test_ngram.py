@@ -17,7 +17,7 @@ import pytest
 from nltk.lm import Laplace, Vocabulary
 from nltk.util import everygrams
 from plm.models.ngram import FALLBACK_DISCOUNTS, KneserNeyLM, LaplaceLM, count_ngrams, perplexity
-from plm.service.ngram import LaplaceNgramModel, NgramModel
+from plm.service.families.ngram_scorer import LaplaceNgramModel, NgramModel
 
 SYLLABLES = ["ba", "ko", "mi", "ta", "ru", "se", "lo", "ne", "pi", "da"]
 
@@ -150,8 +150,9 @@ def test_next_log10probs_agrees_with_score_words(kn3: KneserNeyLM, tmp_path: Pat
 
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_next_top_is_the_top_of_the_whole_distribution(tmp_path: Path, order: int) -> None:
-    """The backoff model's top-k without building the (V,) distribution (service/ngram.py) gives the same ids
-    and bit-equal log-probs as sorting `next_log10probs`, for seen, unseen and unknown histories and any mask."""
+    """The backoff model's top-k without building the (V,) distribution (service/families/ngram_scorer.py)
+    gives the same ids and bit-equal log-probs as sorting `next_log10probs`, for seen, unseen and unknown
+    histories and any mask."""
     kn = KneserNeyLM.train(TRAIN, VOCAB, order=order)
     models = [NgramModel.load_arpa(_arpa(tmp_path, kn)), LaplaceLM.train(TRAIN, VOCAB, order=order).to_model()]
     rng = random.Random(order)

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from plm.service.config import ServerConfig
 from plm.service.families.base import Encoded, ModelAdapter, TokenScores
+from plm.service.families.ngram_scorer import NgramModel
 from plm.service.families.words import PlainText, encode_words, join_words
 from plm.service.metrics import Metrics
-from plm.service.ngram import NgramModel
 from tokenizers import Tokenizer
 
 _LN10 = math.log(10.0)
