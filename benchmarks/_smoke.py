@@ -58,6 +58,12 @@ def run(main: Callable[[], int | None]) -> NoReturn:
     sys.exit(code or 0)
 
 
+def no_errors(errors: Mapping[str, int], what: str) -> None:
+    """A smoke run's calls must all succeed: errors by status code raise (a full run reports them instead)."""
+    if errors:
+        raise RuntimeError(f"{what}: calls failed: {dict(errors)}")
+
+
 def bar_plot(path: Path, values: Mapping[str, float], ylabel: str, title: str, log: bool = False) -> None:
     """One bar per label, written as a PNG."""
     import matplotlib

@@ -5,7 +5,8 @@
 Reads each model's manifest (written by `plm build`): per-word perplexity on the same held-out text for the
 language models (n-gram, NNLM, ELMo's forward LM, GPT; `</s>` counted, OOV words scored as <unk> by the
 word-level models), BERT's masked-LM top-1/top-5 accuracy and NSP accuracy, word2vec's word-similarity and
-analogy scores, and what each model cost to train.
+analogy scores, and what each model cost to train. Writes the JSON and a PNG of the language models'
+held-out perplexity.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from _smoke import add_smoke_flag, bar_plot, run  # this folder is on sys.path when run as a script
 
 FIGURES = (
     ("test_word_perplexity", "test ppl/word", "{:.1f}"),
@@ -43,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=Path("repository"))
     ap.add_argument("--out", type=Path, default=Path("results/lineage.json"))
+    add_smoke_flag(ap)  # nothing to shrink: the report reads manifests
     args = ap.parse_args()
     rows = collect(args.repository)
     if not rows:
@@ -55,8 +59,11 @@ def main() -> None:
         print(f"{r['model']:18} {secs:>8} " + " ".join(f"{c:>13}" for c in cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"repository": str(args.repository), "models": rows}, indent=2) + "\n")
-    print(f"\nwritten to {args.out}")
+    ppl = {r["model"]: r["test_word_perplexity"] for r in rows if isinstance(r["test_word_perplexity"], int | float)}
+    bar_plot(args.out.with_suffix(".png"), ppl, "held-out perplexity per word", f"language models in {args.repository}",
+             log=True)
+    print(f"\nwritten to {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

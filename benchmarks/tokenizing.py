@@ -7,7 +7,8 @@ serving benchmark sends (`benchmarks/serving.py`), the way the served adapter do
 (normalizer included) against the shortcut (`service/families/textnorm.py`: text the normalizer provably
 leaves unchanged goes to a copy of the tokenizer without it, or skips `normalize_str` and, for word models, the
 pre-tokenizer: `plain_text_splitter`). Best of 5 passes over
-the lines; checks that both give the same ids (or words). Prints µs per line and the ratio, and writes the JSON.
+the lines; checks that both give the same ids (or words). Prints µs per line and the ratio, and writes the JSON
+and a PNG of the ratios.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _smoke import add_smoke_flag, bar_plot, run  # this folder is on sys.path when run as a script
 from plm.service.families.textnorm import PlainTextEncoder, plain_text_shortcut
 from plm.service.families.words import PlainText, split_words
 from serving import held_out_texts  # this folder is on sys.path when run as a script
@@ -45,8 +47,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=Path("repository"))
     ap.add_argument("--out", type=Path, default=Path("results/tokenizing.json"))
+    add_smoke_flag(ap)
     args = ap.parse_args()
-    texts = held_out_texts()
+    texts = held_out_texts(32 if args.smoke else 256)
+    passes = 1 if args.smoke else 5
     rows: dict[str, Any] = {}
     for manifest_path in sorted(args.repository.glob("*/manifest.json")):
         manifest = json.loads(manifest_path.read_text())
@@ -69,15 +73,17 @@ def main() -> None:
             fast = functools.partial(split_words, tok, plain=PlainText(tok))
         assert all(_ids(full(t)) == _ids(fast(t)) for t in texts), manifest_path.parent.name
         row = {"lines": len(texts), "plain_lines": sum(shortcut(t) is not None for t in texts),
-               "full_us": best_us(full, texts), "shortcut_us": best_us(fast, texts)}
+               "full_us": best_us(full, texts, passes), "shortcut_us": best_us(fast, texts, passes)}
         row["full_vs_shortcut"] = row["full_us"] / row["shortcut_us"]
         rows[manifest_path.parent.name] = row
         print(f"{manifest_path.parent.name:18} {row['full_us']:6.1f} → {row['shortcut_us']:6.1f} µs per line "
               f"({row['full_vs_shortcut']:.2f}×; {row['plain_lines']}/{row['lines']} lines plain)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    bar_plot(args.out.with_suffix(".png"), {k: r["full_vs_shortcut"] for k, r in rows.items()},
+             "whole tokenizer ÷ shortcut (time per line)", "the plain-text shortcut")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,12 +1,14 @@
 """Our word2vec (models/word2vec.py) against gensim's, the outside oracle: same sentences, same
 hyper-parameters, same evaluation code, for CBOW and skip-gram.
 
-    .venv/bin/python benchmarks/word2vec_vs_gensim.py [--profile small] [--epochs 5] [--seeds 1 2 3]
+    .venv/bin/python benchmarks/word2vec_vs_gensim.py [--profile small | --repository R] [--epochs 5]
+                                                      [--seeds 1 2 3]
 
 Evaluation: WordSim-353 and SimLex-999 (Spearman, coverage) and Google's analogies (3CosAdd accuracy,
 coverage), all through `models.word2vec.evaluate_all`. Before comparing, the script checks that this code
 gives gensim's own `evaluate_word_pairs` / `evaluate_word_analogies` numbers on gensim's vectors. Prints a
-table with ours/gensim ratios and training times; writes results/word2vec_vs_gensim.json.
+table with ours/gensim ratios and training times; writes results/word2vec_vs_gensim.json and a PNG of the
+ratios. `--repository` takes the profile a built repository was made with (its corpus.json's document count).
 
 On the default corpus (~1M words of mostly Shakespeare) these scores are small and a seed moves them by
 ~0.01, as much as the difference between the two implementations: pass several seeds, and the table
@@ -28,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _smoke import add_smoke_flag, bar_plot, run  # noqa: E402 — this folder is on sys.path as a script's
 from plm.data.corpus import fetch_eval_sets  # noqa: E402
 from plm.export.build import PROFILES, prepare_data  # noqa: E402 — after the path set-up above
 from plm.models.word2vec import Word2Vec, Word2VecConfig, evaluate_all  # noqa: E402
@@ -50,11 +53,18 @@ def gensim_self_check(model: Any, eval_sets: dict[str, Path], ours: dict[str, fl
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="small", choices=sorted(PROFILES))
+    ap.add_argument("--repository", type=Path, help="use the profile this built repository was made with")
     ap.add_argument("--cache", type=Path, default=ROOT / "cache")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "word2vec_vs_gensim.json")
+    add_smoke_flag(ap)
     args = ap.parse_args(argv)
+    if args.repository:
+        used = json.loads((args.repository / "corpus.json").read_text())["documents"]["max_documents"]
+        args.profile = next(name for name, p in PROFILES.items() if p.max_documents == used)
+    if args.smoke:
+        args.profile, args.epochs, args.seeds = "tiny", 1, [1]
 
     from gensim.models import Word2Vec as GensimWord2Vec
 
@@ -103,8 +113,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['ours']['seconds'] / r['gensim']['seconds']:6.1f}")
         print(f"{arch:9} our evaluation vs gensim's own on gensim's vectors: max |diff| "
               f"{r['evaluation_matches_gensim_max_abs_diff']:.2g}")
-    print(f"\nwrote {args.out}")
+    bar_plot(args.out.with_suffix(".png"), {f"{arch} {m}": r["ratio"][m] for arch, r in results["models"].items()
+                                            for m in METRICS}, "ours ÷ gensim", f"word2vec, {args.profile} corpus")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
