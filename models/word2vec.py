@@ -20,8 +20,8 @@ one pair at a time. Within a batch the pairs see the vectors as they were at its
 are summed, so the batch is capped by the vocabulary size (a 16-word corpus would otherwise overshoot).
 Negatives are drawn from word2vec.c's unigram table rather than gensim's bisection of a cumulative table
 (the same distribution). benchmarks/word2vec_vs_gensim.py measures the result against gensim (3 seeds, the
-default corpus): about 5x slower, on one core against gensim's two; skip-gram scores 1.01-1.11x gensim's,
-CBOW 0.89-0.92x (word pairs within one seed-to-seed spread; analogies a steady ~10% fewer correct).
+default corpus; docs/benchmarks.md has the current figures): slower than gensim's C loop, with scores on the
+word-pair and analogy sets close to gensim's.
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ class Word2VecConfig:
     epochs: int = 5
     seed: int = 1
     # Pairs per SGD step: small enough that a frequent word rarely gets many summed updates in one step,
-    # large enough that PyTorch's per-call overhead is amortised (~10 µs a call vs ~1 ms a batch).
+    # large enough that PyTorch's per-call overhead is amortised (one call per batch instead of per pair).
     batch_pairs: int = 8192
     # PyTorch threads while training. One: the steps are many small ops, and on a shared machine each op's
-    # thread barrier waits for a descheduled sibling (measured: epochs 3-15x slower with 2 threads under load).
+    # thread barrier waits for a descheduled sibling (a second thread made epochs slower, not faster, on 2 busy cores).
     threads: int = 1
 
 
@@ -104,7 +104,7 @@ def noise_distribution(counts: np.ndarray, exponent: float = 0.75) -> np.ndarray
 def negative_table(p: np.ndarray, slots_per_word: int = 200) -> torch.Tensor:
     """word2vec.c's unigram table: word i fills ~p_i of the slots, so a uniform slot is a draw from p.
 
-    A gather from a table is ~10x faster than a binary search of the cumulative table per draw. With 200
+    A gather from a table is much cheaper than a binary search of the cumulative table per draw. With 200
     slots per word on average the rounding error is below 1/(2·200·V·p_i) relative, far below sampling noise.
     """
     size = max(1_000_000, slots_per_word * len(p))
@@ -238,7 +238,7 @@ class Word2Vec:
         B, K = len(outputs), self.config.negative
         real = inputs >= 0  # (B, C)
         safe = inputs.clamp(min=0)
-        if inputs.shape[1] == 1:  # skip-gram: one input word, no mean (the masked sum costs 4x the gather)
+        if inputs.shape[1] == 1:  # skip-gram: one input word, no mean (the masked sum costs more than the gather)
             h = self.wv[safe[:, 0]]  # (B, D)
         else:
             h = (self.wv[safe] * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # (B, D): context mean

@@ -66,8 +66,8 @@ class Runtime:
     # ORT's intra-op threads spin-wait for the next run by default. In a server the next run is rarely
     # microseconds away, and a spinning thread takes a core from the event loop and the other models.
     spin_wait: bool = False
-    # ...but the generation engine's decoder runs step after step with ~1 ms between them: there spinning
-    # threads catch the next step (benchmarks/engine_step.py, B=16: 2178–2599 vs 1773–2402 tokens/s, 4 runs each).
+    # ...but the generation engine's decoder runs step after step with little time between them: there spinning
+    # threads catch the next step (benchmarks/engine_step.py; docs/benchmarks.md, "Runtime settings").
     decoder_spin_wait: bool = True
     kv_cache: bool = True  # generate with the KV-cache decoder and continuous batching when a model has one
     # The decoder's keys and values stay where its provider computes them between decode steps (ORT IO binding):
@@ -76,7 +76,7 @@ class Runtime:
     io_binding: str = "auto"
     # Classify over the engine's cached prefix keys and values (few-shot demonstrations computed once; each label
     # token then one decode step) or, when false, over whole sequences (one batched forward through the batcher).
-    # On CPU the prefix is 3.1-3.4x faster; on a GPU the two were within noise of each other (docs/benchmarks.md).
+    # The prefix is the faster of the two on CPU; on a GPU they are within noise (docs/benchmarks.md).
     prefix_reuse: bool = True
     variant: str = ""  # an optimised graph the model folder holds ("int8", "fused", "fp16"); "" = the exported one
 

@@ -1,8 +1,8 @@
 """Logging: the server's handler and formats, and the per-call access line.
 
-Every RPC writes one access line (`plm.access`). Through `logging` that line cost tens of microseconds of the
-event loop per call — a LogRecord, the caller's frame, the handler's lock, a strftime — against ≈ 230 µs for
-a whole bare gRPC call (benchmarks/grpc_floor.py). `access()` writes the same line, byte for byte, straight into
+Every RPC writes one access line (`plm.access`). Through `logging` that line costs the event loop a LogRecord,
+the caller's frame, the handler's lock and a strftime per call, a visible share of a bare gRPC call
+(benchmarks/grpc_floor.py measures both). `access()` writes the same line, byte for byte, straight into
 the buffered handler `setup_logging` installs, whenever that handler alone would have received it (the
 `plm.access` logger enabled for INFO, no handlers or filters of its own, the root logger's only handler ours);
 otherwise (tests capturing logs, an embedding application's handlers) it goes through `logging` as before.
