@@ -1,4 +1,4 @@
-"""Dynamic batching: one queue and one worker per model .
+"""Dynamic batching: one queue and one worker per model.
 
 Callers submit rows (one sequence each) and await their results. The worker takes the oldest row; when the
 model is busy it waits up to `max_queue_delay_ms` for company (an idle model runs a lone row at once); then it
