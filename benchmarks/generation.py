@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from _smoke import add_smoke_flag, run  # this folder is on sys.path when run as a script
 from plm.client.client import PlmClient
 from plm.client.local_server import LocalServer
 from plm.service.runtime import run_bound
@@ -182,10 +183,10 @@ def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int,
     return {"requests": requests, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
 
 
-def classify_timing(target: str, model: str, repeats: int = 3) -> float:
-    """Seconds per Classify call of 8 demonstrations × 4 labels × 16 queries (best of `repeats`)."""
+def classify_timing(target: str, model: str, repeats: int = 3, shots: int = 8) -> float:
+    """Seconds per Classify call of `shots` demonstrations × 4 labels × 16 queries (best of `repeats`)."""
     demos = [pb.Demonstration(text=PROMPTS[i % len(PROMPTS)], label=["comedy", "tragedy", "history", "poetry"][i % 4])
-             for i in range(8)]
+             for i in range(shots)]
     req = pb.ClassifyRequest(model=model, demonstrations=demos, labels=["comedy", "tragedy", "history", "poetry"],
                              queries=[f"{p}!" for p in PROMPTS * 2], template="{text} = {label}\n")
     best = float("inf")
@@ -212,7 +213,11 @@ def main() -> None:
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="let a sampled EOS end a request (the stream then starts another) instead of fixed lengths")
     ap.add_argument("--out", type=Path, default=Path("results/generation.json"))
+    add_smoke_flag(ap)
     args = ap.parse_args()
+    repeats, shots = 3, 8  # Classify's timing: best of `repeats` calls of `shots` demonstrations
+    if args.smoke:  # a tiny model's window holds one demonstration
+        args.streams, args.new_tokens, args.rounds, repeats, shots = [1, 2], 4, 1, 1, 1
     folder = args.repository / args.model
     manifest = json.loads((folder / "manifest.json").read_text())
     window = int(manifest["max_length"])
@@ -229,8 +234,9 @@ def main() -> None:
         srv = LocalServer(args.repository, [args.model], env, metrics=True)
         try:
             key = "whole" if mode == "engine_interval" else mode
-            classify_s[key] = classify_timing(srv.target, args.model)
-            print(f"{key:9} Classify 8 demos × 4 labels × 16 queries: {classify_s[key] * 1000:.1f} ms", flush=True)
+            classify_s[key] = classify_timing(srv.target, args.model, repeats, shots)
+            print(f"{key:9} Classify {shots} demos × 4 labels × 16 queries: {classify_s[key] * 1000:.1f} ms",
+                  flush=True)
             for s in args.streams if mode != "engine_interval" else [max(args.streams)]:
                 rows[mode].append(drive(srv.target, args.model, s, n, srv.metrics_url, args.rounds,
                                         not args.stop_at_eos))
@@ -289,4 +295,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,12 +17,17 @@ Needs a GPU and `onnxruntime-gpu` (docs/benchmarks.md, "On a GPU", says how it w
    driven by N load-generator processes.
 
 Writes the JSON and a PNG, and prints the ratios.
+
+`--smoke` on a machine without CUDA runs every step above on the CPU provider in the place of CUDA (the
+ratios then compare the CPU with itself) and skips, saying so, the two CUDA-only configurations: the provider's
+TF32 switch and the fp16 variant.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -34,6 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _smoke import add_smoke_flag, no_errors, run
 from engine_step import measure as engine_measure
 from plm.client.local_server import LocalServer
 from plm.service.config import Runtime
@@ -42,6 +48,7 @@ from serving import Raw, best_rate, drive, held_out_texts
 
 GPU_BATCHES = (1, 4, 16, 64, 128, 256)
 CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
 
 
 def decode_steps(session: ort.InferenceSession, dec: dict[str, Any], batch: int, steps: int, bound: bool) -> float:
@@ -78,26 +85,39 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0, help="measured seconds per served run")
     ap.add_argument("--workers", type=int, default=4, help="server processes sharing the GPU in the workers run")
     ap.add_argument("--out", type=Path, default=Path("results/gpu.json"))
+    add_smoke_flag(ap)
     args = ap.parse_args()
-    if CUDA not in ort.get_available_providers():
+    has_cuda = CUDA in ort.get_available_providers()
+    if not has_cuda and not args.smoke:
         raise SystemExit(f"no CUDA execution provider in this onnxruntime build ({ort.get_available_providers()})")
+    # The smallest sizes in a smoke run: raw seconds per batch size, decode steps, engine batch sizes, served runs.
+    raw_seconds, steps, small, big, alternations = 1.0, 48, 1, 16, 2
+    if args.smoke:
+        raw_seconds, steps, small, big, alternations, args.duration, args.workers = 0.05, 4, 1, 2, 1, 0.3, 2
+    drive_ = functools.partial(drive, warmup=0.0 if args.smoke else 2.0)
     started = time.perf_counter()
-    texts = held_out_texts()
+    texts = held_out_texts(32 if args.smoke else 256)
     idx = list(range(len(texts)))
     gpt_manifest = json.loads((args.repository / "gpt" / "manifest.json").read_text())
     has_fp16 = "fp16" in (gpt_manifest.get("variants") or {})
+    accel, provider = ("cuda", CUDA) if has_cuda else ("cpu", CPU)
     configs = {
         "cpu": Runtime(providers=("cpu",), spin_wait=True),
-        "cuda_fp32_no_tf32": Runtime(providers=("cuda",), provider_options={CUDA: {"use_tf32": 0}}),
-        "cuda_fp32": Runtime(providers=("cuda",)),
-        **({"cuda_fp16": Runtime(providers=("cuda",), variant="fp16")} if has_fp16 else {}),
+        **({"cuda_fp32_no_tf32": Runtime(providers=("cuda",), provider_options={CUDA: {"use_tf32": 0}})}
+           if has_cuda else {}),
+        "cuda_fp32": Runtime(providers=(accel,)),
+        **({"cuda_fp16": Runtime(providers=("cuda",), variant="fp16")} if has_fp16 and has_cuda else {}),
     }
     out: dict[str, Any] = {"device": ort.get_device(), "onnxruntime": ort.__version__, "cpu_count": os.cpu_count(),
                            "parity": {}, "raw": {}}
+    if not has_cuda:
+        out["smoke_without_cuda"] = ("no CUDA provider: the CUDA runs ran on the CPU provider; skipped the "
+                                     "CUDA-only TF32 switch (cuda_fp32_no_tf32) and fp16 variant (cuda_fp16)")
+        print(f"smoke: {out['smoke_without_cuda']}", flush=True)
     reference: dict[str, Any] = {}
     for name, runtime in configs.items():
         raw = Raw(args.repository, texts, runtime, nnlm=False)
-        assert raw.gpt_s.providers[0] == (CUDA if name != "cpu" else "CPUExecutionProvider"), raw.gpt_s.providers
+        assert raw.gpt_s.providers[0] == (provider if name != "cpu" else CPU), raw.gpt_s.providers
         gpt = [lp for k in range(0, len(idx), 16) for lp in raw.gpt_score(idx[k:k + 16])]
         bert = np.concatenate([raw.bert_fill(idx[k:k + 16]) for k in range(0, len(idx), 16)])
         if name == "cpu":
@@ -109,68 +129,70 @@ def main() -> None:
                 "bert_mask_logprob_max_abs_diff": float(np.abs(bert - reference["bert"]).max())}
             print(f"parity {name:18}: " + ", ".join(f"{k} {v:.2e}" for k, v in out["parity"][name].items()),
                   flush=True)
-        batches = GPU_BATCHES if name != "cpu" else (1, 8, 32, 64)
-        out["raw"][name] = {"gpt_score": best_rate(raw.gpt_score, len(texts), 1.0, batches),
-                            "bert_fill": best_rate(raw.bert_fill, len(texts), 1.0, batches)}
+        batches = (1, 4) if args.smoke else GPU_BATCHES if name != "cpu" else (1, 8, 32, 64)
+        out["raw"][name] = {"gpt_score": best_rate(raw.gpt_score, len(texts), raw_seconds, batches),
+                            "bert_fill": best_rate(raw.bert_fill, len(texts), raw_seconds, batches)}
         for k, v in out["raw"][name].items():
             print(f"raw {name:18} {k:10}: {v['best_items_per_s']:9.1f} items/s at batch {v['best_batch']}", flush=True)
         del raw
 
     # The decoder's step: IO binding vs `run`, bare and through the engine.
     dec = gpt_manifest["graphs"]["decoder"]
-    session = ort.InferenceSession(str(args.repository / "gpt" / dec["file"]), providers=[CUDA])
+    session = ort.InferenceSession(str(args.repository / "gpt" / dec["file"]), providers=[provider])
     out["decode_step_ms"] = {}
-    for b in (1, 16):
+    for b in (small, big):
         for bound in (False, True):  # untimed: the device allocator sees every shape once
-            decode_steps(session, dec, b, 48, bound)
-        for bound in (False, True, False, True):  # alternated: the second pair checks the first
+            decode_steps(session, dec, b, steps, bound)
+        for bound in (False, True) * alternations:  # alternated: the second pair checks the first
             key = f"b{b}_{'io_binding' if bound else 'run'}"
-            out["decode_step_ms"].setdefault(key, []).append(decode_steps(session, dec, b, 48, bound))
+            out["decode_step_ms"].setdefault(key, []).append(decode_steps(session, dec, b, steps, bound))
         print(f"raw decode step B={b:2d}: run {np.mean(out['decode_step_ms'][f'b{b}_run']):.3f} ms, "
               f"IO binding {np.mean(out['decode_step_ms'][f'b{b}_io_binding']):.3f} ms", flush=True)
     del session
     out["engine"] = {"off": [], "on": []}
     window = int(gpt_manifest["max_length"])
-    for mode in ("off", "on", "off", "on"):  # alternated
+    for mode in ("off", "on") * alternations:  # alternated
         os.environ["PLM_RUNTIME__IO_BINDING"] = mode
         print(f"engine in process, io_binding {mode}:", flush=True)
-        out["engine"][mode] += asyncio.run(engine_measure(args.repository, "gpt", [1, 16], min(96, window - 16)))
+        out["engine"][mode] += asyncio.run(engine_measure(args.repository, "gpt", [small, big],
+                                                          min(steps * 2, window - 16)))
     os.environ.pop("PLM_RUNTIME__IO_BINDING")
 
     # Served on the GPU: automatic providers, as `plm serve` starts.
     served: dict[str, Any] = {}
     with LocalServer(args.repository, ["gpt", "bert"], metrics=True) as srv:
-        served["gpt_score"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
-        served["bert_fill"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
-        served["gpt_score_x8"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
+        served["gpt_score"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
+        served["bert_fill"] = drive_(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
+        served["gpt_score_x8"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
     with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
-        served["gpt_score_unbatched"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+        served["gpt_score_unbatched"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration)
     # ONNX Runtime's intra-op threads (one per core by default) run only the CPU-placed shape nodes of a CUDA
     # session, and take cores from the event loop when they spin: one thread, not spinning, against the default.
     env = {"PLM_RUNTIME__INTRA_OP_THREADS": "1", "PLM_RUNTIME__DECODER_SPIN_WAIT": "false"}
     with LocalServer(args.repository, ["gpt"], env=env) as srv:
-        served["gpt_score_1_thread"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+        served["gpt_score_1_thread"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration)
     # One process's event loop is the ceiling long before the GPU is: `--workers` processes share the GPU (each
     # with its own session), driven by as many load-generator processes.
     with LocalServer(args.repository, ["gpt", "bert"], workers=args.workers) as srv:
         for key, rpc, model in (("gpt_score_workers", "Score", "gpt"), ("bert_fill_workers", "FillMask", "bert")):
-            served[key] = drive(srv.target, rpc, model, texts, 64 * args.workers, args.duration,
+            served[key] = drive_(srv.target, rpc, model, texts, 64 * args.workers, args.duration,
                                 processes=args.workers, connections=2)
     out["served"] = {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in served.items()}
+    if args.smoke:
+        for key, r in served.items():
+            no_errors(r["summary"]["errors"], key)
 
     raw_cuda = out["raw"]["cuda_fp32"]
     dstep = {k: float(np.mean(v)) for k, v in out["decode_step_ms"].items()}
-    engine_ms = {mode: {b: float(np.mean([r["wall_ms_per_step"] for r in rows if r["batch"] == b])) for b in (1, 16)}
-                 for mode, rows in out["engine"].items()}
+    engine_ms = {mode: {b: float(np.mean([r["wall_ms_per_step"] for r in rows if r["batch"] == b]))
+                        for b in (small, big)} for mode, rows in out["engine"].items()}
     ratios = {
         "raw_score_gpt_cuda_vs_cpu": raw_cuda["gpt_score"]["best_items_per_s"]
         / out["raw"]["cpu"]["gpt_score"]["best_items_per_s"],
         "raw_fillmask_bert_cuda_vs_cpu": raw_cuda["bert_fill"]["best_items_per_s"]
         / out["raw"]["cpu"]["bert_fill"]["best_items_per_s"],
-        "decode_step_b1_run_vs_io_binding": dstep["b1_run"] / dstep["b1_io_binding"],
-        "decode_step_b16_run_vs_io_binding": dstep["b16_run"] / dstep["b16_io_binding"],
-        "engine_step_b1_off_vs_on": engine_ms["off"][1] / engine_ms["on"][1],
-        "engine_step_b16_off_vs_on": engine_ms["off"][16] / engine_ms["on"][16],
+        **{f"decode_step_b{b}_run_vs_io_binding": dstep[f"b{b}_run"] / dstep[f"b{b}_io_binding"] for b in (small, big)},
+        **{f"engine_step_b{b}_off_vs_on": engine_ms["off"][b] / engine_ms["on"][b] for b in (small, big)},
         "score_gpt_served_vs_raw_cuda": served["gpt_score"]["texts_per_s"] / raw_cuda["gpt_score"]["best_items_per_s"],
         "fillmask_bert_served_vs_raw_cuda": served["bert_fill"]["texts_per_s"]
         / raw_cuda["bert_fill"]["best_items_per_s"],
@@ -230,4 +252,4 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

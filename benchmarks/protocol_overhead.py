@@ -1,31 +1,31 @@
 """What one Score call costs through each client path, against the same `plm serve` process.
 
-    python benchmarks/protocol_overhead.py [--repository repository] [--calls 300]
+    python benchmarks/protocol_overhead.py [--repository repository] [--calls 300] [--out results/protocol.json]
 
 Paths: the bare generated plm.v1 stub (the reference), the SDK's `PlmClient` (request builder, deadline,
 retry loop, round-robin pick), `AsyncPlmClient`, and tritonclient's `infer` on the KServe v2 model
 `<model>:score` (BYTES tensors in and out, plus the translation to and from plm.v1 on the server). Calls go
 one after another (no batching), on `ngram-kn` (microseconds of work: the overhead dominates) and `gpt`.
-Prints the median and p90 latency of each path and its median's ratio to the bare stub's, from one run.
+Prints the median and p90 latency of each path and its median's ratio to the bare stub's, from one run, and
+writes them to the JSON and a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _smoke import add_smoke_flag, bar_plot, run  # this folder is on sys.path when run as a script
 from plm.client import AsyncPlmClient, PlmClient
+from plm.client.local_server import LocalServer
 
-from benchmarks.generation import Server
 from plm.api.v1 import plm_pb2 as pb
 from plm.api.v1 import plm_pb2_grpc as pb_grpc
 
@@ -82,21 +82,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=Path("repository"))
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path("results/protocol.json"))
+    add_smoke_flag(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.calls = 10
+    rows: dict[str, dict[str, dict[str, float]]] = {}
     for model in ("ngram-kn", "gpt"):
-        server = Server(args.repository, model, kv_cache=True)
-        try:
+        with LocalServer(args.repository, [model], {"PLM_RUNTIME__KV_CACHE": "true"}) as server:
             results = measure(server.target, model, args.calls)
-        finally:
-            server.stop()
         base = statistics.median(results["bare plm.v1 stub"])
         print(f"\n{model}: Score of one sentence, {args.calls} sequential calls per path")
         print(f"{'path':32} {'median µs':>10} {'p90 µs':>10} {'× bare':>7}")
+        rows[model] = {}
         for path, xs in results.items():
             med, p90 = statistics.median(xs), float(np.percentile(xs, 90))
+            rows[model][path] = {"median_us": med * 1e6, "p90_us": p90 * 1e6, "vs_bare": med / base}
             print(f"{path:32} {med * 1e6:10.0f} {p90 * 1e6:10.0f} {med / base:7.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"calls": args.calls, "text": TEXT, "models": rows}, indent=1) + "\n")
+    bar_plot(args.out.with_suffix(".png"), {f"{model}: {path}": r["median_us"] for model, paths in rows.items()
+                                            for path, r in paths.items()}, "median µs per Score call",
+             "one Score call through each client path", log=True)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

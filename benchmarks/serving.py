@@ -26,6 +26,7 @@ Writes the JSON and a PNG (throughput bars and the latency CDFs) and prints the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _smoke import add_smoke_flag, no_errors, run  # this folder is on sys.path when run as a script
 from plm.client.loadtest import BUILTIN_INPUTS, LoadConfig, RequestSpec, mask_one_word, run_loadtest
 from plm.client.local_server import LocalServer
 from plm.service.config import Runtime, ServerConfig
@@ -87,7 +89,7 @@ class Raw:
         config = ServerConfig(repository=repository, runtime=Runtime(providers=("cpu",)))  # tokenizers only
         m = Metrics()
         self.gpt, self.bert = (load_model(repository / n, config, m) for n in ("gpt", "bert"))
-        self.gpt_s, self.bert_s = (open_graph(model.folder, model.manifest, "model", runtime, model.name, None)
+        self.gpt_s, self.bert_s = (open_graph(model.folder, model.spec, "model", runtime, model.name, None)
                                    for model in (self.gpt, self.bert))
         g = self.gpt
         self.gpt_rows = [[g._bos, *g.encode(t).ids, g.eos_id] for t in texts]
@@ -99,7 +101,7 @@ class Raw:
         self.bert_pos = [[r.index(b.mask_id)] for r in self.bert_rows]
         if nnlm:
             self.nnlm = load_model(repository / "nnlm", config, m)
-            self.nnlm_s = open_graph(self.nnlm.folder, self.nnlm.manifest, "model", runtime, "nnlm", None)
+            self.nnlm_s = open_graph(self.nnlm.folder, self.nnlm.spec, "model", runtime, "nnlm", None)
             self.nnlm_ctx = [self.nnlm._history(self.nnlm.encode(t).ids) for t in texts]
 
     def gpt_score(self, idx: list[int]) -> list[np.ndarray]:
@@ -127,9 +129,9 @@ class Raw:
 
 def drive(target: str, rpc: str, model: str, texts: list[str], concurrency: int, duration: float,
           metrics_url: str | None = None, processes: int = 1, per_request: int = 1, connections: int = 1,
-          **params: Any) -> dict[str, Any]:
+          warmup: float = 2.0, **params: Any) -> dict[str, Any]:
     cfg = LoadConfig(targets=(target,), specs=(RequestSpec(1.0, rpc, model, per_request, params),),
-                     inputs=tuple(texts), concurrency=concurrency, duration=duration, warmup=2.0,
+                     inputs=tuple(texts), concurrency=concurrency, duration=duration, warmup=warmup,
                      connections=connections)
     result = run_loadtest(cfg, processes=processes, metrics_url=metrics_url, progress=False)
     s = result["summary"]
@@ -152,65 +154,72 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="server processes of the `plm serve --workers` runs [the cores]")
     ap.add_argument("--out", type=Path, default=Path("results/serving.json"))
+    add_smoke_flag(ap)
     args = ap.parse_args()
     texts = held_out_texts()
     started = time.perf_counter()
+    # Runs repeated to check each other (`reps`, `floor_reps`), and the raw loops' time and batch sizes.
+    reps, floor_reps, raw_seconds, batches, raw_calls = ("", "_again"), ("", "_2", "_3"), 1.5, BATCHES, 400
+    if args.smoke:
+        args.duration, reps, floor_reps, raw_seconds, batches, raw_calls = 0.3, ("",), ("",), 0.05, (1, 4), 20
+    load = functools.partial(drive, warmup=0.0 if args.smoke else 2.0)  # every served run below
 
     print("raw ONNX Runtime (in process, best batch size):", flush=True)
     raw = Raw(args.repository, texts)
-    raw_rates = {"gpt_score": best_rate(raw.gpt_score, len(texts)), "bert_fill": best_rate(raw.bert_fill, len(texts))}
+    raw_rates = {"gpt_score": best_rate(raw.gpt_score, len(texts), raw_seconds, batches),
+                 "bert_fill": best_rate(raw.bert_fill, len(texts), raw_seconds, batches)}
     for k, v in raw_rates.items():
         print(f"  raw {k:10}: {v['best_items_per_s']:8.1f} items/s at batch {v['best_batch']}", flush=True)
-    raw_nnlm = raw_latency(raw.nnlm_next, len(texts))
+    raw_nnlm = raw_latency(raw.nnlm_next, len(texts), raw_calls)
     print(f"  raw nnlm next: p50 {np.percentile(raw_nnlm, 50):.3f} ms", flush=True)
     del raw
 
     served: dict[str, Any] = {}
     models = ["gpt", "bert", "nnlm", "ngram-kn"]
     with LocalServer(args.repository, models, metrics=True) as srv:
-        served["gpt_score"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
+        served["gpt_score"] = load(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
         # FillMask: the load generator blanks one word of each text itself (client/loadtest.py), as Raw does.
-        served["bert_fill"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
-        served["gpt_score_x8"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
-        served["bert_fill_x8"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration, per_request=8)
-        served["ngram_next"] = drive(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
+        served["bert_fill"] = load(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
+        served["gpt_score_x8"] = load(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
+        served["bert_fill_x8"] = load(srv.target, "FillMask", "bert", texts, 64, args.duration, per_request=8)
+        served["ngram_next"] = load(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
                                      processes=args.processes)
     # The same on `--workers` server processes sharing the port: the client opens several connections, since
     # the kernel spreads connections (not calls) over the workers, by a hash of each connection's ports. With
     # 4 connections over 2 workers a 3:1 or 4:0 split is as likely as not, and the busier worker sets the pace.
     conns = 8 * args.workers
     with LocalServer(args.repository, ["gpt", "bert", "ngram-kn"], workers=args.workers) as srv:
-        served["gpt_score_workers"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration, connections=conns)
-        served["bert_fill_workers"] = drive(srv.target, "FillMask", "bert", texts, 64, args.duration,
+        served["gpt_score_workers"] = load(srv.target, "Score", "gpt", texts, 64, args.duration, connections=conns)
+        served["bert_fill_workers"] = load(srv.target, "FillMask", "bert", texts, 64, args.duration,
                                             connections=conns)
-        served["ngram_next_workers"] = drive(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
+        served["ngram_next_workers"] = load(srv.target, "PredictNext", "ngram-kn", texts, 32, args.duration,
                                              processes=args.processes, connections=conns)
     # Latency at concurrency 1 on servers of the one model, the default batcher and inline runs off, alternated
     # (runs of the same server vary by a few tenths of a millisecond; a server holding four models is slower).
-    for rep in ("", "_again"):
+    for rep in reps:
         for key, inline in (("nnlm_next", "1"), ("nnlm_next_on_thread", "0")):
             with LocalServer(args.repository, ["nnlm"], env={"PLM_BATCHING__INLINE_MAX_MS": inline}) as srv:
-                served[key + rep] = drive(srv.target, "PredictNext", "nnlm", texts, 1, args.duration / 2)
+                served[key + rep] = load(srv.target, "PredictNext", "nnlm", texts, 1, args.duration / 2)
     with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
-        served["gpt_score_unbatched"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+        served["gpt_score_unbatched"] = load(srv.target, "Score", "gpt", texts, 64, args.duration)
     with LocalServer(args.repository, ["gpt"], env={"PLM_RUNTIME__SPIN_WAIT": "true"}) as srv:
-        served["gpt_score_spinning"] = drive(srv.target, "Score", "gpt", texts, 64, args.duration)
+        served["gpt_score_spinning"] = load(srv.target, "Score", "gpt", texts, 64, args.duration)
     # The batcher's padding floor (min_padding_efficiency, default 0.8) against none, on GPT-only servers:
     # three alternated pairs of half-length runs (the gain is a few per cent, within one run's noise).
     floor_pairs: list[float] = []
-    for rep in ("", "_2", "_3"):
+    for rep in floor_reps:
         for key, floor in (("gpt_score_padding_floor", "0.8"), ("gpt_score_no_padding_floor", "0")):
             env = {"PLM_BATCHING__MIN_PADDING_EFFICIENCY": floor}
             with LocalServer(args.repository, ["gpt"], env=env, metrics=True) as srv:
-                served[key + rep] = drive(srv.target, "Score", "gpt", texts, 64, args.duration / 2, srv.metrics_url)
+                served[key + rep] = load(srv.target, "Score", "gpt", texts, 64, args.duration / 2, srv.metrics_url)
         floor_pairs.append(float(served["gpt_score_padding_floor" + rep]["summary"]["throughput_ok_per_s"])
                            / float(served["gpt_score_no_padding_floor" + rep]["summary"]["throughput_ok_per_s"]))
 
     def ok(key: str) -> float:
         return float(served[key]["summary"]["throughput_ok_per_s"])
 
-    def p50(key: str) -> float:  # the mean of the two runs' medians
-        return sum(float(served[k]["summary"]["latency_ms"]["p50"]) for k in (key, key + "_again")) / 2
+    def p50(key: str) -> float:  # the mean of the runs' medians
+        return sum(float(served[key + rep]["summary"]["latency_ms"]["p50"]) for rep in reps) / len(reps)
 
     ratios = {
         "score_gpt_served_vs_raw": ok("gpt_score") / raw_rates["gpt_score"]["best_items_per_s"],
@@ -254,6 +263,9 @@ def main() -> None:
     print(f"  (n-gram runs: client CPU {served['ngram_next']['summary']['client_cpu_percent']:.0f}% and "
           f"{served['ngram_next_workers']['summary']['client_cpu_percent']:.0f}% of one core)")
 
+    if args.smoke:
+        for key, r in served.items():
+            no_errors(r["summary"]["errors"], key)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     slim = {k: {kk: vv for kk, vv in v.items() if kk != "latencies_ms"} for k, v in served.items()}
     args.out.write_text(json.dumps({"raw": raw_rates, "raw_nnlm_next_ms": {
@@ -304,4 +316,4 @@ def plot(served: dict[str, Any], raw: dict[str, Any], ratios: dict[str, float], 
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
