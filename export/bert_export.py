@@ -75,19 +75,25 @@ def check_parity(
 ) -> dict[str, Any]:
     """max |ONNX - PyTorch| over the three outputs (hidden_states at real tokens) on random padded batches of
     `shapes`, all through one session, so the dynamic axes are exercised."""
+    return graph_parity(BertServingGraph(model).eval(), path, model.config.vocab_size, model.config.max_position,
+                        OUTPUT_NAMES, shapes, seed)
+
+
+def graph_parity(graph: nn.Module, path: Path, vocab_size: int, window: int, outputs: tuple[str, ...],
+                 shapes: tuple[tuple[int, int, int], ...] = PARITY_SHAPES, seed: int = 0) -> dict[str, Any]:
+    """`check_parity` for any module that serves this contract (an imported checkpoint's too): its `outputs`."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    graph = BertServingGraph(model).eval()
     generator = torch.Generator().manual_seed(seed)
     max_diff = 0.0
     checked: list[list[int]] = []
     for batch, length, masks in shapes:
-        length = min(length, model.config.max_position)
-        inputs = random_batch(model.config.vocab_size, batch, length, masks, generator)
+        length = min(length, window)
+        inputs = random_batch(vocab_size, batch, length, masks, generator)
         with torch.no_grad():
             expected = [t.numpy() for t in graph(*inputs)]
         feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
-        got = session.run(list(OUTPUT_NAMES), feeds)
-        max_diff = max(max_diff, output_diff(OUTPUT_NAMES, expected, got, feeds["attention_mask"] > 0))
+        got = session.run(list(outputs), feeds)
+        max_diff = max(max_diff, output_diff(outputs, expected, got, feeds["attention_mask"] > 0))
         checked.append([batch, length, masks])
     return {"max_abs_diff": max_diff, "tolerance": PARITY_TOLERANCE, "checked_shapes": checked}
 

@@ -149,7 +149,40 @@ def _build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--out", type=Path, help="write everything to this JSON (and a PNG beside it)")
     lt.add_argument("--seed", type=int, default=0)
     lt.add_argument("--quiet", action="store_true", help="no progress line")
+    im = sub.add_parser("import", help="import a checkpoint made elsewhere into the model repository",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, description=_import_kinds())
+    im.add_argument("kind", help="what the source is (listed above)")
+    im.add_argument("path", type=Path, help="the checkpoint folder or file")
+    im.add_argument("--name", help="model name in the repository [the source's folder or file name]")
+    im.add_argument("--repository", type=Path, default=Path("repository"), help="model repository folder [repository]")
+    im.add_argument("--max-length", type=int, help="a shorter window than the checkpoint's [the checkpoint's]")
+    im.add_argument("--replace", action="store_true",
+                    help="replace a model of that name (the old one serves until the new one is in place)")
     return p
+
+
+def _import_kinds() -> str:
+    from plm.export.importers import KINDS
+
+    return "kinds:\n" + "\n".join(f"  {name:<10} {kind.help}" for name, kind in KINDS.items())
+
+
+def _import(args: argparse.Namespace) -> int:
+    from plm.export.importers import KINDS, import_model
+    from plm.export.importers.common import ImportFailed
+
+    if args.kind not in KINDS:
+        print(f"plm import: unknown kind {args.kind!r}; kinds: {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+    try:
+        manifest = import_model(args.kind, args.path, args.repository, args.name, args.max_length, args.replace)
+    except ImportFailed as e:
+        print(f"plm import: {e}", file=sys.stderr)
+        return 1
+    parity = manifest.get("parity_max_abs_diff")
+    print(f"imported {manifest['name']} ({manifest['family']}: {', '.join(manifest['tasks'])}) into "
+          f"{args.repository / manifest['name']}" + (f"; parity max |diff| {parity:.3g}" if parity is not None else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         raw = sys.argv[1:] if argv is None else argv
         return _serve(args, raw[raw.index("serve") + 1:])
+    if args.command == "import":
+        return _import(args)
     if args.command == "loadtest":
         from plm.client import loadtest
 

@@ -20,7 +20,7 @@ from plm.service.tasks.classify import (
     ClassifyParams,
     split_template,
 )
-from plm.service.tasks.embed import POOL_CLS, POOL_MEAN, POOL_NONE, EmbedParams
+from plm.service.tasks.embed import POOL_CLS, POOL_DEFAULT, POOL_MEAN, POOL_NONE, EmbedParams
 from plm.service.tasks.fill_mask import FillMaskParams
 from plm.service.tasks.generate import GenerateParams, SamplingParams
 from plm.service.tasks.next_sentence import NspParams
@@ -142,7 +142,7 @@ def fill_mask_params(req: pb.FillMaskRequest, limits: Limits) -> FillMaskParams:
     )
 
 
-_POOLING = {pb.POOLING_UNSPECIFIED: POOL_MEAN, pb.POOLING_MEAN: POOL_MEAN, pb.POOLING_CLS: POOL_CLS,
+_POOLING = {pb.POOLING_UNSPECIFIED: POOL_DEFAULT, pb.POOLING_MEAN: POOL_MEAN, pb.POOLING_CLS: POOL_CLS,
             pb.POOLING_NONE: POOL_NONE}
 
 

@@ -63,6 +63,8 @@ class TokenVectors:
 
     tokens: np.ndarray  # (N, D) float32, one row per token of the text (no BOS/CLS/SEP)
     cls: np.ndarray | None = None  # (D,) float32
+    # (D,) float32: the mean over every column of the row, specials included (sentence-transformers' mean pooling)
+    mean_all: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ class BertAdapter(ModelAdapter):
                     deadline: float | None) -> list[TokenVectors]:
         # layer_weights is ELMo's; the graph exposes BERT's final layer only.
         outs = await self._submit([self._single(s, want_hidden=True) for s in seqs], deadline)
-        return [TokenVectors(tokens=o.hidden[1:-1].copy(), cls=o.hidden[0].copy())
+        return [TokenVectors(tokens=o.hidden[1:-1].copy(), cls=o.hidden[0].copy(), mean_all=o.hidden.mean(axis=0))
                 for o in outs if o.hidden is not None]
 
     async def next_sentence_logprobs(self, pairs: list[tuple[list[int], list[int]]],

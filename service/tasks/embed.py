@@ -6,16 +6,17 @@ from dataclasses import dataclass
 
 import numpy as np
 from plm.service.errors import FailedPrecondition, InvalidArgument
-from plm.service.families.base import TASK_EMBED, ModelAdapter
+from plm.service.families.base import TASK_EMBED, Encoded, ModelAdapter
 from plm.service.tasks.common import encode_checked
 
 POOL_MEAN, POOL_CLS, POOL_NONE = "mean", "cls", "none"
+POOL_DEFAULT = "default"  # the model's own: its manifest's `embedding` section, else mean
 
 
 @dataclass(frozen=True)
 class EmbedParams:
     texts: tuple[str, ...]
-    pooling: str = POOL_MEAN
+    pooling: str = POOL_DEFAULT
     normalize: bool = False
     layer_weights: tuple[float, ...] | None = None
     nearest_k: int = 0
@@ -53,6 +54,14 @@ def _nearest(matrix: np.ndarray, query: np.ndarray, exclude: set[int], k: int,
     return tuple((model.token_text(int(i)), float(cos[i])) for i in top if np.isfinite(cos[i]))
 
 
+def _truncated(enc: Encoded, n: int) -> Encoded:
+    """The first n tokens of `enc` (what a truncating tokenizer gives; the last word may lose pieces)."""
+    if len(enc.ids) <= n:
+        return enc
+    words = enc.word_index[n - 1] + 1 if n else 0
+    return Encoded(enc.ids[:n], enc.tokens[:n], enc.word_index[:n], enc.words[:words], enc.oov[:n])
+
+
 async def embed(model: ModelAdapter, params: EmbedParams, deadline: float | None) -> EmbedResponse:
     model.require(TASK_EMBED)
     matrix = model.word_vectors()
@@ -61,25 +70,37 @@ async def embed(model: ModelAdapter, params: EmbedParams, deadline: float | None
             f"model {model.name!r} ({model.family}) has no static word vectors: nearest_k and analogies need a "
             "word2vec model"
         )
-    encoded = encode_checked(model, params.texts, "texts")
+    # An imported sentence-transformers model brings its pooling, normalisation and truncation (its manifest's
+    # `embedding`); the default pooling is its, and its mean counts the specials, as the checkpoint's own does.
+    own = model.manifest.get("embedding") or {}
+    pooling, normalize, specials = params.pooling, params.normalize, False
+    if pooling == POOL_DEFAULT:
+        pooling, specials = str(own.get("pooling", POOL_MEAN)), bool(own.get("specials", False))
+        normalize = normalize or bool(own.get("normalize", False))
+    truncate = bool(own.get("truncate", False))
+    encoded = encode_checked(model, params.texts, "texts", reserve=None if truncate else 0)
+    if truncate:
+        encoded = [_truncated(e, model.context_budget) for e in encoded]
     vectors = await model.embed([e.ids for e in encoded], params.layer_weights, deadline) if encoded else []
     dim = 0
     results = []
     for text, enc, tv in zip(params.texts, encoded, vectors, strict=True):
         dim = int(tv.tokens.shape[1])
         pooled: np.ndarray | None = None
-        if params.pooling == POOL_CLS:
+        if pooling == POOL_MEAN and specials and tv.mean_all is not None:
+            pooled = tv.mean_all
+        elif pooling == POOL_CLS:
             if tv.cls is None:
                 raise InvalidArgument("pooling", f"POOLING_CLS needs a [CLS] token; model {model.name!r} has none")
             pooled = tv.cls
-        elif params.pooling == POOL_MEAN:
+        elif pooling == POOL_MEAN:
             keep = ~np.asarray(enc.oov, dtype=bool)
             pooled = tv.tokens[keep].mean(axis=0) if keep.any() else np.zeros(dim, dtype=np.float32)
-        if params.normalize and pooled is not None:
+        if normalize and pooled is not None:
             pooled = _unit(pooled)
         tokens: tuple[tuple[str, np.ndarray, bool], ...] = ()
-        if params.include_tokens or params.pooling == POOL_NONE:
-            tokens = tuple((tok, _unit(v) if params.normalize else v, oov)
+        if params.include_tokens or pooling == POOL_NONE:
+            tokens = tuple((tok, _unit(v) if normalize else v, oov)
                            for tok, v, oov in zip(enc.tokens, tv.tokens, enc.oov, strict=True))
         nearest: tuple[tuple[str, float], ...] = ()
         if params.nearest_k and matrix is not None and pooled is not None:
