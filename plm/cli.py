@@ -1,6 +1,9 @@
 """The `plm` command: `plm build` (train + export models), `plm serve` (run the server), `plm client …`.
 
 Heavy imports happen inside each verb, so `plm client` starts fast and `plm serve` never imports torch.
+What a user meets first is settled here: `--help` gives each option's default once (`[default]`); client output
+is bold only on a terminal (never with `--json` or `NO_COLOR`); a port that is taken ends `plm serve` with one
+line naming the address and the flag that changes it, exit 1.
 """
 
 from __future__ import annotations
@@ -19,12 +22,34 @@ if TYPE_CHECKING:
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
+class _Help(argparse.HelpFormatter):
+    """Each option's default once, as `[default]` after its help. A help that already names its default in
+    brackets keeps its own (a default layered from the config file or the environment, where argparse's is
+    None); options that default to nothing or off say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default
+        if (not action.option_strings or "[" in (action.help or "") or d is None or d is False
+                or d is argparse.SUPPRESS or d == []):
+            return action.help
+        return f"{action.help} [%(default)s]"
+
+
+def _parser(parent: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A verb's parser, with the help formatter of every verb."""
+    sub: argparse.ArgumentParser = parent.add_parser(name, formatter_class=_Help, **kwargs)
+    return sub
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="plm", description="Train, export and serve classic language models over gRPC.")
+    from plm.service.config import ServerConfig
+
+    d = ServerConfig()  # `plm serve`'s defaults, shown in its help (its flags default to None: config file first)
+    p = argparse.ArgumentParser(prog="plm", description="Train, export and serve classic language models over gRPC.",
+                                formatter_class=_Help)
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="train the models and write the model repository",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = _parser(sub, "build", help="train the models and write the model repository")
     b.add_argument("--profile", choices=["tiny", "small"], default="small",
                    help="tiny: everything in under a minute (tests); small: the default models")
     b.add_argument("--repository", type=Path, default=Path("repository"), help="model repository folder")
@@ -34,31 +59,31 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--families", nargs="+", metavar="FAMILY",
                    help="build only these families: ngram nnlm word2vec elmo gpt bert [all]")
     b.add_argument("--force", action="store_true", help="rebuild models even when an up-to-date build exists")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the corpus split and of every model's training")
     b.add_argument("--variants", nargs="+", default=[], choices=["int8", "fused", "fp16"],
                    help="also write optimised graphs (dynamic int8, ORT transformer fusions, fp16) with their "
                         "accuracy change on held-out text in the manifest; serve one with runtime.variant")
 
-    s = sub.add_parser("serve", help="serve the model repository over gRPC",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--repository", type=Path, help="model repository folder [repository]")
-    s.add_argument("--host", help="address to bind [127.0.0.1]")
-    s.add_argument("--port", type=int, help="gRPC port [50051]")
-    s.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off [9090]")
+    s = _parser(sub, "serve", help="serve the model repository over gRPC")
+    s.add_argument("--repository", type=Path, help=f"model repository folder [{d.repository}]")
+    s.add_argument("--host", help=f"address to bind [{d.host}]")
+    s.add_argument("--port", type=int, help=f"gRPC port [{d.port}]")
+    s.add_argument("--metrics-port", type=int, help=f"Prometheus /metrics port, 0 = off [{d.metrics_port}]")
     s.add_argument("--config", type=Path, help="TOML config file (see README: Configuration)")
-    s.add_argument("--log-format", choices=["text", "json"], help="log format [text]")
-    s.add_argument("--models", nargs="+", help="serve only these models")
+    s.add_argument("--log-format", choices=["text", "json"], help=f"log format [{d.log_format}]")
+    s.add_argument("--models", nargs="+", help="serve only these models [every model in the repository]")
     s.add_argument("--workers", type=int,
-                   help="server processes sharing the port (SO_REUSEPORT), each with every model [1]")
-    s.add_argument("--grace-seconds", type=float, help="on SIGTERM, how long calls in flight may finish [10]")
-    s.add_argument("--reload-interval", type=float,
-                   help="poll the repository for model changes every this many seconds, 0 = off [0]")
+                   help=f"server processes sharing the port (SO_REUSEPORT), each with every model [{d.workers}]")
+    s.add_argument("--grace-seconds", type=float,
+                   help=f"on SIGTERM, how long calls in flight may finish [{d.grace_seconds:g}]")
+    s.add_argument("--reload-interval", type=float, help="poll the repository for model changes every this many "
+                   f"seconds, 0 = off [{d.reload_interval_seconds:g}]")
     s.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS (with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it signed (mutual TLS)")
     s.add_argument("--auth-tokens-file", type=Path, help="accepted bearer tokens, one per line: auth on")
 
-    c = sub.add_parser("client", help="call a running server")
+    c = _parser(sub, "client", help="call a running server")
     c.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"host:port of the server, or several comma-separated (round-robin) [{DEFAULT_TARGET}]")
     c.add_argument("--json", action="store_true", help="print the raw response as JSON")
@@ -73,62 +98,65 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tls-server-name", help="TLS: the name on the server's certificate, when not the target host")
     c.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     verbs = c.add_subparsers(dest="verb", required=True)
-    verbs.add_parser("models", help="list the models")
-    verbs.add_parser("reload", help="reload the model repository now (AdminService/ReloadModels)")
-    m = verbs.add_parser("model", help="one model's metadata")
+    _parser(verbs, "models", help="list the models")
+    _parser(verbs, "reload", help="reload the model repository now (AdminService/ReloadModels)")
+    m = _parser(verbs, "model", help="one model's metadata")
     m.add_argument("name")
-    h = verbs.add_parser("health", help="health status (overall, or of one model)")
-    h.add_argument("service", nargs="?", default="")
-    sc = verbs.add_parser("score", help="sentence probability of each text (ranked)")
+    h = _parser(verbs, "health", help="health status (overall, or of one model)")
+    h.add_argument("service", nargs="?", default="", help="a model's name [the whole server]")
+    sc = _parser(verbs, "score", help="sentence probability of each text (ranked)")
     sc.add_argument("model")
     sc.add_argument("texts", nargs="+")
     sc.add_argument("--no-eos", action="store_true", help="do not score the end of sentence")
-    n = verbs.add_parser("next", help="most likely next words")
+    n = _parser(verbs, "next", help="most likely next words")
     n.add_argument("model")
     n.add_argument("contexts", nargs="+")
-    n.add_argument("-k", "--top-k", type=int, default=5)
+    n.add_argument("-k", "--top-k", type=int, default=5, help="words per context")
     n.add_argument("--tokens", action="store_true", help="also show the top next tokens")
-    f = verbs.add_parser("fill", help="fill the [MASK] blanks of texts")
+    f = _parser(verbs, "fill", help="fill the [MASK] blanks of texts")
     f.add_argument("model")
     f.add_argument("texts", nargs="+")
-    f.add_argument("-k", "--top-k", type=int, default=5)
+    f.add_argument("-k", "--top-k", type=int, default=5, help="candidates per blank")
     f.add_argument("--target", dest="targets", action="append", default=[], help="restrict to this word (repeatable)")
-    e = verbs.add_parser("embed", help="vectors of texts; nearest words and analogies (word2vec)")
+    e = _parser(verbs, "embed", help="vectors of texts; nearest words and analogies (word2vec)")
     e.add_argument("model")
     e.add_argument("texts", nargs="*")
-    e.add_argument("--pooling", choices=["mean", "cls", "none"], default="mean")
-    e.add_argument("--normalize", action="store_true")
+    e.add_argument("--pooling", choices=["mean", "cls", "none"], default="mean",
+                   help="one vector per text (mean of its tokens, or the [CLS] token's) or none: one per token")
+    e.add_argument("--normalize", action="store_true", help="scale each vector to length 1")
     e.add_argument("--nearest", type=int, default=None, help="nearest vocabulary words of each text")
     e.add_argument("--analogy", nargs=3, action="append", default=[], metavar=("A", "B", "C"),
                    help="a − b + c (king man woman); repeatable")
     e.add_argument("--layer-weights", type=float, nargs="+", help="ELMo: weights of its 3 layers")
-    ns = verbs.add_parser("nsp", help="probability that B follows A (pairs given as A B A B ...)")
+    ns = _parser(verbs, "nsp", help="probability that B follows A (pairs given as A B A B ...)")
     ns.add_argument("model")
     ns.add_argument("sentences", nargs="+")
-    cf = verbs.add_parser("classify", help="few-shot in-context classification")
+    cf = _parser(verbs, "classify", help="few-shot in-context classification")
     cf.add_argument("model")
     cf.add_argument("queries", nargs="+")
     cf.add_argument("--label", dest="labels", action="append", required=True, help="a candidate label (repeatable)")
     cf.add_argument("--demo", action="append", default=[], metavar="TEXT=LABEL",
                     help="a demonstration, TEXT=LABEL (repeatable)")
-    cf.add_argument("--instruction", default="")
-    cf.add_argument("--scoring", choices=["sum", "token_mean", "per_char"], default="sum")
+    cf.add_argument("--instruction", default="", help="text put before the demonstrations [none]")
+    cf.add_argument("--scoring", choices=["sum", "token_mean", "per_char"], default="sum",
+                    help="a label's score: its tokens' log-probabilities summed, their mean, or per character")
     cf.add_argument("--calibrate", action="store_true", help="contextual calibration with a content-free input")
     for name, help_ in (("generate", "generate text (one response)"), ("stream", "generate text, streamed")):
-        g = verbs.add_parser(name, help=help_)
+        g = _parser(verbs, name, help=help_)
         g.add_argument("model")
         g.add_argument("prompts", nargs="+")
-        g.add_argument("-n", "--max-new-tokens", type=int, default=32)
+        g.add_argument("-n", "--max-new-tokens", type=int, default=32, help="tokens to generate at most")
         g.add_argument("--min-new-tokens", type=int, default=None, help="no end-of-sequence before this many [0]")
         g.add_argument("-t", "--temperature", type=float, default=None, help="0 = greedy [1.0]")
-        g.add_argument("--top-k", type=int, default=None)
-        g.add_argument("--top-p", type=float, default=None)
-        g.add_argument("--repetition-penalty", type=float, default=None)
+        g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens, 0 = off [0]")
+        g.add_argument("--top-p", type=float, default=None,
+                       help="sample among the likeliest tokens that reach this probability, 1 = off [1.0]")
+        g.add_argument("--repetition-penalty", type=float, default=None,
+                       help="above 1 discourages tokens already in the prompt or output, 1 = off [1.0]")
         g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-        g.add_argument("--seed", type=int, default=None)
+        g.add_argument("--seed", type=int, default=None, help="same seed, same request: same text [random]")
 
-    lt = sub.add_parser("loadtest", help="load-test running server(s): closed or open loop, weighted request mix",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lt = _parser(sub, "loadtest", help="load-test running server(s): closed or open loop, weighted request mix")
     lt.add_argument("--target", default=DEFAULT_TARGET, help="host:port, or several comma-separated (round-robin)")
     lt.add_argument("--scenario", type=Path, help="JSON request mix {\"requests\": [{weight, rpc, model, ...}]}")
     lt.add_argument("--model", default="ngram-kn", help="without --scenario: Score requests on this model")
@@ -147,7 +175,7 @@ def _build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--timeout", type=float, default=30.0, help="deadline of each call in seconds")
     lt.add_argument("--metrics-url", help="server /metrics URL, for its queue/inference/batch view of the window")
     lt.add_argument("--out", type=Path, help="write everything to this JSON (and a PNG beside it)")
-    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--seed", type=int, default=0, help="seed of the request mix's draws and of the arrivals")
     lt.add_argument("--quiet", action="store_true", help="no progress line")
     im = sub.add_parser("import", help="import a checkpoint made elsewhere into the model repository",
                         formatter_class=argparse.RawDescriptionHelpFormatter, description=_import_kinds())
@@ -222,6 +250,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
 def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
     from plm.service.server import serve, setup_logging
+    from plm.service.workers import PORT_TAKEN, Supervisor
 
     try:
         config = serve_config(args)
@@ -229,12 +258,87 @@ def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
         print(f"plm serve: {e}", file=sys.stderr)
         return 2
     setup_logging(config)
-    if config.workers > 1:
-        from plm.service.workers import Supervisor
+    # A supervisor's worker says which port is taken and exits with PORT_TAKEN, so its supervisor stops at once
+    # instead of restarting it; `plm serve` itself exits 1.
+    taken_exit = PORT_TAKEN if config.supervisor_pid else 1
+    # Checked before the models load (which takes a while) and before any worker starts.
+    message = _taken_port(config)
+    try:
+        if message is None and config.workers > 1:
+            return Supervisor(config, serve_argv).run()
+        if message is None:
+            asyncio.run(serve(config))
+            return 0
+    except (OSError, RuntimeError) as e:  # taken meanwhile: gRPC's RuntimeError, or the metrics server's OSError
+        message = _bind_failure(e, config)
+        if message is None:
+            raise
+    print(message, file=sys.stderr)
+    return taken_exit
 
-        return Supervisor(config, serve_argv).run()
-    asyncio.run(serve(config))
-    return 0
+
+def _in_use(host: str, port: int, reuse_port: bool) -> bool:
+    """Whether binding host:port as the server does fails because another socket holds it (EADDRINUSE)."""
+    import errno
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # a host that does not resolve: the server's own bind says so
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            # The options gRPC's and http.server's listeners bind with: a port in TIME_WAIT is free to them, and
+            # workers (reuse_port) share theirs with each other but not with a server that did not opt in.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def _port_message(config: ServerConfig, metrics: bool) -> str:
+    """The one line that says which port is taken, who may hold it and which flag moves off it."""
+    if metrics:
+        return (f"plm serve: the metrics address {config.host}:{config.metrics_port} is already in use (another "
+                "server may be running): choose another port with --metrics-port, or --metrics-port 0 for none")
+    return (f"plm serve: {config.host}:{config.port} is already in use (another server may be running): "
+            "choose another port with --port")
+
+
+def _taken_port(config: ServerConfig) -> str | None:
+    """The one line for the first of the server's ports that another program holds, or None when both are free."""
+    if config.port and _in_use(config.host, config.port, config.reuse_port):
+        return _port_message(config, metrics=False)
+    if config.metrics_port and _in_use(config.host, config.metrics_port, reuse_port=False):
+        return _port_message(config, metrics=True)
+    return None
+
+
+def _bind_failure(e: BaseException, config: ServerConfig) -> str | None:
+    """The one line for a bind that failed after the check: the metrics server's OSError, gRPC's RuntimeError
+    (or service/server.py's OSError when gRPC returns port 0); None for any other error."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:  # the only plain socket the server binds
+        return _port_message(config, metrics=True)
+    text = str(e)
+    if not (text.startswith("Failed to bind to address") or text.startswith("cannot bind")):
+        return None
+    if _in_use(config.host, config.port, config.reuse_port):
+        return _port_message(config, metrics=False)
+    return f"plm serve: cannot bind {config.host}:{config.port}: choose another address with --host or --port"
+
+
+def _bold(text: str) -> str:
+    """`text` in bold on a terminal; plain when stdout is a pipe or a file, and under NO_COLOR (no-color.org)."""
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        return f"\033[1m{text}\033[0m"
+    return text
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -342,7 +446,7 @@ def _client(args: argparse.Namespace) -> int:
                 if args.verb == "generate":
                     g = cl.generate(args.model, args.prompts, sampling)
                     show(g, "\n".join(
-                        f"{x.prompt}\033[1m{x.text}\033[0m  [{pb.FinishReason.Name(x.finish_reason)}, "
+                        f"{x.prompt}{_bold(x.text)}  [{pb.FinishReason.Name(x.finish_reason)}, "
                         f"{x.generated_tokens} tokens]" for x in g.generations))
                 else:
                     for ev in cl.generate_stream(args.model, args.prompts, sampling):

@@ -13,8 +13,10 @@ them, and it:
 - forwards SIGHUP, which makes every worker reload the repository; a worker that ran AdminService/
   ReloadModels sends its supervisor SIGHUP, so all workers end up serving the same versions;
 - restarts a worker that died, with a backoff; stops everything (exit 1) if a worker dies three times in a
-  row soon after starting (it cannot start here: the port is taken, the models are unreadable), and (exit 2)
-  at once if a worker refuses its config.
+  row soon after starting (it cannot start here: the models are unreadable, ...), (exit 1) at once if a
+  worker finds its port taken (`plm serve` checks both ports before it starts any worker, and a worker's one
+  line names the port when another program took it meanwhile), and (exit 2) at once if a worker refuses its
+  config.
 
 Every worker loads every model: memory grows N-fold, and batches form per worker.
 """
@@ -39,6 +41,7 @@ from plm.service.runtime import cores
 log = logging.getLogger("plm.workers")
 
 _CONFIG_ERROR = 2  # `plm serve`'s exit code for a config it refuses: restarting would not help
+PORT_TAKEN = 3  # a worker's exit code when another program holds its port (it has said so): restarting won't help
 _BACKOFF_MAX = 30.0
 _HEALTHY_AFTER = 60.0  # a worker that ran this long resets the restart backoff
 _KILL_AFTER_GRACE = 15.0  # on stop, a worker still alive this long after its grace period is killed
@@ -112,6 +115,11 @@ class Supervisor:
             self._exit_code = self._exit_code or (1 if code else 0)
             log.info("worker %d (pid %d) exited with %d", w.index, pid, code)
             return
+        if code == PORT_TAKEN:  # the worker's own line named the port: stop without adding to it
+            self._exit_code = 1
+            self._stopping.set()
+            self._signal_all(signal.SIGTERM)
+            return
         if code == _CONFIG_ERROR:
             log.error("worker %d refused its config (exit %d): stopping", w.index, code)
             self._exit_code = _CONFIG_ERROR
@@ -121,7 +129,7 @@ class Supervisor:
         if now - w.started > _HEALTHY_AFTER:
             w.backoff, w.quick_deaths = 1.0, 0
         w.quick_deaths += 1
-        if w.quick_deaths >= _GIVE_UP_AFTER:  # it cannot start here (port taken, models unreadable, ...)
+        if w.quick_deaths >= _GIVE_UP_AFTER:  # it cannot start here (models unreadable, ...)
             log.error("worker %d died %d times in a row soon after starting (last exit %d): stopping", w.index,
                       w.quick_deaths, code)
             self._exit_code = 1

@@ -124,20 +124,18 @@ def test_workers_need_a_fixed_port(tiny_repo: Path, capsys: pytest.CaptureFixtur
     assert "fixed port" in capsys.readouterr().err
 
 
-def test_workers_that_cannot_start_stop_the_server(tiny_repo: Path) -> None:
-    """The port is taken by another program: each worker dies at start; after three quick deaths in a row the
-    supervisor gives up with exit 1 instead of restarting forever."""
-    import socket
+def test_workers_that_cannot_start_stop_the_server(tmp_path: Path) -> None:
+    """The repository is missing: each worker dies at start; after three quick deaths in a row the supervisor
+    gives up with exit 1 instead of restarting forever. (A taken port stops it at once, in one line:
+    tests/test_first_run.py.)"""
     import subprocess
     import sys
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))  # without SO_REUSEPORT: nobody else may bind it
-        taken.listen()
-        port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "plm.cli", "serve", "--repository", str(tiny_repo), "--port", str(port),
-             "--metrics-port", "0", "--workers", "2", "--models", "ngram-kn"],
-            capture_output=True, text=True, timeout=120)
+    from plm.client.local_server import free_port
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "plm.cli", "serve", "--repository", str(tmp_path / "missing"), "--port",
+         str(free_port()), "--metrics-port", "0", "--workers", "2"],
+        capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "died 3 times in a row soon after starting" in proc.stderr
