@@ -234,12 +234,10 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
     model = GPT(cfg)
     tcfg = TrainConfig(max_steps=g.max_steps, batch_size=g.batch_size, lr=g.lr, min_lr=g.lr / 10,
                        warmup_steps=min(100, g.max_steps // 10), eval_interval=g.eval_interval, eval_batches=5,
-                       max_seconds=g.max_seconds, seed=seed, num_threads=g.num_threads,
-                       progress=profile != "tiny")
+                       max_seconds=g.max_seconds, seed=seed, num_threads=g.num_threads)
     with staging(repository, "gpt") as folder:
         result = train(model, lm_batches(streams, g.block_size, g.batch_size, np.random.default_rng(seed)),
                        tcfg, folder, desc="gpt")
-        print(result.summary(), flush=True)
         graph = export_gpt(model, folder / "model.onnx")
         decoder = export_gpt_decoder(model, folder / "decoder.onnx")  # KV-cache generation
         save_weights(model, folder / "weights.npz")  # for oracles and benchmarks; the server never reads it

@@ -90,7 +90,7 @@ def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) 
     tcfg = TrainConfig(max_steps=p.max_steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
                        warmup_steps=min(100, p.max_steps // 10), eval_interval=p.eval_interval,
                        eval_batches=p.eval_batches, num_threads=p.num_threads,
-                       max_seconds=p.max_seconds, seed=seed, progress=profile != "tiny")
+                       max_seconds=p.max_seconds, seed=seed)
     get_batch = mlm_nsp_batches({"train": [train_doc], "valid": [valid_doc]}, max_length=p.max_length,
                                 batch_size=p.batch_size, vocab_size=cfg.vocab_size,
                                 rng=np.random.default_rng(seed), specials=specials)

@@ -12,13 +12,16 @@
   stops at `max_steps`, after `patience` evaluations without a better validation loss, or when
   `max_seconds` of wall clock have passed (so `plm build` can promise a time). In all three cases the
   model ends with the weights of its best validation loss, in eval mode.
-- progress is a tqdm bar (loss, lr, last validation loss); the end is one summary line and a loss-curve
-  PNG in `out_dir`.
+- progress is a tqdm bar (loss, lr, last validation loss) on a terminal; elsewhere (`make serve > build.log`,
+  a pipe, CI) it is a plain log line at each tenth of the run, since a bar redrawn every step would fill the
+  log with carriage-return frames. The end is one summary line and a loss-curve PNG in `out_dir`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +39,9 @@ GetBatch = Callable[[str], Batch]  # "train" | "valid" -> one batch
 LossFn = Callable[[nn.Module, Batch], Tensor]  # -> scalar mean loss
 StopReason = Literal["max_steps", "early_stopping", "time_budget"]
 
+log = logging.getLogger("plm.train")
+_PLAIN_LINES = 10  # off a terminal: a progress line at each tenth of the run (of its steps or of its time budget)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -52,7 +58,7 @@ class TrainConfig:
     max_seconds: float | None = None  # wall-clock budget for the loop; None = until max_steps
     seed: int = 1337  # seeds torch (init, dropout); the batch sampler has its own generator
     num_threads: int = 2  # torch intra-op threads: the build machine has few cores and shares them
-    progress: bool = True  # show the tqdm bar (tests switch it off)
+    progress: bool = True  # a tqdm bar on a terminal, a line per tenth of the run elsewhere; False: neither
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,31 @@ class TrainResult:
             f"{self.final_train_loss:.4f}, best valid loss {self.best_valid_loss:.4f} "
             f"(ppl {math.exp(min(self.best_valid_loss, 50.0)):.1f})"
         )
+
+
+class _Progress:
+    """How far training is: tqdm's bar when stderr is a terminal, else a plain log line at each tenth."""
+
+    def __init__(self, desc: str, total: int, unit: str, enabled: bool) -> None:
+        self.desc, self.total, self.unit = desc, max(1, total), unit
+        terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True) if terminal else None
+        self.plain = enabled and not terminal
+        self.next_line = 1  # the next tenth (of _PLAIN_LINES) that earns a plain line
+
+    def update(self, done: int, **postfix: str) -> None:
+        """`done` steps (or seconds of the budget) so far; `postfix` the figures each report shows."""
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(postfix)
+        elif self.plain and done * _PLAIN_LINES >= self.next_line * self.total:
+            self.next_line = done * _PLAIN_LINES // self.total + 1
+            log.info("%s: %d/%d %s (%d%%) %s", self.desc, done, self.total, self.unit, 100 * done // self.total,
+                     " ".join(f"{k} {v}" for k, v in postfix.items() if k != self.unit))  # not `step` twice
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def default_loss_fn(model: nn.Module, batch: Batch) -> Tensor:
@@ -184,8 +215,8 @@ def train(
     evaluate(0)
     # With a time budget the bar counts seconds of it (the step count is then unknown in advance).
     timed = cfg.max_seconds is not None
-    bar = tqdm(total=round(cfg.max_seconds) if cfg.max_seconds is not None else cfg.max_steps, desc=desc,
-               unit="s" if timed else "step", disable=not cfg.progress, dynamic_ncols=True)
+    total = round(cfg.max_seconds) if cfg.max_seconds is not None else cfg.max_steps
+    bar = _Progress(desc, total, "s" if timed else "step", cfg.progress)
     last_eval_step = 0
     while True:
         if step >= cfg.max_steps:
@@ -207,8 +238,8 @@ def train(
         step += 1
         tokens_seen += _count_targets(batch)
         interval_losses.append(loss.item())
-        bar.update(min(int(time.monotonic() - t0), bar.total) - bar.n if timed else 1)
-        bar.set_postfix(step=step, loss=f"{interval_losses[-1]:.4f}", lr=f"{lr:.2e}", valid=f"{history[-1][2]:.4f}")
+        bar.update(min(int(time.monotonic() - t0), total) if timed else step, step=str(step),
+                   loss=f"{interval_losses[-1]:.4f}", lr=f"{lr:.2e}", valid=f"{history[-1][2]:.4f}")
         if step % cfg.eval_interval == 0:
             last_eval_step = step
             if evaluate(step):
