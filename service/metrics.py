@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the server, defined once (DESIGN.md §5).
+"""Every Prometheus metric of the server, defined once.
 
 A `Metrics` object owns its own `CollectorRegistry`, so several servers can live in one process (the tests
 start many). Under `plm serve --workers N` (service/workers.py) each worker writes its values to files in
@@ -6,14 +6,20 @@ start many). Under `plm serve --workers N` (service/workers.py) each worker writ
 (`multiprocess_mode`; ignored by a single process).
 
 Metrics are recorded at two boundaries: the request (servicer) and the batch (batcher/runtime).
+
+No `_created` series: prometheus_client would add one beside every counter and histogram child (its creation
+time), doubling the series a scrape stores. Prometheus keeps such a series from the text format as one more
+gauge and finds counter resets from the values themselves, so nothing here reads it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.exposition import generate_latest
+
+disable_created_metrics()  # before any metric exists: the switch is read as each child is created
 
 # Latency buckets from 0.5 ms to 30 s: n-gram requests take well under a millisecond, long generations seconds.
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -162,6 +162,13 @@ def test_promtool_check_metrics_is_clean_on_our_exposition(plm: Plm) -> None:
     assert bad.returncode != 0 and "_total" in bad.stdout + bad.stderr
 
 
+def test_exposition_has_no_created_series(plm: Plm) -> None:
+    """prometheus_client's `_created` series are off (service/metrics.py): none beside any counter or histogram."""
+    text = plm.scrape()
+    assert 'plm_requests_total{code="OK"' in text and "plm_request_duration_seconds_count{" in text
+    assert [line for line in text.splitlines() if "_created" in line] == []
+
+
 @pytest.mark.timeout(120)
 def test_prometheus_scrapes_every_plm_series(plm: Plm, prometheus: Prometheus) -> None:
     sampled, _ = plm.names()
