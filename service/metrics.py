@@ -8,8 +8,9 @@ start many). Under `plm serve --workers N` (service/workers.py) each worker writ
 Metrics are recorded at two boundaries: the request (servicer) and the batch (batcher/runtime).
 
 No `_created` series: prometheus_client would add one beside every counter and histogram child (its creation
-time), doubling the series a scrape stores. Prometheus keeps such a series from the text format as one more
-gauge and finds counter resets from the values themselves, so nothing here reads it.
+time), doubling the series a scrape stores. Prometheus reads them as creation times only under its
+`created-timestamp-zero-ingestion` feature flag, which deploy/ does not set; otherwise it stores each as one
+more series that no query, alert or dashboard here reads, and finds counter resets from the values themselves.
 """
 
 from __future__ import annotations
