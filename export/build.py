@@ -8,7 +8,6 @@ of the build prints a summary table with each model's held-out per-word perplexi
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import time
@@ -22,6 +21,7 @@ from plm.data import corpus as corpus_mod
 from plm.export.repository import build_key, is_current, staging, write_manifest
 from plm.export.variants import MAKERS, add_variants, applicable
 from plm.models import tokenization
+from plm.service.contract import manifest as contract
 
 log = logging.getLogger("plm.build")
 
@@ -127,7 +127,7 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
     for f in wanted:
         if f not in todo:
             for n in FAMILIES[f][0]:
-                manifests[n] = json.loads((repository / n / "manifest.json").read_text(encoding="utf-8"))
+                manifests[n] = contract.dump(contract.load(repository / n / contract.MANIFEST_FILE))
             log.info("%s: up to date in %s (use --force to rebuild)", f, repository)
     data: BuildData | None = None
     if todo:
@@ -142,8 +142,8 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
             t0 = time.perf_counter()
             manifests.update(getattr(importlib.import_module(module), func)(data, profile, repository, keys[f], seed))
             log.info("%s: built in %.1fs", f, time.perf_counter() - t0)
-    lacking = [n for n, m in manifests.items()
-               if any(applicable(m["family"], v) and v not in m.get("variants", {}) for v in variants)]
+    typed = {n: contract.from_json(m, source=n) for n, m in manifests.items()}
+    lacking = [n for n, m in typed.items() if any(applicable(m.family, v) and v not in m.variants for v in variants)]
     if lacking:
         data = data or prepare_data(prof, corpus_files, cache_dir, seed)
         held_out = data.corpus.test[: prof.variant_sentences]
@@ -152,7 +152,7 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
             manifests[name] = add_variants(repository / name, variants, held_out)
             log.info("%s: variants %s in %.1fs", name, ", ".join(manifests[name].get("variants", {})),
                      time.perf_counter() - t0)
-    _print_summary(manifests)
+    _print_summary({n: contract.from_json(m, source=n) for n, m in manifests.items()})
     return manifests
 
 
@@ -291,8 +291,8 @@ def gpt_word_perplexity(model: Any, tok: Any, sentences: list[str], word_sents: 
     return math.exp(-total / n)
 
 
-def _print_summary(manifests: dict[str, dict[str, Any]]) -> None:
-    rows = [(n, m.get("description", ""), m.get("evaluation", {}).get("test_word_perplexity"))
+def _print_summary(manifests: dict[str, contract.Manifest]) -> None:
+    rows = [(n, m.description, m.evaluation.get("test_word_perplexity"))
             for n, m in sorted(manifests.items())]
     width = max((len(r[1]) for r in rows), default=10)
     print(f"\n{'model':16} {'what':{width}}  test per-word perplexity")

@@ -1,4 +1,4 @@
-"""Writing model folders into the model repository (DESIGN.md §3), atomically and with a build key.
+"""Writing model folders into the model repository, atomically and with a build key.
 
 A model is built into a temporary folder beside its final place and renamed into place only when complete,
 so a server never sees half a model. The manifest's `build_key` says what the model was built from; a later
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-MANIFEST_SCHEMA = 1
+from plm.service.contract import manifest as contract
 
 
 def build_key(**facts: Any) -> str:
@@ -26,12 +26,12 @@ def build_key(**facts: Any) -> str:
 
 def is_current(folder: Path, key: str) -> bool:
     """The folder holds a complete model built with this key."""
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
+    path = folder / contract.MANIFEST_FILE
+    if not path.is_file():
         return False
     try:
-        return bool(json.loads(manifest.read_text(encoding="utf-8")).get("build_key") == key)
-    except (OSError, ValueError):
+        return contract.load(path).build_key == key
+    except (OSError, ValueError):  # unreadable or not a manifest this code reads: build again
         return False
 
 
@@ -57,13 +57,14 @@ def staging(repository: Path, name: str) -> Iterator[Path]:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Complete the common fields and write manifest.json (pretty, UTF-8)."""
+    """Complete the common fields, validate against the repository contract and write manifest.json; returns
+    the JSON written. A manifest the server could not read fails here, at build time, naming the field."""
     now = dt.datetime.now(dt.UTC)
     full = {
-        "schema_version": MANIFEST_SCHEMA,
         "version": now.strftime("%Y%m%dT%H%M%SZ"),
         "created_at": now.isoformat(timespec="seconds"),
         **manifest,
     }
-    (folder / "manifest.json").write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return full
+    typed = contract.from_json(full, source=str(folder / contract.MANIFEST_FILE))
+    contract.write(folder, typed)
+    return contract.dump(typed)

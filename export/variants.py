@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+from plm.service.contract import manifest as contract
+from plm.service.contract.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ GRAPHS = {"gpt": ("model", "decoder"), "bert": ("model",), "nnlm": ("model",)}
 TRANSFORMERS = {"gpt": "gpt2", "bert": "bert"}  # the optimizer's model_type for the transformer families
 
 
-def _int8(src: Path, dst: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _int8(src: Path, dst: Path, manifest: Manifest) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # MatMul/Gemm only: quantising the embedding Gather would also quantise the tied output projection's
@@ -66,18 +67,18 @@ def _int8(src: Path, dst: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _fused(src: Path, dst: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _fused(src: Path, dst: Path, manifest: Manifest) -> dict[str, Any]:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    cfg = manifest["config"]
-    opt = optimize_model(str(src), model_type=TRANSFORMERS[manifest["family"]], num_heads=int(cfg["n_head"]),
+    cfg = manifest.config
+    opt = optimize_model(str(src), model_type=TRANSFORMERS[manifest.family], num_heads=int(cfg["n_head"]),
                          hidden_size=int(cfg["n_embd"]), opt_level=1, use_gpu=False)
     opt.save_model_to_file(str(dst))
     fused = {op: n for op, n in opt.get_fused_operator_statistics().items() if n}
     return {"fused_operators": fused}
 
 
-def _fp16(src: Path, dst: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _fp16(src: Path, dst: Path, manifest: Manifest) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
@@ -85,7 +86,7 @@ def _fp16(src: Path, dst: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-MAKERS: dict[str, Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = {
+MAKERS: dict[str, Callable[[Path, Path, Manifest], dict[str, Any]]] = {
     "int8": _int8, "fused": _fused, "fp16": _fp16,
 }
 
@@ -96,7 +97,8 @@ def applicable(family: str, variant: str) -> bool:
 
 
 def _save(path: Path, manifest: dict[str, Any]) -> None:
-    path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    """Validate the manifest's JSON (as a server would read it) and write it."""
+    contract.write(path.parent, contract.from_json(manifest, source=str(path)))
 
 
 def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, Any]:
@@ -135,10 +137,11 @@ def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, A
 
 def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]) -> dict[str, Any]:
     """Write each requested variant of the model in `folder`, measure it, and record it in the manifest."""
-    path = folder / "manifest.json"
-    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    family = manifest["family"]
-    todo = [v for v in variants if applicable(family, v) and v not in manifest.get("variants", {})]
+    path = folder / contract.MANIFEST_FILE
+    current = contract.load(path)
+    manifest = contract.dump(current)  # the JSON that gains the variants
+    family = current.family
+    todo = [v for v in variants if applicable(family, v) and v not in current.variants]
     if not todo:
         return manifest
     base = measure(folder, "", sentences)
@@ -148,17 +151,17 @@ def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]
         graphs: dict[str, str] = {}
         facts: dict[str, Any] = {}
         for key in GRAPHS[family]:
-            if key not in manifest["graphs"]:
+            if key not in current.graphs:
                 continue
-            src = folder / manifest["graphs"][key]["file"]
+            src = folder / current.graphs[key].file
             dst = src.with_name(f"{src.stem}.{variant}.onnx")
             with _quiet():
-                facts.update(MAKERS[variant](src, dst, manifest))
+                facts.update(MAKERS[variant](src, dst, current))
             graphs[key] = dst.name
         spec: dict[str, Any] = {
             "graphs": graphs,
             "bytes": sum((folder / f).stat().st_size for f in graphs.values()),
-            "exported_bytes": sum((folder / manifest["graphs"][k]["file"]).stat().st_size for k in graphs),
+            "exported_bytes": sum((folder / current.graphs[k].file).stat().st_size for k in graphs),
             **facts,
         }
         manifest.setdefault("variants", {})[variant] = spec

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ class ServerConfig:
         """The ONNX Runtime settings of one model: the server's, or the config file's per-model section."""
         return self.model_runtime.get(model, self.runtime)
 
-    def batching_for(self, model: str, manifest_batching: dict[str, Any] | None = None) -> Batching:
+    def batching_for(self, model: str, manifest_batching: Mapping[str, Any] | None = None) -> Batching:
         """The batching settings of one model: server default ← manifest ← config file's per-model section."""
         if model in self.model_batching:
             return self.model_batching[model]
@@ -151,7 +152,7 @@ class ServerConfig:
         return self.batching
 
 
-def _replace_checked(obj: Any, values: dict[str, Any], where: str) -> Any:
+def _replace_checked(obj: Any, values: Mapping[str, Any], where: str) -> Any:
     """dataclasses.replace, but unknown keys and wrong types are an error naming `where`."""
     known = {f.name: f for f in dataclasses.fields(obj)}
     changes: dict[str, Any] = {}

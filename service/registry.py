@@ -1,38 +1,54 @@
-"""The model repository (DESIGN.md §3): finds model folders, checks their manifests, builds adapters.
+"""The model repository: finds model folders, checks their manifests, builds adapters.
 
-A folder that fails to load is logged and left out; the others still serve. Names and file references are
-checked so that nothing outside the repository folder is ever read, and only ONNX, ARPA, counts and JSON
-files are loaded (never pickle or code).
+A folder that fails to load is logged and left out; the others still serve. The manifest is read and
+validated by the repository contract (service/contract/manifest.py); names and file references are checked
+here so that nothing outside the repository folder is ever read, and only ONNX, ARPA, counts and JSON files
+are loaded (never pickle or code).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from plm.service.config import ServerConfig
+from plm.service.contract import manifest as contract
 from plm.service.errors import NotFound
-from plm.service.families.base import ModelAdapter, read_json
+from plm.service.families.base import ModelAdapter
+from plm.service.families.bert import BertAdapter
+from plm.service.families.elmo import ElmoAdapter
+from plm.service.families.gpt import GptAdapter
+from plm.service.families.ngram import NgramAdapter
+from plm.service.families.nnlm import NnlmAdapter
+from plm.service.families.word2vec import Word2VecAdapter
 from plm.service.metrics import Metrics
 from plm.service.runtime import provider_name
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-# family → adapter class; each takes (name, folder, manifest, config, metrics). Imported on first use.
-FAMILIES = {
-    "ngram": "plm.service.families.ngram:NgramAdapter",
-    "gpt": "plm.service.families.gpt:GptAdapter",
-    "nnlm": "plm.service.families.nnlm:NnlmAdapter",
-    "word2vec": "plm.service.families.word2vec:Word2VecAdapter",
-    "elmo": "plm.service.families.elmo:ElmoAdapter",
-    "bert": "plm.service.families.bert:BertAdapter",
+
+
+class AdapterClass(Protocol):
+    """What the registry builds a model with: an adapter class of one family."""
+
+    def __call__(self, name: str, folder: Path, manifest: contract.Manifest | Mapping[str, Any],
+                 config: ServerConfig, metrics: Metrics) -> ModelAdapter: ...
+
+
+# The manifest's `family` → the adapter that serves it.
+FAMILIES: dict[str, AdapterClass] = {
+    "ngram": NgramAdapter,
+    "gpt": GptAdapter,
+    "nnlm": NnlmAdapter,
+    "word2vec": Word2VecAdapter,
+    "elmo": ElmoAdapter,
+    "bert": BertAdapter,
 }
-_REQUIRED = ("name", "family", "tasks", "max_length", "vocab_size", "tokenizer")
 
 
 def _inside(folder: Path, relative: str) -> Path:
@@ -43,33 +59,26 @@ def _inside(folder: Path, relative: str) -> Path:
     return path
 
 
-def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    missing = [k for k in _REQUIRED if k not in manifest]
-    if missing:
-        raise ValueError(f"{folder / 'manifest.json'}: missing {', '.join(missing)}")
-    if manifest["name"] != folder.name:
-        raise ValueError(f"{folder / 'manifest.json'}: name {manifest['name']!r} differs from the folder name")
-    _inside(folder, manifest["tokenizer"]["file"])
-    files = [graph["file"] for graph in manifest.get("graphs", {}).values()]
-    files += [f for v in (manifest.get("variants") or {}).values() for f in v.get("graphs", {}).values()]
-    for file in files:
-        if not str(file).endswith(".onnx"):
+def _check_manifest(folder: Path, manifest: contract.Manifest) -> None:
+    if manifest.name != folder.name:
+        raise ValueError(f"{folder / contract.MANIFEST_FILE}: name {manifest.name!r} differs from the folder name")
+    graphs = [g.file for g in manifest.graphs.values()]
+    graphs += [f for v in manifest.variants.values() for f in v.graphs.values()]
+    for file in graphs:
+        if not file.endswith(".onnx"):
             raise ValueError(f"{folder.name}: graph {file!r} is not an .onnx file")
+    for file in manifest.files():
         _inside(folder, file)
-    if "ngram" in manifest:
-        _inside(folder, manifest["ngram"]["file"])
 
 
 def load_model(folder: Path, config: ServerConfig, metrics: Metrics) -> ModelAdapter:
     """Build the adapter of one model folder (blocking: reads files, creates ONNX sessions)."""
-    manifest = read_json(folder / "manifest.json")
+    manifest = contract.load(folder / contract.MANIFEST_FILE)
     _check_manifest(folder, manifest)
-    family = manifest["family"]
-    if family not in FAMILIES:
-        raise ValueError(f"{folder.name}: unknown family {family!r} (known: {', '.join(sorted(FAMILIES))})")
-    module, cls = FAMILIES[family].split(":")
-    adapter: type[ModelAdapter] = getattr(importlib.import_module(module), cls)
-    return adapter(folder.name, folder, manifest, config, metrics)  # type: ignore[call-arg]
+    adapter = FAMILIES.get(manifest.family)
+    if adapter is None:
+        raise ValueError(f"{folder.name}: unknown family {manifest.family!r} (known: {', '.join(sorted(FAMILIES))})")
+    return adapter(folder.name, folder, manifest, config, metrics)
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]  # (file, mtime_ns, size) of every file of a model folder
@@ -101,7 +110,7 @@ class Registry:
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root} does not exist (build it with `plm build`)")
         found = {}
-        for folder in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()):
+        for folder in sorted(p for p in root.iterdir() if (p / contract.MANIFEST_FILE).is_file()):
             name = folder.name
             if name.startswith(".") or (self.config.models and name not in self.config.models):
                 continue  # dot-folders are models being written (`.name.building`)

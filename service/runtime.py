@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from plm.service.config import Runtime
+from plm.service.contract.manifest import Manifest
 from plm.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -216,18 +217,18 @@ def on_host(values: Sequence[np.ndarray | ort.OrtValue]) -> list[np.ndarray]:
     return [v.numpy() if isinstance(v, ort.OrtValue) else v for v in values]
 
 
-def open_graph(folder: Path, manifest: dict[str, Any], key: str, runtime: Runtime, model: str,
+def open_graph(folder: Path, manifest: Manifest, key: str, runtime: Runtime, model: str,
                metrics: Metrics | None) -> OrtSession:
     """A session on the manifest's graph `key`: the configured optimised variant when the folder has one.
 
-    Variants (`plm build --variants`) are listed in the manifest as {"int8": {"graphs": {"model": FILE}, ...}};
+    Variants (`plm build --variants`) are listed in the manifest's `variants`, each with its graph files;
     a model without the requested variant serves its exported graph, and says so in the log.
     """
-    path, variant = folder / manifest["graphs"][key]["file"], ""
+    path, variant = folder / manifest.graphs[key].file, ""
     if runtime.variant:
-        file = ((manifest.get("variants") or {}).get(runtime.variant) or {}).get("graphs", {}).get(key)
-        if file:
-            path, variant = folder / file, runtime.variant
+        chosen = manifest.variants.get(runtime.variant)
+        if chosen is not None and key in chosen.graphs:
+            path, variant = folder / chosen.graphs[key], runtime.variant
         else:
             log.info("model %s: no %r variant of graph %r; serving the exported graph", model, runtime.variant, key)
     return OrtSession(path, runtime, model, metrics, variant)

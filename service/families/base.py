@@ -10,13 +10,18 @@ from __future__ import annotations
 import abc
 import json
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from plm.service.batcher import DynamicBatcher
+from plm.service.contract import manifest as contract
 from plm.service.errors import FailedPrecondition
 from tokenizers import Tokenizer
+
+# What an adapter is built from: the typed manifest, or its JSON (validated as manifest.json would be).
+ManifestSource = contract.Manifest | Mapping[str, Any]
 
 # The task names a manifest may list, and the RPCs that need them.
 TASK_SCORE = "score"
@@ -80,15 +85,20 @@ class ModelAdapter(abc.ABC):
 
     family: str = ""
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource) -> None:
+        """`manifest` is the folder's typed manifest; a JSON mapping is validated as the file would be."""
         self.name = name
         self.folder = folder
-        self.manifest = manifest
-        self.version = str(manifest.get("version", "1"))
-        self.tasks: tuple[str, ...] = tuple(manifest.get("tasks", ()))
-        self.max_length = int(manifest["max_length"])
-        self.vocab_size = int(manifest["vocab_size"])
-        self.tokenizer_kind = str(manifest.get("tokenizer", {}).get("kind", ""))
+        if not isinstance(manifest, contract.Manifest):
+            manifest = contract.from_json(manifest, source=str(folder / contract.MANIFEST_FILE))
+        self.spec = manifest  # the typed manifest (service/contract/manifest.py)
+        # The manifest as JSON, for ModelInfo's free-form facts until model_info reads `spec`.
+        self.manifest: dict[str, Any] = contract.dump(manifest)
+        self.version = manifest.version
+        self.tasks: tuple[str, ...] = manifest.tasks
+        self.max_length = manifest.max_length
+        self.vocab_size = manifest.vocab_size
+        self.tokenizer_kind = manifest.tokenizer.kind
         self.providers: list[str] = []  # the execution providers of the model's sessions, first = preferred
         self.variant = ""  # the optimised graph variant served ("" = the exported graph)
 

@@ -20,7 +20,7 @@ import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.errors import FailedPrecondition, InvalidArgument
-from plm.service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors, top_of
+from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of
 from plm.service.families.textnorm import PlainTextEncoder
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
@@ -51,21 +51,21 @@ class BertAdapter(ModelAdapter):
     family = "bert"
     score_method = "pseudo_log_likelihood"
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig, metrics: Metrics):
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig, metrics: Metrics):
         super().__init__(name, folder, manifest)
-        tok = manifest["tokenizer"]
-        self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
+        tok = self.spec.tokenizer
+        self.tokenizer = Tokenizer.from_file(str(folder / tok.file))
         # Plain text skips the normalizer, which would leave it unchanged (service/families/textnorm.py).
         self._encoder = PlainTextEncoder(self.tokenizer)
-        self._cls = self.special_id(self.tokenizer, tok.get("cls", "[CLS]"))
-        self._sep = self.special_id(self.tokenizer, tok.get("sep", "[SEP]"))
-        self._mask = self.special_id(self.tokenizer, tok.get("mask", "[MASK]"))
-        self._pad = self.special_id(self.tokenizer, tok.get("pad", "[PAD]"))
-        self._unk = self.special_id(self.tokenizer, tok.get("unk", "[UNK]"))
-        self.session = open_graph(folder, manifest, "model", config.runtime_for(name), name, metrics)
+        self._cls = self.special_id(self.tokenizer, tok.special("cls", "[CLS]"))
+        self._sep = self.special_id(self.tokenizer, tok.special("sep", "[SEP]"))
+        self._mask = self.special_id(self.tokenizer, tok.special("mask", "[MASK]"))
+        self._pad = self.special_id(self.tokenizer, tok.special("pad", "[PAD]"))
+        self._unk = self.special_id(self.tokenizer, tok.special("unk", "[UNK]"))
+        self.session = open_graph(folder, self.spec, "model", config.runtime_for(name), name, metrics)
         self.served_by(self.session)
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
-            name, self._run, config.batching_for(name, manifest.get("batching")), metrics
+            name, self._run, config.batching_for(name, self.spec.batching), metrics
         )
         vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._word_start = np.array([not t.startswith(CONTINUATION) for t in vocab], dtype=bool)

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
+from plm.service.contract.manifest import ElmoSpec
 from plm.service.errors import FailedPrecondition, InvalidArgument
-from plm.service.families.base import TokenScores, TokenVectors
+from plm.service.families.base import ManifestSource, TokenScores, TokenVectors
 from plm.service.families.words import WordModel, WordVocabulary
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
@@ -55,19 +56,19 @@ def mix_weights(layer_weights: Sequence[float], gamma: float) -> np.ndarray:
 class ElmoAdapter(WordModel):
     family = "elmo"
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,
                  metrics: Metrics) -> None:
         super().__init__(name, folder, manifest)
-        self.vocab = WordVocabulary(folder, manifest)
-        spec = manifest.get("elmo", {})
-        self.default_weights = tuple(float(w) for w in spec.get("layer_weights", (0.0, 0.0, 0.0)))
-        self.gamma = float(spec.get("gamma", 1.0))
+        self.vocab = WordVocabulary(folder, self.spec.tokenizer)
+        spec = self.spec.elmo or ElmoSpec()
+        self.default_weights = spec.layer_weights
+        self.gamma = spec.gamma
         if len(self.default_weights) != 3 or not all(math.isfinite(w) for w in self.default_weights):
             raise ValueError(f"{folder.name}: manifest elmo.layer_weights must be 3 finite numbers")
-        self.session = open_graph(folder, manifest, "model", config.runtime_for(name), name, metrics)
+        self.session = open_graph(folder, self.spec, "model", config.runtime_for(name), name, metrics)
         self.served_by(self.session)
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
-            name, self._run, config.batching_for(name, manifest.get("batching")), metrics
+            name, self._run, config.batching_for(name, self.spec.batching), metrics
         )
 
     @property

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
-from plm.service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors
 from plm.service.families.textnorm import PlainTextEncoder
 from plm.service.metrics import Metrics
 from plm.service.runtime import cores, open_graph, pad_right
@@ -85,20 +85,20 @@ def _token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes] | None:
 class GptAdapter(ModelAdapter):
     family = "gpt"
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig, metrics: Metrics):
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig, metrics: Metrics):
         super().__init__(name, folder, manifest)
-        tok = manifest["tokenizer"]
-        self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
+        tok = self.spec.tokenizer
+        self.tokenizer = Tokenizer.from_file(str(folder / tok.file))
         # Plain text skips the normalizer, which would leave it unchanged (service/families/textnorm.py).
         self._encoder = PlainTextEncoder(self.tokenizer)
-        self._eos = self.special_id(self.tokenizer, tok.get("eos", "<|endoftext|>"))
-        self._bos = self.special_id(self.tokenizer, tok.get("bos", "<|endoftext|>"))
+        self._eos = self.special_id(self.tokenizer, tok.special("eos", "<|endoftext|>"))
+        self._bos = self.special_id(self.tokenizer, tok.special("bos", "<|endoftext|>"))
         runtime = config.runtime_for(name)
-        self.session = open_graph(folder, manifest, "model", runtime, name, metrics)
+        self.session = open_graph(folder, self.spec, "model", runtime, name, metrics)
         self.served_by(self.session)
         self._metrics = metrics
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
-            name, self._run, config.batching_for(name, manifest.get("batching")), metrics
+            name, self._run, config.batching_for(name, self.spec.batching), metrics
         )
         vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
         self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
@@ -108,7 +108,7 @@ class GptAdapter(ModelAdapter):
         self._never = np.zeros(self.vocab_size, dtype=bool)
         if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
             self._never[self._bos] = True
-        decoder = manifest["graphs"].get("decoder")
+        decoder = self.spec.graphs.get("decoder")
         if decoder is not None and runtime.kv_cache:
             from plm.service.engine import GenerationEngine
 
@@ -118,14 +118,14 @@ class GptAdapter(ModelAdapter):
             threads = runtime.intra_op_threads or max(1, cores() - 1)
             decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait,
                                                   intra_op_threads=threads)
-            decoder_session = open_graph(folder, manifest, "decoder", decoder_runtime, name, metrics)
+            decoder_session = open_graph(folder, self.spec, "decoder", decoder_runtime, name, metrics)
             layout = None  # lays the KV cache out again on the decoder's device (models exported before it: none)
-            if decoder_session.io_binding and "kv_layout" in manifest["graphs"]:
-                layout = open_graph(folder, manifest, "kv_layout", dataclasses.replace(decoder_runtime, variant=""),
+            if decoder_session.io_binding and "kv_layout" in self.spec.graphs:
+                layout = open_graph(folder, self.spec, "kv_layout", dataclasses.replace(decoder_runtime, variant=""),
                                     name, metrics)
             self.engine = GenerationEngine(
-                name, decoder_session, int(decoder["n_layer"]), int(decoder["n_head"]), int(decoder["head_dim"]),
-                self._bos, self._eos, ~self._never, config.batching_for(name, manifest.get("batching")), metrics,
+                name, decoder_session, *decoder.cache_dims(),
+                self._bos, self._eos, ~self._never, config.batching_for(name, self.spec.batching), metrics,
                 layout, runtime.prefix_reuse)
 
     # -- text ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 from plm.service.config import ServerConfig
-from plm.service.families.base import Encoded, ModelAdapter, TokenScores
+from plm.service.contract.manifest import require
+from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores
 from plm.service.families.ngram_scorer import NgramModel
 from plm.service.families.words import PlainText, encode_words, join_words
 from plm.service.metrics import Metrics
@@ -24,14 +25,14 @@ _LN10 = math.log(10.0)
 class NgramAdapter(ModelAdapter):
     family = "ngram"
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,
                  metrics: Metrics) -> None:
         super().__init__(name, folder, manifest)
-        self.tokenizer = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
+        self.tokenizer = Tokenizer.from_file(str(folder / self.spec.tokenizer.file))
         self._plain = PlainText(self.tokenizer)
-        spec = manifest["ngram"]
-        path = folder / spec["file"]
-        self.lm = NgramModel.load_arpa(path) if spec["format"] == "arpa" else NgramModel.load_counts(path)
+        spec = require(self.spec.ngram, "ngram", folder)
+        path = folder / spec.file
+        self.lm = NgramModel.load_arpa(path) if spec.format == "arpa" else NgramModel.load_counts(path)
         self.vocab_size = len(self.lm.vocab)
         self._eos = self.lm.word_to_id[self.lm.eos]
         self._never = np.zeros(self.vocab_size, dtype=bool)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
-from plm.service.families.base import TokenScores, top_of
+from plm.service.contract.manifest import require
+from plm.service.families.base import ManifestSource, TokenScores, top_of
 from plm.service.families.words import WordModel, WordVocabulary
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph
@@ -33,15 +34,15 @@ class _Window:
 class NnlmAdapter(WordModel):
     family = "nnlm"
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,
                  metrics: Metrics) -> None:
         super().__init__(name, folder, manifest)
-        self.vocab = WordVocabulary(folder, manifest)
-        self.order = int(manifest["nnlm"]["order"])
-        self.session = open_graph(folder, manifest, "model", config.runtime_for(name), name, metrics)
+        self.vocab = WordVocabulary(folder, self.spec.tokenizer)
+        self.order = require(self.spec.nnlm, "nnlm", folder).order
+        self.session = open_graph(folder, self.spec, "model", config.runtime_for(name), name, metrics)
         self.served_by(self.session)
         self._batcher: DynamicBatcher[_Window, Any] = DynamicBatcher(
-            name, self._run, config.batching_for(name, manifest.get("batching")), metrics
+            name, self._run, config.batching_for(name, self.spec.batching), metrics
         )
 
     # -- log-probabilities --------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
+from plm.service.contract.manifest import require
 from plm.service.errors import FailedPrecondition
-from plm.service.families.base import Encoded, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors
 from plm.service.families.words import PlainText, encode_words, join_words
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
@@ -44,32 +45,32 @@ class _ClozeRow:
 class Word2VecAdapter(ModelAdapter):
     family = "word2vec"
 
-    def __init__(self, name: str, folder: Path, manifest: dict[str, Any], config: ServerConfig,
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,
                  metrics: Metrics) -> None:
         super().__init__(name, folder, manifest)
-        spec = manifest["word2vec"]
-        self.tokenizer = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
+        spec = require(self.spec.word2vec, "word2vec", folder)
+        self.tokenizer = Tokenizer.from_file(str(folder / self.spec.tokenizer.file))
         self._plain = PlainText(self.tokenizer)
-        vocab = json.loads((folder / spec["vocab_file"]).read_text(encoding="utf-8"))
+        vocab = json.loads((folder / spec.vocab_file).read_text(encoding="utf-8"))
         if not isinstance(vocab, list) or len(vocab) != self.vocab_size:
-            raise ValueError(f"{folder.name}: {spec['vocab_file']} must list {self.vocab_size} words")
+            raise ValueError(f"{folder.name}: {spec.vocab_file} must list {self.vocab_size} words")
         self.vocab: list[str] = [str(w) for w in vocab]
         self.word_to_id = {w: i for i, w in enumerate(self.vocab)}
-        self._unk = int(spec.get("unk_id", 0))
-        self._mask = int(spec.get("mask_id", 1))
-        self.window = int(spec["window"])
+        self._unk = spec.unk_id
+        self._mask = spec.mask_id
+        self.window = spec.window
         self._never = np.zeros(self.vocab_size, dtype=bool)
         self._never[[self._unk, self._mask]] = True
         self._all_words = np.ones(self.vocab_size, dtype=bool)
         # No metrics for this one load-time run: they describe requests.
-        vectors = open_graph(folder, manifest, "vectors", config.runtime_for(name), name, None)
+        vectors = open_graph(folder, self.spec, "vectors", config.runtime_for(name), name, None)
         all_ids = np.arange(self.vocab_size, dtype=np.int64)
         self._matrix: np.ndarray = vectors.run(["vectors"], {"input_ids": all_ids})["vectors"]  # (V, D)
         self._matrix.setflags(write=False)
-        self.cloze = open_graph(folder, manifest, "cloze", config.runtime_for(name), name, metrics)
+        self.cloze = open_graph(folder, self.spec, "cloze", config.runtime_for(name), name, metrics)
         self.served_by(self.cloze)
         self._batcher: DynamicBatcher[_ClozeRow, np.ndarray] = DynamicBatcher(
-            name, self._run_cloze, config.batching_for(name, manifest.get("batching")), metrics
+            name, self._run_cloze, config.batching_for(name, self.spec.batching), metrics
         )
 
     # -- text ---------------------------------------------------------------------------------------------
@@ -140,6 +141,6 @@ class Word2VecAdapter(ModelAdapter):
         return self._matrix
 
     def info(self) -> dict[str, Any]:
-        spec = self.manifest["word2vec"]
-        return {"providers": self.providers, "architecture": spec.get("architecture"), "window": self.window,
+        spec = require(self.spec.word2vec, "word2vec", self.folder)
+        return {"providers": self.providers, "architecture": spec.architecture, "window": self.window,
                 "dimension": int(self._matrix.shape[1])}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from plm.service.contract.manifest import TokenizerSpec
 from plm.service.families.base import Encoded, ModelAdapter
 from plm.service.families.textnorm import plain_text_shortcut, plain_text_splitter
 from tokenizers import Tokenizer
@@ -54,19 +54,18 @@ def join_words(vocab: Sequence[str], ids: list[int], skip: np.ndarray) -> str:
 class WordVocabulary:
     """The word tokenizer of a word-level model folder: normalised words, ids, specials (shared with ELMo)."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
-        tok = manifest["tokenizer"]
-        self.tokenizer = Tokenizer.from_file(str(folder / tok["file"]))
+    def __init__(self, folder: Path, tok: TokenizerSpec) -> None:
+        self.tokenizer = Tokenizer.from_file(str(folder / tok.file))
         self.plain = PlainText(self.tokenizer)
         vocab: dict[str, int] = self.tokenizer.get_vocab()
         self.word_to_id = vocab
         self.id_to_word = [""] * len(vocab)
         for w, i in vocab.items():
             self.id_to_word[i] = w
-        self.bos = vocab[tok.get("bos", "<s>")]
-        self.eos = vocab[tok.get("eos", "</s>")]
-        self.unk = vocab[tok.get("unk", "<unk>")]
-        self.pad = vocab.get(tok.get("pad", "<pad>"), self.eos)
+        self.bos = vocab[tok.special("bos", "<s>")]
+        self.eos = vocab[tok.special("eos", "</s>")]
+        self.unk = vocab[tok.special("unk", "<unk>")]
+        self.pad = vocab.get(tok.special("pad", "<pad>"), self.eos)
         self.never = np.zeros(len(vocab), dtype=bool)
         for special in (self.bos, self.unk, self.pad):
             self.never[special] = True
