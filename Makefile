@@ -42,8 +42,26 @@ build: protos
 serve: build
 	$(VENV)/bin/plm serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
+# The tests that run the real Prometheus server and promtool (tests/test_prometheus.py, one of test_workers.py)
+# need Debian's `prometheus` package: `make test` installs it when it can (root with apt-get, as .ci/run does),
+# and a run without it ends by naming the files whose tests skipped and the package that brings them back.
+HAVE_PROMETHEUS = command -v prometheus >/dev/null && command -v promtool >/dev/null
+CAN_APT_INSTALL = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
+PROMETHEUS_TESTS = $$(grep -l 'tool("prom' tests/*.py | tr '\n' ' ')
+
 test: $(VENV)/.stamp-test protos
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@if ! ($(HAVE_PROMETHEUS)) && $(CAN_APT_INSTALL); then \
+	  echo "make test: installing Debian's prometheus package (prometheus, promtool) for $(PROMETHEUS_TESTS)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null) || echo "make test: apt-get could not install prometheus"; \
+	fi
+	@status=0; $(PY) -m pytest $(PYTEST_ARGS) || status=$$?; \
+	if ! ($(HAVE_PROMETHEUS)); then \
+	  echo "make test: without prometheus and promtool the tests that run them skipped (in $(PROMETHEUS_TESTS)-" \
+	       "pytest's SKIPPED lines name each): install Debian's prometheus package (apt-get install prometheus;" \
+	       "make test does it when run as root)"; \
+	fi; \
+	exit $$status
 
 lint: $(VENV)/.stamp-test protos
 	$(VENV)/bin/ruff check .
