@@ -208,3 +208,68 @@ def test_nsp_equals_transformers(client: Any, pretraining: Path) -> None:
             logits = model(**tok(a, b, return_tensors="pt")).seq_relationship_logits[0]
         is_next = float(torch.softmax(logits, -1)[0])  # column 0 = IsNext (transformers' convention)
         assert result.is_next_prob == pytest.approx(is_next, abs=1e-5)
+
+
+def _break(case: str, folder: Path) -> None:
+    """Damage a copy of a good checkpoint folder one way."""
+    config = json.loads((folder / "config.json").read_text())
+    if case == "missing config":
+        (folder / "config.json").unlink()
+    elif case == "architecture":
+        config["architectures"] = ["RobertaForMaskedLM"]
+    elif case == "truncated weights":
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "config vs weights":
+        config["num_hidden_layers"] = 3  # the weights hold 2
+    elif case == "tokenizer vs vocab":
+        config["vocab_size"] += 7
+    elif case == "no weights":
+        (folder / "model.safetensors").unlink()
+    if case in ("architecture", "config vs weights", "tokenizer vs vocab"):
+        (folder / "config.json").write_text(json.dumps(config))
+
+
+BAD = {"missing config": "config.json: missing", "architecture": "architecture RobertaForMaskedLM is not supported; "
+       "supported: BertModel, BertForMaskedLM, BertForPreTraining", "truncated weights": "model.safetensors: unreadable",
+       "config vs weights": "model.safetensors: lacks", "tokenizer vs vocab": "tokenizer.json: the tokenizer has",
+       "no weights": "no weights: expected model.safetensors or pytorch_model.bin"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint_fails_with_one_line(case: str, pretraining: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`plm import` exits non-zero with one line naming the file and the problem; the repository is unchanged."""
+    import shutil
+
+    from plm.cli import main
+
+    source = tmp_path / "source"
+    shutil.copytree(pretraining, source)
+    _break(case, source)
+    repo = tmp_path / "repo"
+    (repo / "existing").mkdir(parents=True)
+    (repo / "existing" / "manifest.json").write_text("{}")
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    assert main(["import", "bert", str(source), "--repository", str(repo), "--name", "new"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and BAD[case] in err, err
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before
+
+
+def test_name_collision_needs_replace(pretraining: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from plm.cli import main
+
+    repo = tmp_path / "repo"
+    assert main(["import", "bert", str(pretraining), "--repository", str(repo), "--name", "m"]) == 0
+    first = json.loads((repo / "m" / "manifest.json").read_text())
+    capsys.readouterr()
+    assert main(["import", "bert", str(pretraining), "--repository", str(repo), "--name", "m"]) == 1
+    assert "exists already; pass --replace" in capsys.readouterr().err
+    assert main(["import", "bert", str(pretraining), "--repository", str(repo), "--name", "../m"]) == 1
+    assert "is not a model name" in capsys.readouterr().err
+    assert main(["import", "bert", str(pretraining), "--repository", str(repo), "--name", "m", "--replace",
+                 "--max-length", "32"]) == 0
+    second = json.loads((repo / "m" / "manifest.json").read_text())
+    assert (first["max_length"], second["max_length"]) == (64, 32)
+    assert sorted(p.name for p in repo.iterdir()) == ["m"]  # no temporary folder left behind

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +126,11 @@ def load_model(folder: Path, arch: str, weights: Path) -> Any:
     import transformers
 
     cls = getattr(transformers, arch)
-    try:
-        model, info = cls.from_pretrained(str(folder), attn_implementation="eager", output_loading_info=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ImportFailed(weights, f"does not match config.json ({str(e).splitlines()[0][:300]})") from e
+    with quiet_transformers():
+        try:
+            model, info = cls.from_pretrained(str(folder), attn_implementation="eager", output_loading_info=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ImportFailed(weights, f"does not match config.json ({str(e).splitlines()[0][:300]})") from e
     missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or mismatched:
@@ -135,6 +138,23 @@ def load_model(folder: Path, arch: str, weights: Path) -> Any:
             else f"has weights of other shapes than config.json says ({mismatched[:2]})"
         raise ImportFailed(weights, what)
     return model.eval()
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or load reports on stderr (the import's own error is the one line there)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def serving_graph(model: Any, arch: str) -> Any:
