@@ -1,18 +1,22 @@
-"""The error table (DESIGN.md §4): typed service errors, each carrying its gRPC status code.
+"""The error table: typed service errors, each carrying its status as a protocol-free name.
 
-Code anywhere in the service raises one of these; the servicer's single wrapper turns it into a gRPC status.
-Anything else that escapes becomes INTERNAL, logged with the request id, never shown as a traceback.
+Code anywhere in the service raises one of these. The status names are the canonical ones (INVALID_ARGUMENT,
+NOT_FOUND, ...) that gRPC uses as they are; a front end of another protocol maps them to its own (an HTTP front
+end to 400, 404, ...). An InvalidArgument names the request field in the data plane's own naming
+(service/dataplane/requests.py); each front end renames it to its wire's name through its own table
+(`InvalidArgument.renamed`). Anything else that escapes becomes INTERNAL, logged with the request id, never
+shown as a traceback.
 """
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Mapping
 
 
 class ServiceError(Exception):
-    """Base class: a failure the client can be told about, with its status code."""
+    """Base class: a failure the client can be told about, with its status."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -20,40 +24,52 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
-    """A malformed or out-of-range field. The message names the field and, where there is one, the limit."""
+    """A malformed or out-of-range field. The message names the field and, where there is one, the limit.
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    `field` is the field's name (`texts`), `at` where in it the problem is (`[2]`, `[0].a`), `problem` the rest:
+    the message reads `texts[2]: is empty`.
+    """
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, problem: str, at: str = "") -> None:
+        super().__init__(f"{field}{at}: {problem}")
         self.field = field
+        self.at = at
+        self.problem = problem
+
+    def renamed(self, names: Mapping[str, str]) -> InvalidArgument:
+        """The same error with its field under a front end's name (`names`: data plane name → wire name);
+        a field the table does not list keeps its name."""
+        name = names.get(self.field, self.field)
+        return self if name == self.field else InvalidArgument(name, self.problem, self.at)
 
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class FailedPrecondition(ServiceError):
     """The model exists but does not serve the task asked of it."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(ServiceError):
     """Queue full: returned fast, before any work is done for the request."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class DeadlineExceeded(ServiceError):
     """The deadline passed while the request waited; its work never ran."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class Internal(ServiceError):
-    code = grpc.StatusCode.INTERNAL
+    code = "INTERNAL"

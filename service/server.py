@@ -1,5 +1,8 @@
-"""The server process: load the repository, start gRPC (plm.v1 + admin + health + reflection) and /metrics,
-stop cleanly.
+"""The server process: load the repository, start gRPC (plm.v1 + admin + KServe v2 + health + reflection) and
+/metrics, stop cleanly.
+
+The wiring: one DataPlane (service/dataplane/) over the registry, admission and metrics, and the front ends
+(service/frontends/) over it, each translating its own wire format.
 
 Health: the overall service ("") and `plm.v1.LanguageModelService` are SERVING once every model is loaded;
 each model name is its own health service, SERVING when that model is ready (hot reload keeps it so). On
@@ -22,13 +25,14 @@ from grpc_reflection.v1alpha import reflection
 from plm.service import logs
 from plm.service.admission import Admission
 from plm.service.config import ServerConfig
-from plm.service.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
-from plm.service.kserve import KServeServicer
+from plm.service.dataplane.plane import DataPlane
+from plm.service.frontends.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from plm.service.frontends.kserve import KServeServicer
+from plm.service.frontends.plm_v1 import AdminServicer, LanguageModelServicer
 from plm.service.metrics import Metrics
 from plm.service.registry import Registry
 from plm.service.reload import Reloader
 from plm.service.security import TokenAuth, server_credentials
-from plm.service.servicer import AdminServicer, LanguageModelServicer
 
 from plm.api.triton import grpc_service_pb2_grpc
 from plm.api.v1 import admin_pb2, admin_pb2_grpc, plm_pb2, plm_pb2_grpc
@@ -117,11 +121,11 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     admission = Admission(config.limits, metrics)
     health_servicer = health.aio.HealthServicer()
     reloader = Reloader(registry, health_servicer, config.grace_seconds)
-    plm_servicer = LanguageModelServicer(registry, admission, config, metrics)
-    plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(plm_servicer, server)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(  # KServe v2 / Triton, same task path
-        KServeServicer(registry, config, metrics, plm_servicer), server)
-    admin = AdminServicer(reloader, admission, metrics, config.supervisor_pid)
+    # One data plane under both protocols: each front end only translates its wire format.
+    plane = DataPlane(registry, admission, metrics, config.limits, config.stream_interval)
+    plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(LanguageModelServicer(plane), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(plane), server)  # KServe v2
+    admin = AdminServicer(plane, reloader, config)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME,

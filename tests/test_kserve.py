@@ -113,7 +113,7 @@ def test_liveness_readiness_and_server_metadata(triton: Any) -> None:
 
 def test_model_metadata_for_every_model_and_task(triton: Any, plm: PlmClient) -> None:
     """Every plm.v1 model answers under its own name (its first task) and under `name:task` for each task."""
-    from plm.service.kserve import TASKS
+    from plm.service.frontends.kserve_tasks import TASKS
 
     for info in plm.list_models().models:
         first = triton.get_model_metadata(info.name)

@@ -90,13 +90,13 @@ async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | Non
             shared = min(shared, _common(prefix_ids, full))
             n = len(full) - _common(ctx_ids, full)
             if n == 0:
-                raise InvalidArgument(f"labels[{li}]", "has no tokens")
+                raise InvalidArgument("labels", "has no tokens", at=f"[{li}]")
             if len(full) > model.context_budget:
-                field = f"queries[{qi}]" if qi < len(p.queries) else "content_free"
+                field, at = ("queries", f"[{qi}]") if qi < len(p.queries) else ("content_free", "")
                 raise InvalidArgument(
                     field, f"with its prompt ({len(prefix_ids)} tokens of instruction and demonstrations) and "
                     f"labels[{li}] is {len(full)} tokens; model {model.name!r} takes at most "
-                    f"{model.context_budget}: use fewer or shorter demonstrations")
+                    f"{model.context_budget}: use fewer or shorter demonstrations", at=at)
             seqs.append(full)
             label_lens.append(n)
     if model.engine is not None and model.engine.prefix_reuse:

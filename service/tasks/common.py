@@ -27,10 +27,11 @@ def _check(model: ModelAdapter, seqs: list[list[int]], field: str, reserve: int 
     limit = model.context_budget - reserve if reserve is not None else float("inf")
     for i, ids in enumerate(seqs):
         if not ids and not allow_empty:
-            raise InvalidArgument(f"{field}[{i}]", "has no tokens (empty or only whitespace)")
+            raise InvalidArgument(field, "has no tokens (empty or only whitespace)", at=f"[{i}]")
         if len(ids) > limit:
             raise InvalidArgument(
-                f"{field}[{i}]",
+                field,
                 f"is {len(ids)} tokens; model {model.name!r} takes at most {limit} "
                 f"(window {model.max_length}, less {model.max_length - int(limit)} for BOS/EOS/new tokens)",
+                at=f"[{i}]",
             )

@@ -114,7 +114,7 @@ async def embed(model: ModelAdapter, params: EmbedParams, deadline: float | None
             for field, word in (("a", a), ("b", b), ("c", c)):
                 enc = model.encode(word)
                 if len(enc.ids) != 1 or enc.oov[0]:
-                    raise InvalidArgument(f"analogies[{i}].{field}", f"{word!r} is not a word of the vocabulary")
+                    raise InvalidArgument("analogies", f"{word!r} is not a word of the vocabulary", at=f"[{i}].{field}")
                 ids.append(enc.ids[0])
             query = matrix[ids[0]] - matrix[ids[1]] + matrix[ids[2]]
             analogies.append(((a, b, c), _nearest(matrix, query, set(ids), params.nearest_k or 5, model)))

@@ -36,11 +36,11 @@ class FillResult:
     masks: tuple[tuple[FillCandidate, ...], ...]  # per blank, best first
 
 
-def _with_blanks(model: ModelAdapter, text: str, field: str) -> tuple[list[int], list[int]]:
+def _with_blanks(model: ModelAdapter, text: str, at: str) -> tuple[list[int], list[int]]:
     """Token ids of the text with `mask_id` at each blank, and the blanks' positions."""
     pieces = text.split(MASK)
     if len(pieces) < 2:
-        raise InvalidArgument(field, f"has no {MASK} blank to fill")
+        raise InvalidArgument("texts", f"has no {MASK} blank to fill", at=at)
     ids: list[int] = []
     positions: list[int] = []
     for k, piece in enumerate(pieces):
@@ -49,7 +49,8 @@ def _with_blanks(model: ModelAdapter, text: str, field: str) -> tuple[list[int],
             positions.append(len(ids))
             ids.append(model.mask_id)
     if len(ids) > model.context_budget:
-        raise InvalidArgument(field, f"is {len(ids)} tokens; model {model.name!r} takes at most {model.context_budget}")
+        raise InvalidArgument("texts", f"is {len(ids)} tokens; model {model.name!r} takes at most "
+                                       f"{model.context_budget}", at=at)
     return ids, positions
 
 
@@ -65,11 +66,12 @@ def _fill(text: str, blank: int, word: str) -> str:
 
 async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float | None) -> list[FillResult]:
     model.require(TASK_FILL_MASK)
-    rows = [_with_blanks(model, t, f"texts[{i}]") for i, t in enumerate(params.texts)]
+    rows = [_with_blanks(model, t, f"[{i}]") for i, t in enumerate(params.texts)]
     targets = [(t, model.encode_ids(t)) for t in params.targets]
     for i, (t, ids) in enumerate(targets):
         if not ids or model.never_generate_mask()[ids].any():
-            raise InvalidArgument(f"targets[{i}]", f"{t!r} is not a word the model can predict (out of vocabulary?)")
+            raise InvalidArgument("targets", f"{t!r} is not a word the model can predict (out of vocabulary?)",
+                                  at=f"[{i}]")
     seqs, blanks = [ids for ids, _ in rows], [pos for _, pos in rows]
     if targets:  # each target's own log-prob: the whole (M, V) rows
         dists: list[Any] = await model.mask_logprobs(seqs, blanks, deadline)

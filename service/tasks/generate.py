@@ -210,16 +210,16 @@ def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metric
     model.require(TASK_GENERATE)
     p = params.sampling
     if p.max_new_tokens >= model.context_budget:
-        raise InvalidArgument("sampling.max_new_tokens", f"is {p.max_new_tokens}; model {model.name!r}'s window "
-                                                         f"holds {model.context_budget} tokens, prompt included")
+        raise InvalidArgument("max_new_tokens", f"is {p.max_new_tokens}; model {model.name!r}'s window "
+                                                f"holds {model.context_budget} tokens, prompt included")
     keep = model.context_budget - p.max_new_tokens  # prompt tokens that fit beside the new ones
     encoded = encode_checked(model, params.prompts, "prompts", allow_empty=True, reserve=None)
     for i, e in enumerate(encoded):
         if len(e.ids) > keep and not params.truncate_prompt:
             raise InvalidArgument(
-                f"prompts[{i}]", f"is {len(e.ids)} tokens; with sampling.max_new_tokens {p.max_new_tokens}, model "
+                "prompts", f"is {len(e.ids)} tokens; with sampling.max_new_tokens {p.max_new_tokens}, model "
                 f"{model.name!r}'s window of {model.context_budget} leaves {keep} for the prompt (set "
-                "truncate_prompt to keep its last tokens)")
+                "truncate_prompt to keep its last tokens)", at=f"[{i}]")
     prompts = [e.ids[-keep:] if len(e.ids) > keep else e.ids for e in encoded]
     seed = p.seed if p.seed is not None else secrets.randbits(63)
     started = time.monotonic()

@@ -30,13 +30,13 @@ async def next_sentence(model: ModelAdapter, params: NspParams, deadline: float 
     pairs = []
     for i, (a, b) in enumerate(params.pairs):
         ia, ib = model.encode_ids(a), model.encode_ids(b)
-        for field, ids in ((f"pairs[{i}].a", ia), (f"pairs[{i}].b", ib)):
+        for at, ids in ((f"[{i}].a", ia), (f"[{i}].b", ib)):
             if not ids:
-                raise InvalidArgument(field, "has no tokens (empty or only whitespace)")
+                raise InvalidArgument("pairs", "has no tokens (empty or only whitespace)", at=at)
         if len(ia) + len(ib) > model.context_budget - 1:  # [CLS] A [SEP] B [SEP]: one more [SEP] than one text
             raise InvalidArgument(
-                f"pairs[{i}]", f"is {len(ia) + len(ib)} tokens together; model {model.name!r} takes at most "
-                f"{model.context_budget - 1} for a pair"
+                "pairs", f"is {len(ia) + len(ib)} tokens together; model {model.name!r} takes at most "
+                f"{model.context_budget - 1} for a pair", at=f"[{i}]"
             )
         pairs.append((ia, ib))
     lps = await model.next_sentence_logprobs(pairs, deadline)
