@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from plm.service.config import load_config
+from plm.service.generation import kv_batch
 from plm.service.metrics import Metrics
 from plm.service.registry import load_model
 from plm.service.tasks.generate import GenerateParams, SamplingParams, generate
@@ -44,7 +45,7 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
                 spent[key] += time.perf_counter() - started
         return wrapper
 
-    run = engine._run
+    run = engine.runner.run
 
     def timed_run(*a: Any, **k: Any) -> Any:  # every graph run (prefills too); decode steps also on their own
         started = time.perf_counter()
@@ -55,24 +56,22 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
             if a[-1] == "decode":
                 spent["ort_decode"] += time.perf_counter() - started
 
-    engine._run = timed_run
-    engine._decode = timed("decode_call", engine._decode)
-    engine._emit = timed("emit", engine._emit)
+    engine.runner.run = timed_run  # type: ignore[method-assign]
+    engine._decode = timed("decode_call", engine._decode)  # type: ignore[method-assign]
+    engine._update = timed("emit", engine._update)  # type: ignore[method-assign]
     # Laying the batch out again when sequences join or leave (and, under IO binding, fetching it from the GPU).
     layouts = [0]
-    import plm.service.engine as eng
+    host, refill, layout = kv_batch.to_host, kv_batch.refill, kv_batch.Scratch.layout
 
-    host, refill, layout = eng._host, eng._refill, eng._Scratch.layout
-
-    def counted(fn: Any, counts: bool) -> Any:  # each layout calls _refill (host memory) or the layout graph once
+    def counted(fn: Any, counts: bool) -> Any:  # each layout calls refill (host memory) or the layout graph once
         def wrapper(*a: Any, **k: Any) -> Any:
             layouts[0] += counts
             return timed("layout", fn)(*a, **k)
         return wrapper
 
-    eng._host, eng._refill = counted(host, False), counted(refill, True)
-    eng._Scratch.layout = counted(layout, False)  # type: ignore[method-assign]
-    engine._layout_on_device = counted(engine._layout_on_device, True)
+    kv_batch.to_host, kv_batch.refill = counted(host, False), counted(refill, True)
+    kv_batch.Scratch.layout = counted(layout, False)  # type: ignore[method-assign]
+    engine.runner.layout_on_device = counted(engine.runner.layout_on_device, True)  # type: ignore[method-assign]
     metrics = Metrics()
 
     async def one(i: int, tokens: int) -> int:
@@ -108,8 +107,8 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
               f"{r['layout_ms_per_step']:.2f}); "
               f"{r['tokens_per_s']:.0f} tokens/s ({tokens} tokens in {steps} steps)")
     await model.close()
-    eng._host, eng._refill = host, refill
-    eng._Scratch.layout = layout  # type: ignore[method-assign]
+    kv_batch.to_host, kv_batch.refill = host, refill
+    kv_batch.Scratch.layout = layout  # type: ignore[method-assign]
     return rows
 
 

@@ -35,7 +35,15 @@ import torch
 import torch.nn as nn
 from plm.export.parity import PARITY_TOLERANCE, export_module, make_model, output_diff, require_parity
 from plm.models.gpt import GPT, position_ids_from_mask
-from plm.service.engine import kv_layout_feeds
+from plm.service.contract.graphs import (
+    DECODER_INPUT_NAMES,
+    DECODER_OUTPUT_NAMES,
+    kv_layout_feeds,
+    kv_layout_inputs,
+    kv_layout_outputs,
+    past_names,
+    present_names,
+)
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -161,22 +169,10 @@ def export_gpt(model: GPT, path: Path, *, opset: int = 17) -> dict[str, Any]:
 
 # --- the KV-cache decoder graph (generation) ------------------------------------------------------------
 
-DECODER_INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")  # then past_key_values.{i}.key|value
-DECODER_OUTPUT_NAMES = ("next_logprobs",)  # then present.{i}.key|value
 # (batch, prompt length, then the lengths of the following steps): prefill at past 0, one-token decodes,
 # and multi-token steps (T > 1 after a past), in batches of 1 and several with left padding.
 DECODER_PARITY_RUNS = ((1, 1, (1, 1, 1)), (1, 6, (1, 1, 1, 2)), (3, 7, (1, 1, 3, 1)), (5, 4, (2, 1, 1, 1)))
 _DECODER_DUMMY = (2, 3, 4)  # batch, new tokens, past length: all distinct and > 1, so no axis specialises
-
-
-def past_names(n_layer: int) -> list[str]:
-    """`past_key_values.{i}.key`, `past_key_values.{i}.value` for every layer, in graph input order."""
-    return [f"past_key_values.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
-
-
-def present_names(n_layer: int) -> list[str]:
-    """`present.{i}.key`, `present.{i}.value` for every layer, in graph output order."""
-    return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
 class GPTDecoderGraph(nn.Module):
@@ -327,7 +323,7 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
     padding of the past axis, width − min(P, width) (the caller knows the shapes: computing them here would
     put shape arithmetic on the CPU between GPU kernels). Output `out.{i}` (Ka + Kb, H, width, D): the kept rows
     of a, then those of b, each cut to its last `width` columns or left-padded with zeros to them
-    (service/engine.py, `_Scratch.layout`, does the same in numpy). Checked against numpy here.
+    (service/generation/kv_batch.py, `Scratch.layout`, does the same in numpy). Checked against numpy here.
     """
     from onnx import TensorProto, helper
 
@@ -338,10 +334,11 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [d]) for n, d in
               (("a_rows", "ka"), ("b_rows", "kb"), ("start", 1), ("a_pads", 8), ("b_pads", 8))]
     outputs = []
-    for i in range(tensors):
+    names = {side: kv_layout_inputs(side, tensors) for side in ("a", "b")}
+    for i, out in enumerate(kv_layout_outputs(tensors)):
         parts = []
         for side in ("a", "b"):
-            x, tag = f"{side}.{i}", f"{side}{i}"
+            x, tag = names[side][i], f"{side}{i}"
             inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [f"{side}_batch", "heads", f"{side}_past",
                                                                                "head_dim"]))
             nodes += [
@@ -350,9 +347,8 @@ def export_kv_layout(path: Path, tensors: int, *, opset: int = 17) -> dict[str, 
                 helper.make_node("Pad", [f"{tag}_s", f"{side}_pads"], [f"{tag}_p"], mode="constant"),
             ]
             parts.append(f"{tag}_p")
-        nodes.append(helper.make_node("Concat", parts, [f"out.{i}"], axis=0))
-        outputs.append(helper.make_tensor_value_info(f"out.{i}", TensorProto.FLOAT, ["rows", "heads", "width",
-                                                                                      "head_dim"]))
+        nodes.append(helper.make_node("Concat", parts, [out], axis=0))
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["rows", "heads", "width", "head_dim"]))
     model = make_model(helper.make_graph(nodes, "kv_layout", inputs, outputs), opset)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
@@ -378,7 +374,8 @@ def _check_kv_layout(path: Path, tensors: int) -> None:
         a = [rng.standard_normal((3, 2, pa, 4)).astype(np.float32) for _ in range(tensors)]
         b = [rng.standard_normal((2, 2, pb, 4)).astype(np.float32) for _ in range(tensors)]
         feeds = {**kv_layout_feeds(ka, pa, kb, pb, width),
-                 **{f"a.{i}": a[i] for i in range(tensors)}, **{f"b.{i}": b[i] for i in range(tensors)}}
+                 **dict(zip(kv_layout_inputs("a", tensors), a, strict=True)),
+                 **dict(zip(kv_layout_inputs("b", tensors), b, strict=True))}
         got = session.run(None, feeds)
         for i in range(tensors):
             want = kv_layout_reference(a[i], feeds["a_rows"], b[i], feeds["b_rows"], width)

@@ -228,7 +228,8 @@ def test_io_binding_generates_and_classifies_what_plain_runs_do(server: ServerTh
         del engine._decode
     assert fed and all(fed)  # joins and leaves too were laid out by the KV layout graph, never through numpy
     # Classify's cached prefix stays where the decoder keeps it (each use repeats it there, by the layout graph).
-    assert engine._prefixes and all(isinstance(p, ort.OrtValue) for kv, _ in engine._prefixes.values() for p in kv)
+    assert engine.runner.prefixes and all(isinstance(p, ort.OrtValue) for kv, _ in engine.runner.prefixes.values()
+                                          for p in kv)
     with PlmClient(bound.target) as c:
         details = c.get_model("gpt").details
         assert details["io_binding"] == details["kv_layout"] == engine.session.device  # "cpu" here, "cuda" on a GPU
@@ -241,7 +242,7 @@ def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_al
     or leaves around a sequence, it gets the tokens it gets alone, and the batch is never much wider than its
     longest sequence (leading padding that no row uses is trimmed once it exceeds `width_slack`). With IO
     binding too."""
-    from plm.service.engine import width_slack
+    from plm.service.generation.kv_batch import width_slack
     from plm.service.tasks.generate import GenerateParams, SamplingParams, start_sequences
 
     server: ServerThread = request.getfixturevalue(which)
@@ -293,13 +294,13 @@ def test_sequences_joining_and_leaving_mid_generation_get_the_tokens_they_get_al
 def _random_batch(rng: Any, lengths: list[int], width: int, tag: str) -> Any:
     """A running batch of the given real lengths, left-padded to `width`: 4 KV arrays (B, 2, width, 3)."""
     import numpy as np
-    from plm.service.engine import _Batch
+    from plm.service.generation.kv_batch import Batch
 
     mask = np.zeros((len(lengths), width), dtype=np.int64)
     for i, n in enumerate(lengths):
         mask[i, width - n:] = 1
     kv = [rng.standard_normal((len(lengths), 2, width, 3)).astype(np.float32) for _ in range(4)]
-    return _Batch([f"{tag}{i}" for i in range(len(lengths))], kv, mask,  # type: ignore[arg-type]
+    return Batch([f"{tag}{i}" for i in range(len(lengths))], kv, mask,  # type: ignore[arg-type]
                   np.array(lengths, dtype=np.int64))
 
 
@@ -308,12 +309,12 @@ def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives()
     keys, values, mask and length as in a full layout; the batch is at most `width_slack` wider, and rows
     nobody took stay as holes (masked out entirely) up to the number allowed, else the batch closes up."""
     import numpy as np
-    from plm.service.engine import _EMPTY, _Batch, _refill, _Scratch, width_slack
+    from plm.service.generation.kv_batch import EMPTY, Batch, Scratch, refill, width_slack
 
     hypothesis = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
 
-    def rows_of(b: _Batch) -> dict[object, tuple[int, list[np.ndarray]]]:
+    def rows_of(b: Batch) -> dict[object, tuple[int, list[np.ndarray]]]:
         out = {}
         for i, slot in enumerate(b.slots):
             if i in b.holes:
@@ -331,12 +332,12 @@ def test_refilling_rows_in_place_gives_every_sequence_what_a_full_layout_gives()
     def check(lengths: list[int], joiners: list[int], data: Any, seed: int, extra: int, holes_kept: int) -> None:
         rng = np.random.default_rng(seed)
         running = _random_batch(rng, lengths, max(lengths) + extra, "r")  # wider than its longest: kept slack
-        joined = _random_batch(rng, joiners, max(joiners), "j") if joiners else _EMPTY
+        joined = _random_batch(rng, joiners, max(joiners), "j") if joiners else EMPTY
         keep = sorted(data.draw(st.sets(st.sampled_from(range(len(lengths))))))
         rows = list(range(len(joiners)))
-        full = _Scratch().layout([(running, keep), (joined, rows)])
+        full = Scratch().layout([(running, keep), (joined, rows)])
         expected = rows_of(full)  # before the refill writes into `running`
-        refilled = _refill(running, keep, joined, rows, holes_kept)
+        refilled = refill(running, keep, joined, rows, holes_kept)
         if refilled is None:
             return
         width, longest = refilled.mask.shape[1], full.mask.shape[1]
@@ -356,28 +357,28 @@ def test_the_kv_layout_graph_lays_out_what_numpy_lays_out(tmp_path: Path) -> Non
     import numpy as np
     from plm.export.onnx_export import export_kv_layout
     from plm.service.config import Runtime
-    from plm.service.engine import _EMPTY, GenerationEngine, _Scratch
+    from plm.service.generation.kv_batch import EMPTY, Scratch
+    from plm.service.generation.runner import Runner
     from plm.service.runtime import OrtSession, on_host
 
     hypothesis = pytest.importorskip("hypothesis")
     st = pytest.importorskip("hypothesis.strategies")
     export_kv_layout(tmp_path / "kv_layout.onnx", 4)
-    engine = object.__new__(GenerationEngine)  # only what the layout reads
-    engine.n_head, engine.head_dim, engine.layout_outputs = 2, 3, [f"out.{i}" for i in range(4)]
-    engine.layout = OrtSession(tmp_path / "kv_layout.onnx", Runtime(providers=("cpu",), io_binding="on"), "m")
+    runner = object.__new__(Runner)  # only what the layout reads
+    runner.n_head, runner.head_dim, runner.layout_outputs = 2, 3, [f"out.{i}" for i in range(4)]
+    runner.layout = OrtSession(tmp_path / "kv_layout.onnx", Runtime(providers=("cpu",), io_binding="on"), "m")
 
     @hypothesis.settings(max_examples=100, deadline=None)
     @hypothesis.given(lengths=st.lists(st.integers(1, 12), max_size=8), joiners=st.lists(st.integers(1, 12),
                       max_size=4), data=st.data(), seed=st.integers(0, 2**32 - 1))
     def check(lengths: list[int], joiners: list[int], data: Any, seed: int) -> None:
         rng = np.random.default_rng(seed)
-        running = _random_batch(rng, lengths, max(lengths) + data.draw(st.integers(0, 3)), "r") if lengths else _EMPTY
-        joined = _random_batch(rng, joiners, max(joiners), "j") if joiners else _EMPTY
+        running = _random_batch(rng, lengths, max(lengths) + data.draw(st.integers(0, 3)), "r") if lengths else EMPTY
+        joined = _random_batch(rng, joiners, max(joiners), "j") if joiners else EMPTY
         keep = sorted(data.draw(st.sets(st.sampled_from(range(len(lengths))))) if lengths else set())
         rows = sorted(data.draw(st.sets(st.sampled_from(range(len(joiners))))) if joiners else set())
-        want = _Scratch().layout([(running, keep), (joined, rows)])
-        engine._batch = running
-        got = engine._layout_on_device(keep, joined, rows)
+        want = Scratch().layout([(running, keep), (joined, rows)])
+        got = runner.layout_on_device(running, keep, joined, rows)
         assert got.slots == want.slots and (got.mask == want.mask).all() and (got.lengths == want.lengths).all()
         assert all(a.shape == b.shape and (a == b).all() for a, b in zip(on_host(got.kv), want.kv, strict=True))
 

@@ -1,4 +1,4 @@
-"""The generation task's per-step pieces (service/tasks/generate.py), without a server.
+"""The generation task's per-step pieces (service/generation/sequence.py, service/tasks/generate.py), without a server.
 
 `choose`: a row's token depends only on its own log-probabilities and generator, whatever it is batched
 with. `Sequence`: what streams is always a prefix of the final text (never half a UTF-8 character, never the
@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 from plm.service.config import Runtime, ServerConfig
 from plm.service.families.base import ModelAdapter
-from plm.service.metrics import Metrics
-from plm.service.registry import load_model
-from plm.service.tasks.generate import (
+from plm.service.generation.sequence import (
     FINISH_EOS,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -26,6 +24,8 @@ from plm.service.tasks.generate import (
     StepEvent,
     choose,
 )
+from plm.service.metrics import Metrics
+from plm.service.registry import load_model
 
 hypothesis = pytest.importorskip("hypothesis")
 st = pytest.importorskip("hypothesis.strategies")

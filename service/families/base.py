@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import json
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.contract import manifest as contract
 from plm.service.errors import FailedPrecondition
+from plm.service.generation.engine import GenerationEngine
 from tokenizers import Tokenizer
 
 # What an adapter is built from: the typed manifest, or its JSON (validated as manifest.json would be).
@@ -115,9 +116,8 @@ class ModelAdapter(abc.ABC):
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     _batcher: DynamicBatcher[Any, Any] | None = None  # set by adapters whose model runs batched
-    # A KV-cache generation engine (service/engine.py), when the model has a decoder graph and it is enabled;
-    # typed loosely here because the engine depends on the tasks, which depend on this module.
-    engine: Any = None
+    # A KV-cache generation engine (plm.service.generation), when the model has a decoder graph and it is enabled.
+    engine: GenerationEngine | None = None
 
     @property
     def batcher(self) -> DynamicBatcher[Any, Any]:

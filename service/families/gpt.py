@@ -21,6 +21,7 @@ from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors
 from plm.service.families.textnorm import PlainTextEncoder
+from plm.service.generation.engine import GenerationEngine
 from plm.service.metrics import Metrics
 from plm.service.runtime import cores, open_graph, pad_right
 from tokenizers import Tokenizer
@@ -110,8 +111,6 @@ class GptAdapter(ModelAdapter):
             self._never[self._bos] = True
         decoder = self.spec.graphs.get("decoder")
         if decoder is not None and runtime.kv_cache:
-            from plm.service.engine import GenerationEngine
-
             # Unless threads are configured, the decoder leaves one core free: the engine's thread runs it while the
             # event loop sends the previous step's tokens (2 cores: 1 thread, which also runs a B=16 step faster
             # than 2 there: docs/benchmarks.md, "Where an engine step goes").

@@ -1,38 +1,28 @@
 """Generate: greedy or sampled continuation of prompts, one token per step for every active prompt.
 
 Each step is one batched forward over every prompt still running (and, through the model's dynamic
-batcher, over other clients' prompts too). Sampling follows Hugging Face's order: repetition penalty,
-temperature, top-k, top-p. Each prompt has its own random stream seeded from (seed, prompt index), so the
-same seed gives the same text whatever else shares the batch.
+batcher, over other clients' prompts too); models with a KV-cache engine generate there instead. The
+sequence and its sampling (`Sequence`, `choose`, `SamplingParams`, `StepEvent`) live in the generation
+package, which both paths share.
 """
 
 from __future__ import annotations
 
-import codecs
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import numpy as np
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import TASK_GENERATE, ModelAdapter
+from plm.service.generation.sequence import FINISH_EOS as FINISH_EOS
+from plm.service.generation.sequence import FINISH_LENGTH as FINISH_LENGTH
+from plm.service.generation.sequence import FINISH_STOP as FINISH_STOP
+from plm.service.generation.sequence import SamplingParams as SamplingParams
+from plm.service.generation.sequence import Sequence, choose
+from plm.service.generation.sequence import StepEvent as StepEvent
 from plm.service.metrics import Metrics
 from plm.service.tasks.common import encode_checked
-
-FINISH_LENGTH, FINISH_STOP, FINISH_EOS = "length", "stop", "eos"
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off
-    max_new_tokens: int = 32
-    min_new_tokens: int = 0  # EOS is not chosen before this many new tokens
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,169 +30,6 @@ class GenerateParams:
     prompts: tuple[str, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     truncate_prompt: bool = False  # keep a too-long prompt's last tokens instead of refusing it
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """One prompt's progress: new text and tokens, and on its last event the finish reason and totals."""
-
-    index: int
-    text_delta: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-
-    def then(self, later: StepEvent) -> StepEvent:
-        """This event and a later one of the same prompt as one: texts and ids joined, the later's end."""
-        return StepEvent(self.index, self.text_delta + later.text_delta, self.token_ids + later.token_ids,
-                         later.finish_reason, later.prompt_tokens, later.generated_tokens)
-
-
-def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> list[int]:
-    """The next token of each sequence from its row of (B, V) log-probabilities.
-
-    This runs on the engine's critical path, so it is vectorised over the rows that share sampling settings
-    (usually all of them): the top-k candidates only when top_k is set, a sort only when top_p needs an
-    order, and one uniform draw per row from that sequence's own generator against the cumulative
-    distribution (inverse CDF). Each row's result depends only on its own row and generator, so a sequence
-    gets the same token whatever it is batched with.
-    """
-    x = logprobs if allowed.all() else np.where(allowed, logprobs, -np.inf)  # (B, V)
-    for i, seq in enumerate(seqs):
-        if seq.p.repetition_penalty != 1.0 and seq.seen:
-            if x is logprobs:
-                x = logprobs.copy()  # the caller's array stays as it was
-            idx = np.fromiter(seq.seen, dtype=np.int64)
-            # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
-            x[i, idx] = x[i, idx] * seq.p.repetition_penalty
-        if len(seq.generated) < seq.p.min_new_tokens:  # too early to end
-            if x is logprobs:
-                x = logprobs.copy()
-            x[i, seq.model.eos_id] = -np.inf
-    out = [0] * len(seqs)
-    groups: dict[tuple[float, int, float], list[int]] = {}
-    for i, seq in enumerate(seqs):
-        groups.setdefault((seq.p.temperature, seq.p.top_k, seq.p.top_p), []).append(i)
-    for (temperature, top_k, top_p), rows in groups.items():
-        xs = x if len(rows) == len(seqs) else x[rows]  # (G, V)
-        if temperature == 0.0:
-            for i, t in zip(rows, np.argmax(xs, axis=1), strict=True):
-                out[i] = int(t)
-            continue
-        at = np.arange(len(rows))[:, None]  # (G, 1): row index for gathering
-        if 0 < top_k < xs.shape[1]:
-            cand = np.argpartition(xs, xs.shape[1] - top_k, axis=1)[:, -top_k:]  # the top k, in no order
-            vals = xs[at, cand]
-            order = np.argsort(-vals, axis=1, kind="stable")
-            cand, vals = cand[at, order], vals[at, order]  # best first
-        elif top_p < 1.0:
-            cand = np.argsort(-xs, axis=1, kind="stable")
-            vals = xs[at, cand]
-        else:
-            cand, vals = None, xs  # every token, in vocabulary order
-        v = vals.astype(np.float64) / temperature
-        cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
-        n = np.full(len(rows), cum.shape[1])
-        if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
-            n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
-        total = cum[at[:, 0], n - 1]
-        u = np.array([seqs[i].rng.random() for i in rows]) * total
-        pick = np.minimum((cum <= u[:, None]).sum(axis=1), n - 1)
-        tokens = pick if cand is None else cand[at[:, 0], pick]
-        for i, t in zip(rows, tokens.tolist(), strict=True):
-            out[i] = t
-    return out
-
-
-def _stable_prefix(text: str, stops: tuple[str, ...]) -> str:
-    """The part of `text` safe to stream: no half UTF-8 character, no possible start of a stop sequence."""
-    cut = len(text)
-    while cut > 0 and text[cut - 1] == "\ufffd":  # a multi-byte character still arriving
-        cut -= 1
-    for s in stops:
-        for k in range(min(len(s) - 1, cut), 0, -1):
-            if text.endswith(s[:k], 0, cut):
-                cut -= k
-                break
-    return text[:cut]
-
-
-class Sequence:
-    """One prompt's generation: its tokens, random stream and text streamed so far.
-
-    Shared by the step loop below and the KV-cache engine (service/engine.py), so both choose, stop and
-    stream identically. With a byte-level tokenizer (`ModelAdapter.token_bytes`) the text grows by one token's
-    bytes per step through an incremental UTF-8 decoder (which holds back a character still arriving), so
-    a step costs the same at token 100 as at token 1; otherwise the whole text is decoded again each step.
-    """
-
-    def __init__(self, index: int, prompt_ids: list[int], p: SamplingParams, seed: int, model: ModelAdapter,
-                 metrics: Metrics, started: float) -> None:
-        self.index = index
-        self.prompt_ids = prompt_ids
-        self.p = p
-        self.rng = np.random.default_rng([seed, index])
-        self.model = model
-        self.started = started
-        self.generated: list[int] = []
-        self.text = ""  # the text of `generated`, cut at a stop sequence once one appears
-        self.sent = ""  # the text streamed so far
-        self.last_token_at: float | None = None
-        self.finished = False
-        self.seen = set(prompt_ids)  # for the repetition penalty
-        self._bytes = model.token_bytes()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._longest_stop = max((len(s) for s in p.stop), default=0)
-        # The labelled metric children, looked up once: `labels()` takes a lock and a dict lookup per call.
-        self._m_tokens = metrics.generated_tokens.labels(model.name)
-        self._m_first = metrics.time_to_first_token.labels(model.name)
-        self._m_gap = metrics.inter_token_latency.labels(model.name)
-
-    def advance(self, tok: int) -> list[StepEvent]:
-        """Take the chosen next token; the events it produces (the last one carries the finish reason)."""
-        p = self.p
-        now = time.monotonic()
-        self._m_tokens.inc()
-        if self.last_token_at is None:
-            self._m_first.observe(now - self.started)
-        else:
-            self._m_gap.observe(now - self.last_token_at)
-        self.last_token_at = now
-        finish = None
-        eos = tok == self.model.eos_id
-        if eos:
-            finish = FINISH_EOS
-        else:
-            self.generated.append(tok)
-            self.seen.add(tok)
-        if finish is None and len(self.generated) >= p.max_new_tokens:
-            finish = FINISH_LENGTH
-        before = len(self.text)
-        if self._bytes is None:
-            self.text, before = self.model.decode(self.generated), 0
-        elif not eos:
-            self.text += self._utf8.decode(self._bytes[tok])
-        if finish is not None and self._bytes is not None:
-            self.text += self._utf8.decode(b"", final=True)  # an unfinished character shows as U+FFFD
-        # A stop sequence can only begin where the text before this step could not already hold it all.
-        start = max(0, before - self._longest_stop + 1)
-        for s in p.stop:
-            at = self.text.find(s, start)
-            if s and at >= 0:
-                self.text, finish = self.text[:at], FINISH_STOP
-                break
-        stable = self.text if finish else _stable_prefix(self.text, p.stop)
-        delta = stable[len(self.sent):] if stable.startswith(self.sent) else ""
-        self.sent += delta
-        events = []
-        new_ids = () if eos else (tok,)
-        if delta or new_ids:
-            events.append(StepEvent(self.index, delta, new_ids))
-        if finish is not None:
-            self.finished = True
-            events.append(StepEvent(self.index, "", (), finish, len(self.prompt_ids), len(self.generated)))
-        return events
 
 
 def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metrics) -> list[Sequence]:
