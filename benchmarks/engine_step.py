@@ -7,7 +7,7 @@ the generation task (seeded top-k 50 sampling; a prompt that samples EOS early s
 stream makes its tokens), and splits the wall time per decode step into the ONNX Runtime run, the step's
 assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the rest is
 prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
-the event loop. Writes results/engine_step.json.
+the event loop. Writes results/engine_step.json and a PNG of the split.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from _smoke import add_smoke_flag, run  # this folder is on sys.path when run as a script
 from plm.service.config import load_config
 from plm.service.generation import kv_batch
 from plm.service.metrics import Metrics
@@ -119,12 +120,42 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("results/engine_step.json"))
+    add_smoke_flag(ap)
     args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.new_tokens = [1, 2], 8
     rows = asyncio.run(measure(args.repository, args.model, args.batch, args.new_tokens))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
-    print(f"written to {args.out}")
+    plot(rows, args.model, args.out.with_suffix(".png"))
+    print(f"written to {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(rows: list[dict[str, Any]], model: str, path: Path) -> None:
+    """One stacked bar per batch size: the parts of a decode step's wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = {"ONNX Runtime (decode)": "ort_ms_per_step", "assembly": "assembly_ms_per_step",
+             "sampling/detokenising": "sampling_ms_per_step", "layouts": "layout_ms_per_step",
+             "prefill ONNX Runtime": "prefill_ort_ms_per_step"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"B={r['batch']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for label, key in parts.items():
+        values = [r[key] for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.bar(labels, [max(r["wall_ms_per_step"] - b, 0.0) for r, b in zip(rows, bottom, strict=True)], bottom=bottom,
+           label="rest (event loop hand-over, ...)", color="lightgrey")
+    ax.set(ylabel="ms per decode step", title=f"{model}: where an engine step's time goes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
