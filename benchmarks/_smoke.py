@@ -6,6 +6,9 @@ smallest sizes (durations, rounds, calls), and still writes its result file and 
 runs every script in this folder that way, so a rename elsewhere that breaks one fails the suite. A smoke
 run's figures mean nothing.
 
+In a smoke run, `Servers` starts one `plm serve` for every configuration a full run starts a server for,
+with all their settings at once: server starts would be most of its time, and every setting is still read.
+
 `run(main)` is each script's entry point: the exit status is non-zero when `main` raised, or when any thread
 of the process died with an exception, even one whose work `main` never looked at; `check_threads()` raises at
 once, for a script to call before it computes a verdict from the threads' work.
@@ -14,11 +17,16 @@ once, for a script to call before it computes a verdict from the threads' work.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from plm.client.local_server import LocalServer
 
 SMOKE_HELP = ("a seconds-long run on a tiny repository (plm build --profile tiny): the same code path with the "
               "smallest sizes, result file and plot included (the test suite runs it); its figures mean nothing")
@@ -29,6 +37,47 @@ _lock = threading.Lock()
 
 def add_smoke_flag(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
+
+
+class Servers:
+    """`plm serve` processes over one repository, one per configuration (models and PLM_* settings).
+
+    With `smoke`, every configuration but a `workers` one gets the same server instead, started with the
+    union of `configs`' models and settings (where two set one setting, the last wins) and metrics on, and
+    stopped by `close` or at exit.
+    """
+
+    def __init__(self, repository: Path, smoke: bool,
+                 configs: Sequence[tuple[Sequence[str], Mapping[str, str]]] = ()) -> None:
+        self.repository = repository
+        self.shared: LocalServer | None = None
+        if smoke:
+            from plm.client.local_server import LocalServer
+
+            models = sorted({m for ms, _ in configs for m in ms})
+            env = {k: v for _, e in configs for k, v in e.items()}
+            self.shared = LocalServer(repository, models, env, metrics=True)
+            atexit.register(self.close)
+
+    def start(self, models: Sequence[str], env: Mapping[str, str] | None = None, metrics: bool = False,
+              workers: int = 1) -> contextlib.AbstractContextManager[LocalServer]:
+        """A server for this configuration, stopped when the `with` block ends (the shared one at `close`)."""
+        from plm.client.local_server import LocalServer
+
+        if self.shared is not None and workers == 1:
+            return contextlib.nullcontext(self.shared)
+        return LocalServer(self.repository, models, dict(env or {}), metrics=metrics, workers=workers)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.stop()
+            self.shared = None
+
+    def __enter__(self) -> Servers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _record_death(args: threading.ExceptHookArgs) -> None:

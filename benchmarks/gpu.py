@@ -39,12 +39,11 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _smoke import add_smoke_flag, no_errors, run
+from _smoke import Servers, add_smoke_flag, no_errors, run
 from engine_step import measure as engine_measure
-from plm.client.local_server import LocalServer
 from plm.service.config import Runtime
 from plm.service.runtime import run_bound
-from serving import Raw, best_rate, drive, held_out_texts
+from serving import UNBATCHED, Raw, best_rate, drive, held_out_texts
 
 GPU_BATCHES = (1, 4, 16, 64, 128, 256)
 CUDA = "CUDAExecutionProvider"
@@ -160,20 +159,22 @@ def main() -> None:
 
     # Served on the GPU: automatic providers, as `plm serve` starts.
     served: dict[str, Any] = {}
-    with LocalServer(args.repository, ["gpt", "bert"], metrics=True) as srv:
+    # ONNX Runtime's intra-op threads (one per core by default) run only the CPU-placed shape nodes of a CUDA
+    # session, and take cores from the event loop when they spin: one thread, not spinning, against the default.
+    one_thread = {"PLM_RUNTIME__INTRA_OP_THREADS": "1", "PLM_RUNTIME__DECODER_SPIN_WAIT": "false"}
+    servers = Servers(args.repository, args.smoke, [(["gpt", "bert"], {}), (["gpt"], UNBATCHED), (["gpt"], one_thread)])
+    with servers.start(["gpt", "bert"], metrics=True) as srv:
         served["gpt_score"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
         served["bert_fill"] = drive_(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
         served["gpt_score_x8"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
-    with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
+    with servers.start(["gpt"], UNBATCHED) as srv:
         served["gpt_score_unbatched"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration)
-    # ONNX Runtime's intra-op threads (one per core by default) run only the CPU-placed shape nodes of a CUDA
-    # session, and take cores from the event loop when they spin: one thread, not spinning, against the default.
-    env = {"PLM_RUNTIME__INTRA_OP_THREADS": "1", "PLM_RUNTIME__DECODER_SPIN_WAIT": "false"}
-    with LocalServer(args.repository, ["gpt"], env=env) as srv:
+    with servers.start(["gpt"], one_thread) as srv:
         served["gpt_score_1_thread"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration)
+    servers.close()
     # One process's event loop is the ceiling long before the GPU is: `--workers` processes share the GPU (each
     # with its own session), driven by as many load-generator processes.
-    with LocalServer(args.repository, ["gpt", "bert"], workers=args.workers) as srv:
+    with servers.start(["gpt", "bert"], workers=args.workers) as srv:
         for key, rpc, model in (("gpt_score_workers", "Score", "gpt"), ("bert_fill_workers", "FillMask", "bert")):
             served[key] = drive_(srv.target, rpc, model, texts, 64 * args.workers, args.duration,
                                 processes=args.workers, connections=2)

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from _smoke import add_smoke_flag, bar_plot, run  # this folder is on sys.path when run as a script
+from _smoke import Servers, add_smoke_flag, bar_plot, run  # this folder is on sys.path when run as a script
 from plm.client import AsyncPlmClient, PlmClient
-from plm.client.local_server import LocalServer
 
 from plm.api.v1 import plm_pb2 as pb
 from plm.api.v1 import plm_pb2_grpc as pb_grpc
@@ -88,8 +87,10 @@ def main() -> int:
     if args.smoke:
         args.calls = 10
     rows: dict[str, dict[str, dict[str, float]]] = {}
-    for model in ("ngram-kn", "gpt"):
-        with LocalServer(args.repository, [model], {"PLM_RUNTIME__KV_CACHE": "true"}) as server:
+    models, env = ("ngram-kn", "gpt"), {"PLM_RUNTIME__KV_CACHE": "true"}
+    servers = Servers(args.repository, args.smoke, [([model], env) for model in models])
+    for model in models:
+        with servers.start([model], env) as server:
             results = measure(server.target, model, args.calls)
         base = statistics.median(results["bare plm.v1 stub"])
         print(f"\n{model}: Score of one sentence, {args.calls} sequential calls per path")
@@ -99,6 +100,7 @@ def main() -> int:
             med, p90 = statistics.median(xs), float(np.percentile(xs, 90))
             rows[model][path] = {"median_us": med * 1e6, "p90_us": p90 * 1e6, "vs_bare": med / base}
             print(f"{path:32} {med * 1e6:10.0f} {p90 * 1e6:10.0f} {med / base:7.2f}")
+    servers.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"calls": args.calls, "text": TEXT, "models": rows}, indent=1) + "\n")
     bar_plot(args.out.with_suffix(".png"), {f"{model}: {path}": r["median_us"] for model, paths in rows.items()

@@ -35,15 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _smoke import add_smoke_flag, no_errors, run  # this folder is on sys.path when run as a script
+from _smoke import Servers, add_smoke_flag, no_errors, run  # this folder is on sys.path when run as a script
 from plm.client.loadtest import BUILTIN_INPUTS, LoadConfig, RequestSpec, mask_one_word, run_loadtest
-from plm.client.local_server import LocalServer
 from plm.service.config import Runtime, ServerConfig
 from plm.service.metrics import Metrics
 from plm.service.registry import load_model
 from plm.service.runtime import open_graph, pad_right
 
 BATCHES = (1, 4, 8, 16, 32, 64)
+UNBATCHED = {"PLM_BATCHING__MAX_BATCH_SIZE": "1"}
+SPINNING = {"PLM_RUNTIME__SPIN_WAIT": "true"}
 
 
 def held_out_texts(n: int = 256) -> list[str]:
@@ -176,7 +177,11 @@ def main() -> None:
 
     served: dict[str, Any] = {}
     models = ["gpt", "bert", "nnlm", "ngram-kn"]
-    with LocalServer(args.repository, models, metrics=True) as srv:
+    # The configurations (models, settings) of the servers below, for a smoke run's one server of them all.
+    servers = Servers(args.repository, args.smoke, [(models, {}), (["nnlm"], {"PLM_BATCHING__INLINE_MAX_MS": "0"}),
+                                                    (["gpt"], UNBATCHED), (["gpt"], SPINNING),
+                                                    (["gpt"], {"PLM_BATCHING__MIN_PADDING_EFFICIENCY": "0"})])
+    with servers.start(models, metrics=True) as srv:
         served["gpt_score"] = load(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
         # FillMask: the load generator blanks one word of each text itself (client/loadtest.py), as Raw does.
         served["bert_fill"] = load(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
@@ -188,7 +193,7 @@ def main() -> None:
     # the kernel spreads connections (not calls) over the workers, by a hash of each connection's ports. With
     # 4 connections over 2 workers a 3:1 or 4:0 split is as likely as not, and the busier worker sets the pace.
     conns = 8 * args.workers
-    with LocalServer(args.repository, ["gpt", "bert", "ngram-kn"], workers=args.workers) as srv:
+    with servers.start(["gpt", "bert", "ngram-kn"], workers=args.workers) as srv:
         served["gpt_score_workers"] = load(srv.target, "Score", "gpt", texts, 64, args.duration, connections=conns)
         served["bert_fill_workers"] = load(srv.target, "FillMask", "bert", texts, 64, args.duration,
                                             connections=conns)
@@ -198,22 +203,22 @@ def main() -> None:
     # (runs of the same server vary by a few tenths of a millisecond; a server holding four models is slower).
     for rep in reps:
         for key, inline in (("nnlm_next", "1"), ("nnlm_next_on_thread", "0")):
-            with LocalServer(args.repository, ["nnlm"], env={"PLM_BATCHING__INLINE_MAX_MS": inline}) as srv:
+            with servers.start(["nnlm"], {"PLM_BATCHING__INLINE_MAX_MS": inline}) as srv:
                 served[key + rep] = load(srv.target, "PredictNext", "nnlm", texts, 1, args.duration / 2)
-    with LocalServer(args.repository, ["gpt"], env={"PLM_BATCHING__MAX_BATCH_SIZE": "1"}) as srv:
+    with servers.start(["gpt"], UNBATCHED) as srv:
         served["gpt_score_unbatched"] = load(srv.target, "Score", "gpt", texts, 64, args.duration)
-    with LocalServer(args.repository, ["gpt"], env={"PLM_RUNTIME__SPIN_WAIT": "true"}) as srv:
+    with servers.start(["gpt"], SPINNING) as srv:
         served["gpt_score_spinning"] = load(srv.target, "Score", "gpt", texts, 64, args.duration)
     # The batcher's padding floor (min_padding_efficiency, default 0.8) against none, on GPT-only servers:
     # three alternated pairs of half-length runs (the gain is a few per cent, within one run's noise).
     floor_pairs: list[float] = []
     for rep in floor_reps:
         for key, floor in (("gpt_score_padding_floor", "0.8"), ("gpt_score_no_padding_floor", "0")):
-            env = {"PLM_BATCHING__MIN_PADDING_EFFICIENCY": floor}
-            with LocalServer(args.repository, ["gpt"], env=env, metrics=True) as srv:
+            with servers.start(["gpt"], {"PLM_BATCHING__MIN_PADDING_EFFICIENCY": floor}, metrics=True) as srv:
                 served[key + rep] = load(srv.target, "Score", "gpt", texts, 64, args.duration / 2, srv.metrics_url)
         floor_pairs.append(float(served["gpt_score_padding_floor" + rep]["summary"]["throughput_ok_per_s"])
                            / float(served["gpt_score_no_padding_floor" + rep]["summary"]["throughput_ok_per_s"]))
+    servers.close()
 
     def ok(key: str) -> float:
         return float(served[key]["summary"]["throughput_ok_per_s"])
