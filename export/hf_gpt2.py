@@ -38,7 +38,8 @@ def to_hf_gpt2(model: GPT) -> Any:
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-        activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+        activation_function="gelu_new" if c.activation == "gelu_tanh" else "gelu",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ))
     state = {}

@@ -107,7 +107,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()  # exact (erf) GELU; GPT-2's tanh approximation differs by < 1e-3
+        # Exact (erf) GELU for our models; an imported GPT-2 checkpoint needs its tanh approximation ("gelu_tanh").
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -144,6 +145,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0  # nanoGPT: 0 for pretraining; a few minutes of training rarely overfits
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 (so imported GPT-2 checkpoints fit)
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (GPT-2's gelu_new)
 
 
 class GPT(nn.Module):

@@ -72,6 +72,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, minilm: Path, pretraining: 
     repo = tmp_path_factory.mktemp("imported")
     import_model("bert", minilm, repo, name="minilm")
     import_model("bert", pretraining, repo, name="bert-pt")
+    yield from serve(repo)
+
+
+def serve(repo: Path) -> Iterator[ServerThread]:
+    """A real server on `repo` for a module's tests (the `served` fixtures of the import tests)."""
     srv = ServerThread(make_config(repo))
     yield srv
     srv.stop()
@@ -230,10 +235,15 @@ def _break(case: str, folder: Path) -> None:
         (folder / "config.json").write_text(json.dumps(config))
 
 
-BAD = {"missing config": "config.json: missing", "architecture": "architecture RobertaForMaskedLM is not supported; "
-       "supported: BertModel, BertForMaskedLM, BertForPreTraining", "truncated weights": "model.safetensors: unreadable",
-       "config vs weights": "model.safetensors: lacks", "tokenizer vs vocab": "tokenizer.json: the tokenizer has",
-       "no weights": "no weights: expected model.safetensors or pytorch_model.bin"}
+BAD = {
+    "missing config": "config.json: missing",
+    "architecture": "architecture RobertaForMaskedLM is not supported; supported: BertModel, BertForMaskedLM, "
+                    "BertForPreTraining",
+    "truncated weights": "model.safetensors: unreadable",
+    "config vs weights": "model.safetensors: lacks",
+    "tokenizer vs vocab": "tokenizer.json: the tokenizer has",
+    "no weights": "no weights: expected model.safetensors or pytorch_model.bin",
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))

@@ -22,6 +22,7 @@ class Kind:
 KINDS = {
     "bert": Kind("hf_bert:import_bert", "Hugging Face BertModel / BertForMaskedLM / BertForPreTraining folder, "
                                         "or a sentence-transformers folder around one"),
+    "gpt2": Kind("gpt2:import_gpt2", "Hugging Face GPT2LMHeadModel folder (tokenizer.json or vocab.json + merges.txt)"),
 }
 
 

@@ -120,9 +120,9 @@ def embedding_defaults(folder: Path) -> dict[str, Any] | None:
             "max_seq_length": int(max_seq) if max_seq else None, "source": "sentence-transformers"}
 
 
-def load_model(folder: Path, arch: str, weights: Path) -> Any:
-    """The transformers model in eval mode (eager attention: it traces to plain ONNX ops); a weight the
-    config expects but the file lacks, or a shape that differs, fails the import."""
+def load_model(folder: Path, arch: str, weights: Path, buffers: tuple[str, ...] = ("position_ids",)) -> Any:
+    """The transformers model `arch` in eval mode (eager attention: it traces to plain ONNX ops); a weight the
+    config expects but the file lacks (other than the `buffers`), or a shape that differs, fails the import."""
     import transformers
 
     cls = getattr(transformers, arch)
@@ -131,7 +131,7 @@ def load_model(folder: Path, arch: str, weights: Path) -> Any:
             model, info = cls.from_pretrained(str(folder), attn_implementation="eager", output_loading_info=True)
         except (OSError, RuntimeError, ValueError) as e:
             raise ImportFailed(weights, f"does not match config.json ({str(e).splitlines()[0][:300]})") from e
-    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith(buffers)]
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or mismatched:
         what = f"lacks {len(missing)} weights config.json needs ({', '.join(sorted(missing)[:3])}...)" if missing \
