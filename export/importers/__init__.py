@@ -23,6 +23,8 @@ KINDS = {
     "bert": Kind("hf_bert:import_bert", "Hugging Face BertModel / BertForMaskedLM / BertForPreTraining folder, "
                                         "or a sentence-transformers folder around one"),
     "gpt2": Kind("gpt2:import_gpt2", "Hugging Face GPT2LMHeadModel folder (tokenizer.json or vocab.json + merges.txt)"),
+    "word2vec": Kind("vectors:import_vectors", "word vectors in word2vec format, binary or text (gensim's "
+                                                 "save_word2vec_format, the C tool, fastText .vec)"),
 }
 
 
