@@ -25,6 +25,7 @@ KINDS = {
     "gpt2": Kind("gpt2:import_gpt2", "Hugging Face GPT2LMHeadModel folder (tokenizer.json or vocab.json + merges.txt)"),
     "word2vec": Kind("vectors:import_vectors", "word vectors in word2vec format, binary or text (gensim's "
                                                  "save_word2vec_format, the C tool, fastText .vec)"),
+    "arpa": Kind("arpa:import_arpa", "an ARPA backoff n-gram model from any toolkit (KenLM lmplz, SRILM), any order"),
 }
 
 

@@ -28,7 +28,8 @@ def _header(f: BinaryIO, path: Path) -> tuple[int, int]:
 
 
 def _read_text(f: BinaryIO, path: Path, count: int, dim: int) -> tuple[list[str], np.ndarray]:
-    words, matrix = [], np.zeros((count, dim), dtype=np.float32)
+    words: list[str] = []
+    matrix = np.zeros((count, dim), dtype=np.float32)
     for n, raw in enumerate(f, start=2):
         if not raw.strip():
             continue
@@ -48,7 +49,8 @@ def _read_text(f: BinaryIO, path: Path, count: int, dim: int) -> tuple[list[str]
 
 
 def _read_binary(f: BinaryIO, path: Path, count: int, dim: int) -> tuple[list[str], np.ndarray]:
-    words, matrix = [], np.zeros((count, dim), dtype=np.float32)
+    words: list[str] = []
+    matrix = np.zeros((count, dim), dtype=np.float32)
     for i in range(count):
         word = bytearray()
         while True:
