@@ -29,7 +29,8 @@ def import_arpa(source: Path, repository: Path, name: str, max_length: int | Non
         raise ImportFailed(source, f"not a valid ARPA file ({e})") from e
     missing = [w for w in SPECIALS if w not in lm.word_to_id]
     if missing:
-        raise ImportFailed(source, f"has no {', '.join(missing)} unigram (the ngram family needs {', '.join(SPECIALS)})")
+        raise ImportFailed(source, f"has no {', '.join(missing)} unigram (the ngram family needs "
+                                   f"{', '.join(SPECIALS)})")
     with model_folder(repository, name, replace) as folder:
         shutil.copyfile(source, folder / "model.arpa")
         whitespace_tokenizer().save(str(folder / "tokenizer.json"))
