@@ -42,9 +42,9 @@ def add_smoke_flag(ap: argparse.ArgumentParser) -> None:
 class Servers:
     """`plm serve` processes over one repository, one per configuration (models and PLM_* settings).
 
-    With `smoke`, every configuration but a `workers` one gets the same server instead, started with the
-    union of `configs`' models and settings (where two set one setting, the last wins) and metrics on, and
-    stopped by `close` or at exit.
+    With `smoke`, every configuration but a `workers` one and one started with `shared=False` (settings the
+    others would contradict) gets the same server instead, started with the union of `configs`' models and
+    settings (where two set one setting, the last wins) and metrics on, and stopped by `close` or at exit.
     """
 
     def __init__(self, repository: Path, smoke: bool,
@@ -60,11 +60,11 @@ class Servers:
             atexit.register(self.close)
 
     def start(self, models: Sequence[str], env: Mapping[str, str] | None = None, metrics: bool = False,
-              workers: int = 1) -> contextlib.AbstractContextManager[LocalServer]:
+              workers: int = 1, shared: bool = True) -> contextlib.AbstractContextManager[LocalServer]:
         """A server for this configuration, stopped when the `with` block ends (the shared one at `close`)."""
         from plm.client.local_server import LocalServer
 
-        if self.shared is not None and workers == 1:
+        if self.shared is not None and workers == 1 and shared:
             return contextlib.nullcontext(self.shared)
         return LocalServer(self.repository, models, dict(env or {}), metrics=metrics, workers=workers)
 

@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from _smoke import add_smoke_flag, run  # this folder is on sys.path when run as a script
+from _smoke import Servers, add_smoke_flag, run  # this folder is on sys.path when run as a script
 from plm.client.client import PlmClient
-from plm.client.local_server import LocalServer
 from plm.service.runtime import run_bound
 
 from plm.api.v1 import plm_pb2 as pb
@@ -227,12 +226,14 @@ def main() -> None:
     interval = f"engine, stream_interval {args.stream_interval}"
     # Classify: the prefix's keys and values reused ("engine") vs whole sequences: through the engine server with
     # prefix_reuse off ("whole", timed on the third server) and without the engine at all ("recompute").
-    for mode, env in (("engine", {"PLM_RUNTIME__KV_CACHE": "true"}),
-                      ("recompute", {"PLM_RUNTIME__KV_CACHE": "false"}),
-                      ("engine_interval", {"PLM_STREAM_INTERVAL": str(args.stream_interval),
-                                           "PLM_RUNTIME__PREFIX_REUSE": "false"})):
-        srv = LocalServer(args.repository, [args.model], env, metrics=True)
-        try:
+    modes = {"engine": {"PLM_RUNTIME__KV_CACHE": "true"}, "recompute": {"PLM_RUNTIME__KV_CACHE": "false"},
+             "engine_interval": {"PLM_STREAM_INTERVAL": str(args.stream_interval),
+                                 "PLM_RUNTIME__PREFIX_REUSE": "false"}}
+    # A smoke run's two servers: the engine's settings together, and the one without the engine.
+    servers = Servers(args.repository, args.smoke, [([args.model], modes["engine"]),
+                                                    ([args.model], modes["engine_interval"])])
+    for mode, env in modes.items():
+        with servers.start([args.model], env, metrics=True, shared=mode != "recompute") as srv:
             key = "whole" if mode == "engine_interval" else mode
             classify_s[key] = classify_timing(srv.target, args.model, repeats, shots)
             print(f"{key:9} Classify {shots} demos × 4 labels × 16 queries: {classify_s[key] * 1000:.1f} ms",
@@ -243,8 +244,7 @@ def main() -> None:
                 r = rows[mode][-1]
                 print(f"{mode:9} {s:3d} streams: {r['tokens_per_s']:8.1f} tokens/s, "
                       f"inter-token {r['mean_inter_token_ms']:.2f} ms", flush=True)
-        finally:
-            srv.stop()
+    servers.close()
     raw = raw_ort(folder, manifest, max(args.streams), n, args.device)
     print(f"raw ORT sequential: {raw['tokens_per_s']:8.1f} tokens/s, decode step {raw['mean_decode_step_ms']:.2f} ms")
     hf = hf_sequential(folder, manifest, max(args.streams), n, args.device) if "weights" in manifest else None

@@ -79,7 +79,7 @@ def main() -> None:
     add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
-        args.duration = 0.5
+        args.duration = 0.3
     rows: dict[str, Any] = {}
     for name, metadata in (("bare", False), ("bare + initial metadata", True)):
         port = free_port()

@@ -162,7 +162,7 @@ def main() -> None:
     # Runs repeated to check each other (`reps`, `floor_reps`), and the raw loops' time and batch sizes.
     reps, floor_reps, raw_seconds, batches, raw_calls = ("", "_again"), ("", "_2", "_3"), 1.5, BATCHES, 400
     if args.smoke:
-        args.duration, reps, floor_reps, raw_seconds, batches, raw_calls = 0.3, ("",), ("",), 0.05, (1, 4), 20
+        args.duration, reps, floor_reps, raw_seconds, batches, raw_calls = 0.15, ("",), ("",), 0.05, (1, 4), 20
     load = functools.partial(drive, warmup=0.0 if args.smoke else 2.0)  # every served run below
 
     print("raw ONNX Runtime (in process, best batch size):", flush=True)

@@ -131,9 +131,9 @@ def main() -> int:
     add_smoke_flag(ap)
     args = ap.parse_args()
     pause = 1.0
-    if args.smoke:  # 3 s: a sample every 0.25 s, a reload every second, a stream every 0.2 s
-        args.minutes, args.warmup_minutes, args.sample_seconds, args.concurrency = 0.05, 0.0, 0.25, 2
-        args.reload_every, pause = 1.0, 0.2
+    if args.smoke:  # 2 s: a sample every 0.15 s, a reload every 0.5 s, a stream every 0.1 s
+        args.minutes, args.warmup_minutes, args.sample_seconds, args.concurrency = 0.033, 0.0, 0.15, 2
+        args.reload_every, pause = 0.5, 0.1
 
     specs = loadtest.load_scenario(args.scenario)
     models = sorted({s.model for s in specs} | {"gpt"})
