@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import trainers as hf_trainers
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -117,8 +117,12 @@ def train_word_tokenizer(sentences: Iterable[str], *, min_count: int = 2, max_vo
     return tokenizer
 
 
-def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, min_frequency: int = 2) -> Tokenizer:
+def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, min_frequency: int = 2,
+                        specials: tuple[str | AddedToken, ...] = (ENDOFTEXT,)) -> Tokenizer:
     """A GPT-2 style byte-level BPE tokenizer; ``<|endoftext|>`` is id 0, the 256 byte symbols follow.
+
+    `specials` are added special tokens with the first ids, in order (GPT's is ``<|endoftext|>`` alone; the
+    encoder-decoder tokenizer passes its own, `train_encdec_tokenizer`).
 
     Choice: ``add_prefix_space=False`` (GPT-2's default). A sentence's first word is then tokenized
     without the leading 'Ġ', in training as in serving (every corpus sentence starts unspaced), and
@@ -126,8 +130,9 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, min_fre
     included, with no ambiguity about a leading space. Every byte is in the initial alphabet, so no input
     is ever unknown. Not lowercased.
     """
-    if vocab_size < 257:
-        raise ValueError(f"vocab_size must be >= 257 (256 bytes + {ENDOFTEXT}), got {vocab_size}")
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be >= {256 + len(specials)} (256 bytes + {len(specials)} specials), "
+                         f"got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = text_normalizer()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -136,12 +141,36 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, min_fre
     trainer = hf_trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[ENDOFTEXT],
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
+
+
+# Encoder-decoder models (`encdec`): their own byte-level BPE, so no id of an existing model's tokenizer moves.
+# ``<pad>`` = 0, ``<s>`` = 1 (the decoder's start token), ``</s>`` = 2 (end of source and of target), then the
+# span-corruption sentinels ``<extra_id_0>`` ... (T5's spelling) at ids 3, 4, ...; all added special tokens,
+# so a sentinel written in a text is read as the sentinel. They are matched on the normalised text (normalized=True),
+# so the piece after a sentinel keeps its leading space: "The<extra_id_0> sat" is [The, <extra_id_0>, Ġsat],
+# exactly what span corruption of "The cat sat" puts in the encoder (a space before a sentinel is a token 'Ġ').
+ENCDEC_PAD, ENCDEC_BOS, ENCDEC_EOS = "<pad>", "<s>", "</s>"
+ENCDEC_SPECIALS: tuple[str, ...] = (ENCDEC_PAD, ENCDEC_BOS, ENCDEC_EOS)
+
+
+def sentinel(i: int) -> str:
+    """The i-th span-corruption sentinel token, ``<extra_id_{i}>``."""
+    return f"<extra_id_{i}>"
+
+
+def train_encdec_tokenizer(texts: Iterable[str], *, vocab_size: int = 8000, sentinels: int = 32,
+                           min_frequency: int = 2) -> Tokenizer:
+    """The encoder-decoder models' byte-level BPE (as `train_bpe_tokenizer`, cased): ``<pad>`` = 0, ``<s>`` = 1,
+    ``</s>`` = 2, then `sentinels` sentinels ``<extra_id_0>`` = 3, ``<extra_id_1>`` = 4, ..."""
+    names = (*ENCDEC_SPECIALS, *(sentinel(i) for i in range(sentinels)))
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                               specials=tuple(AddedToken(n, special=True, normalized=True) for n in names))
 
 
 def word_starts(tokenizer: Tokenizer, encoding: Encoding) -> list[bool]:
