@@ -25,17 +25,19 @@ class LocalServer:
     """
 
     def __init__(self, repository: Path, models: Sequence[str], env: dict[str, str] | None = None,
-                 metrics: bool = False, start_timeout: float = 120.0, workers: int = 1) -> None:
+                 metrics: bool = False, start_timeout: float = 120.0, workers: int = 1, http: bool = False) -> None:
         self.port, self.metrics_port = free_port(), (free_port() if metrics else 0)
+        self.http_port = free_port() if http else 0  # the OpenAI-compatible HTTP API; off unless asked for
         # The log goes to a file: a pipe nobody reads fills up and blocks the server's event loop mid-run.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 — closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "plm.cli", "serve", "--repository", str(repository), "--port", str(self.port),
-             "--metrics-port", str(self.metrics_port), "--workers", str(workers),
+             "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), "--workers", str(workers),
              *(["--models", *models] if models else [])],
             env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=self.log)
         self.target = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics" if metrics else None
+        self.http_url = f"http://127.0.0.1:{self.http_port}" if http else None
         deadline = time.monotonic() + start_timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             try:

@@ -69,6 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help=f"address to bind [{d.host}]")
     s.add_argument("--port", type=int, help=f"gRPC port [{d.port}]")
     s.add_argument("--metrics-port", type=int, help=f"Prometheus /metrics port, 0 = off [{d.metrics_port}]")
+    s.add_argument("--http-port", type=int, help=f"OpenAI-compatible HTTP API port, 0 = off [{d.http_port}]")
     s.add_argument("--config", type=Path, help="TOML config file (see README: Configuration)")
     s.add_argument("--log-format", choices=["text", "json"], help=f"log format [{d.log_format}]")
     s.add_argument("--models", nargs="+", help="serve only these models [every model in the repository]")
@@ -239,7 +240,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     from plm.service.config import load_config
 
     overrides = {"repository": args.repository, "host": args.host, "port": args.port,
-                 "metrics_port": args.metrics_port, "log_format": args.log_format,
+                 "metrics_port": args.metrics_port, "http_port": args.http_port, "log_format": args.log_format,
                  "models": tuple(args.models) if args.models else None, "grace_seconds": args.grace_seconds,
                  "workers": args.workers,
                  "reload_interval_seconds": args.reload_interval,
@@ -301,8 +302,11 @@ def _in_use(host: str, port: int, reuse_port: bool) -> bool:
     return False
 
 
-def _port_message(config: ServerConfig, metrics: bool) -> str:
+def _port_message(config: ServerConfig, metrics: bool, http: bool = False) -> str:
     """The one line that says which port is taken, who may hold it and which flag moves off it."""
+    if http:
+        return (f"plm serve: the HTTP address {config.host}:{config.http_port} is already in use (another "
+                "server may be running): choose another port with --http-port, or --http-port 0 for none")
     if metrics:
         return (f"plm serve: the metrics address {config.host}:{config.metrics_port} is already in use (another "
                 "server may be running): choose another port with --metrics-port, or --metrics-port 0 for none")
@@ -311,9 +315,11 @@ def _port_message(config: ServerConfig, metrics: bool) -> str:
 
 
 def _taken_port(config: ServerConfig) -> str | None:
-    """The one line for the first of the server's ports that another program holds, or None when both are free."""
+    """The one line for the first of the server's ports that another program holds, or None when all are free."""
     if config.port and _in_use(config.host, config.port, config.reuse_port):
         return _port_message(config, metrics=False)
+    if config.http_port and _in_use(config.host, config.http_port, config.reuse_port):  # workers share it too
+        return _port_message(config, metrics=False, http=True)
     if config.metrics_port and _in_use(config.host, config.metrics_port, reuse_port=False):
         return _port_message(config, metrics=True)
     return None
@@ -324,8 +330,10 @@ def _bind_failure(e: BaseException, config: ServerConfig) -> str | None:
     (or service/server.py's OSError when gRPC returns port 0); None for any other error."""
     import errno
 
-    if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:  # the only plain socket the server binds
-        return _port_message(config, metrics=True)
+    if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:  # the metrics or the HTTP socket
+        # The HTTP port binds after the metrics port, which this process then holds itself: ask about HTTP's.
+        http = bool(config.http_port) and _in_use(config.host, config.http_port, config.reuse_port)
+        return _port_message(config, metrics=True, http=http)
     text = str(e)
     if not (text.startswith("Failed to bind to address") or text.startswith("cannot bind")):
         return None

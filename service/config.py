@@ -109,6 +109,10 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing the port is a deliberate choice
     port: int = 50051
     metrics_port: int = 9090  # 0 turns the metrics HTTP endpoint off
+    # The OpenAI-compatible HTTP API (/v1/completions, /v1/embeddings, /v1/models: service/frontends/openai_http.py)
+    # on this port, in the same process and event loop as gRPC, with the same TLS and bearer tokens; 0 = off.
+    # 8000 is where OpenAI-compatible servers (vLLM, SGLang, TGI's router) listen by default.
+    http_port: int = 8000
     # Server processes on the port (service/workers.py): one event loop per process is the ceiling of cheap
     # calls, so on a machine with spare cores N workers answer up to N times as many. Each loads every model.
     workers: int = 1

@@ -32,17 +32,18 @@ _RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        # (method, model, code) → the two labelled series a finished RPC updates. Bounded: methods and codes
-        # are fixed sets, and model labels are only names the registry knows (servicer._Call.model).
-        self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # (method, model, code, protocol) → the two labelled series a finished call updates. Bounded: methods,
+        # codes and protocols are fixed sets, and model labels are only names the registry knows (Call.model).
+        self._request_series: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         self.inflight_now = 0  # calls in flight in this server process (set_inflight)
         self.requests = Counter(
-            "plm_requests", "RPCs handled, by method, model and gRPC status code.",
-            ["method", "model", "code"], registry=r,
+            "plm_requests", "Calls handled, by method, model, status code (gRPC's names, under every protocol) and "
+            "protocol (grpc: plm.v1 and KServe v2; http: the OpenAI-compatible API).",
+            ["method", "model", "code", "protocol"], registry=r,
         )
         self.request_duration = Histogram(
-            "plm_request_duration_seconds", "RPC wall time from arrival to response.",
-            ["method", "model"], buckets=_LATENCY, registry=r,
+            "plm_request_duration_seconds", "Call wall time from arrival to response, by protocol as plm_requests.",
+            ["method", "model", "protocol"], buckets=_LATENCY, registry=r,
         )
         self.queue_wait = Histogram(
             "plm_queue_wait_seconds", "Time a request waited in its model's queue before its batch ran.",
@@ -115,13 +116,13 @@ class Metrics:
         self.inflight_now = calls
         self.inflight.set(calls)
 
-    def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
-        """Count one finished RPC and observe its duration (the labelled series are looked up once each)."""
-        key = (method, model, code)
+    def request_done(self, method: str, model: str, code: str, seconds: float, protocol: str = "grpc") -> None:
+        """Count one finished call and observe its duration (the labelled series are looked up once each)."""
+        key = (method, model, code, protocol)
         series = self._request_series.get(key)
         if series is None:
-            series = self._request_series[key] = (self.requests.labels(method, model, code),
-                                                  self.request_duration.labels(method, model))
+            series = self._request_series[key] = (self.requests.labels(method, model, code, protocol),
+                                                  self.request_duration.labels(method, model, protocol))
         series[0].inc()
         series[1].observe(seconds)
 

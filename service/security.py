@@ -4,12 +4,15 @@ TLS is on when `security.tls_cert_file` and `tls_key_file` are set; `tls_client_
 (a client without a certificate signed by that CA cannot complete the handshake). Bearer-token auth is on
 when any token is configured: every call must carry `authorization: Bearer <token>` metadata, except calls
 to `open_services` (health and reflection by default); others get UNAUTHENTICATED before any work.
+The HTTP front end (service/frontends/openai_http.py) takes the same settings: `server_ssl_context` for its
+socket and `bearer_accepted` for its `Authorization` header.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -35,6 +38,31 @@ def server_credentials(sec: Security) -> grpc.ServerCredentials | None:
     except OSError as e:
         raise ValueError(f"security: {e}") from e
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def server_ssl_context(sec: Security) -> ssl.SSLContext | None:
+    """The same TLS (or mutual TLS) as `server_credentials`, for an HTTP listener; None = plaintext."""
+    if server_credentials(sec) is None:  # also checks the settings are whole and the files readable
+        return None
+    assert sec.tls_cert_file is not None and sec.tls_key_file is not None  # server_credentials checked both
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
+        if sec.tls_client_ca_file is not None:
+            context.load_verify_locations(cafile=str(sec.tls_client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"security: {e}") from e
+    return context
+
+
+def bearer_accepted(value: object, tokens: list[bytes]) -> bool:
+    """Whether an authorization value reads `Bearer <t>` for one of `tokens`, compared with every token (no
+    early exit: the time taken tells nothing about which matched)."""
+    if not isinstance(value, str) or value[:7].lower() != "bearer ":
+        return False
+    given = value[7:].strip().encode()
+    return sum(hmac.compare_digest(given, t) for t in tokens) > 0
 
 
 async def _refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -73,9 +101,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     def _accepted(self, metadata: Any) -> bool:
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                given = value[7:].strip().encode()
-                # Compare with every token (no early exit): the time taken tells nothing about which matched.
-                return sum(hmac.compare_digest(given, t) for t in self._tokens) > 0
+                return bearer_accepted(value, self._tokens)
         return False
 
     async def intercept_service(

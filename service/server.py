@@ -1,8 +1,8 @@
-"""The server process: load the repository, start gRPC (plm.v1 + admin + KServe v2 + health + reflection) and
-/metrics, stop cleanly.
+"""The server process: load the repository, start gRPC (plm.v1 + admin + KServe v2 + health + reflection), the
+OpenAI-compatible HTTP API and /metrics, stop cleanly.
 
 The wiring: one DataPlane (service/dataplane/) over the registry, admission and metrics, and the front ends
-(service/frontends/) over it, each translating its own wire format.
+(service/frontends/) over it, each translating its own wire format; gRPC and HTTP share one event loop.
 
 Health: the overall service ("") and `plm.v1.LanguageModelService` are SERVING once every model is loaded;
 each model name is its own health service, SERVING when that model is ready (hot reload keeps it so). On
@@ -28,6 +28,7 @@ from plm.service.config import ServerConfig
 from plm.service.dataplane.plane import DataPlane
 from plm.service.frontends.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
 from plm.service.frontends.kserve import KServeServicer
+from plm.service.frontends.openai_http import HttpServer, start_http
 from plm.service.frontends.plm_v1 import AdminServicer, LanguageModelServicer
 from plm.service.metrics import Metrics
 from plm.service.registry import Registry
@@ -66,6 +67,11 @@ class RunningServer:
     admission: Admission
     reloader: Reloader
     watcher: asyncio.Task[None] | None = None
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API; None when http_port is 0
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish, then close."""
@@ -83,6 +89,8 @@ class RunningServer:
         while (now := time.monotonic()) < quiet_until and now - max(self.admission.last_refusal, idle) < _QUIET_SECONDS:
             await asyncio.sleep(0.02)
         # What is left: health watches and reflection streams (never admitted), and calls past the grace.
+        if self.http is not None:
+            await self.http.close()
         await self.server.stop(min(max(until - time.monotonic(), 0.0), _CLOSE_SECONDS))
         await self.reloader.close()
         for model in self.registry.models.values():
@@ -137,6 +145,11 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     await server.start()
+    try:
+        http = await start_http(plane, config) if config.http_port else None
+    except BaseException:
+        await server.stop(None)
+        raise
     serving = health_pb2.HealthCheckResponse.SERVING
     for name in registry.models:
         await health_servicer.set(name, serving)
@@ -148,11 +161,12 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     watcher = None
     if config.reload_interval_seconds > 0:
         watcher = asyncio.get_running_loop().create_task(reloader.watch(config.reload_interval_seconds))
-    log.info("serving %d model(s) [%s] on %s:%d in %.2fs (%s%s)", len(registry.models), ", ".join(registry.models),
-             config.host, port, time.perf_counter() - started,
+    log.info("serving %d model(s) [%s] on %s:%d%s in %.2fs (%s%s)", len(registry.models),
+             ", ".join(registry.models), config.host, port,
+             f", OpenAI-compatible HTTP on port {http.port}" if http is not None else "", time.perf_counter() - started,
              "mutual TLS" if config.security.tls_client_ca_file else "TLS" if credentials else "plaintext",
              f", {len(tokens)} bearer token(s)" if tokens else "")
-    return RunningServer(server, port, registry, metrics, health_servicer, config, admission, reloader, watcher)
+    return RunningServer(server, port, registry, metrics, health_servicer, config, admission, reloader, watcher, http)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -13,6 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PLM_CACHE", ROOT / "cache"))
+# `plm serve` processes the tests start leave the OpenAI-compatible HTTP API off (its default port is fixed, and
+# servers of several tests and sessions run at once); a test that wants it passes --http-port.
+os.environ.setdefault("PLM_HTTP_PORT", "0")
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +55,7 @@ class ServerThread:
 def make_config(repo: Path, **changes: object) -> object:
     from plm.service.config import ServerConfig
 
+    changes.setdefault("http_port", 0)  # HTTP off unless a test asks for it: test servers run side by side
     return replace(ServerConfig(), repository=repo, port=0, metrics_port=0, **changes)  # type: ignore[arg-type]
 
 

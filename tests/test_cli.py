@@ -89,7 +89,7 @@ def test_metrics_endpoint(served: tuple[str, int, subprocess.Popen[str]]) -> Non
     _plm("client", "--target", served[0], "score", "gpt", "The king")
     with urllib.request.urlopen(f"http://127.0.0.1:{served[1]}/metrics", timeout=10) as r:
         body = r.read().decode()
-    assert 'plm_requests_total{code="OK",method="Score",model="gpt"}' in body
+    assert 'plm_requests_total{code="OK",method="Score",model="gpt",protocol="grpc"}' in body
     assert "plm_model_ready" in body
 
 

@@ -276,12 +276,12 @@ def test_modelinfer_shares_the_request_metrics_and_batcher(server: ServerThread,
     def sample(name: str, labels: dict[str, str]) -> float:
         return registry.get_sample_value(name, labels) or 0.0
 
-    ok = {"method": "ModelInfer", "model": "gpt", "code": "OK"}
+    ok = {"method": "ModelInfer", "model": "gpt", "code": "OK", "protocol": "grpc"}
     before = sample("plm_requests_total", ok), sample("plm_batch_size_count", {"model": "gpt"})
     infer_raw(triton, "gpt:score", {"TEXT": SENTENCES})
     assert sample("plm_requests_total", ok) == before[0] + 1
     assert sample("plm_batch_size_count", {"model": "gpt"}) > before[1]  # it ran through gpt's batcher
-    bad = {"method": "ModelInfer", "model": "gpt", "code": "INVALID_ARGUMENT"}
+    bad = {"method": "ModelInfer", "model": "gpt", "code": "INVALID_ARGUMENT", "protocol": "grpc"}
     n = sample("plm_requests_total", bad)
     _status(lambda: infer_raw(triton, "gpt:score", {"TEXT": [""]}))
     # The status reaches the client as the handler aborts; its metrics line runs just after: wait for it.

@@ -20,7 +20,7 @@ SENTENCES = ["the king is dead", "to be or not to be", "what light through yonde
 def _ok_scores(srv: LocalServer) -> int:
     assert srv.metrics_url is not None
     text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
-    m = re.search(r'plm_requests_total\{code="OK",method="Score",model="ngram-kn"\} (\S+)', text)
+    m = re.search(r'plm_requests_total\{code="OK",method="Score",model="ngram-kn",protocol="grpc"\} (\S+)', text)
     return int(float(m.group(1))) if m else 0
 
 

@@ -84,7 +84,7 @@ class Attempts:
 def _requests_total(srv: ServerThread, code: str, model: str = "ngram-kn") -> float:
     """The server's own count of Score calls that ended with `code` (plm_requests_total)."""
     value = srv.running.metrics.registry.get_sample_value(
-        "plm_requests_total", {"method": "Score", "model": model, "code": code})
+        "plm_requests_total", {"method": "Score", "model": model, "code": code, "protocol": "grpc"})
     return value or 0.0
 
 

@@ -389,8 +389,8 @@ def test_metrics_exposition(client: PlmClient, server: ServerThread) -> None:
         client.score("nope", ["x"])
     text = server.running.metrics.exposition().decode()
     for needle in (
-        'plm_requests_total{code="OK",method="Score",model="gpt"}',
-        'plm_requests_total{code="NOT_FOUND",method="Score",model="-"}',
+        'plm_requests_total{code="OK",method="Score",model="gpt",protocol="grpc"}',
+        'plm_requests_total{code="NOT_FOUND",method="Score",model="-",protocol="grpc"}',
         "plm_request_duration_seconds_bucket", "plm_queue_wait_seconds_bucket", "plm_batch_size_bucket",
         "plm_batch_tokens_bucket", "plm_padding_efficiency_ratio_bucket", "plm_inference_duration_seconds_bucket",
         'plm_generated_tokens_total{model="gpt"}', "plm_time_to_first_token_seconds_bucket",

@@ -45,7 +45,7 @@ def _access_pids(srv: LocalServer) -> set[int]:
 def _ok_total(srv: LocalServer, method: str) -> float:
     assert srv.metrics_url is not None
     text = urllib.request.urlopen(srv.metrics_url, timeout=10).read().decode()
-    m = re.search(rf'plm_requests_total\{{code="OK",method="{method}",model="ngram-kn"\}} (\S+)', text)
+    m = re.search(rf'plm_requests_total\{{code="OK",method="{method}",model="ngram-kn",protocol="grpc"\}} (\S+)', text)
     return float(m.group(1)) if m else 0.0
 
 

@@ -52,11 +52,13 @@ class Call:
     the event loop its creation, its registration with the loop and two extra coroutine steps.
     """
 
-    __slots__ = ("_held", "admitted", "code", "deadline", "method", "model_label", "plane", "request_id", "started")
+    __slots__ = ("_held", "admitted", "code", "deadline", "method", "model_label", "plane", "protocol", "request_id",
+                 "started")
 
-    def __init__(self, plane: DataPlane, method: str, request_id: str | None, timeout: float | None) -> None:
+    def __init__(self, plane: DataPlane, method: str, request_id: str | None, timeout: float | None,
+                 protocol: str = "grpc") -> None:
         self.started = time.perf_counter()
-        self.plane, self.method = plane, method
+        self.plane, self.method, self.protocol = plane, method, protocol
         self.request_id = str(request_id or os.urandom(8).hex())[:64]
         self.deadline = time.monotonic() + timeout if timeout is not None else None
         self.model_label = "-"
@@ -108,7 +110,7 @@ class Call:
             plane.admission.leave()
         self.release()
         elapsed = time.perf_counter() - self.started
-        plane.metrics.request_done(self.method, self.model_label, self.code, elapsed)
+        plane.metrics.request_done(self.method, self.model_label, self.code, elapsed, self.protocol)
         logs.access(self.request_id, self.method, self.model_label, self.code, elapsed)
 
 
@@ -123,9 +125,11 @@ class DataPlane:
         self.limits = limits
         self.stream_interval = stream_interval
 
-    def call(self, method: str, request_id: str | None = None, timeout: float | None = None) -> Call:
-        """A new call of `method` (its name in metrics and the access log); `timeout`: seconds left to it."""
-        return Call(self, method, request_id, timeout)
+    def call(self, method: str, request_id: str | None = None, timeout: float | None = None,
+             protocol: str = "grpc") -> Call:
+        """A new call of `method` (its name in metrics and the access log); `timeout`: seconds left to it;
+        `protocol`: the metrics' protocol label (grpc, http)."""
+        return Call(self, method, request_id, timeout, protocol)
 
     # ------------------------------------------------------------------------------------------ models
 
