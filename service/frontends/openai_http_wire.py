@@ -261,15 +261,23 @@ def renamed(error: ServiceError, names: Mapping[str, str], n: int = 1, single: b
 
 
 def _logprobs(sentence: SentenceResult, start: int) -> dict[str, Any]:
-    """OpenAI's logprobs object of the tokens of `sentence` whose text starts at or after character `start`."""
+    """OpenAI's logprobs object of the tokens of `sentence` whose text starts at or after character `start`.
+
+    A token's offset is where its text is next found in the sentence (case-blind: word models lower-case); a
+    token whose text is not there as it is (a byte of a character split by byte-level BPE) takes the offset
+    reached so far."""
     tokens, lps, offsets = [], [], []
-    offset = 0
+    text = sentence.text.lower()
+    pos = 0
     for t in sentence.tokens:
+        found = text.find(t.token.lower(), pos) if t.token else -1
+        offset = found if found >= 0 else pos
+        if found >= 0:
+            pos = found + len(t.token)
         if offset >= start:
             tokens.append(t.token)
             lps.append(finite_or_none(t.log_prob))
             offsets.append(offset)
-        offset += len(t.token)
     return {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets,
             "top_logprobs": [{t: lp} for t, lp in zip(tokens, lps, strict=True)]}  # the chosen token alone
 

@@ -1,0 +1,308 @@
+"""The OpenAI-compatible HTTP API over real sockets: the official `openai` SDK for the endpoints and every row of
+the error table, httpx for the SSE framing and a client that leaves mid-stream, hypothesis for bodies."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from unittest.mock import patch
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from plm.client.client import PlmClient
+from plm.client.local_server import free_port
+from plm.service.config import Security
+
+from tests.conftest import ServerThread, make_config
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def http_server(tiny_repo: Path) -> Iterator[ServerThread]:
+    srv = ServerThread(make_config(tiny_repo, http_port=free_port(), models=("gpt", "ngram-kn", "bert")))
+    yield srv
+    srv.stop()
+
+
+def _base(srv: ServerThread) -> str:
+    return f"http://127.0.0.1:{srv.running.http_port}"
+
+
+@pytest.fixture(scope="module")
+def sdk(http_server: ServerThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{_base(http_server)}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def web(http_server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=_base(http_server), timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def grpc_client(http_server: ServerThread) -> Iterator[PlmClient]:
+    with PlmClient(http_server.target, timeout=60) as c:
+        yield c
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def test_models_list_every_model_with_its_tasks(sdk: openai.OpenAI) -> None:
+    models = {m.id: m for m in sdk.models.list()}
+    assert set(models) == {"gpt", "ngram-kn", "bert"}
+    assert models["gpt"].object == "model" and models["gpt"].owned_by == "plm"
+    assert set((models["gpt"].model_extra or {})["tasks"]) >= {"generate", "score", "embed"}
+    assert sdk.models.retrieve("ngram-kn").id == "ngram-kn"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("no-such-model")
+
+
+# -------------------------------------------------------------------------------------- completions
+
+
+def test_completion_equals_plm_v1_generate_and_its_stream(sdk: openai.OpenAI, grpc_client: PlmClient) -> None:
+    """Same seed, same text: unary HTTP, streamed HTTP and plm.v1 Generate sample alike (one data plane)."""
+    args: dict[str, Any] = {"model": "gpt", "prompt": "The king", "max_tokens": 12, "seed": 7, "temperature": 1.0}
+    unary = sdk.completions.create(**args)
+    chunks = list(sdk.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    gen = grpc_client.generate("gpt", ["The king"], {"max_new_tokens": 12, "seed": 7, "temperature": 1.0})
+    assert unary.choices[0].text == streamed == gen.generations[0].text
+    assert unary.object == "text_completion" and unary.model == "gpt"
+    assert unary.choices[0].finish_reason in ("length", "stop")
+    assert chunks[-1].choices == [] and chunks[-1].usage == unary.usage
+    assert unary.usage is not None and unary.usage.completion_tokens == gen.generations[0].generated_tokens
+    assert unary.usage.prompt_tokens == gen.generations[0].prompt_tokens
+
+
+def test_prompt_lists_and_n(sdk: openai.OpenAI) -> None:
+    out = sdk.completions.create(model="gpt", prompt=["The king", "A horse"], n=3, max_tokens=4, seed=1)
+    assert [c.index for c in out.choices] == list(range(6))
+    assert len({c.text for c in out.choices[:3]}) > 1 or out.choices[0].text == ""  # n samples, not copies
+    again = sdk.completions.create(model="gpt", prompt=["The king", "A horse"], n=3, max_tokens=4, seed=1)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+
+
+def test_stop_and_greedy(sdk: openai.OpenAI) -> None:
+    greedy = sdk.completions.create(model="gpt", prompt="The", max_tokens=20, temperature=0).choices[0].text
+    assert greedy == sdk.completions.create(model="gpt", prompt="The", max_tokens=20, temperature=0).choices[0].text
+    if len(greedy) > 3:
+        stop = greedy[2:4]
+        cut = sdk.completions.create(model="gpt", prompt="The", max_tokens=20, temperature=0, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+
+
+def test_echo_logprobs_are_plm_v1_scores(sdk: openai.OpenAI, grpc_client: PlmClient) -> None:
+    """echo + logprobs 0 + max_tokens 0: the prompt's token log-probabilities, as Score gives them."""
+    text = "the king is dead"
+    out = sdk.completions.create(model="ngram-kn", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    scored = grpc_client.score("ngram-kn", [text], add_eos=False).scores[0]
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == text and lp is not None
+    assert lp.tokens == [t.token for t in scored.tokens]
+    assert lp.token_logprobs == pytest.approx([t.log_prob for t in scored.tokens])
+    assert lp.text_offset == [0, 4, 9, 12]
+    assert out.usage is not None and out.usage.prompt_tokens == scored.num_tokens
+
+
+def test_logprobs_of_a_generation(sdk: openai.OpenAI) -> None:
+    out = sdk.completions.create(model="gpt", prompt="The king", max_tokens=5, temperature=0, logprobs=0, echo=True)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs and all(x is None or x <= 0 for x in lp.token_logprobs)
+    assert out.choices[0].text.startswith("The king")
+
+
+# --------------------------------------------------------------------------------------- embeddings
+
+
+def test_embeddings_float_equals_base64_equals_plm_v1(sdk: openai.OpenAI, grpc_client: PlmClient) -> None:
+    texts = ["The king is dead.", "A horse!"]
+    b64 = sdk.embeddings.create(model="gpt", input=texts)  # the SDK asks for base64 and decodes it
+    flt = sdk.embeddings.create(model="gpt", input=texts, encoding_format="float")
+    ref = grpc_client.embed("gpt", texts).embeddings
+    for a, b, r in zip(b64.data, flt.data, ref, strict=True):
+        assert np.array_equal(np.asarray(a.embedding, np.float32), np.asarray(b.embedding, np.float32))
+        assert np.array_equal(np.asarray(b.embedding, np.float32), np.asarray(r.vector, np.float32))
+    assert flt.usage.prompt_tokens > 0 and flt.model == "gpt"
+    single = sdk.embeddings.create(model="gpt", input="A horse!", encoding_format="float")
+    assert single.data[0].embedding == flt.data[1].embedding
+
+
+def test_dimensions_refused_unless_the_models_own(sdk: openai.OpenAI) -> None:
+    dim = len(sdk.embeddings.create(model="gpt", input="x", encoding_format="float").data[0].embedding)
+    assert len(sdk.embeddings.create(model="gpt", input="x", dimensions=dim).data[0].embedding) == dim
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.embeddings.create(model="gpt", input="x", dimensions=dim // 2)
+    assert _error(e)["param"] == "dimensions" and "cannot shorten" in _error(e)["message"]
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def _error(e: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
+    body = e.value.body
+    assert isinstance(body, dict) and set(body) == {"message", "type", "param", "code"}, body
+    return body
+
+
+ErrorCase = tuple[Callable[[openai.OpenAI], Any], type[openai.APIStatusError], int, str | None]
+ERRORS: dict[str, ErrorCase] = {
+    "bad temperature": (lambda s: s.completions.create(model="gpt", prompt="x", temperature=-1),
+                        openai.BadRequestError, 400, "temperature"),
+    "max_tokens over the limit": (lambda s: s.completions.create(model="gpt", prompt="x", max_tokens=10**6),
+                                  openai.BadRequestError, 400, "max_tokens"),
+    "n over the limit": (lambda s: s.completions.create(model="gpt", prompt="x", n=1000),
+                         openai.BadRequestError, 400, "n"),
+    "prompt list over the limit": (lambda s: s.completions.create(model="gpt", prompt=["x"] * 65),
+                                   openai.BadRequestError, 400, "prompt"),
+    "empty input": (lambda s: s.embeddings.create(model="gpt", input=["fine", "  "]),
+                    openai.BadRequestError, 400, "input"),
+    "unknown field": (lambda s: s.completions.create(model="gpt", prompt="x", extra_body={"frobnicate": 1}),
+                      openai.BadRequestError, 400, "frobnicate"),
+    "task the model lacks": (lambda s: s.completions.create(model="ngram-kn", prompt="x"),
+                             openai.BadRequestError, 400, None),
+    "unknown model": (lambda s: s.completions.create(model="no-such-model", prompt="x"),
+                      openai.NotFoundError, 404, None),
+    "chat": (lambda s: s.chat.completions.create(model="gpt", messages=[{"role": "user", "content": "hi"}]),
+             openai.NotFoundError, 404, None),
+    "deadline": (lambda s: s.embeddings.create(model="gpt", input="x",
+                                               extra_headers={"X-Request-Timeout": "0.000001"}),
+                 openai.InternalServerError, 504, None),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_error_rows(sdk: openai.OpenAI, case: str) -> None:
+    call, exc, status, param = ERRORS[case]
+    with pytest.raises(exc) as e:
+        call(sdk)
+    assert e.value.status_code == status
+    body = _error(e)
+    assert body["param"] == param, body
+    if param is not None:
+        assert body["message"].startswith(f"{param}") and body["type"] == "invalid_request_error"
+
+
+def test_chat_says_why(web: httpx.Client) -> None:
+    r = web.post("/v1/chat/completions", json={"model": "gpt", "messages": []})
+    assert r.status_code == 404 and "no chat models" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("knob", "value", "exc", "status"), [("limit", 0, openai.RateLimitError, 429),
+                                                              ("draining", True, openai.InternalServerError, 503)])
+def test_admission_rows(http_server: ServerThread, sdk: openai.OpenAI, knob: str, value: object,
+                        exc: type[openai.APIStatusError], status: int) -> None:
+    """The in-flight limit (429) and the drain (503) are the data plane's gate, the one gRPC meets."""
+    with patch.object(http_server.running.admission, knob, value), pytest.raises(exc) as e:
+        sdk.completions.create(model="gpt", prompt="x", max_tokens=2)
+    assert e.value.status_code == status and _error(e)["code"] in ("resource_exhausted", "unavailable")
+
+
+def test_bearer_token_and_metrics_protocol(tiny_repo: Path) -> None:
+    """[security]'s tokens guard HTTP as they guard gRPC; /metrics counts HTTP calls under protocol="http"."""
+    config = make_config(tiny_repo, http_port=free_port(), models=("ngram-kn",))
+    srv = ServerThread(replace(config, security=Security(auth_token=TOKEN)))  # type: ignore[type-var]
+    try:
+        base = f"{_base(srv)}/v1"
+        with openai.OpenAI(base_url=base, api_key="wrong", max_retries=0) as bad:
+            with pytest.raises(openai.AuthenticationError) as e:
+                bad.models.list()
+            assert e.value.status_code == 401 and _error(e)["code"] == "unauthenticated"
+        with openai.OpenAI(base_url=base, api_key=TOKEN, max_retries=0) as good:
+            assert [m.id for m in good.models.list()] == ["ngram-kn"]
+            good.completions.create(model="ngram-kn", prompt="the king", max_tokens=0, echo=True, logprobs=0)
+        assert httpx.get(f"{_base(srv)}/health").status_code == 200  # probes carry no token
+        text = srv.running.metrics.exposition().decode()
+        assert 'plm_requests_total{code="OK",method="Completions",model="ngram-kn",protocol="http"} 1.0' in text
+        assert 'plm_rejections_total{model="*",reason="unauthenticated"}' in text or "unauthenticated" in text
+    finally:
+        srv.stop()
+
+
+# -------------------------------------------------------------------------------------- raw framing
+
+
+def test_sse_framing(web: httpx.Client) -> None:
+    body = {"model": "gpt", "prompt": ["The", "A"], "max_tokens": 4, "seed": 2, "stream": True}
+    with web.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-request-id"]
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    finished = set()
+    for ev in events[:-2]:
+        assert ev.startswith("data: ") and "\n" not in ev
+        data = json.loads(ev[6:])
+        (choice,) = data["choices"]
+        if choice["finish_reason"]:
+            finished.add(choice["index"])
+    assert finished == {0, 1}
+
+
+def test_errors_before_the_first_token_keep_their_status(web: httpx.Client) -> None:
+    r = web.post("/v1/completions", json={"model": "gpt", "prompt": "x " * 300, "max_tokens": 8, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_client_leaving_mid_stream_frees_its_engine_slots(http_server: ServerThread) -> None:
+    engine = http_server.running.registry.get("gpt").engine
+    assert engine is not None
+    metrics = http_server.running.metrics
+    before = metrics.rejections.labels("gpt", "cancelled")._value.get()
+    body = {"model": "gpt", "prompt": ["The king"] * 16, "max_tokens": 60, "seed": 1, "stream": True}
+    with httpx.Client(base_url=_base(http_server), timeout=60) as c, c.stream("POST", "/v1/completions",
+                                                                              json=body) as r:
+        next(r.iter_raw())  # the first event has come: the sequences are running
+    deadline = time.monotonic() + 10
+    while engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.active == 0  # every sequence left the batch, its KV memory released
+    assert metrics.rejections.labels("gpt", "cancelled")._value.get() == before + 1
+    with httpx.Client(base_url=_base(http_server), timeout=60) as c:  # the engine goes on serving
+        assert c.post("/v1/completions", json={"model": "gpt", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"{", "body"), (b"\xff\xfe{}", "body"), (b"[1]", "body"), (b'{"model": "gpt", "prompt": 5}', "prompt"),
+    (b'{"model": "gpt", "prompt": "x", "max_tokens": "9"}', "max_tokens"),
+    (b'{"model": "gpt", "prompt": "\\ud800"}', "prompt"), (b'{"model": "gpt", "prompt": [1, 2]}', "prompt"),
+    (b'{"model": "gpt", "prompt": "x", "temperature": NaN}', "temperature"), (b"[" * 100_000, "body"),
+    (b'{"model": "gpt", "prompt": "' + b"a" * (5 << 20) + b'"}', "body"),
+])
+def test_bad_bodies_are_4xx_naming_the_parameter(web: httpx.Client, body: bytes, param: str) -> None:
+    r = web.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and r.json()["error"]["param"] == param, r.text
+
+
+_json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=3), max_leaves=6)
+_keys = st.sampled_from(["model", "prompt", "input", "max_tokens", "n", "stop", "seed", "stream", "echo", "logprobs",
+                         "temperature", "top_p", "encoding_format", "dimensions", "stream_options", "x"])
+_bodies = st.fixed_dictionaries({"model": st.sampled_from(["gpt", "ngram-kn", "nope", 3])},
+                                optional={"prompt": st.text(max_size=10) | st.lists(st.text(max_size=5), max_size=3),
+                                          "input": st.text(max_size=10)}).flatmap(
+    lambda base: st.dictionaries(_keys, _json_values, max_size=4).map(lambda extra: {**base, **extra}))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/completions", "/v1/embeddings"]), body=_bodies)
+def test_fuzzed_bodies_never_500(web: httpx.Client, path: str, body: dict[str, Any]) -> None:
+    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 8:
+        body["max_tokens"] = 8  # keep generation short; the limit itself is a row above
+    r = web.post(path, content=json.dumps(body, allow_nan=True).encode(), headers={"content-type": "application/json"})
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
