@@ -268,8 +268,7 @@ def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
         if message is None and config.workers > 1:
             return Supervisor(config, serve_argv).run()
         if message is None:
-            asyncio.run(serve(config))
-            return 0
+            return asyncio.run(serve(config))
     except (OSError, RuntimeError) as e:  # taken meanwhile: gRPC's RuntimeError, or the metrics server's OSError
         message = _bind_failure(e, config)
         if message is None:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from plm.service import faults
 from plm.service.config import Batching
 from plm.service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from plm.service.metrics import Metrics
@@ -75,6 +76,7 @@ class DynamicBatcher(Generic[P, R]):
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.model}")
+        self._worker.add_done_callback(faults.task_ended)  # a worker that dies takes the model's calls with it
 
     @property
     def depth(self) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from plm.service import logs
+from plm.service import faults, logs
 from plm.service.admission import Admission
 from plm.service.config import ServerConfig
 from plm.service.dataplane.plane import DataPlane
@@ -169,8 +169,11 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     return RunningServer(server, port, registry, metrics, health_servicer, config, admission, reloader, watcher, http)
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM/SIGINT, then drain gracefully."""
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, or until a server thread or batcher task dies, then drain gracefully.
+
+    Returns the process's exit status: 0 after a signal, 1 after a death (service/faults.py).
+    """
     metrics = Metrics()
     if config.metrics_port:
         metrics.serve_http(config.host, config.metrics_port)
@@ -178,6 +181,13 @@ async def serve(config: ServerConfig) -> None:
     running = await start_server(config, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    deaths: list[str] = []
+
+    def on_fatal(what: str) -> None:
+        deaths.append(what)
+        stop.set()
+
+    unwatch = faults.watch(loop, on_fatal)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[Any]] = set()
@@ -191,4 +201,9 @@ async def serve(config: ServerConfig) -> None:
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", config.grace_seconds)
     await running.stop()
+    unwatch()
+    if deaths:
+        log.critical("stopped after %s died", ", ".join(deaths))
+        return 1
     log.info("stopped")
+    return 0
