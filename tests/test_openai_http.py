@@ -4,6 +4,7 @@ the error table, httpx for the SSE framing and a client that leaves mid-stream, 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -22,6 +23,7 @@ from plm.client.local_server import free_port
 from plm.service.config import Security
 
 from tests.conftest import ServerThread, make_config
+from tests.test_security import Pki, pki  # noqa: F401 (the certificates fixture)
 
 TOKEN = "s3cret-token"
 
@@ -306,3 +308,23 @@ def test_fuzzed_bodies_never_500(web: httpx.Client, path: str, body: dict[str, A
     assert r.status_code < 500, r.text
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_mutual_tls_guards_http_as_it_guards_grpc(tiny_repo: Path, pki: Pki) -> None:  # noqa: F811
+    """[security]'s TLS settings serve HTTPS on the HTTP port; with a client CA, a client without a certificate
+    it signed cannot complete the handshake."""
+    security = Security(tls_cert_file=pki.write("server.pem", pki.server.cert),
+                        tls_key_file=pki.write("server.key", pki.server.key),
+                        tls_client_ca_file=pki.write("ca.pem", pki.ca.cert))
+    srv = ServerThread(make_config(tiny_repo, http_port=free_port(), models=("ngram-kn",), security=security))
+    try:
+        url = f"https://localhost:{srv.running.http_port}/v1/models"
+        trusted = ssl.create_default_context(cadata=pki.ca.cert.decode())
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url, verify=trusted)
+        trusted.load_cert_chain(pki.write("client.pem", pki.client.cert), pki.write("client.key", pki.client.key))
+        assert [m["id"] for m in httpx.get(url, verify=trusted).json()["data"]] == ["ngram-kn"]
+        with pytest.raises(httpx.TransportError):  # plaintext to the TLS port
+            httpx.get(url.replace("https", "http"))
+    finally:
+        srv.stop()
