@@ -45,8 +45,9 @@ class GptProfile:
     n_head: int
     n_embd: int
     batch_size: int
-    max_steps: int
-    max_seconds: float | None  # the wall-clock budget that keeps `make serve`'s first run in time; None: max_steps
+    max_steps: int  # the planned run: training stops here (or on early stopping), so the model is the seed's
+    warmup_steps: int
+    max_seconds: float | None  # a safety cap that warns when it cuts training short; None: no cap
     eval_interval: int
     lr: float
     num_threads: int  # torch threads: 1 for the fixture, where a 2nd thread on a busy core costs ~30× per step
@@ -67,12 +68,12 @@ PROFILES = {
     # so the fixture is the same model on a fast machine and on a loaded CI runner.
     "tiny": Profile("tiny", max_documents=8, word_min_count=1, ngram_order=3, gpt=GptProfile(
         bpe_vocab=512, block_size=64, n_layer=2, n_head=2, n_embd=64, batch_size=16, max_steps=300,
-        max_seconds=None, eval_interval=50, lr=3e-3, num_threads=1), variant_sentences=40),
-    # The default models: the whole corpus; GPT sized to train in 2 minutes on 2 cores (every family together
-    # must build from a fresh clone within 10 minutes).
+        warmup_steps=30, max_seconds=None, eval_interval=50, lr=3e-3, num_threads=1), variant_sentences=40),
+    # The default models: the whole corpus; GPT sized to train in about 2 minutes on 2 idle cores (every family
+    # together must build from a fresh clone within 10 minutes). The cap is far above that, for a busy machine.
     "small": Profile("small", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
-        bpe_vocab=8000, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=20000,
-        max_seconds=120.0, eval_interval=40, lr=2e-3, num_threads=2)),
+        bpe_vocab=4096, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=400,
+        warmup_steps=20, max_seconds=600.0, eval_interval=40, lr=2e-3, num_threads=2)),
 }
 
 
@@ -233,7 +234,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
     torch.manual_seed(seed)
     model = GPT(cfg)
     tcfg = TrainConfig(max_steps=g.max_steps, batch_size=g.batch_size, lr=g.lr, min_lr=g.lr / 10,
-                       warmup_steps=min(100, g.max_steps // 10), eval_interval=g.eval_interval, eval_batches=5,
+                       warmup_steps=g.warmup_steps, eval_interval=g.eval_interval, eval_batches=5,
                        max_seconds=g.max_seconds, seed=seed, num_threads=g.num_threads)
     with staging(repository, "gpt") as folder:
         result = train(model, lm_batches(streams, g.block_size, g.batch_size, np.random.default_rng(seed)),

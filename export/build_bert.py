@@ -40,8 +40,8 @@ class BertProfile:
     n_embd: int
     dropout: float
     batch_size: int
-    max_steps: int
-    max_seconds: float | None  # wall-clock budget of the training loop; None: max_steps decides (reproducible)
+    max_steps: int  # the planned run: the model depends on the seed alone, not on the machine's speed
+    max_seconds: float | None  # a safety cap that warns when it cuts training short; None: no cap
     eval_interval: int
     eval_batches: int  # validation batches per evaluation (each one a forward pass)
     lr: float
@@ -54,9 +54,10 @@ PROFILES = {
     "tiny": BertProfile(vocab_size=1000, max_length=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0,
                         batch_size=32, max_steps=300, max_seconds=None, eval_interval=50, eval_batches=2, lr=5e-3,
                         eval_pairs=200, num_threads=1),
-    # The default model: ~2 minutes of training on 2 cores; dropout 0.1 as BERT, since the data are small.
+    # The default model: ~2 minutes of training on 2 idle cores, the cap well above it; dropout 0.1 as BERT,
+    # since the data are small.
     "small": BertProfile(vocab_size=8000, max_length=128, n_layer=4, n_head=4, n_embd=128, dropout=0.1,
-                         batch_size=32, max_steps=20000, max_seconds=90.0, eval_interval=40, eval_batches=10, lr=1e-3,
+                         batch_size=32, max_steps=300, max_seconds=450.0, eval_interval=40, eval_batches=10, lr=1e-3,
                          eval_pairs=2000, num_threads=2),
 }
 

@@ -9,9 +9,12 @@
 - AdamW (nanoGPT's betas) with weight decay on 2-D weights (matmuls, embeddings) only, never on biases
   and LayerNorm gains; linear warm-up, then cosine decay to `min_lr`; gradient-norm clipping.
 - every `eval_interval` steps the mean loss over `eval_batches` validation batches is taken; training
-  stops at `max_steps`, after `patience` evaluations without a better validation loss, or when
-  `max_seconds` of wall clock have passed (so `plm build` can promise a time). In all three cases the
+  stops at `max_steps` or after `patience` evaluations without a better validation loss. Both depend only
+  on the seed, so one commit and seed give the same weights on one machine, however fast it is. The
   model ends with the weights of its best validation loss, in eval mode.
+- `max_seconds` is a safety cap, not the plan: the schedule is laid out over `max_steps` alone, and a run
+  the clock cuts short logs a warning and records `time_budget` (the manifest shows steps done vs
+  planned), since its weights then depend on the machine's speed.
 - progress is a tqdm bar (loss, lr, last validation loss) on a terminal; elsewhere (`make serve > build.log`,
   a pipe, CI) it is a plain log line at each tenth of the run, since a bar redrawn every step would fill the
   log with carriage-return frames. The end is one summary line and a loss-curve PNG in `out_dir`.
@@ -45,7 +48,7 @@ _PLAIN_LINES = 10  # off a terminal: a progress line at each tenth of the run (o
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 2000  # an upper bound; max_seconds usually stops a CPU build first
+    max_steps: int = 2000  # the planned length of the run: the schedule decays over it
     batch_size: int = 32  # read by the family's get_batch, not by train(); recorded for the manifest
     lr: float = 1e-3  # peak learning rate; small Transformers tolerate 1e-3 (nanoGPT's shakespeare_char)
     min_lr: float = 1e-4  # lr / 10 at the end of the cosine, as the Chinchilla paper recommends
@@ -55,7 +58,7 @@ class TrainConfig:
     eval_interval: int = 100  # steps between validation runs (each costs eval_batches forward passes)
     eval_batches: int = 10  # batches per validation estimate: enough to see trends, cheap on CPU
     patience: int | None = 5  # evaluations without a new best before stopping; None disables
-    max_seconds: float | None = None  # wall-clock budget for the loop; None = until max_steps
+    max_seconds: float | None = None  # safety cap on the loop's wall clock (warns when it cuts); None: no cap
     seed: int = 1337  # seeds torch (init, dropout); the batch sampler has its own generator
     num_threads: int = 2  # torch intra-op threads: the build machine has few cores and shares them
     progress: bool = True  # a tqdm bar on a terminal, a line per tenth of the run elsewhere; False: neither
@@ -64,6 +67,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrainResult:
     steps: int  # optimiser steps taken
+    planned_steps: int  # cfg.max_steps: fewer steps were taken after early stopping or the time cap
     best_valid_loss: float  # the loss of the weights the model ends with
     final_train_loss: float  # mean training loss over the last evaluation interval
     seconds: float
@@ -73,7 +77,7 @@ class TrainResult:
 
     def manifest(self, parameters: int, **extra: Any) -> dict[str, Any]:
         """The `training` section of a model manifest (GetModel shows its numbers as figures)."""
-        return {"steps": self.steps, "best_valid_loss": self.best_valid_loss,
+        return {"steps": self.steps, "planned_steps": self.planned_steps, "best_valid_loss": self.best_valid_loss,
                 "final_train_loss": self.final_train_loss, "seconds": round(self.seconds, 1),
                 "tokens_seen": self.tokens_seen, "stopped_because": self.stopped_because,
                 "parameters": parameters, **extra}
@@ -81,7 +85,7 @@ class TrainResult:
     def summary(self) -> str:
         rate = self.tokens_seen / self.seconds if self.seconds > 0 else float("nan")
         return (
-            f"trained {self.steps} steps in {self.seconds:.1f} s ({self.stopped_because}), "
+            f"trained {self.steps}/{self.planned_steps} steps in {self.seconds:.1f} s ({self.stopped_because}), "
             f"{self.tokens_seen:,} tokens ({rate:,.0f} tokens/s); final train loss "
             f"{self.final_train_loss:.4f}, best valid loss {self.best_valid_loss:.4f} "
             f"(ppl {math.exp(min(self.best_valid_loss, 50.0)):.1f})"
@@ -120,16 +124,13 @@ def default_loss_fn(model: nn.Module, batch: Batch) -> Tensor:
     return loss
 
 
-def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr (nanoGPT's get_lr).
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at cfg.max_steps (nanoGPT's get_lr).
 
-    The decay runs to whichever end comes first: cfg.max_steps, or cfg.max_seconds of wall time. A run cut
-    by its time budget then still anneals to min_lr, instead of stopping at the peak learning rate (which
-    costs a short CPU run a good part of its final loss).
+    A function of the step alone (never of the clock), so the schedule, and with it the weights, are the
+    same on a fast and a slow machine.
     """
     progress = max(0, step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.max_seconds:
-        progress = max(progress, elapsed / cfg.max_seconds)
     cosine = cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
     if step < cfg.warmup_steps:  # the lower of the ramp and the cosine: no jump when a slow warm-up ends
         return min(cfg.lr * (step + 1) / (cfg.warmup_steps + 1), cosine)
@@ -175,8 +176,8 @@ def train(
     """Train `model` in place and return what happened; writes `out_dir/loss_curve.png`.
 
     Evaluates at step 0, every `cfg.eval_interval` steps, and once more when the loop stops (unless it
-    just did). The wall-clock budget is checked before every step, so the loop overshoots `max_seconds`
-    by at most one step plus one evaluation.
+    just did). The wall-clock cap is checked before every step, so the loop overshoots `max_seconds` by
+    at most one step plus one evaluation; a run it cuts short logs a warning.
     """
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -213,10 +214,7 @@ def train(
     t0 = time.monotonic()
     model.train()
     evaluate(0)
-    # With a time budget the bar counts seconds of it (the step count is then unknown in advance).
-    timed = cfg.max_seconds is not None
-    total = round(cfg.max_seconds) if cfg.max_seconds is not None else cfg.max_steps
-    bar = _Progress(desc, total, "s" if timed else "step", cfg.progress)
+    bar = _Progress(desc, cfg.max_steps, "step", cfg.progress)
     last_eval_step = 0
     while True:
         if step >= cfg.max_steps:
@@ -224,8 +222,11 @@ def train(
             break
         if cfg.max_seconds is not None and time.monotonic() - t0 >= cfg.max_seconds:
             stopped_because = "time_budget"
+            log.warning("%s: the %.0f s time cap stopped training at step %d of %d planned; the weights now "
+                        "depend on this machine's speed (raise max_seconds or lower max_steps)", desc,
+                        cfg.max_seconds, step, cfg.max_steps)
             break
-        lr = lr_at(step, cfg, time.monotonic() - t0)
+        lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = get_batch("train")
@@ -238,7 +239,7 @@ def train(
         step += 1
         tokens_seen += _count_targets(batch)
         interval_losses.append(loss.item())
-        bar.update(min(int(time.monotonic() - t0), total) if timed else step, step=str(step),
+        bar.update(step, step=str(step),
                    loss=f"{interval_losses[-1]:.4f}", lr=f"{lr:.2e}", valid=f"{history[-1][2]:.4f}")
         if step % cfg.eval_interval == 0:
             last_eval_step = step
@@ -255,6 +256,7 @@ def train(
     model.eval()
     result = TrainResult(
         steps=step,
+        planned_steps=cfg.max_steps,
         best_valid_loss=best_loss,
         final_train_loss=history[-1][1],
         seconds=seconds,
@@ -281,7 +283,7 @@ def plot_loss_curve(result: TrainResult, path: Path, title: str = "train") -> No
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     best = f"best valid {result.best_valid_loss:.3f}"
-    ax.set_title(f"{title}: {result.steps} steps, {best} ({result.stopped_because})")
+    ax.set_title(f"{title}: {result.steps}/{result.planned_steps} steps, {best} ({result.stopped_because})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
