@@ -28,6 +28,19 @@ def present_names(n_layer: int) -> list[str]:
     return [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
 
+# The encoder-decoder (`encdec`) graphs. Encoder: inputs ENCODER_INPUT_NAMES, (B, S) int64, right-padded; outputs
+# `cross.{i}.key|value` (B, H, S, D) per decoder layer, the cross-attention keys and values computed once per source.
+# Decoder: DECODER_INPUT_NAMES, then ENCODER_ATTENTION_MASK (B, S), then the self-attention pasts
+# `past_key_values.{i}.key|value` (B, H, P, D), then `cross.{i}.key|value`; outputs as the GPT decoder's.
+ENCODER_INPUT_NAMES = ("input_ids", "attention_mask")
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+
+
+def cross_names(n_layer: int) -> list[str]:
+    """`cross.{i}.key`, `cross.{i}.value` for every decoder layer: the encoder graph's outputs, the decoder's inputs."""
+    return [f"cross.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
+
+
 def kv_layout_inputs(side: str, tensors: int) -> list[str]:
     """The layout graph's key and value inputs of one side (`a`: the running batch, `b`: the joiners)."""
     return [f"{side}.{i}" for i in range(tensors)]

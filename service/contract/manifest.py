@@ -120,6 +120,21 @@ class Word2VecSpec:
 
 
 @dataclass(frozen=True)
+class EncDecSpec:
+    """`encdec`: an encoder-decoder's architecture, the ids its decoding and its blanks use, and its windows."""
+
+    architecture: Literal["transformer", "rnn"]
+    pad_id: int
+    decoder_start_id: int  # the decoder's first input (<s>)
+    eos_id: int
+    first_sentinel_id: int  # <extra_id_0>; sentinel k is first_sentinel_id + k
+    sentinels: int
+    max_source_length: int  # the encoder's window, </s> included
+    max_target_length: int  # the decoder's window, <s> included
+    extra: Facts = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """One model folder's manifest. The first six fields are required; each family reads its own section."""
 
@@ -139,6 +154,7 @@ class Manifest:
     nnlm: NnlmSpec | None = None
     elmo: ElmoSpec | None = None
     word2vec: Word2VecSpec | None = None
+    encdec: EncDecSpec | None = None
     batching: Facts | None = None  # per-model batching overrides (ServerConfig.batching_for checks them)
     weights: str | None = None  # a weights file for oracles and benchmarks; the server never reads it
     parity: Facts = field(default_factory=dict)
@@ -159,7 +175,7 @@ class Manifest:
 
 
 def require(section: T | None, name: str, folder: str | Path) -> T:
-    """A family's section of the manifest (`ngram`, `nnlm`, `word2vec`), which its model folder must have."""
+    """A family's section of the manifest (`ngram`, `nnlm`, `word2vec`, `encdec`), which its model folder must have."""
     if section is None:
         raise ManifestError(f"{Path(folder) / MANIFEST_FILE}: field '{name}' is missing")
     return section
@@ -292,7 +308,7 @@ def _dump_value(value: object) -> Any:
 
 
 __all__ = [
-    "MANIFEST_FILE", "SCHEMA_VERSION", "ElmoSpec", "Facts", "GraphSpec", "Manifest", "ManifestError",
+    "MANIFEST_FILE", "SCHEMA_VERSION", "ElmoSpec", "EncDecSpec", "Facts", "GraphSpec", "Manifest", "ManifestError",
     "NgramSpec", "NnlmSpec", "TokenizerSpec", "VariantSpec", "Word2VecSpec",
     "dump", "from_json", "load", "require", "write",
 ]
