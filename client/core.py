@@ -287,7 +287,8 @@ def embed_request(model: str, texts: Sequence[str] = (), *, pooling: str | int |
                   normalize: bool = False, layer_weights: Sequence[float] = (), nearest_k: int | None = None,
                   analogies: Sequence[tuple[str, str, str]] = (), include_tokens: bool = False,
                   timeout: float | None = None, request_id: str | None = None) -> Prepared[pb.EmbedRequest]:
-    """Vectors of texts; pooling "mean" (default), "cls" or "none"; analogies (a, b, c) = a − b + c."""
+    """Vectors of texts; pooling "mean", "cls" or "none" (None: the model's own, mean unless an imported
+    sentence-transformers model says otherwise); analogies (a, b, c) = a − b + c."""
     req = pb.EmbedRequest(model=model, texts=list(texts), pooling=_enum(pooling, _POOLING, "pooling"),
                           normalize=normalize, layer_weights=list(layer_weights), nearest_k=nearest_k,
                           analogies=[pb.Analogy(a=a, b=b, c=c) for a, b, c in analogies],

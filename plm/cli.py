@@ -122,8 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     e = _parser(verbs, "embed", help="vectors of texts; nearest words and analogies (word2vec)")
     e.add_argument("model")
     e.add_argument("texts", nargs="*")
-    e.add_argument("--pooling", choices=["mean", "cls", "none"], default="mean",
-                   help="one vector per text (mean of its tokens, or the [CLS] token's) or none: one per token")
+    e.add_argument("--pooling", choices=["mean", "cls", "none"], default=None,
+                   help="one vector per text (mean of its tokens, or the [CLS] token's) or none: one per token "
+                        "[the model's own: mean, or an imported sentence-transformers model's pooling]")
     e.add_argument("--normalize", action="store_true", help="scale each vector to length 1")
     e.add_argument("--nearest", type=int, default=None, help="nearest vocabulary words of each text")
     e.add_argument("--analogy", nargs=3, action="append", default=[], metavar=("A", "B", "C"),

@@ -283,3 +283,20 @@ def test_name_collision_needs_replace(pretraining: Path, tmp_path: Path, capsys:
     second = json.loads((repo / "m" / "manifest.json").read_text())
     assert (first["max_length"], second["max_length"]) == (64, 32)
     assert sorted(p.name for p in repo.iterdir()) == ["m"]  # no temporary folder left behind
+
+
+def test_cli_embed_without_pooling_gives_the_models_own_vectors(served: ServerThread, client: Any,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`plm client embed` with no --pooling asks for the model's default (MiniLM: mean with specials, normalised),
+    the vectors the SDK and sentence-transformers give; an explicit --pooling mean is plm's own mean pooling."""
+    from plm.cli import main
+
+    assert main(["client", "--target", served.target, "--json", "embed", "minilm", "A man is playing a guitar."]) == 0
+    vector = np.array(json.loads(capsys.readouterr().out)["embeddings"][0]["vector"])
+    default = np.array(client.embed("minilm", ["A man is playing a guitar."]).embeddings[0].vector)
+    assert np.abs(vector - default).max() < 1e-6
+    assert abs(float(vector @ vector) - 1.0) < 1e-5
+    assert main(["client", "--target", served.target, "--json", "embed", "minilm", "A man is playing a guitar.",
+                 "--pooling", "mean"]) == 0
+    mean = np.array(json.loads(capsys.readouterr().out)["embeddings"][0]["vector"])
+    assert abs(float(mean @ mean) - 1.0) > 1e-3  # not normalised: a different request, a different answer
