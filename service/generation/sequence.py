@@ -63,14 +63,10 @@ class StepEvent:
                          later.finish_reason, later.prompt_tokens, later.generated_tokens)
 
 
-def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> list[int]:
-    """The next token of each sequence from its row of (B, V) log-probabilities.
+def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+    """(B, V) log-probabilities after the mask, each row's repetition penalty and its min_new_tokens rule.
 
-    This runs on the engine's critical path, so it is vectorised over the rows that share sampling settings
-    (usually all of them): the top-k candidates only when top_k is set, a sort only when top_p needs an
-    order, and one uniform draw per row from that sequence's own generator against the cumulative
-    distribution (inverse CDF). Each row's result depends only on its own row and generator, so a sequence
-    gets the same token whatever it is batched with.
+    Pure: the caller's array is copied before any change, and returned as it is when nothing applies.
     """
     x = logprobs if allowed.all() else np.where(allowed, logprobs, -np.inf)  # (B, V)
     for i, seq in enumerate(seqs):
@@ -84,6 +80,47 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> l
             if x is logprobs:
                 x = logprobs.copy()
             x[i, seq.model.eos_id] = -np.inf
+    return x
+
+
+def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
+            ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """What sampling draws from, for (G, V) scores sharing one setting (temperature > 0): (cand, cum, n).
+
+    `cand` (G, C) holds the candidate token ids best first, or is None when every token is a candidate in
+    vocabulary order (C = V); `cum` (G, C) the running sum of exp(score / temperature - max) over them; `n` (G,)
+    how many leading candidates survive top-p. A row's distribution is therefore the first n[i] steps of
+    cum[i] divided by cum[i, n[i] - 1]. Pure; `choose` draws from it by inverse CDF.
+    """
+    at = np.arange(len(xs))[:, None]  # (G, 1): row index for gathering
+    if 0 < top_k < xs.shape[1]:
+        cand = np.argpartition(xs, xs.shape[1] - top_k, axis=1)[:, -top_k:]  # the top k, in no order
+        vals = xs[at, cand]
+        order = np.argsort(-vals, axis=1, kind="stable")
+        cand, vals = cand[at, order], vals[at, order]  # best first
+    elif top_p < 1.0:
+        cand = np.argsort(-xs, axis=1, kind="stable")
+        vals = xs[at, cand]
+    else:
+        cand, vals = None, xs  # every token, in vocabulary order
+    v = vals.astype(np.float64) / temperature
+    cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
+    n = np.full(len(xs), cum.shape[1])
+    if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
+        n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
+    return cand, cum, n
+
+
+def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> list[int]:
+    """The next token of each sequence from its row of (B, V) log-probabilities.
+
+    This runs on the engine's critical path, so it is vectorised over the rows that share sampling settings
+    (usually all of them): the top-k candidates only when top_k is set, a sort only when top_p needs an
+    order, and one uniform draw per row from that sequence's own generator against the cumulative
+    distribution (inverse CDF). Each row's result depends only on its own row and generator, so a sequence
+    gets the same token whatever it is batched with.
+    """
+    x = penalised(logprobs, allowed, seqs)
     out = [0] * len(seqs)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for i, seq in enumerate(seqs):
@@ -94,26 +131,12 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> l
             for i, t in zip(rows, np.argmax(xs, axis=1), strict=True):
                 out[i] = int(t)
             continue
-        at = np.arange(len(rows))[:, None]  # (G, 1): row index for gathering
-        if 0 < top_k < xs.shape[1]:
-            cand = np.argpartition(xs, xs.shape[1] - top_k, axis=1)[:, -top_k:]  # the top k, in no order
-            vals = xs[at, cand]
-            order = np.argsort(-vals, axis=1, kind="stable")
-            cand, vals = cand[at, order], vals[at, order]  # best first
-        elif top_p < 1.0:
-            cand = np.argsort(-xs, axis=1, kind="stable")
-            vals = xs[at, cand]
-        else:
-            cand, vals = None, xs  # every token, in vocabulary order
-        v = vals.astype(np.float64) / temperature
-        cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
-        n = np.full(len(rows), cum.shape[1])
-        if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
-            n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
-        total = cum[at[:, 0], n - 1]
+        cand, cum, n = nucleus(xs, temperature, top_k, top_p)
+        at = np.arange(len(rows))
+        total = cum[at, n - 1]
         u = np.array([seqs[i].rng.random() for i in rows]) * total
         pick = np.minimum((cum <= u[:, None]).sum(axis=1), n - 1)
-        tokens = pick if cand is None else cand[at[:, 0], pick]
+        tokens = pick if cand is None else cand[at, pick]
         for i, t in zip(rows, tokens.tolist(), strict=True):
             out[i] = t
     return out
