@@ -15,6 +15,7 @@ more series that no query, alert or dashboard here reads, and finds counter rese
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
@@ -32,9 +33,10 @@ _RATIO = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        # (method, model, code, protocol) → the two labelled series a finished call updates. Bounded: methods,
-        # codes and protocols are fixed sets, and model labels are only names the registry knows (Call.model).
-        self._request_series: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        # (method, model, code, protocol) → the two labelled series a finished call updates, and its running
+        # totals [calls, seconds, end of the last call (epoch seconds)] for KServe's ModelStatistics. Bounded:
+        # methods, codes and protocols are fixed sets, and model labels are only names the registry knows.
+        self._request_series: dict[tuple[str, str, str, str], tuple[Any, Any, list[float]]] = {}
         self.inflight_now = 0  # calls in flight in this server process (set_inflight)
         self.requests = Counter(
             "plm_requests", "Calls handled, by method, model, status code (gRPC's names, under every protocol) and "
@@ -122,9 +124,40 @@ class Metrics:
         series = self._request_series.get(key)
         if series is None:
             series = self._request_series[key] = (self.requests.labels(method, model, code, protocol),
-                                                  self.request_duration.labels(method, model, protocol))
+                                                  self.request_duration.labels(method, model, protocol), [0, 0.0, 0.0])
         series[0].inc()
         series[1].observe(seconds)
+        totals = series[2]
+        totals[0] += 1
+        totals[1] += seconds
+        totals[2] = time.time()
+
+    def request_totals(self, model: str) -> list[tuple[str, str, int, float, float]]:
+        """(method, code, calls, seconds, end of the last call in epoch seconds) of one model's finished calls in
+        this process, protocols summed: the success and failure sums of KServe's ModelStatistics."""
+        merged: dict[tuple[str, str], list[float]] = {}
+        for (method, name, code, _), (_, _, (calls, seconds, last)) in list(self._request_series.items()):
+            if name == model:
+                into = merged.setdefault((method, code), [0, 0.0, 0.0])
+                into[0] += calls
+                into[1] += seconds
+                into[2] = max(into[2], last)
+        return [(method, code, int(c), s, t) for (method, code), (c, s, t) in merged.items()]
+
+    @staticmethod
+    def model_totals(histogram: Histogram, model: str) -> tuple[int, float]:
+        """(observations, their sum) of one model's series of a histogram with a `model` label, its other
+        labels summed: what ModelStatistics reads from the queue wait, inference duration and batch size."""
+        count, total = 0.0, 0.0
+        for family in histogram.collect():
+            for sample in family.samples:
+                if sample.labels.get("model") != model:
+                    continue
+                if sample.name.endswith("_count"):
+                    count += sample.value
+                elif sample.name.endswith("_sum"):
+                    total += sample.value
+        return int(count), total
 
     def exposition(self) -> bytes:
         """The text exposition format, as /metrics serves it."""

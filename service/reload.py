@@ -10,6 +10,8 @@ retried until they change. Per-model health follows: SERVING while a version ser
 Two ways in: `plm.v1.AdminService/ReloadModels` applies the repository as it is now; the poller
 (`reload_interval_seconds` > 0) applies only folders that did not change between two polls, so a model being
 copied in or renamed into place is never loaded half-written and a replace-by-rename is never an unload.
+KServe's RepositoryModelLoad and RepositoryModelUnload act on one model (`load`, `unload`); an unloaded model
+stays unloaded through reloads and polls until it is loaded again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from grpc_health.v1 import health, health_pb2
+from plm.service.errors import NotFound, Unavailable
 from plm.service.families.base import ModelAdapter
 from plm.service.registry import Fingerprint, Registry, fingerprint, load_model
 
@@ -56,6 +59,7 @@ class Reloader:
         # One thread for scans and loads (one reload runs at a time): the server's thread count stays flat.
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reload")
         self._rejected: dict[str, str] = dict(registry.failed)  # why the files on disk were refused, by model
+        self._unloaded: set[str] = set()  # unloaded on request (RepositoryModelUnload): reloads leave them out
 
     async def reload(self, settle: bool = False) -> list[Change]:
         """Apply the repository's changes; `settle` (the poller) skips folders changed since the last poll."""
@@ -67,12 +71,14 @@ class Reloader:
             changes = []
             for name in sorted(set(now) | set(reg.models) | set(reg.failed)):
                 fp = now.get(name)
+                if name in self._unloaded:
+                    continue  # unloaded on request: only a load brings it back
                 if name in folders and fp is None:
                     continue  # a file vanished while we looked: the folder is being rewritten; next time
                 if settle and (previous.get(name) or _GONE) != (fp or _GONE):
                     continue  # still changing (being copied, renamed into place): look again next poll
                 if fp is None:  # gone from the repository
-                    changes.append(await self._remove(name))
+                    changes.append((await self._remove(name, "removed from the repository"))[0])
                 elif reg.fingerprints.get(name) == fp:  # these very files were loaded (or refused) already
                     model = reg.models.get(name)
                     version = model.version if model is not None else ""
@@ -81,6 +87,43 @@ class Reloader:
                 else:
                     changes.append(await self._load(name, fp))
             return changes
+
+    @property
+    def unloaded(self) -> frozenset[str]:
+        """The models unloaded on request (and not loaded since)."""
+        return frozenset(self._unloaded)
+
+    async def load(self, name: str) -> Change:
+        """Load one model folder now (RepositoryModelLoad): a new folder, an unloaded model, or changed files
+        (loaded beside the serving version, as a reload does); files refused before are tried again. UNCHANGED
+        when these very files serve already."""
+        async with self._lock:
+            reg = self.registry
+            folder = (await self._off_loop(reg.scan)).get(name)
+            if folder is None:
+                raise NotFound(f"model {name!r} is not in the repository {reg.config.repository}")
+            fp = await self._off_loop(lambda: fingerprint(folder))
+            if fp is None:
+                raise Unavailable(f"model {name!r}: its folder is being rewritten; retry")
+            self._unloaded.discard(name)
+            self._last_poll[name] = fp
+            model = reg.models.get(name)
+            if model is not None and reg.fingerprints.get(name) == fp and name not in self._rejected:
+                return Change(name, UNCHANGED, model.version)
+            return await self._load(name, fp)
+
+    async def unload(self, name: str) -> Change:
+        """Stop serving one model (RepositoryModelUnload) until `load`: new calls get NOT_FOUND at once; returns
+        once the calls that hold it have finished (or after `grace_seconds`) and it is closed."""
+        async with self._lock:
+            reg = self.registry
+            if name not in reg.models and name not in reg.failed:
+                raise NotFound(f"model {name!r} is not loaded; models: {', '.join(sorted(reg.models)) or 'none'}")
+            self._unloaded.add(name)
+            change, retiring = await self._remove(name, "unloaded on request")
+        if retiring is not None:
+            await asyncio.shield(retiring)  # the drain; a caller that leaves does not stop the close
+        return change
 
     async def _off_loop(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
@@ -116,7 +159,8 @@ class Reloader:
             self._retire(old)
         return Change(name, action, new.version)
 
-    async def _remove(self, name: str) -> Change:
+    async def _remove(self, name: str, why: str) -> tuple[Change, asyncio.Task[None] | None]:
+        """Stop serving `name`; the task that closes its version once the calls holding it are done, if any."""
         reg = self.registry
         reg.fingerprints.pop(name, None)
         reg.failed.pop(name, None)
@@ -124,16 +168,17 @@ class Reloader:
         reg.metrics.model_ready.labels(name).set(0)
         await self._health.set(name, _NOT_SERVING)
         old = reg.models.pop(name, None)
-        if old is not None:
-            reg.metrics.reloads.labels(name, REMOVED).inc()
-            log.info("model %s: removed from the repository, version %s unloads", name, old.version)
-            self._retire(old)
-        return Change(name, REMOVED)
+        if old is None:
+            return Change(name, REMOVED), None
+        reg.metrics.reloads.labels(name, REMOVED).inc()
+        log.info("model %s: %s, version %s unloads", name, why, old.version)
+        return Change(name, REMOVED), self._retire(old)
 
-    def _retire(self, old: ModelAdapter) -> None:
+    def _retire(self, old: ModelAdapter) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._close_when_free(old), name=f"retire-{old.name}")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        return task
 
     async def _close_when_free(self, old: ModelAdapter) -> None:
         until = time.monotonic() + self._grace

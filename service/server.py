@@ -132,7 +132,8 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     # One data plane under both protocols: each front end only translates its wire format.
     plane = DataPlane(registry, admission, metrics, config.limits, config.stream_interval)
     plm_pb2_grpc.add_LanguageModelServiceServicer_to_server(LanguageModelServicer(plane), server)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(plane), server)  # KServe v2
+    kserve = KServeServicer(plane, reloader)  # KServe v2; its repository load and unload go through the reloader
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
     admin = AdminServicer(plane, reloader, config)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

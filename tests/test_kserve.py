@@ -4,16 +4,20 @@ sent as raw_input_contents (what tritonclient does) and as typed contents (a req
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 from plm.client import PlmClient
+from plm.service.config import Security
 
-from tests.conftest import ServerThread
+from tests.conftest import ServerThread, make_config
 
 tc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
@@ -289,3 +293,189 @@ def test_modelinfer_shares_the_request_metrics_and_batcher(server: ServerThread,
     while sample("plm_requests_total", bad) < n + 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sample("plm_requests_total", bad) == n + 1
+
+
+# ------------------------------------------------------------------------- config and statistics
+
+
+def test_model_config_matches_the_metadata(server: ServerThread, triton: Any, plm: PlmClient) -> None:
+    """Every task's ModelConfig has ModelMetadata's tensors: [-1] + dims when max_batch_size > 0 (Triton's
+    convention), the dims themselves when it is 0; dynamic batching carries the model's batcher settings."""
+    from plm.service.frontends.kserve import batching
+    from plm.service.frontends.kserve_tasks import model_tasks
+
+    registry = server.running.registry
+    for info in plm.list_models().models:
+        for task in model_tasks(registry.models[info.name]):
+            name = f"{info.name}:{task}"
+            config = triton.get_model_config(name).config
+            meta = triton.get_model_metadata(name)
+            assert config.name == name and config.platform == meta.platform
+
+            def shape(dims: Any, max_batch: int = config.max_batch_size) -> list[int]:
+                return ([-1] if max_batch else []) + list(dims)
+
+            assert [(t.name, "BYTES" if t.data_type == 13 else t.data_type, shape(t.dims)) for t in config.input] \
+                == [(t.name, "BYTES", list(t.shape)) for t in meta.inputs]
+            types = {11: "FP32", 12: "FP64", 8: "INT32", 13: "BYTES"}  # Triton's DataType numbers
+            assert [(t.name, types[t.data_type], shape(t.dims)) for t in config.output] \
+                == [(t.name, t.datatype, list(t.shape)) for t in meta.outputs]
+            cfg = batching(registry.models[info.name])
+            if cfg is None:
+                assert not config.HasField("dynamic_batching")
+            else:
+                assert config.dynamic_batching.max_queue_delay_microseconds == round(cfg.max_queue_delay_ms * 1000)
+                assert config.dynamic_batching.default_queue_policy.max_queue_size == cfg.max_queue_size
+                assert config.parameters["batching.max_batch_size"].string_value == str(cfg.max_batch_size)
+    limit = server.running.config.limits.max_inputs_per_request
+    assert triton.get_model_config("ngram-kn:score").config.max_batch_size == limit  # unbatched: the request's limit
+    gpt = batching(registry.models["gpt"])
+    assert gpt is not None
+    assert triton.get_model_config("gpt:score").config.max_batch_size == min(gpt.max_batch_size, limit)
+    assert triton.get_model_config("bert:fill_mask").config.max_batch_size == 0  # a row per [MASK], not per text
+    assert triton.get_model_config("gpt:classify").config.max_batch_size == 0  # LABELS is not the batch
+    code, msg = _status(lambda: triton.get_model_config("gpt:fill_mask"))
+    assert code == "StatusCode.NOT_FOUND" and "gpt:generate" in msg
+
+
+def _wait_for(check: Any, seconds: float = 10) -> None:
+    """The status reaches the client before the call's metrics line is written: poll a little."""
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert check()
+
+
+def test_model_statistics_count_calls_and_their_time(triton: Any, plm: PlmClient) -> None:
+    def stats(name: str = "gpt:score") -> Any:
+        (one,) = triton.get_inference_statistics(name).model_stats
+        return one
+
+    before = stats()
+    assert before.name == "gpt:score" and before.version == plm.get_model("gpt").version
+    infer_raw(triton, "gpt:score", {"TEXT": SENTENCES})
+    plm.score("gpt", SENTENCES[:1])  # plm.v1 calls are the same model's inferences
+    _status(lambda: infer_raw(triton, "gpt:score", {"TEXT": [""]}))
+    _wait_for(lambda: stats().inference_stats.fail.count == before.inference_stats.fail.count + 1)
+    _wait_for(lambda: stats().inference_stats.success.count == before.inference_stats.success.count + 2)
+    after = stats()
+    s, b = after.inference_stats, before.inference_stats
+    assert s.success.ns > b.success.ns and s.fail.ns > b.fail.ns
+    assert s.queue.count >= b.queue.count + len(SENTENCES) + 1 and s.queue.ns >= b.queue.ns  # rows queued
+    assert s.compute_infer.count > b.compute_infer.count and s.compute_infer.ns > b.compute_infer.ns
+    assert after.execution_count > before.execution_count
+    assert after.inference_count >= before.inference_count + len(SENTENCES) + 1
+    assert after.last_inference >= max(before.last_inference, int(time.time() * 1000) - 60_000)
+    triton.get_model_metadata("gpt")  # describing a model is no inference
+    assert stats().inference_stats.success.count == s.success.count
+    every = {m.name for m in triton.get_inference_statistics().model_stats}
+    assert every == {m.name for m in plm.list_models().models}
+    code, _ = _status(lambda: triton.get_inference_statistics("no-such-model"))
+    assert code == "StatusCode.NOT_FOUND"
+
+
+# ------------------------------------------------------------------------------------------- repository
+
+
+def test_repository_index_lists_every_model(triton: Any, plm: PlmClient) -> None:
+    index = triton.get_model_repository_index().models
+    assert [(m.name, m.version, m.state) for m in index] == [
+        (m.name, m.version, "READY") for m in sorted(plm.list_models().models, key=lambda m: m.name)]
+
+
+async def _on_loop(fn: Any) -> Any:
+    return fn()
+
+
+@pytest.fixture(scope="module")
+def small_repo(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ngram-kn, and `broken`: a copy of it whose manifest names another folder (it fails to load)."""
+    repo = tmp_path_factory.mktemp("kserve-repository")
+    shutil.copytree(tiny_repo / "ngram-kn", repo / "ngram-kn")
+    shutil.copytree(tiny_repo / "ngram-kn", repo / "broken")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repo_server(small_repo: Path) -> Iterator[ServerThread]:
+    srv = ServerThread(make_config(small_repo, grace_seconds=30.0))
+    yield srv
+    srv.stop()
+
+
+def test_unload_drains_and_load_serves_again(repo_server: ServerThread) -> None:
+    srv, running = repo_server, repo_server.running
+    client = tc.InferenceServerClient(url=srv.target)
+    try:
+        index = {m.name: m for m in client.get_model_repository_index().models}
+        assert (index["ngram-kn"].state, index["ngram-kn"].version) == ("READY", running.registry.models["ngram-kn"]
+                                                                        .version)
+        assert index["broken"].state == "UNAVAILABLE" and "differs from the folder name" in index["broken"].reason
+        first = infer_raw(client, "ngram-kn", {"TEXT": SENTENCES})
+
+        # A call in flight holds the model: unload answers only once it is done, and new calls are refused at once.
+        model = srv.call(_on_loop(lambda: running.registry.acquire("ngram-kn")))
+        unloading = ThreadPoolExecutor(1).submit(client.unload_model, "ngram-kn")
+        _wait_for(lambda: not client.is_model_ready("ngram-kn"))
+        code, msg = _status(lambda: infer_raw(client, "ngram-kn", {"TEXT": SENTENCES}))
+        assert code == "StatusCode.NOT_FOUND" and "ngram-kn" in msg
+        time.sleep(0.3)
+        assert not unloading.done()  # still draining
+        srv.call(_on_loop(lambda: running.registry.release(model)))
+        unloading.result(timeout=10)
+
+        index = {m.name: m for m in client.get_model_repository_index().models}
+        assert (index["ngram-kn"].state, index["ngram-kn"].reason) == ("UNAVAILABLE", "unloaded")
+        changes = srv.call(running.reloader.reload())  # a reload leaves an unloaded model unloaded
+        assert "ngram-kn" not in {c.name for c in changes}  # type: ignore[attr-defined]
+        assert not client.is_model_ready("ngram-kn")
+
+        client.load_model("ngram-kn")
+        assert client.is_model_ready("ngram-kn") and not client.is_server_ready()  # `broken` failed to load
+        again = infer_raw(client, "ngram-kn", {"TEXT": SENTENCES})
+        np.testing.assert_array_equal(again["LOG_PROB"], first["LOG_PROB"])
+        client.load_model("ngram-kn")  # loaded already: nothing to do
+        assert client.get_model_repository_index().models[1].state == "READY"
+
+        code, msg = _status(lambda: client.load_model("broken"))
+        assert code == "StatusCode.FAILED_PRECONDITION" and "differs from the folder name" in msg
+        code, msg = _status(lambda: client.load_model("no-such-model"))
+        assert code == "StatusCode.NOT_FOUND"
+        code, msg = _status(lambda: client.unload_model("no-such-model"))
+        assert code == "StatusCode.NOT_FOUND"
+        code, msg = _status(lambda: client.load_model("ngram-kn:score"))
+        assert code == "StatusCode.INVALID_ARGUMENT" and "'ngram-kn'" in msg
+        code, msg = _status(lambda: client.load_model("ngram-kn", config='{"max_batch_size": 4}'))
+        assert code == "StatusCode.INVALID_ARGUMENT" and "parameter config" in msg
+        client.unload_model("broken")  # a model that failed to load can be unloaded: it is no longer listed as failed
+        assert client.is_server_ready()
+    finally:
+        client.close()
+
+
+def test_load_and_unload_need_what_the_admin_service_needs(tiny_repo: Path) -> None:
+    """With bearer tokens on and the KServe service open to all (open_services), inference needs no token,
+    but load and unload are refused UNAUTHENTICATED as plm.v1.AdminService is, until the token comes."""
+    open_kserve = (*Security().open_services, "inference.GRPCInferenceService")
+    srv = ServerThread(make_config(tiny_repo, models=("ngram-kn",),
+                                   security=Security(auth_token="admin-token", open_services=open_kserve)))
+    client = tc.InferenceServerClient(url=srv.target)
+    try:
+        infer_raw(client, "ngram-kn", {"TEXT": SENTENCES})
+        assert client.get_model_repository_index().models[0].state == "READY"
+        for refused in ({}, {"authorization": "Bearer wrong-token"}, {"authorization": "admin-token"}):
+            for call in (client.unload_model, client.load_model):
+                code, msg = _status(lambda call=call, refused=refused: call("ngram-kn", headers=refused))
+                assert code == "StatusCode.UNAUTHENTICATED" and "Bearer" in msg
+        assert client.is_model_ready("ngram-kn")
+        rejected = srv.running.metrics.registry.get_sample_value(
+            "plm_rejections_total", {"model": "-", "reason": "unauthenticated"})
+        assert rejected == 6
+        token = {"authorization": "Bearer admin-token"}
+        client.unload_model("ngram-kn", headers=token)
+        assert not client.is_model_ready("ngram-kn")
+        client.load_model("ngram-kn", headers=token)
+        assert client.is_model_ready("ngram-kn")
+    finally:
+        client.close()
+        srv.stop()

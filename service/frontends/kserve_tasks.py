@@ -54,15 +54,18 @@ class TaskSpec:
     run: Runner
     response: Callable[[Any], Outputs]  # the typed result → output arrays by tensor name
     names: Mapping[str, str]  # data plane field → this task's tensor or parameter, for error messages
+    # Every tensor's first axis is the request's batch of texts (Triton's max_batch_size > 0). Not so where an
+    # input lists labels or an output has a row per [MASK].
+    batch_first: bool = True
 
 
 def _spec(inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...], params: Mapping[str, type],
           request: Callable[[str, Inputs, Params], Any], run: Runner,
-          response: Callable[[Any], Outputs], tensors: Mapping[str, str]) -> TaskSpec:
+          response: Callable[[Any], Outputs], tensors: Mapping[str, str], batch_first: bool = True) -> TaskSpec:
     """A TaskSpec whose error names are `parameter <p>` for each parameter (a data plane field of the same
     name) and `input <tensor>` for the fields that `tensors` maps."""
     names = {**{p: f"parameter {p}" for p in params}, **{f: f"input {t}" for f, t in tensors.items()}}
-    return TaskSpec(inputs, outputs, params, request, run, response, names)
+    return TaskSpec(inputs, outputs, params, request, run, response, names, batch_first)
 
 
 def _texts(name: str = "TEXT", optional: bool = False) -> Tensor:
@@ -175,7 +178,7 @@ TASKS: dict[str, TaskSpec] = {
         (Tensor("TOKEN", "BYTES", (-1, -1)), Tensor("SCORE", "FP64", (-1, -1)), Tensor("TEXT_INDEX", "INT32", (-1,))),
         {"top_k": int},
         lambda m, x, p: rq.FillMaskRequest(m, x["TEXT"], top_k=p.get("top_k")),
-        DataPlane.fill_mask, _fill_mask_outputs, {"texts": "TEXT"},
+        DataPlane.fill_mask, _fill_mask_outputs, {"texts": "TEXT"}, batch_first=False,
     ),
     "embed": _spec(
         (_texts(),), (Tensor("EMBEDDING", "FP32", (-1, -1)),),
@@ -200,7 +203,7 @@ TASKS: dict[str, TaskSpec] = {
             template=p.get("template", ""), scoring=_choice(p, "scoring", ("sum", "token_mean", "per_char")),
             calibrate=p.get("calibrate", False), content_free=p.get("content_free", "")),
         DataPlane.classify, _classify_outputs,
-        {"queries": "TEXT", "labels": "LABELS", "demonstrations": "DEMO_TEXT/DEMO_LABEL"},
+        {"queries": "TEXT", "labels": "LABELS", "demonstrations": "DEMO_TEXT/DEMO_LABEL"}, batch_first=False,
     ),
 }
 
