@@ -212,8 +212,9 @@ def model_statistics(name: str, model: ModelAdapter, metrics: Metrics) -> kv.Mod
 
 
 class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
-    """The required KServe v2 RPCs over the data plane: admission (the in-flight limit and the drain are
-    shared with plm.v1), request ids, metrics."""
+    """KServe v2's required RPCs and Triton's config, statistics and repository RPCs over the data plane:
+    admission (the in-flight limit and the drain are shared with plm.v1), request ids, metrics; repository
+    load and unload through the server's hot reloader."""
 
     def __init__(self, plane: DataPlane, reloader: reload.Reloader | None = None) -> None:
         self.plane = plane
