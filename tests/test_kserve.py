@@ -298,6 +298,14 @@ def test_modelinfer_shares_the_request_metrics_and_batcher(server: ServerThread,
 # ------------------------------------------------------------------------- config and statistics
 
 
+def datatype(number: int) -> str:
+    """A Triton config DataType as a tensor datatype: TYPE_STRING → BYTES, TYPE_FP64 → FP64."""
+    from tritonclient.grpc import model_config_pb2
+
+    kind = model_config_pb2.DataType.Name(number).removeprefix("TYPE_")
+    return "BYTES" if kind == "STRING" else kind
+
+
 def test_model_config_matches_the_metadata(server: ServerThread, triton: Any, plm: PlmClient) -> None:
     """Every task's ModelConfig has ModelMetadata's tensors: [-1] + dims when max_batch_size > 0 (Triton's
     convention), the dims themselves when it is 0; dynamic batching carries the model's batcher settings."""
@@ -315,10 +323,9 @@ def test_model_config_matches_the_metadata(server: ServerThread, triton: Any, pl
             def shape(dims: Any, max_batch: int = config.max_batch_size) -> list[int]:
                 return ([-1] if max_batch else []) + list(dims)
 
-            assert [(t.name, "BYTES" if t.data_type == 13 else t.data_type, shape(t.dims)) for t in config.input] \
-                == [(t.name, "BYTES", list(t.shape)) for t in meta.inputs]
-            types = {11: "FP32", 12: "FP64", 8: "INT32", 13: "BYTES"}  # Triton's DataType numbers
-            assert [(t.name, types[t.data_type], shape(t.dims)) for t in config.output] \
+            assert [(t.name, datatype(t.data_type), shape(t.dims)) for t in config.input] \
+                == [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+            assert [(t.name, datatype(t.data_type), shape(t.dims)) for t in config.output] \
                 == [(t.name, t.datatype, list(t.shape)) for t in meta.outputs]
             cfg = batching(registry.models[info.name])
             if cfg is None:
