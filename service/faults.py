@@ -62,4 +62,5 @@ def task_ended(task: asyncio.Task[Any]) -> None:
 
 
 def _log_death(what: str, kind: type[BaseException], exc: BaseException | None, tb: TracebackType | None) -> None:
-    log.critical("%s died: %s: %s; the server stops", what, kind.__name__, exc, exc_info=(kind, exc, tb))
+    log.critical("%s died: %s: %s; the server stops", what, kind.__name__, exc,
+                 exc_info=(kind, exc, tb) if exc is not None else False)
