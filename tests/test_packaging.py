@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -12,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_wheel_installs_exactly_one_top_level_package(tmp_path: Path) -> None:
+    # From a copy without build/: setuptools reuses build/lib, where a package dropped from the list would linger.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "cache", "repository",
+                                                             "results", "__pycache__", "*.egg-info", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+                    str(tmp_path), str(src)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("plm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
