@@ -7,6 +7,7 @@ manifests say about the server (probes, grace, env, metrics) is checked against 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -116,6 +117,28 @@ def test_image_is_runtime_only_non_root_with_healthcheck(dockerfile: Path, targe
         assert copied_from["models"].split()[-2:] == ["/models", "/models"]
 
 
+SERVER_PORTS = {"grpc": ServerConfig().port, "http": ServerConfig().http_port, "metrics": ServerConfig().metrics_port}
+PORT_ENV = {"grpc": "PLM_PORT", "http": "PLM_HTTP_PORT", "metrics": "PLM_METRICS_PORT"}
+
+
+def image_env(lines: list[str]) -> dict[str, str]:
+    """The ENV settings of a stage chain's lines (`ENV A=1 B=2`, continuation lines already joined)."""
+    return {k: v for ln in lines if ln.upper().startswith("ENV ") for k, _, v in
+            (pair.partition("=") for pair in ln.split()[1:])}
+
+
+@pytest.mark.parametrize(("dockerfile", "target"), [(DOCKERFILES[0], "cpu"), (DOCKERFILES[1], "gpu")])
+def test_image_sets_and_exposes_every_port_the_server_listens_on(dockerfile: Path, target: str) -> None:
+    """gRPC, the OpenAI-compatible HTTP API and /metrics: each set by its PLM_* variable to the server's default
+    and EXPOSEd, and nothing else exposed (a port added to the server but not to the image fails here)."""
+    all_stages = stages(dockerfile)
+    lines = [ln for name in reversed(chain(all_stages, target)) for ln in all_stages[name]["lines"]]
+    env = image_env(lines)
+    assert {name: int(env[var]) for name, var in PORT_ENV.items()} == SERVER_PORTS
+    exposed = [int(p.split("/")[0]) for ln in lines if ln.upper().startswith("EXPOSE ") for p in ln.split()[1:]]
+    assert sorted(exposed) == sorted(SERVER_PORTS.values())
+
+
 def dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: the last pattern matching the path or one of its parent folders decides (`!` re-includes)."""
     parts = path.strip("/").split("/")
@@ -186,9 +209,9 @@ def test_entrypoint_refuses_a_missing_or_empty_repository(tmp_path: Path) -> Non
 @pytest.mark.timeout(120)
 def test_entrypoint_serves_with_the_k8s_config_and_drains_on_sigterm(tiny_repo: Path) -> None:
     """The script execs `plm serve` with the ConfigMap's TOML: health and /metrics answer, SIGTERM stops it cleanly."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     env = script_env(PLM_REPOSITORY=str(tiny_repo), PLM_HOST="127.0.0.1", PLM_PORT=str(port),
-                     PLM_METRICS_PORT=str(metrics_port), PLM_MODELS="ngram-kn",
+                     PLM_METRICS_PORT=str(metrics_port), PLM_HTTP_PORT=str(http_port), PLM_MODELS="ngram-kn",
                      PLM_CONFIG=str(DEPLOY / "k8s" / "base" / "plm.toml"))
     target = f"127.0.0.1:{port}"
     proc = subprocess.Popen([str(DEPLOY / "entrypoint.sh")], env=env, stdout=subprocess.PIPE,
@@ -206,6 +229,10 @@ def test_entrypoint_serves_with_the_k8s_config_and_drains_on_sigterm(tiny_repo: 
         assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             assert 'plm_model_ready{model="ngram-kn"} 1.0' in resp.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=10) as resp:
+            assert json.loads(resp.read()) == {"status": "SERVING"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10) as resp:
+            assert [m["id"] for m in json.loads(resp.read())["data"]] == ["ngram-kn"]
         proc.send_signal(signal.SIGTERM)  # to the script's PID: only an exec'd server receives it
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -263,7 +290,8 @@ def test_manifests_validate_against_the_schemas(rendered: dict[str, list[dict[st
     docs = rendered[overlay]
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
-                            "PodDisruptionBudget", "PrometheusRule", "Service", "Service", "ServiceMonitor"])
+                            "NetworkPolicy", "PodDisruptionBudget", "PrometheusRule", "Service", "Service",
+                            "ServiceMonitor"])
     for doc in docs:
         validate(doc)
 
@@ -310,7 +338,7 @@ def test_probes_grace_and_settings_match_the_server(rendered: dict[str, list[dic
         if name != "PLM_CONFIG":
             assert load_config(environ={name: value}) != ServerConfig(), f"{name} is not a server setting"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": ServerConfig().port, "metrics": ServerConfig().metrics_port}  # the image's PLM_PORT
+    assert ports == SERVER_PORTS  # the image's PLM_PORT, PLM_HTTP_PORT, PLM_METRICS_PORT
     assert c["startupProbe"]["grpc"] == c["livenessProbe"]["grpc"] == {"port": ports["grpc"], "service": ""}
     assert c["readinessProbe"]["grpc"] == {"port": ports["grpc"], "service": SERVICE_NAME}
     # The drain fits: preStop sleep, then the server's own grace, inside the pod's termination grace.
@@ -349,6 +377,17 @@ def test_services_autoscaler_budget_and_monitor_find_the_pods(rendered: dict[str
     for svc in services.values():
         assert selects(svc["spec"]["selector"], pod_labels)
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= container_ports
+        for p in svc["spec"]["ports"]:  # the Service's port is the container's: clients use the documented ports
+            assert p["port"] == SERVER_PORTS[p["targetPort"]] and p["name"] == p["targetPort"]
+    # The ClusterIP Service carries every port the server serves; the headless one only gRPC (its reason to be:
+    # client-side round-robin for HTTP/2 channels).
+    assert {p["name"] for p in services["plm"]["spec"]["ports"]} == container_ports == set(SERVER_PORTS)
+    assert {p["name"] for p in services["plm-headless"]["spec"]["ports"]} == {"grpc"}
+    # The NetworkPolicy admits exactly the container's ports to exactly these pods.
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], pod_labels) and policy["policyTypes"] == ["Ingress"]
+    allowed = [p["port"] for rule in policy["ingress"] for p in rule["ports"]]
+    assert sorted(allowed) == sorted(container_ports)
     assert selects(one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
     # The ServiceMonitor scrapes the one Service that has the metrics port.
     monitor = one(docs, "ServiceMonitor")["spec"]
