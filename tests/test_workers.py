@@ -139,3 +139,28 @@ def test_workers_that_cannot_start_stop_the_server(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "died 3 times in a row soon after starting" in proc.stderr
+
+
+def test_workers_serve_the_http_api_on_one_port(tiny_repo: Path) -> None:
+    """Each worker serves the OpenAI-compatible API too, on the one --http-port (SO_REUSEPORT, as gRPC): fresh
+    connections reach both workers, and /v1/models and /v1/embeddings answer from either."""
+    import json
+
+    srv = LocalServer(tiny_repo, ["ngram-kn", "word2vec-skipgram"], workers=2, http=True)
+    try:
+        workers = _children(srv.proc.pid)
+        assert len(workers) == 2 and srv.http_url is not None
+        log_before = len(srv.log_text())
+        for i in range(40):  # urllib opens a new connection per request: the kernel spreads connections
+            with urllib.request.urlopen(f"{srv.http_url}/v1/models", timeout=30) as resp:
+                assert {m["id"] for m in json.loads(resp.read())["data"]} == {"ngram-kn", "word2vec-skipgram"}
+            body = json.dumps({"model": "word2vec-skipgram", "input": [f"the king is dead {i}"]}).encode()
+            req = urllib.request.Request(f"{srv.http_url}/v1/embeddings", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                (item,) = json.loads(resp.read())["data"]
+                assert item["object"] == "embedding" and len(item["embedding"]) > 0
+        _wait(lambda: {int(p) for p in re.findall(r"plm\.access\[(\d+)\]", srv.log_text()[log_before:])} == workers)
+    finally:
+        tail = srv.stop()
+    assert srv.proc.returncode == 0, tail
