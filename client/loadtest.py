@@ -5,6 +5,11 @@ scenario parsing and validation, the request mix, the asyncio drivers (closed lo
 arrivals with a bounded number of calls in flight), multi-process fan-out, percentiles, the server's own view
 scraped from its Prometheus endpoint (deltas over the measured window), the stdout table, the JSON and the PNG.
 
+Two protocols carry the same scenarios: plm.v1 gRPC (a target `host:port`) and the OpenAI-compatible HTTP API
+(a target `http://host:port`, the server's `--http-port`), where Generate is `POST /v1/completions` and Embed
+`POST /v1/embeddings` with the scenario's fields under OpenAI's names; an HTTP error is reported under the status
+name its body's `code` gives, so both protocols' reports read alike.
+
 The pure parts (`parse_scenario`, `percentiles`, `prometheus_delta`, `merge_results`, `summarize`) take and return
 plain data so the tests can call them directly.
 """
@@ -43,6 +48,14 @@ _PARAMS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "Embed": {"pooling": str, "normalize": bool, "nearest_k": int, "include_tokens": bool},
 }
 _COMMON = {"weight", "rpc", "model", "texts_per_request"}
+# Over HTTP: the endpoint of each RPC the OpenAI-compatible API serves, and each field's OpenAI parameter name.
+HTTP_ENDPOINTS = {"Generate": "/v1/completions", "Embed": "/v1/embeddings"}
+_HTTP_FIELDS: dict[str, dict[str, str]] = {
+    "Generate": {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",
+                 "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty", "seed": "seed",
+                 "stop": "stop"},
+    "Embed": {},  # /v1/embeddings takes the model's default pooling, unnormalised, as plm.v1's Embed default
+}
 _SAMPLING = ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed",
              "stop")
 
@@ -178,6 +191,47 @@ def build_request(spec: RequestSpec, texts: list[str]) -> Any:
                            **{k: v for k, v in p.items() if k != "pooling"})
 
 
+def is_http(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
+def check_protocol(targets: Sequence[str], specs: Sequence[RequestSpec]) -> bool:
+    """Whether the run speaks HTTP (every target a URL) rather than gRPC (none); ValueError for a mix of the two,
+    or for a scenario entry the OpenAI-compatible API cannot carry (another RPC, a field it has no name for)."""
+    http = [is_http(t) for t in targets]
+    if any(http) and not all(http):
+        raise ValueError("targets: give all as http(s)://host:port (OpenAI-compatible HTTP) or none (gRPC)")
+    if not any(http):
+        return False
+    for i, spec in enumerate(specs):
+        if spec.rpc not in HTTP_ENDPOINTS:
+            raise ValueError(f"requests[{i}].rpc: {spec.rpc} has no OpenAI-compatible endpoint; over HTTP use "
+                             + ", ".join(f"{r} ({e})" for r, e in HTTP_ENDPOINTS.items()))
+        for key in spec.params:
+            if key not in _HTTP_FIELDS[spec.rpc]:
+                raise ValueError(f"requests[{i}].{key}: {HTTP_ENDPOINTS[spec.rpc]} has no such parameter")
+    return True
+
+
+def build_http_body(spec: RequestSpec, texts: list[str]) -> bytes:
+    """The JSON body of one scenario entry for its OpenAI-compatible endpoint (HTTP_ENDPOINTS)."""
+    if spec.rpc == "Generate":
+        body: dict[str, Any] = {"model": spec.model, "prompt": texts}
+        body.update((_HTTP_FIELDS["Generate"][k], v) for k, v in spec.params.items())
+    else:
+        body = {"model": spec.model, "input": texts}
+    return json.dumps(body).encode()
+
+
+def http_code(status: int, body: bytes) -> str:
+    """The status name of a failed HTTP call: its OpenAI error body's `code` (plm's status, lower-cased)."""
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = None
+    return code.upper() if isinstance(code, str) and code else f"HTTP_{status}"
+
+
 # ---------------------------------------------------------------------------------------------- the driver
 
 
@@ -198,22 +252,79 @@ class LoadConfig:
     seed: int = 0
     worker: int = 0
     # TCP connections per target per process. Server workers on one port (SO_REUSEPORT) and L4 balancers
-    # spread connections, not calls: one connection keeps every call on one server process.
+    # spread connections, not calls: one connection keeps every call on one server process. gRPC only.
     connections: int = 1
+
+    @property
+    def http(self) -> bool:
+        """The OpenAI-compatible HTTP API (targets are URLs; run_loadtest checks they all are) or plm.v1 gRPC."""
+        return is_http(self.targets[0])
 
 
 # Indices into each worker's shared progress counters.
 _SENT, _OK, _ERR = 0, 1, 2
 
 
-class _Worker:
-    """One event loop's load: its channels, its request mix, its records (measured window only)."""
+class _GrpcTransport:
+    """plm.v1 over `connections` gRPC channels per target; `call` returns the status name."""
 
-    def __init__(self, cfg: LoadConfig, counters: Any, t0_wall: float) -> None:
+    def __init__(self, cfg: LoadConfig) -> None:
         import grpc
 
         from plm.api.v1 import plm_pb2_grpc as pb_grpc
 
+        self.timeout = cfg.timeout
+        # A channel's own subchannel pool: channels to one target would otherwise share one connection.
+        options = [("grpc.use_local_subchannel_pool", 1)] if cfg.connections > 1 else []
+        # No retry policy is configured, so no call is ever retried; turning retries off skips gRPC's retry
+        # machinery, which buffers every call's messages.
+        options.append(("grpc.enable_retries", 0))
+        self.targets = [t for _ in range(max(1, cfg.connections)) for t in cfg.targets]
+        self.channels = [grpc.aio.insecure_channel(t, options=options) for t in self.targets]
+        self.stubs = [pb_grpc.LanguageModelServiceStub(c) for c in self.channels]
+        self.rpc_error = grpc.aio.AioRpcError
+
+    async def call(self, k: int, spec: RequestSpec, texts: list[str]) -> str:
+        try:
+            await getattr(self.stubs[k], spec.rpc)(build_request(spec, texts), timeout=self.timeout)
+        except self.rpc_error as e:
+            return str(e.code().name)
+        return "OK"
+
+    async def close(self) -> None:
+        for c in self.channels:
+            await c.close()
+
+
+class _HttpTransport:
+    """The OpenAI-compatible API over one aiohttp session: HTTP/1.1 carries one call per connection at a time,
+    so its keep-alive pool grows to the calls in flight (no limit) and `connections` does not apply."""
+
+    def __init__(self, cfg: LoadConfig) -> None:
+        import aiohttp
+
+        self.targets = [t.rstrip("/") for t in cfg.targets]
+        self.headers = {"Content-Type": "application/json", "X-Request-Timeout": f"{cfg.timeout:g}"}
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             timeout=aiohttp.ClientTimeout(total=cfg.timeout))
+
+    async def call(self, k: int, spec: RequestSpec, texts: list[str]) -> str:
+        url = self.targets[k] + HTTP_ENDPOINTS[spec.rpc]
+        try:
+            async with self.session.post(url, data=build_http_body(spec, texts), headers=self.headers) as resp:
+                body = await resp.read()  # read to the end either way: the connection goes back to the pool
+                return "OK" if resp.status == 200 else http_code(resp.status, body)
+        except TimeoutError:  # the client's deadline, as gRPC's
+            return "DEADLINE_EXCEEDED"
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class _Worker:
+    """One event loop's load: its channels, its request mix, its records (measured window only)."""
+
+    def __init__(self, cfg: LoadConfig, counters: Any, t0_wall: float) -> None:
         self.cfg = cfg
         self.counters = counters
         self.rng = np.random.default_rng([cfg.seed, cfg.worker])
@@ -221,17 +332,10 @@ class _Worker:
         self.cum_probs = np.cumsum(weights / weights.sum())
         self._spec_draws: collections.deque[int] = collections.deque()  # drawn ahead, 4096 at a time (`_draw`)
         self._input_draws: collections.deque[int] = collections.deque()
-        # A channel's own subchannel pool: channels to one target would otherwise share one connection.
-        options = [("grpc.use_local_subchannel_pool", 1)] if cfg.connections > 1 else []
-        # No retry policy is configured, so no call is ever retried; turning retries off skips gRPC's retry
-        # machinery, which buffers every call's messages.
-        options.append(("grpc.enable_retries", 0))
-        self.channel_targets = [t for _ in range(max(1, cfg.connections)) for t in cfg.targets]
-        self.channels = [grpc.aio.insecure_channel(t, options=options) for t in self.channel_targets]
-        self.stubs = [pb_grpc.LanguageModelServiceStub(c) for c in self.channels]
-        self.rpc_error = grpc.aio.AioRpcError
+        self.transport = _HttpTransport(cfg) if cfg.http else _GrpcTransport(cfg)
+        self.channel_targets = self.transport.targets
         # Workers start on different targets so K processes × round-robin spread evenly.
-        n = len(self.channels)
+        n = len(self.channel_targets)
         self.rr = itertools.cycle([(cfg.worker + i) % n for i in range(n)])
         # Seconds since the run's shared start (t0_wall), on this process's monotonic clock.
         self.perf0 = time.perf_counter() - (time.time() - t0_wall)
@@ -285,10 +389,7 @@ class _Worker:
         self.in_flight += 1
         start = time.perf_counter()
         try:
-            await getattr(self.stubs[k], spec.rpc)(build_request(spec, texts), timeout=self.cfg.timeout)
-            code = "OK"
-        except self.rpc_error as e:
-            code = e.code().name
+            code = await self.transport.call(k, spec, texts)
         except Exception as e:  # a client-side failure must be counted, not kill the run
             code = f"CLIENT_{type(e).__name__}"
         finally:
@@ -340,8 +441,7 @@ class _Worker:
             else:
                 await self.closed_loop(self.cfg.concurrency or 1)
         finally:
-            for c in self.channels:
-                await c.close()
+            await self.transport.close()
         cpu = time.process_time() - self.cpu_start if self.cpu_start is not None else 0.0
         end = self.last_done if self.cfg.requests is not None else max(self.measure_until, self.last_done)
         return {"records": self.records, "arrivals": self.arrivals, "dropped": self.dropped,
@@ -488,7 +588,8 @@ def format_report(result: dict[str, Any]) -> str:
     s, cfg = result["summary"], result["config"]
     mode = (f"open loop, {cfg['rate']:g} req/s Poisson" if cfg["rate"] is not None
             else f"closed loop, concurrency {cfg['concurrency']}")
-    lines = [f"plm loadtest — {mode}, {cfg['processes']} process(es), {len(cfg['targets'])} target(s)",
+    lines = [f"plm loadtest — {mode}, {cfg['processes']} process(es), {len(cfg['targets'])} target(s), "
+             f"{cfg.get('protocol', 'gRPC plm.v1')}",
              f"window {s['window_s']:.2f} s after {cfg['warmup']:g} s warm-up: {s['requests']} requests, "
              f"{s['ok']} ok, {s['requests'] - s['ok']} errors, throughput {s['throughput_ok_per_s']:.1f} ok/s"]
     if "open_loop" in s:
@@ -596,6 +697,8 @@ def run_loadtest(cfg: LoadConfig, processes: int = 1, metrics_url: str | None = 
         raise ValueError(f"--concurrency {cfg.concurrency} < --processes {processes}: each process needs a client")
     if processes < 1:
         raise ValueError(f"--processes must be ≥ 1, got {processes}")
+    if check_protocol(cfg.targets, cfg.specs) and cfg.connections != 1:
+        raise ValueError("--connections applies to gRPC; over HTTP each call in flight has a connection of its own")
     k = processes
     concs = split_evenly(cfg.concurrency, k) if cfg.concurrency is not None else [None] * k
     reqs = split_evenly(cfg.requests, k) if cfg.requests is not None else [None] * k
@@ -656,7 +759,7 @@ def run_loadtest(cfg: LoadConfig, processes: int = 1, metrics_url: str | None = 
         "config": {"targets": list(cfg.targets), "concurrency": cfg.concurrency, "rate": cfg.rate,
                    "duration": cfg.duration, "requests": cfg.requests, "warmup": cfg.warmup,
                    "max_in_flight": cfg.max_in_flight, "timeout": cfg.timeout, "seed": cfg.seed,
-                   "processes": k, "scenario": [asdict(s) for s in cfg.specs]},
+                   "processes": k, "protocol": _protocol(cfg), "scenario": [asdict(s) for s in cfg.specs]},
         "summary": summarize(merged, cfg.rate),
         "record_fields": ["send_s", "latency_ms", "rpc", "model", "target", "code"],
         "records": merged["records"],
@@ -672,8 +775,15 @@ def run_loadtest(cfg: LoadConfig, processes: int = 1, metrics_url: str | None = 
         if scrape_errors:
             result["server_error"] = "; ".join(scrape_errors)
     mode = f"rate {cfg.rate:g}/s" if cfg.rate is not None else f"concurrency {cfg.concurrency}"
-    result["report_title"] = f"plm loadtest: {mode}, {k} process(es), {', '.join(cfg.targets)}"
+    result["report_title"] = f"plm loadtest: {mode}, {k} process(es), {_protocol(cfg)}, {', '.join(cfg.targets)}"
     return result
+
+
+def _protocol(cfg: LoadConfig) -> str:
+    if not cfg.http:
+        return "gRPC plm.v1"
+    return "HTTP OpenAI API (" + ", ".join(f"{r} as {HTTP_ENDPOINTS[r]}" for r in
+                                          sorted({s.rpc for s in cfg.specs})) + ")"
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> Path:

@@ -328,3 +328,52 @@ def test_mutual_tls_guards_http_as_it_guards_grpc(tiny_repo: Path, pki: Pki) -> 
             httpx.get(url.replace("https", "http"))
     finally:
         srv.stop()
+
+
+# ----------------------------------------------------------------------------------------- loadtest
+
+
+def test_loadtest_drives_the_http_api_with_the_grpc_report(http_server: ServerThread) -> None:
+    """`plm loadtest --target http://…` runs a scenario over /v1/completions and /v1/embeddings and reports it as
+    the gRPC run of the same scenario is reported; errors carry the status names of the error table."""
+    from plm.client.loadtest import LoadConfig, format_report, load_scenario, parse_scenario, run_loadtest
+
+    from tests.conftest import ROOT
+
+    specs = tuple(load_scenario(ROOT / "benchmarks" / "scenarios" / "openai.json"))
+    inputs = ("the king is dead", "to be or not to be", "the queen")
+    runs = {}
+    for name, target in (("http", _base(http_server)), ("grpc", http_server.target)):
+        cfg = LoadConfig(targets=(target,), specs=specs, inputs=inputs, concurrency=4, requests=24, warmup=0.0)
+        runs[name] = run_loadtest(cfg, progress=False)
+    for name, result in runs.items():
+        s = result["summary"]
+        assert s["ok"] == s["requests"] == 24 and s["errors"] == {}, (name, s)
+        assert set(s["by_rpc"]) <= {"Generate", "Embed"}
+    http = runs["http"]
+    assert http["config"]["protocol"].startswith("HTTP OpenAI API") and runs["grpc"]["config"]["protocol"] == \
+        "gRPC plm.v1"
+    assert "HTTP OpenAI API" in format_report(http) and set(http["summary"]["by_target"]) == {_base(http_server)}
+
+    missing = parse_scenario({"requests": [{"rpc": "Embed", "model": "no-such-model"},
+                                           {"rpc": "Generate", "model": "gpt", "temperature": -1.0}]})
+    cfg = LoadConfig(targets=(_base(http_server) + "/",), specs=tuple(missing), inputs=inputs, concurrency=2,
+                     requests=8, warmup=0.0)
+    errors = run_loadtest(cfg, progress=False)["summary"]["errors"]
+    assert set(errors) <= {"NOT_FOUND", "INVALID_ARGUMENT"} and sum(errors.values()) == 8, errors
+
+
+@pytest.mark.parametrize(("targets", "entry", "message"), [
+    (("127.0.0.1:1", "http://127.0.0.1:2"), {"rpc": "Embed", "model": "m"}, "targets"),
+    (("http://127.0.0.1:2",), {"rpc": "FillMask", "model": "m"}, "no OpenAI-compatible endpoint"),
+    (("http://127.0.0.1:2",), {"rpc": "Embed", "model": "m", "pooling": "cls"}, "/v1/embeddings has no such"),
+    (("http://127.0.0.1:2",), {"rpc": "Generate", "model": "m", "truncate_prompt": True}, "/v1/completions"),
+])
+def test_loadtest_refuses_what_http_cannot_carry(targets: tuple[str, ...], entry: dict[str, Any],
+                                                  message: str) -> None:
+    from plm.client.loadtest import LoadConfig, parse_scenario, run_loadtest
+
+    cfg = LoadConfig(targets=targets, specs=tuple(parse_scenario({"requests": [entry]})), inputs=("a",),
+                     concurrency=1, requests=1, warmup=0.0)
+    with pytest.raises(ValueError, match=message):
+        run_loadtest(cfg, progress=False)
