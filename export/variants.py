@@ -104,6 +104,7 @@ def _save(path: Path, manifest: dict[str, Any]) -> None:
 def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, Any]:
     """Score `sentences` through the server's adapter for this folder, serving `variant` ("" = exported)."""
     from plm.service.config import Runtime, ServerConfig
+    from plm.service.families.capabilities import MaskFiller, Scorer
     from plm.service.metrics import Metrics
     from plm.service.registry import load_model
 
@@ -116,12 +117,12 @@ def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, A
         try:
             seqs = [ids for s in sentences if (ids := adapter.encode(s).ids[: adapter.context_budget - 1])]
             started = time.perf_counter()
-            scores = await adapter.score(seqs, True, None)
+            scores = await Scorer.of(adapter).score(seqs, True, None)
             seconds = time.perf_counter() - started
             out: dict[str, Any] = {"log_probs": np.concatenate([s.log_probs for s in scores]),
                                    "score_seconds": seconds, "served_variant": adapter.variant}
-            if "fill_mask" in adapter.tasks:  # top-1 of every held-out token predicted from the rest
-                hits = total = 0
+            if isinstance(adapter, MaskFiller) and "fill_mask" in adapter.tasks:  # top-1 of every held-out token
+                hits = total = 0  # predicted from the rest
                 for seq in seqs:
                     rows = [[*seq[:i], adapter.mask_id, *seq[i + 1:]] for i in range(len(seq))]
                     lps = await adapter.mask_logprobs(rows, [[i] for i in range(len(seq))], None)

@@ -1,8 +1,9 @@
 """The model repository: finds model folders, checks their manifests, builds adapters.
 
 A folder that fails to load is logged and left out; the others still serve. The manifest is read and
-validated by the repository contract (service/contract/manifest.py); names and file references are checked
-here so that nothing outside the repository folder is ever read, and only ONNX, ARPA, counts and JSON files
+validated by the repository contract (service/contract/manifest.py), and its `tasks` checked against the
+capabilities its family's adapter declares (service/families/capabilities.py); names and file references are
+checked here so that nothing outside the repository folder is ever read, and only ONNX, ARPA, counts and JSON files
 are loaded (never pickle or code).
 """
 
@@ -20,6 +21,7 @@ from plm.service.contract import manifest as contract
 from plm.service.errors import NotFound
 from plm.service.families.base import ModelAdapter
 from plm.service.families.bert import BertAdapter
+from plm.service.families.capabilities import check_tasks
 from plm.service.families.elmo import ElmoAdapter
 from plm.service.families.gpt import GptAdapter
 from plm.service.families.ngram import NgramAdapter
@@ -78,6 +80,8 @@ def load_model(folder: Path, config: ServerConfig, metrics: Metrics) -> ModelAda
     adapter = FAMILIES.get(manifest.family)
     if adapter is None:
         raise ValueError(f"{folder.name}: unknown family {manifest.family!r} (known: {', '.join(sorted(FAMILIES))})")
+    # Before any graph is opened: a task the family cannot serve is a broken folder, not a request-time refusal.
+    check_tasks(adapter, manifest.family, manifest.tasks, str(folder / contract.MANIFEST_FILE))
     return adapter(folder.name, folder, manifest, config, metrics)
 
 

@@ -1,13 +1,15 @@
-"""The contract every model family's adapter fulfils, so the tasks (service/tasks/) stay family-agnostic.
+"""What every model family's adapter has, so the tasks (service/tasks/) stay family-agnostic.
 
-An adapter knows its model's files, tokenizer and graphs: how to turn text into token ids and how to get
-log-probabilities for token sequences. What a log-probability *means* for a request (a sentence score, the
-next word, the next sampled token) is the tasks' business.
+An adapter knows its model's files, typed manifest and tokenizer: how to turn text into token ids and back,
+and how to start and close what runs the model. What it can compute (scores, next-token distributions,
+blanks, vectors, generations) are its capabilities (capabilities.py), which each family class declares; what a
+log-probability *means* for a request (a sentence score, the next word) is the tasks' business.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,20 +19,10 @@ from typing import Any
 import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.contract import manifest as contract
-from plm.service.errors import FailedPrecondition
-from plm.service.generation.engine import GenerationEngine
 from tokenizers import Tokenizer
 
 # What an adapter is built from: the typed manifest, or its JSON (validated as manifest.json would be).
 ManifestSource = contract.Manifest | Mapping[str, Any]
-
-# The task names a manifest may list, and the RPCs that need them.
-TASK_SCORE = "score"
-TASK_PREDICT_NEXT = "predict_next"
-TASK_GENERATE = "generate"
-TASK_FILL_MASK = "fill_mask"
-TASK_EMBED = "embed"
-TASK_NSP = "next_sentence"
 
 def top_allowed(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest allowed finite entries of a (V,) row, best first (ties: lower id first)."""
@@ -93,8 +85,6 @@ class ModelAdapter(abc.ABC):
         if not isinstance(manifest, contract.Manifest):
             manifest = contract.from_json(manifest, source=str(folder / contract.MANIFEST_FILE))
         self.spec = manifest  # the typed manifest (service/contract/manifest.py)
-        # The manifest as JSON, for ModelInfo's free-form facts until model_info reads `spec`.
-        self.manifest: dict[str, Any] = contract.dump(manifest)
         self.version = manifest.version
         self.tasks: tuple[str, ...] = manifest.tasks
         self.max_length = manifest.max_length
@@ -108,16 +98,13 @@ class ModelAdapter(abc.ABC):
         self.providers = list(session.providers)
         self.variant = session.variant
 
-    def require(self, task: str) -> None:
-        if task not in self.tasks:
-            raise FailedPrecondition(
-                f"model {self.name!r} ({self.family}) does not serve {task!r}; it serves: {', '.join(self.tasks)}"
-            )
+    @functools.cached_property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest as JSON. Readers take `spec` instead; this stays for a front end not yet moved to it."""
+        return contract.dump(self.spec)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     _batcher: DynamicBatcher[Any, Any] | None = None  # set by adapters whose model runs batched
-    # A KV-cache generation engine (plm.service.generation), when the model has a decoder graph and it is enabled.
-    engine: GenerationEngine | None = None
 
     @property
     def batcher(self) -> DynamicBatcher[Any, Any]:
@@ -126,26 +113,20 @@ class ModelAdapter(abc.ABC):
 
     def refuse_if_full(self, rows: int, generate: bool = False) -> None:
         """RESOURCE_EXHAUSTED at once when `rows` (a lower bound of what the call will queue) do not fit in
-        the queue the call will use (the engine's for generation, when there is one): a refusal under
-        overload costs no tokenizing. The exact check happens when the rows are queued."""
-        if generate and self.engine is not None:
-            self.engine.refuse_if_full(rows)
-        elif self._batcher is not None:
+        the queue the call will use (a family that generates elsewhere checks that queue for `generate`): a
+        refusal under overload costs no tokenizing. The exact check happens when the rows are queued."""
+        if self._batcher is not None:
             self._batcher.refuse_if_full(rows)
 
     async def start(self) -> None:
-        """Called inside the server's event loop once loaded: starts the batch worker and engine, if any."""
+        """Called inside the server's event loop once loaded: starts the batch worker, if any."""
         if self._batcher is not None:
             self._batcher.start()
-        if self.engine is not None:
-            self.engine.start()
 
     async def close(self) -> None:
         """Release the model's resources; queued work fails with UNAVAILABLE."""
         if self._batcher is not None:
             await self._batcher.close()
-        if self.engine is not None:
-            await self.engine.close()
 
     def special_id(self, tokenizer: Tokenizer, token: str) -> int:
         """The id of a special token the manifest names; a tokenizer without it is a broken model folder."""
@@ -191,61 +172,6 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def never_generate_mask(self) -> np.ndarray:
         """(V,) bool: tokens that must never be predicted or sampled (BOS, padding, <unk>)."""
-
-    # -- log-probabilities --------------------------------------------------------------------------------
-    @abc.abstractmethod
-    async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
-        """For each id sequence: log P(token_i | BOS, tokens_<i) for every token (and EOS when add_eos)."""
-
-    @abc.abstractmethod
-    async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
-        """(B, V) float32: log P(next token | BOS, context) for each context."""
-
-    async def next_top(self, contexts: list[list[int]], allowed: tuple[np.ndarray, ...], k: int,
-                       deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """For each context and each (V,) bool mask of `allowed`, the k most likely allowed next tokens, best
-        first: (ids, float32 log-probs).
-
-        The same numbers as `next_logprobs` followed by `top_allowed`; a family may answer without building
-        the whole (V,) distribution (the n-gram models do)."""
-        rows = await self.next_logprobs(contexts, deadline)
-        return [[top_of(row, mask, k) for mask in allowed] for row in rows]
-
-    # -- optional capabilities: a family implements those its manifest's `tasks` list -------------------
-    score_method: str = "causal"  # how `score` computes: "causal" | "pseudo_log_likelihood"
-
-    @property
-    def mask_id(self) -> int:
-        """The id that stands for a blank in `mask_logprobs` sequences (fill_mask)."""
-        raise NotImplementedError
-
-    async def mask_logprobs(self, seqs: list[list[int]], positions: list[list[int]],
-                            deadline: float | None) -> list[np.ndarray]:
-        """fill_mask: for each sequence (text token ids, `mask_id` at the blanks) and its blank positions
-        (indices into the sequence), the (M, V) float32 log-probabilities of each blank's token."""
-        raise NotImplementedError
-
-    async def mask_top(self, seqs: list[list[int]], positions: list[list[int]], allowed: np.ndarray, k: int,
-                       deadline: float | None) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """`mask_logprobs` then `top_of` each blank's row: per sequence, per blank, the k most likely allowed
-        tokens and their log-probs, best first. A family may compute it where the rows are (off the event loop)."""
-        dists = await self.mask_logprobs(seqs, positions, deadline)
-        return [[top_of(row, allowed, k) for row in dist] for dist in dists]
-
-    async def embed(self, seqs: list[list[int]], layer_weights: tuple[float, ...] | None,
-                    deadline: float | None) -> list[TokenVectors]:
-        """embed: per-token vectors of each sequence (ELMo mixes its layers with `layer_weights`, or the
-        manifest default when None; other families ignore it)."""
-        raise NotImplementedError
-
-    def word_vectors(self) -> np.ndarray | None:
-        """(V, D) L2-normalised static vectors of the vocabulary (word2vec), for nearest words and analogies."""
-        return None
-
-    async def next_sentence_logprobs(self, pairs: list[tuple[list[int], list[int]]],
-                                     deadline: float | None) -> np.ndarray:
-        """next_sentence: (B,) log P(B follows A) for each (A ids, B ids) pair."""
-        raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
         """Facts for ListModels/GetModel beyond the common ones."""

@@ -21,6 +21,7 @@ from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.errors import FailedPrecondition, InvalidArgument
 from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of
+from plm.service.families.capabilities import Embedder, MaskFiller, NextSentencePredictor, Scorer
 from plm.service.families.textnorm import PlainTextEncoder
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
@@ -47,7 +48,10 @@ class _RowOut:
     mask_top: list[tuple[np.ndarray, np.ndarray]] | None = None  # per blank: (ids, log-probs), when `top` asked
 
 
-class BertAdapter(ModelAdapter):
+class BertAdapter(ModelAdapter, Scorer, MaskFiller, Embedder, NextSentencePredictor):
+    """A masked LM: fills blanks, embeds, predicts the next sentence, and scores by pseudo-log-likelihood. It
+    does not predict the next token (`next_logprobs` only refuses)."""
+
     family = "bert"
     score_method = "pseudo_log_likelihood"
 

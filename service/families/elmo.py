@@ -24,6 +24,7 @@ from plm.service.config import ServerConfig
 from plm.service.contract.manifest import ElmoSpec
 from plm.service.errors import FailedPrecondition, InvalidArgument
 from plm.service.families.base import ManifestSource, TokenScores, TokenVectors
+from plm.service.families.capabilities import Embedder, Scorer
 from plm.service.families.words import WordModel, WordVocabulary
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
@@ -53,7 +54,10 @@ def mix_weights(layer_weights: Sequence[float], gamma: float) -> np.ndarray:
     return float(gamma) * e / e.sum()
 
 
-class ElmoAdapter(WordModel):
+class ElmoAdapter(WordModel, Scorer, Embedder):
+    """Contextual word vectors (a mix of three layers) and the forward LM's sentence scores. The graph exports
+    no next-word distribution, so it does not predict the next word (`next_logprobs` only refuses)."""
+
     family = "elmo"
 
     def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,

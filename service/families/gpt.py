@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,18 @@ import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.capabilities import (
+    Embedder,
+    Generator,
+    NextWordPredictor,
+    PrefixScorer,
+    Scorer,
+    generate_by_recompute,
+)
 from plm.service.families.textnorm import PlainTextEncoder
 from plm.service.generation.engine import GenerationEngine
+from plm.service.generation.sequence import Sequence as GenSequence
+from plm.service.generation.sequence import StepEvent
 from plm.service.metrics import Metrics
 from plm.service.runtime import cores, open_graph, pad_right
 from tokenizers import Tokenizer
@@ -83,8 +93,14 @@ def _token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes] | None:
     return table
 
 
-class GptAdapter(ModelAdapter):
+class GptAdapter(ModelAdapter, Scorer, NextWordPredictor, Generator, Embedder, PrefixScorer):
+    """A causal LM: it scores, predicts the next token, generates (with a KV-cache engine when the folder has a
+    decoder graph and the runtime enables it, else by recomputing), embeds, and scores classify's labels from a
+    cached prefix when its engine runs."""
+
     family = "gpt"
+    # The KV-cache generation engine (plm.service.generation), when the model has a decoder graph and it is enabled.
+    engine: GenerationEngine | None = None
 
     def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig, metrics: Metrics):
         super().__init__(name, folder, manifest)
@@ -170,6 +186,41 @@ class GptAdapter(ModelAdapter):
 
     def never_generate_mask(self) -> np.ndarray:
         return self._never
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await super().start()
+        if self.engine is not None:
+            self.engine.start()
+
+    async def close(self) -> None:
+        await super().close()
+        if self.engine is not None:
+            await self.engine.close()
+
+    def refuse_if_full(self, rows: int, generate: bool = False) -> None:
+        """Generation queues in the engine when there is one; everything else in the batcher."""
+        if generate and self.engine is not None:
+            self.engine.refuse_if_full(rows)
+        else:
+            super().refuse_if_full(rows, generate)
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def generate(self, seqs: list[GenSequence], deadline: float | None) -> AsyncIterator[StepEvent]:
+        """Continuous batching in the KV-cache engine; without one, each step re-reads every sequence through
+        the batcher."""
+        if self.engine is not None:
+            return self.engine.generate(seqs, deadline)
+        return generate_by_recompute(self, self, seqs, deadline)
+
+    @property
+    def reuses_prefix(self) -> bool:
+        return self.engine is not None and self.engine.prefix_reuse
+
+    async def score_continuations(self, prefix: list[int], rows: list[tuple[list[int], list[int]]],
+                                  deadline: float | None) -> list[np.ndarray]:
+        assert self.engine is not None, "score_continuations needs the KV-cache engine (see reuses_prefix)"
+        return await self.engine.score_continuations(prefix, rows, deadline)
 
     # -- log-probabilities --------------------------------------------------------------------------------
     async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:

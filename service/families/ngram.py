@@ -14,6 +14,7 @@ import numpy as np
 from plm.service.config import ServerConfig
 from plm.service.contract.manifest import require
 from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores
+from plm.service.families.capabilities import NextWordPredictor, Scorer
 from plm.service.families.ngram_scorer import NgramModel
 from plm.service.families.words import PlainText, encode_words, join_words
 from plm.service.metrics import Metrics
@@ -22,7 +23,7 @@ from tokenizers import Tokenizer
 _LN10 = math.log(10.0)
 
 
-class NgramAdapter(ModelAdapter):
+class NgramAdapter(ModelAdapter, Scorer, NextWordPredictor):
     family = "ngram"
 
     def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,

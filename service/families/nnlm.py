@@ -19,6 +19,7 @@ from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.contract.manifest import require
 from plm.service.families.base import ManifestSource, TokenScores, top_of
+from plm.service.families.capabilities import NextWordPredictor, Scorer
 from plm.service.families.words import WordModel, WordVocabulary
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph
@@ -31,7 +32,7 @@ class _Window:
     top: tuple[tuple[np.ndarray, ...], int] | None = None  # (allowed masks, k): only the top k of each
 
 
-class NnlmAdapter(WordModel):
+class NnlmAdapter(WordModel, Scorer, NextWordPredictor):
     family = "nnlm"
 
     def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,

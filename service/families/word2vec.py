@@ -31,6 +31,7 @@ from plm.service.config import ServerConfig
 from plm.service.contract.manifest import require
 from plm.service.errors import FailedPrecondition
 from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.capabilities import Embedder, MaskFiller
 from plm.service.families.words import PlainText, encode_words, join_words
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
@@ -42,7 +43,7 @@ class _ClozeRow:
     context: tuple[int, ...]  # real context word ids around one blank (may be empty)
 
 
-class Word2VecAdapter(ModelAdapter):
+class Word2VecAdapter(ModelAdapter, MaskFiller, Embedder):
     family = "word2vec"
 
     def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig,
@@ -97,7 +98,7 @@ class Word2VecAdapter(ModelAdapter):
     def never_generate_mask(self) -> np.ndarray:
         return self._never
 
-    # -- not word2vec's tasks -----------------------------------------------------------------------------
+    # -- not word2vec's tasks: no capability, and a direct call refuses ------------------------------------
     async def score(self, seqs: list[list[int]], add_eos: bool, deadline: float | None) -> list[TokenScores]:
         raise FailedPrecondition(f"model {self.name!r} (word2vec) does not score sentences; it serves embed, "
                                  "fill_mask")

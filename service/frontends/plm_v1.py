@@ -227,29 +227,27 @@ class AdminServicer(admin_grpc.AdminServiceServicer):
 
 def model_info(m: ModelAdapter) -> pb.ModelInfo:
     """Manifest facts → ModelInfo. Numbers go to `figures`, short strings to `details`."""
-    man = m.manifest
+    spec = m.spec
     info = pb.ModelInfo(
         name=m.name, version=m.version, family=m.family, tasks=m.tasks, vocab_size=m.vocab_size,
         max_length=m.max_length, tokenizer=m.tokenizer_kind, ready=True, providers=m.providers,
     )
-    parity = man.get("parity") or {}
+    parity = spec.parity
     if "max_abs_diff" in parity:
         info.parity_max_abs_diff = float(parity["max_abs_diff"])
         info.parity_tolerance = float(parity.get("tolerance", 0.0))
-    for section in ("training", "evaluation"):
-        for key, value in (man.get(section) or {}).items():
+    for section, facts in (("training", spec.training), ("evaluation", spec.evaluation)):
+        for key, value in facts.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 info.figures[f"{section}.{key}"] = float(value)
             elif isinstance(value, str) and len(value) <= 200:
                 info.details[f"{section}.{key}"] = value
-    for variant, spec in (man.get("variants") or {}).items():  # optimised graphs and what they cost in accuracy
-        for key, value in (spec.get("accuracy") or {}).items():
+    for variant, graphs in spec.variants.items():  # optimised graphs and what they cost in accuracy
+        for key, value in graphs.accuracy.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 info.figures[f"variants.{variant}.{key}"] = float(value)
     info.details["variant"] = m.variant or "exported"
-    for key in ("created_at", "corpus_sha256", "description"):
-        if isinstance(man.get(key), str):
-            info.details[key] = man[key]
+    info.details.update(created_at=spec.created_at, corpus_sha256=spec.corpus_sha256, description=spec.description)
     for key, value in m.info().items():
         info.details[key] = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
     return info

@@ -3,9 +3,10 @@
 The prompt is the instruction, then every demonstration written with the template, then the query written
 up to its label; each candidate label is scored as the continuation (lm-evaluation-harness's
 `loglikelihood(context, " " + label)`). The demonstrations are a prefix shared by every query and label:
-with a KV-cache engine its keys and values are computed once (and cached across requests, LRU) and every
-(query, label) pair — and the content-free ones for calibration — runs from them in one batched pass;
-without one, the pairs' whole sequences go to the model in one batched call.
+with a model that scores from a cached prefix (its PrefixScorer capability: a KV-cache engine) their keys
+and values are computed once (and cached across requests, LRU) and every (query, label) pair — and the
+content-free ones for calibration — runs from them in one batched pass; without one, the pairs' whole
+sequences go to the model in one batched call.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from plm.service.errors import InvalidArgument
-from plm.service.families.base import TASK_SCORE, ModelAdapter
+from plm.service.families.base import ModelAdapter
+from plm.service.families.capabilities import PrefixScorer, Scorer
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel: {label}\n\n"
 SCORING_SUM, SCORING_TOKEN_MEAN, SCORING_PER_CHAR = "sum", "token_mean", "per_char"
@@ -66,10 +68,10 @@ def build_prefix(p: ClassifyParams) -> str:
 
 
 async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | None) -> tuple[list[ClassifyResult], int]:
-    model.require(TASK_SCORE)
-    if model.score_method != "causal":
+    scorer = Scorer.of(model)
+    if scorer.score_method != "causal":
         raise InvalidArgument("model", f"in-context classification needs a causal LM; {model.name!r} scores by "
-                                       f"{model.score_method}")
+                                       f"{scorer.score_method}")
     head, _ = split_template(p.template)
     prefix = build_prefix(p)
     # The query is written up to the label; whitespace before {label} belongs to the label (" comedy").
@@ -99,14 +101,14 @@ async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | Non
                     f"{model.context_budget}: use fewer or shorter demonstrations", at=at)
             seqs.append(full)
             label_lens.append(n)
-    if model.engine is not None and model.engine.prefix_reuse:
+    if isinstance(model, PrefixScorer) and model.reuses_prefix:
         # The shared prefix's keys and values are computed once (and cached across requests); every row
         # then runs from them.
         rows = [(seq[shared:len(seq) - n], seq[len(seq) - n:]) for seq, n in zip(seqs, label_lens, strict=True)]
-        per_row = await model.engine.score_continuations(prefix_ids[:shared], rows, deadline)
+        per_row = await model.score_continuations(prefix_ids[:shared], rows, deadline)
         lls = np.array([float(x.sum()) for x in per_row])
     else:
-        scored = await model.score(seqs, False, deadline)
+        scored = await scorer.score(seqs, False, deadline)
         lls = np.array([float(s.log_probs[-n:].sum()) for s, n in zip(scored, label_lens, strict=True)])
     n_labels = len(p.labels)
     lls = lls.reshape(len(queries), n_labels)  # (Q, L): Σ log P(label tokens | prompt)

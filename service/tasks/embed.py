@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from plm.service.errors import FailedPrecondition, InvalidArgument
-from plm.service.families.base import TASK_EMBED, Encoded, ModelAdapter
+from plm.service.families.base import Encoded, ModelAdapter
+from plm.service.families.capabilities import Embedder
 from plm.service.tasks.common import encode_checked
 
 POOL_MEAN, POOL_CLS, POOL_NONE = "mean", "cls", "none"
@@ -63,16 +64,17 @@ def _truncated(enc: Encoded, n: int) -> Encoded:
 
 
 async def embed(model: ModelAdapter, params: EmbedParams, deadline: float | None) -> EmbedResponse:
-    model.require(TASK_EMBED)
-    matrix = model.word_vectors()
+    embedder = Embedder.of(model)
+    matrix = embedder.word_vectors()
     if (params.nearest_k or params.analogies) and matrix is None:
         raise FailedPrecondition(
             f"model {model.name!r} ({model.family}) has no static word vectors: nearest_k and analogies need a "
             "word2vec model"
         )
     # An imported sentence-transformers model brings its pooling, normalisation and truncation (its manifest's
-    # `embedding`); the default pooling is its, and its mean counts the specials, as the checkpoint's own does.
-    own = model.manifest.get("embedding") or {}
+    # `embedding`, a section the schema keeps in `extra`); the default pooling is its, and its mean counts the
+    # specials, as the checkpoint's own does.
+    own = model.spec.extra.get("embedding") or {}
     pooling, normalize, specials = params.pooling, params.normalize, False
     if pooling == POOL_DEFAULT:
         pooling, specials = str(own.get("pooling", POOL_MEAN)), bool(own.get("specials", False))
@@ -81,7 +83,7 @@ async def embed(model: ModelAdapter, params: EmbedParams, deadline: float | None
     encoded = encode_checked(model, params.texts, "texts", reserve=None if truncate else 0)
     if truncate:
         encoded = [_truncated(e, model.context_budget) for e in encoded]
-    vectors = await model.embed([e.ids for e in encoded], params.layer_weights, deadline) if encoded else []
+    vectors = await embedder.embed([e.ids for e in encoded], params.layer_weights, deadline) if encoded else []
     dim = 0
     results = []
     for text, enc, tv in zip(params.texts, encoded, vectors, strict=True):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from plm.service.errors import InvalidArgument
-from plm.service.families.base import MASK, TASK_FILL_MASK, ModelAdapter
+from plm.service.families.base import MASK, ModelAdapter
+from plm.service.families.capabilities import MaskFiller
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class FillResult:
     masks: tuple[tuple[FillCandidate, ...], ...]  # per blank, best first
 
 
-def _with_blanks(model: ModelAdapter, text: str, at: str) -> tuple[list[int], list[int]]:
+def _with_blanks(model: ModelAdapter, mask_id: int, text: str, at: str) -> tuple[list[int], list[int]]:
     """Token ids of the text with `mask_id` at each blank, and the blanks' positions."""
     pieces = text.split(MASK)
     if len(pieces) < 2:
@@ -47,7 +48,7 @@ def _with_blanks(model: ModelAdapter, text: str, at: str) -> tuple[list[int], li
         ids.extend(model.encode_ids(piece) if piece.strip() else [])
         if k < len(pieces) - 1:
             positions.append(len(ids))
-            ids.append(model.mask_id)
+            ids.append(mask_id)
     if len(ids) > model.context_budget:
         raise InvalidArgument("texts", f"is {len(ids)} tokens; model {model.name!r} takes at most "
                                        f"{model.context_budget}", at=at)
@@ -65,8 +66,8 @@ def _fill(text: str, blank: int, word: str) -> str:
 
 
 async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float | None) -> list[FillResult]:
-    model.require(TASK_FILL_MASK)
-    rows = [_with_blanks(model, t, f"[{i}]") for i, t in enumerate(params.texts)]
+    filler = MaskFiller.of(model)
+    rows = [_with_blanks(model, filler.mask_id, t, f"[{i}]") for i, t in enumerate(params.texts)]
     targets = [(t, model.encode_ids(t)) for t in params.targets]
     for i, (t, ids) in enumerate(targets):
         if not ids or model.never_generate_mask()[ids].any():
@@ -74,9 +75,9 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
                                   at=f"[{i}]")
     seqs, blanks = [ids for ids, _ in rows], [pos for _, pos in rows]
     if targets:  # each target's own log-prob: the whole (M, V) rows
-        dists: list[Any] = await model.mask_logprobs(seqs, blanks, deadline)
+        dists: list[Any] = await filler.mask_logprobs(seqs, blanks, deadline)
     else:  # the top k of each blank, taken where the model ran
-        dists = await model.mask_top(seqs, blanks, ~model.never_generate_mask(), params.top_k, deadline)
+        dists = await filler.mask_top(seqs, blanks, ~model.never_generate_mask(), params.top_k, deadline)
     # Several-token targets: one extra row per (text, blank, target) with the blank widened.
     wide_rows: list[list[int]] = []
     wide_pos: list[list[int]] = []
@@ -85,10 +86,10 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
         for b, p in enumerate(positions):
             for ti, (_, tids) in enumerate(targets):
                 if len(tids) > 1:
-                    wide_rows.append(ids[:p] + [model.mask_id] * len(tids) + ids[p + 1:])
+                    wide_rows.append(ids[:p] + [filler.mask_id] * len(tids) + ids[p + 1:])
                     wide_pos.append(list(range(p, p + len(tids))))
                     wide_key.append((r, b, ti))
-    wide = await model.mask_logprobs(wide_rows, wide_pos, deadline) if wide_rows else []
+    wide = await filler.mask_logprobs(wide_rows, wide_pos, deadline) if wide_rows else []
     wide_lp = {key: float(sum(d[j, t] for j, t in enumerate(targets[key[2]][1])))
                for key, d in zip(wide_key, wide, strict=True)}
 

@@ -1,9 +1,9 @@
 """Generate: greedy or sampled continuation of prompts, one token per step for every active prompt.
 
-Each step is one batched forward over every prompt still running (and, through the model's dynamic
-batcher, over other clients' prompts too); models with a KV-cache engine generate there instead. The
-sequence and its sampling (`Sequence`, `choose`, `SamplingParams`, `StepEvent`) live in the generation
-package, which both paths share.
+The task checks the request against the model's window and sets up one sequence per prompt; the model's
+Generator capability runs them (a KV-cache engine's continuous batching, or one batched forward per step over
+every prompt still running). The sequence and its sampling (`Sequence`, `SamplingParams`, `StepEvent`) live
+in the generation package.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from plm.service.errors import InvalidArgument
-from plm.service.families.base import TASK_GENERATE, ModelAdapter
+from plm.service.families.base import ModelAdapter
+from plm.service.families.capabilities import Generator
 from plm.service.generation.sequence import FINISH_EOS as FINISH_EOS
 from plm.service.generation.sequence import FINISH_LENGTH as FINISH_LENGTH
 from plm.service.generation.sequence import FINISH_STOP as FINISH_STOP
 from plm.service.generation.sequence import SamplingParams as SamplingParams
-from plm.service.generation.sequence import Sequence, choose
+from plm.service.generation.sequence import Sequence
 from plm.service.generation.sequence import StepEvent as StepEvent
 from plm.service.metrics import Metrics
 from plm.service.tasks.common import encode_checked
@@ -34,7 +35,7 @@ class GenerateParams:
 
 def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metrics) -> list[Sequence]:
     """Check the request against the model's window and set up one Sequence per prompt."""
-    model.require(TASK_GENERATE)
+    Generator.of(model)
     p = params.sampling
     if p.max_new_tokens >= model.context_budget:
         raise InvalidArgument("max_new_tokens", f"is {p.max_new_tokens}; model {model.name!r}'s window "
@@ -55,25 +56,11 @@ def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metric
 
 async def generate(model: ModelAdapter, params: GenerateParams, deadline: float | None,
                    metrics: Metrics) -> AsyncIterator[StepEvent]:
-    """Yield events as tokens are produced; every prompt ends with an event carrying its finish reason.
-
-    Models with a KV-cache engine generate there (continuous batching); the others re-read each sequence
-    every step through their batcher.
-    """
+    """Yield events as tokens are produced; every prompt ends with an event carrying its finish reason."""
+    generator = Generator.of(model)
     seqs = start_sequences(model, params, metrics)
-    engine = model.engine
-    if engine is not None:
-        async for ev in engine.generate(seqs, deadline):
-            yield ev
-        return
-    allowed = ~model.never_generate_mask()
-    active = seqs
-    while active:
-        rows = await model.next_logprobs([s.prompt_ids + s.generated for s in active], deadline)
-        for seq, tok in zip(active, choose(rows, allowed, active), strict=True):
-            for ev in seq.advance(tok):
-                yield ev
-        active = [s for s in active if not s.finished]
+    async for ev in generator.generate(seqs, deadline):
+        yield ev
 
 
 async def every(events: AsyncIterator[StepEvent], interval: int) -> AsyncIterator[StepEvent]:

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 from plm.service.errors import InvalidArgument
-from plm.service.families.base import TASK_NSP, ModelAdapter
+from plm.service.families.base import ModelAdapter
+from plm.service.families.capabilities import NextSentencePredictor
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class NspResult:
 
 
 async def next_sentence(model: ModelAdapter, params: NspParams, deadline: float | None) -> list[NspResult]:
-    model.require(TASK_NSP)
+    nsp = NextSentencePredictor.of(model)
     pairs = []
     for i, (a, b) in enumerate(params.pairs):
         ia, ib = model.encode_ids(a), model.encode_ids(b)
@@ -39,5 +40,5 @@ async def next_sentence(model: ModelAdapter, params: NspParams, deadline: float 
                 f"{model.context_budget - 1} for a pair", at=f"[{i}]"
             )
         pairs.append((ia, ib))
-    lps = await model.next_sentence_logprobs(pairs, deadline)
+    lps = await nsp.next_sentence_logprobs(pairs, deadline)
     return [NspResult(a, b, float(lp)) for (a, b), lp in zip(params.pairs, lps, strict=True)]

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from plm.service.families.base import TASK_PREDICT_NEXT, ModelAdapter, top_allowed, top_of
+from plm.service.families.base import ModelAdapter, top_allowed, top_of
+from plm.service.families.capabilities import NextWordPredictor
 from plm.service.tasks.common import ids_checked
 
 
@@ -59,7 +60,7 @@ def _masks(model: ModelAdapter) -> tuple[bool, np.ndarray, np.ndarray]:
 
 
 async def predict_next(model: ModelAdapter, params: NextParams, deadline: float | None) -> list[NextResult]:
-    model.require(TASK_PREDICT_NEXT)
+    predictor = NextWordPredictor.of(model)
     contexts = ids_checked(model, params.contexts, "contexts", allow_empty=True)
     word_level, word_initial, token_ok = _masks(model)
 
@@ -70,20 +71,21 @@ async def predict_next(model: ModelAdapter, params: NextParams, deadline: float 
     tokens: list[tuple[CandidateResult, ...]] = [() for _ in contexts]
     if word_level:  # word-level model: the top of one distribution answers it (the family may skip building it)
         masks = (word_initial, token_ok) if params.include_tokens else (word_initial,)
-        tops = await model.next_top(contexts, masks, params.top_k, deadline)
+        tops = await predictor.next_top(contexts, masks, params.top_k, deadline)
         words = [cands(*top[0]) for top in tops]
         if params.include_tokens:
             tokens = [cands(*top[1]) for top in tops]
     else:
-        first = await model.next_logprobs(contexts, deadline)  # (B, V)
-        words = [tuple(w) for w in await _complete_words(model, contexts, first, params, deadline)]
+        first = await predictor.next_logprobs(contexts, deadline)  # (B, V)
+        words = [tuple(w) for w in await _complete_words(model, predictor, contexts, first, params, deadline)]
         if params.include_tokens:
             tokens = [cands(*top_of(row, token_ok, params.top_k)) for row in first]
     return [NextResult(ctx, w, t) for ctx, w, t in zip(params.contexts, words, tokens, strict=True)]
 
 
 async def _complete_words(
-    model: ModelAdapter, contexts: list[list[int]], first: np.ndarray, params: NextParams, deadline: float | None
+    model: ModelAdapter, predictor: NextWordPredictor, contexts: list[list[int]], first: np.ndarray,
+    params: NextParams, deadline: float | None
 ) -> list[list[CandidateResult]]:
     starts, never, eos = model.word_start_mask(), model.never_generate_mask(), model.eos_id
     boundary = starts.copy()
@@ -101,7 +103,7 @@ async def _complete_words(
                 if len(contexts[c]) + len(path) < model.context_budget]
         if not flat:
             break
-        out = await model.next_logprobs([contexts[c] + list(path) for c, path, _ in flat], deadline)
+        out = await predictor.next_logprobs([contexts[c] + list(path) for c, path, _ in flat], deadline)
         new_beams: list[list[tuple[tuple[int, ...], float]]] = [[] for _ in contexts]
         for (c, path, lp), row in zip(flat, out, strict=True):
             end = float(np.logaddexp.reduce(row[boundary].astype(np.float64)))

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from plm.service.families.base import TASK_SCORE, ModelAdapter
+from plm.service.families.base import ModelAdapter
+from plm.service.families.capabilities import Scorer
 from plm.service.tasks.common import encode_checked
 
 
@@ -56,10 +57,10 @@ class ScoreResult:
 
 
 async def score(model: ModelAdapter, params: ScoreParams, deadline: float | None) -> ScoreResult:
-    model.require(TASK_SCORE)
-    add_eos = params.add_eos and model.score_method == "causal"  # a masked LM predicts no end of sentence
+    scorer = Scorer.of(model)
+    add_eos = params.add_eos and scorer.score_method == "causal"  # a masked LM predicts no end of sentence
     encoded = encode_checked(model, params.texts, "texts", reserve=1 if add_eos else 0)
-    scored = await model.score([e.ids for e in encoded], add_eos, deadline)
+    scored = await scorer.score([e.ids for e in encoded], add_eos, deadline)
     sentences = []
     for text, enc, sc in zip(params.texts, encoded, scored, strict=True):
         lps = [float(x) for x in sc.log_probs]
@@ -80,4 +81,4 @@ async def score(model: ModelAdapter, params: ScoreParams, deadline: float | None
             words=tuple(zip(enc.words, word_lps, strict=True)) if params.per_token else (),
         ))
     ranking = tuple(sorted(range(len(sentences)), key=lambda i: -sentences[i].log_prob))
-    return ScoreResult(model.score_method, tuple(sentences), ranking, add_eos)
+    return ScoreResult(scorer.score_method, tuple(sentences), ranking, add_eos)
