@@ -15,7 +15,11 @@ Accuracy is measured through the server's own adapter, loaded from the folder wi
 held-out sentences are scored exactly as the `Score` RPC scores them (causal log-likelihood for GPT-style
 models, pseudo-log-likelihood for BERT), once with the exported graph and once with the variant. The manifest
 records both token perplexities, their difference, the largest per-token log-probability change and, for
-masked-LM models, the top-1 accuracy of predicting every held-out token from the rest.
+masked-LM models, the top-1 accuracy of predicting every held-out token from the rest. A model that serves
+`Embed` also gets the sentences' vectors as the `Embed` RPC answers them (the model's own pooling): the
+smallest and mean cosine of the variant's vectors to the exported graph's, and, where the caller has vectors
+from the source framework (an imported sentence-transformers model: `Reference`), to those as well. An
+embedding-only model (an imported BertModel) is measured by its vectors alone.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,17 @@ log = logging.getLogger(__name__)
 # thousands of words, held-out token log-probabilities move by ~1e-3 (2.3e-3 on the tiny GPT). 2e-2 still
 # catches a wrong graph (a dropped cast or an overflowed attention score moves them by whole units).
 FP16_TOLERANCE = 2e-2
+# The same check on an embedding-only model: a healthy fp16 graph keeps every sentence vector's direction far
+# closer than this; a wrong one (a dropped cast, an overflow) leaves vectors at cosines well below it.
+FP16_MIN_COSINE = 0.999
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Vectors of the measured sentences from the source framework, to compare each variant's with."""
+
+    name: str  # what produced them, e.g. "sentence-transformers 5.1.0 encode"
+    vectors: np.ndarray  # (N, D), row i for sentences[i]
 
 
 @contextlib.contextmanager
@@ -62,17 +79,21 @@ def _int8(src: Path, dst: Path, manifest: Manifest) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # MatMul/Gemm only: quantising the embedding Gather would also quantise the tied output projection's
-    # source and cost far more perplexity than it saves time.
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    # source and cost far more perplexity than it saves time. One scale per output channel: with one per
+    # tensor, a pretrained checkpoint's few large-magnitude columns set the step for every column, and sentence
+    # vectors turn by far more (the per-model cosines are in the manifest) at no gain in speed.
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     per_channel=True)
     return {}
 
 
 def _fused(src: Path, dst: Path, manifest: Manifest) -> dict[str, Any]:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    cfg = manifest.config
-    opt = optimize_model(str(src), model_type=TRANSFORMERS[manifest.family], num_heads=int(cfg["n_head"]),
-                         hidden_size=int(cfg["n_embd"]), opt_level=1, use_gpu=False)
+    cfg = manifest.config  # our own builds' names, or an imported Hugging Face config's
+    heads, hidden = cfg.get("n_head", cfg.get("num_attention_heads")), cfg.get("n_embd", cfg.get("hidden_size"))
+    opt = optimize_model(str(src), model_type=TRANSFORMERS[manifest.family], num_heads=int(heads),
+                         hidden_size=int(hidden), opt_level=1, use_gpu=False)
     opt.save_model_to_file(str(dst))
     fused = {op: n for op, n in opt.get_fused_operator_statistics().items() if n}
     return {"fused_operators": fused}
@@ -102,25 +123,37 @@ def _save(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, Any]:
-    """Score `sentences` through the server's adapter for this folder, serving `variant` ("" = exported)."""
+    """Score `sentences` through the server's adapter for this folder, serving `variant` ("" = exported), and
+    embed them as `Embed` does where the model serves it (`vectors`: (n, D), row j for sentences[index[j]])."""
     from plm.service.config import Runtime, ServerConfig
     from plm.service.families.capabilities import MaskFiller, Scorer
     from plm.service.metrics import Metrics
     from plm.service.registry import load_model
+    from plm.service.tasks.embed import EmbedParams, embed
 
-    config = ServerConfig(repository=folder.parent, runtime=Runtime(providers=("CPUExecutionProvider",),
-                                                                    variant=variant))
-
-    async def run() -> dict[str, Any]:
+    async def run(folder: Path) -> dict[str, Any]:
+        config = ServerConfig(repository=folder.parent, runtime=Runtime(providers=("CPUExecutionProvider",),
+                                                                        variant=variant))
         adapter = load_model(folder, config, Metrics())
         await adapter.start()
         try:
+            out: dict[str, Any] = {"served_variant": adapter.variant}
+            if "embed" in adapter.tasks:
+                # Embed refuses over-long text unless the model truncates (an imported sentence-transformers one)
+                truncates = bool((adapter.spec.extra.get("embedding") or {}).get("truncate"))
+                lengths = [len(adapter.encode(s).ids) for s in sentences]
+                index = [i for i, n in enumerate(lengths) if n and (truncates or n <= adapter.context_budget)]
+                started = time.perf_counter()
+                got = await embed(adapter, EmbedParams(texts=tuple(sentences[i] for i in index)), None)
+                out |= {"vectors": np.stack([np.asarray(e.vector) for e in got.embeddings]),
+                        "vector_index": index, "embed_seconds": time.perf_counter() - started}
+            if "score" not in adapter.tasks:
+                return out
             seqs = [ids for s in sentences if (ids := adapter.encode(s).ids[: adapter.context_budget - 1])]
             started = time.perf_counter()
             scores = await Scorer.of(adapter).score(seqs, True, None)
-            seconds = time.perf_counter() - started
-            out: dict[str, Any] = {"log_probs": np.concatenate([s.log_probs for s in scores]),
-                                   "score_seconds": seconds, "served_variant": adapter.variant}
+            out |= {"log_probs": np.concatenate([s.log_probs for s in scores]),
+                    "score_seconds": time.perf_counter() - started}
             if isinstance(adapter, MaskFiller) and "fill_mask" in adapter.tasks:  # top-1 of every held-out token
                 hits = total = 0  # predicted from the rest
                 for seq in seqs:
@@ -133,11 +166,79 @@ def measure(folder: Path, variant: str, sentences: Sequence[str]) -> dict[str, A
         finally:
             await adapter.close()
 
-    return asyncio.run(run())
+    with _named(folder) as named:
+        return asyncio.run(run(named))
 
 
-def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]) -> dict[str, Any]:
-    """Write each requested variant of the model in `folder`, measure it, and record it in the manifest."""
+@contextlib.contextmanager
+def _named(folder: Path) -> Iterator[Path]:
+    """`folder` under its model's name: the server loads a folder only under the name its manifest gives, and
+    an import measures its variants in the staging folder (`.NAME.building`), through a link named NAME."""
+    name = contract.load(folder / contract.MANIFEST_FILE).name
+    if name == folder.name:
+        yield folder
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / name
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+        yield link
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of (N, D) and (N, D) -> (N,); two zero vectors (a text of unknown words only, pooled
+    without its specials) are the same answer, cosine 1."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = ~a.any(axis=1) & ~b.any(axis=1)
+    return np.where(both_zero, 1.0, np.einsum("nd,nd->n", a, b) / np.maximum(norms, 1e-30))
+
+
+def _score_accuracy(base: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity, log-prob and (masked LMs) top-1 changes of the variant's Score against the exported graph's."""
+    ppl, base_ppl = (math.exp(-float(m["log_probs"].mean())) for m in (got, base))
+    accuracy = {
+        "test_token_perplexity": ppl, "exported_test_token_perplexity": base_ppl,
+        "test_token_perplexity_delta": ppl - base_ppl,
+        "max_abs_logprob_diff": float(np.abs(got["log_probs"] - base["log_probs"]).max()),
+        "score_speedup": base["score_seconds"] / max(got["score_seconds"], 1e-9),
+        "test_tokens": int(got["log_probs"].size),
+    }
+    if "mlm_top1" in got:
+        accuracy |= {"test_mlm_top1": got["mlm_top1"], "exported_test_mlm_top1": base["mlm_top1"],
+                     "test_mlm_top1_delta": got["mlm_top1"] - base["mlm_top1"]}
+    return accuracy
+
+
+def _embed_accuracy(base: dict[str, Any], got: dict[str, Any], reference: Reference | None) -> dict[str, Any]:
+    """Cosines of the variant's Embed vectors to the exported graph's (and to the reference's, if any)."""
+    to_exported = _cosines(got["vectors"], base["vectors"])
+    accuracy: dict[str, Any] = {"min_cosine_to_exported": float(to_exported.min()),
+                                "mean_cosine_to_exported": float(to_exported.mean()),
+                                "embedded_texts": len(got["vector_index"])}
+    if reference is not None:
+        ref = reference.vectors[got["vector_index"]]
+        to_ref, exported_to_ref = _cosines(got["vectors"], ref), _cosines(base["vectors"], ref)
+        accuracy |= {"min_cosine_to_reference": float(to_ref.min()), "mean_cosine_to_reference": float(to_ref.mean()),
+                     "exported_min_cosine_to_reference": float(exported_to_ref.min()), "reference": reference.name}
+    return accuracy
+
+
+def _broken(variant: str, accuracy: dict[str, Any]) -> str | None:
+    """Why a measured fp16 graph is wrong (never left listed), or None."""
+    if variant != "fp16":
+        return None
+    if accuracy.get("max_abs_logprob_diff", 0.0) > FP16_TOLERANCE:
+        return f"differs from float32 by {accuracy['max_abs_logprob_diff']:.3g} > {FP16_TOLERANCE:g} in log-prob"
+    if "max_abs_logprob_diff" not in accuracy and accuracy.get("min_cosine_to_exported", 1.0) < FP16_MIN_COSINE:
+        return f"has a vector at cosine {accuracy['min_cosine_to_exported']:.6f} < {FP16_MIN_COSINE} to float32's"
+    return None
+
+
+def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str],
+                 reference: Reference | None = None) -> dict[str, Any]:
+    """Write each requested variant of the model in `folder`, measure it, and record it in the manifest.
+
+    `reference`: the source framework's vectors of `sentences`, for a model that serves Embed."""
     path = folder / contract.MANIFEST_FILE
     current = contract.load(path)
     manifest = contract.dump(current)  # the JSON that gains the variants
@@ -146,7 +247,6 @@ def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]
     if not todo:
         return manifest
     base = measure(folder, "", sentences)
-    base_ppl = math.exp(-float(base["log_probs"].mean()))
     for variant in todo:
         started = time.perf_counter()
         graphs: dict[str, str] = {}
@@ -174,33 +274,27 @@ def add_variants(folder: Path, variants: Sequence[str], sentences: Sequence[str]
             spec["measured"] = f"not on this machine: {type(e).__name__}: {str(e)[:200]}"
             log.warning("%s: %s variant written but not measured here (%s)", folder.name, variant, e)
         else:
-            ppl = math.exp(-float(got["log_probs"].mean()))
-            accuracy = {
-                "test_token_perplexity": ppl, "exported_test_token_perplexity": base_ppl,
-                "test_token_perplexity_delta": ppl - base_ppl,
-                "max_abs_logprob_diff": float(np.abs(got["log_probs"] - base["log_probs"]).max()),
-                "score_speedup": base["score_seconds"] / max(got["score_seconds"], 1e-9),
-                "test_tokens": int(got["log_probs"].size),
-            }
+            accuracy = _score_accuracy(base, got) if "log_probs" in got else {}
+            if "vectors" in got:
+                accuracy |= _embed_accuracy(base, got, reference)
             if variant == "fp16":
-                accuracy["parity_tolerance"] = FP16_TOLERANCE
-                if accuracy["max_abs_logprob_diff"] > FP16_TOLERANCE:  # never leave a broken graph listed
-                    del manifest["variants"][variant]
-                    _save(path, manifest)
-                    for file in graphs.values():
-                        (folder / file).unlink()
-                    raise RuntimeError(f"{folder.name}: the fp16 graph differs from float32 by "
-                                       f"{accuracy['max_abs_logprob_diff']:.3g} > {FP16_TOLERANCE:g} in log-prob")
-            if "mlm_top1" in got:
-                accuracy |= {"test_mlm_top1": got["mlm_top1"], "exported_test_mlm_top1": base["mlm_top1"],
-                             "test_mlm_top1_delta": got["mlm_top1"] - base["mlm_top1"]}
+                accuracy["parity_tolerance"] = FP16_TOLERANCE if "log_probs" in got else FP16_MIN_COSINE
+            if why := _broken(variant, accuracy):  # never leave a broken graph listed
+                del manifest["variants"][variant]
+                _save(path, manifest)
+                for file in graphs.values():
+                    (folder / file).unlink()
+                raise RuntimeError(f"{folder.name}: the fp16 graph {why}")
             spec["accuracy"] = accuracy
-            spec["measured"] = ("held-out sentences scored through the served adapter on CPUExecutionProvider; "
-                                f"{'pseudo-' if 'mlm_top1' in got else ''}log-likelihood per token")
+            what = [f"{'pseudo-' if 'mlm_top1' in got else ''}log-likelihood per token"] if "log_probs" in got else []
+            what += ["Embed vectors (the model's own pooling) by cosine"] if "vectors" in got else []
+            spec["measured"] = ("held-out sentences through the served adapter on CPUExecutionProvider; "
+                                + " and ".join(what))
         spec["seconds"] = round(time.perf_counter() - started, 1)
         _save(path, manifest)
         acc = spec["accuracy"]
-        log.info("%s: %s variant, %.0f%% of the exported size, token perplexity %s (exported %.2f)", folder.name,
-                 variant, 100 * spec["bytes"] / max(1, spec["exported_bytes"]),
-                 f"{acc['test_token_perplexity']:.2f}" if acc else "not measured", base_ppl)
+        shown = (f"token perplexity {acc['test_token_perplexity']:.2f}" if "test_token_perplexity" in acc else
+                 f"min cosine to the exported graph {acc['min_cosine_to_exported']:.6f}" if acc else "not measured")
+        log.info("%s: %s variant, %.0f%% of the exported size, %s", folder.name, variant,
+                 100 * spec["bytes"] / max(1, spec["exported_bytes"]), shown)
     return manifest

@@ -188,6 +188,9 @@ def _build_parser() -> argparse.ArgumentParser:
     im.add_argument("--max-length", type=int, help="a shorter window than the checkpoint's [the checkpoint's]")
     im.add_argument("--replace", action="store_true",
                     help="replace a model of that name (the old one serves until the new one is in place)")
+    im.add_argument("--variants", nargs="+", default=[], choices=["int8", "fused", "fp16"],
+                    help="also write these optimised graphs (bert, gpt2), each measured against the source on a "
+                         "fixed set of texts and recorded in the manifest; serve one with runtime.variant")
     return p
 
 
@@ -205,13 +208,19 @@ def _import(args: argparse.Namespace) -> int:
         print(f"plm import: unknown kind {args.kind!r}; kinds: {', '.join(KINDS)}", file=sys.stderr)
         return 2
     try:
-        manifest = import_model(args.kind, args.path, args.repository, args.name, args.max_length, args.replace)
+        manifest = import_model(args.kind, args.path, args.repository, args.name, args.max_length, args.replace,
+                                args.variants)
     except ImportFailed as e:
         print(f"plm import: {e}", file=sys.stderr)
         return 1
     parity = manifest.get("parity_max_abs_diff")
     print(f"imported {manifest['name']} ({manifest['family']}: {', '.join(manifest['tasks'])}) into "
           f"{args.repository / manifest['name']}" + (f"; parity max |diff| {parity:.3g}" if parity is not None else ""))
+    for variant, spec in manifest.get("variants", {}).items():
+        acc = spec.get("accuracy", {})
+        figures = [f"{k} {acc[k]:.6g}" for k in ("min_cosine_to_reference", "min_cosine_to_exported",
+                                                 "test_token_perplexity_delta") if k in acc]
+        print(f"  variant {variant}: {spec['graphs']}; {', '.join(figures) or spec.get('measured', '')}")
     return 0
 
 

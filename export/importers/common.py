@@ -1,20 +1,64 @@
-"""What every importer shares: the one-line failure, the source's identity, and the atomic write into the
-repository (a temporary folder beside the target, renamed into place; a failure leaves the repository as it was).
+"""What every importer shares: the one-line failure, the source's identity, the atomic write into the
+repository (a temporary folder beside the target, renamed into place; a failure leaves the repository as it was),
+and the optimised graph variants (`--variants`, export/variants.py) written and measured inside that temporary
+folder on a fixed set of texts, so a served model never lacks the variants its manifest lists.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plm.data.corpus import _sha256_file as sha256_of
 from plm.export.repository import staging, write_manifest
 
+if TYPE_CHECKING:
+    from plm.export.variants import Reference
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # one folder name: no separators, no "..", no dot first
+
+# The texts each variant of an imported model is measured on (Score and Embed through the served adapter): fixed,
+# so two imports of one checkpoint record the same figures; varied in length (one beyond a 256-token window, to
+# exercise truncation), case, script and punctuation, so padding and rare pieces are exercised.
+VARIANT_TEXTS = (
+    "The cat sat on the mat and looked out of the window.",
+    "She opened the door slowly.",
+    "In 1969, two astronauts walked on the surface of the moon.",
+    "Where did you put the keys to the car?",
+    "The stock market fell sharply after the announcement.",
+    "Rain is expected across the north of the country tomorrow.",
+    "Why is the sky blue?",
+    "Scientists have discovered a new species of frog in the rainforest.",
+    "A man is playing a guitar.",
+    "A woman is slicing an onion in the kitchen.",
+    "Two dogs are running through a field of snow.",
+    "How do I reset my password if I forgot the old one?",
+    "The committee will meet again next Tuesday to discuss the budget.",
+    "To be, or not to be: that is the question.",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven.",
+    "ok",
+    "Hi!",
+    "UPPER CASE TEXT WITH NUMBERS 1234 AND 3.14159",
+    "Café au lait, s'il vous plaît.",
+    "Grüße aus München – schön!",
+    "東京は日本の首都です。",
+    "Москва — столица России.",
+    "naïve résumé façade, emoji 🙂 and symbols ©®",
+    "The train to Edinburgh leaves from platform nine at a quarter past six.",
+    "Please send me the report before Friday, and copy in the whole team.",
+    "Interest rates were left unchanged by the central bank on Thursday.",
+    "The children were playing football in the park until it got dark.",
+    "Is it possible to learn a new language in three months?",
+    "He said that he would be late for dinner tonight because of the traffic.",
+    "A small boat drifted towards the harbour at dawn, its sails torn by the storm.",
+    "The museum's new wing displays paintings from the seventeenth century.",
+    "The quick brown fox jumps over the lazy dog. " * 30,
+)
 
 
 class ImportFailed(Exception):
@@ -60,6 +104,16 @@ def model_folder(repository: Path, name: str, replace: bool) -> Iterator[Path]:
         yield folder
 
 
-def finish(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write the manifest (the last file written: a folder without one is never served)."""
-    return write_manifest(folder, manifest)
+def finish(folder: Path, manifest: dict[str, Any], variants: Sequence[str] = (),
+           reference: Reference | None = None) -> dict[str, Any]:
+    """Write the manifest (the last file written: a folder without one is never served), then the requested
+    `variants`, each measured on VARIANT_TEXTS (against `reference`, the source's vectors of them, if given)."""
+    written = write_manifest(folder, manifest)
+    if not variants:
+        return written
+    from plm.export.variants import add_variants
+
+    try:
+        return add_variants(folder, variants, VARIANT_TEXTS, reference)
+    except RuntimeError as e:  # a variant that fails its parity check fails the import
+        raise ImportFailed(folder.name.strip(".").removesuffix(".building"), str(e)) from e

@@ -9,6 +9,7 @@ transformers' own GPT2LMHeadModel on padded batches: that difference is the mani
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,9 @@ def transformers_parity(hf: Any, path: Path, window: int) -> dict[str, Any]:
     return {"max_abs_diff": worst, "tolerance": PARITY_TOLERANCE, "checked_shapes": checked}
 
 
-def import_gpt2(source: Path, repository: Path, name: str, max_length: int | None, replace: bool) -> dict[str, Any]:
-    """Import the GPT2LMHeadModel folder `source` as `repository/name`; returns the manifest."""
+def import_gpt2(source: Path, repository: Path, name: str, max_length: int | None, replace: bool,
+                variants: Sequence[str] = ()) -> dict[str, Any]:
+    """Import the GPT2LMHeadModel folder `source` as `repository/name` with its `variants`; returns the manifest."""
     import transformers
     from plm.export.onnx_export import export_gpt, export_gpt_decoder, export_kv_layout
 
@@ -168,4 +170,4 @@ def import_gpt2(source: Path, repository: Path, name: str, max_length: int | Non
                 [config_path, weights, *(source / f for f in ("tokenizer.json", "vocab.json", "merges.txt"))],
                 format="transformers", architecture="GPT2LMHeadModel", path=str(source.resolve()),
                 license=card_license(source)),
-        })
+        }, variants)

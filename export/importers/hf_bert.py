@@ -11,20 +11,32 @@ lacks is left out of the graph, and the manifest's `tasks` leave out what it wou
 
 A sentence-transformers folder (`modules.json`) adds Embed's defaults: its pooling (`1_Pooling/config.json`, mean
 over every real column, specials included, or the [CLS] vector), its `Normalize` module and its `max_seq_length`
-(over-long text is truncated there, as `SentenceTransformer.encode` does).
+(over-long text is truncated there, as `SentenceTransformer.encode` does). Its variants (`--variants`) are
+measured against `SentenceTransformer(folder).encode` on common.VARIANT_TEXTS, where sentence-transformers is
+installed; otherwise against the exported graph alone.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from plm.export.importers.common import ImportFailed, finish, model_folder, read_json_file, source_identity
+from plm.export.importers.common import (
+    VARIANT_TEXTS,
+    ImportFailed,
+    finish,
+    model_folder,
+    read_json_file,
+    source_identity,
+)
+
+if TYPE_CHECKING:
+    from plm.export.variants import Reference
 
 ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining")
 _MLM = {"BertForMaskedLM", "BertForPreTraining"}
@@ -228,8 +240,24 @@ def export_graph(graph: Any, arch: str, vocab_size: int, hidden: int, window: in
     }
 
 
-def import_bert(source: Path, repository: Path, name: str, max_length: int | None, replace: bool) -> dict[str, Any]:
-    """Import the checkpoint folder `source` as `repository/name`; returns the manifest."""
+def sentence_transformers_reference(folder: Path) -> Reference | None:
+    """`SentenceTransformer(folder).encode` of VARIANT_TEXTS, what an imported folder's variants are compared
+    with; None where sentence-transformers is not installed (an optional dependency)."""
+    try:
+        import sentence_transformers
+    except ImportError:
+        return None
+    from plm.export.variants import Reference
+
+    with quiet_transformers():
+        model = sentence_transformers.SentenceTransformer(str(folder), device="cpu")
+        vectors = model.encode(list(VARIANT_TEXTS), batch_size=32, convert_to_numpy=True)
+    return Reference(f"sentence-transformers {sentence_transformers.__version__} encode", np.asarray(vectors))
+
+
+def import_bert(source: Path, repository: Path, name: str, max_length: int | None, replace: bool,
+                variants: Sequence[str] = ()) -> dict[str, Any]:
+    """Import the checkpoint folder `source` as `repository/name` with its `variants`; returns the manifest."""
     import torch
     import transformers
 
@@ -275,7 +303,8 @@ def import_bert(source: Path, repository: Path, name: str, max_length: int | Non
         }
         if defaults:
             manifest["embedding"] = {k: v for k, v in defaults.items() if k != "max_seq_length"}
-        return finish(folder, manifest)
+        vectors = sentence_transformers_reference(source) if defaults and variants else None
+        return finish(folder, manifest, variants, vectors)
 
 
 def card_license(folder: Path) -> str | None:
