@@ -9,7 +9,6 @@ log-probability *means* for a request (a sentence score, the next word) is the t
 from __future__ import annotations
 
 import abc
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,11 +96,6 @@ class ModelAdapter(abc.ABC):
         """Record which execution providers and graph variant serve the model (for GetModel and the logs)."""
         self.providers = list(session.providers)
         self.variant = session.variant
-
-    @functools.cached_property
-    def manifest(self) -> dict[str, Any]:
-        """The manifest as JSON. Readers take `spec` instead; this stays for a front end not yet moved to it."""
-        return contract.dump(self.spec)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     _batcher: DynamicBatcher[Any, Any] | None = None  # set by adapters whose model runs batched

@@ -264,8 +264,8 @@ async def _close(events: AsyncIterator[Any]) -> None:
 
 def _model(m: ModelAdapter) -> dict[str, Any]:
     created = 0
-    stamp = m.manifest.get("created_at")
-    if isinstance(stamp, str) and stamp:
+    stamp = m.spec.created_at
+    if stamp:
         try:
             created = int(datetime.fromisoformat(stamp).timestamp())
         except ValueError:
