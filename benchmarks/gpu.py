@@ -1,4 +1,4 @@
-"""The CUDA execution provider against the CPU one, as ratios measured in one run (issue 5, "On CUDA").
+"""The CUDA execution provider against the CPU one, as ratios measured in one run (docs/benchmarks.md, "On a GPU").
 
     python benchmarks/gpu.py [--repository repository] [--duration 5] [--out results/gpu.json]
 

@@ -1,4 +1,4 @@
-"""Serving overhead and batching, as ratios measured in one run (issue 5's benchmark).
+"""Serving overhead and batching, as ratios measured in one run (docs/benchmarks.md, "Serving on CPU").
 
     python benchmarks/serving.py [--repository repository] [--duration 8] [--out results/serving.json]
 

@@ -54,7 +54,7 @@ class GptProfile:
     max_seconds: float | None  # a safety cap that warns when it cuts training short; None: no cap
     eval_interval: int
     lr: float
-    num_threads: int  # torch threads: 1 for the fixture, where a 2nd thread on a busy core costs ~30× per step
+    num_threads: int  # torch threads: 1 for the fixture, where a 2nd thread waits on a busy core every step
 
 
 @dataclass(frozen=True)

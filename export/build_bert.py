@@ -46,7 +46,7 @@ class BertProfile:
     eval_batches: int  # validation batches per evaluation (each one a forward pass)
     lr: float
     eval_pairs: int  # held-out NSP pairs (their masked tokens give the MLM accuracy)
-    num_threads: int  # torch threads; 1 for the fixture: a second thread on a busy core costs 30x per step
+    num_threads: int  # torch threads; 1 for the fixture: a second thread waits on a busy core every step
 
 
 PROFILES = {

@@ -72,7 +72,7 @@ def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) 
     tcfg = TrainConfig(max_steps=p.max_steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
                        warmup_steps=min(100, p.max_steps // 10), eval_interval=p.eval_interval,
                        max_seconds=p.max_seconds, seed=seed, weight_decay=0.0,  # decay hurts rare-word rows
-                       num_threads=1)  # two threads on 2 shared, busy cores spin-wait: ~40x slower per step
+                       num_threads=1)  # two threads on 2 shared, busy cores spin-wait each step
     with staging(repository, "nnlm") as folder:
         result = train(model, window_batches(pairs, p.batch_size, np.random.default_rng(seed)), tcfg, folder,
                        desc="nnlm")

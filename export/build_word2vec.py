@@ -39,7 +39,7 @@ PROFILES = {
     # Both models in a few seconds on the `tiny` corpus slice (8 documents): the test fixture.
     "tiny": Word2VecProfile(Word2VecConfig(vector_size=32, window=3, min_count=1, epochs=2)),
     # The default models: the whole corpus, gensim's defaults (min_count 5 keeps rare words from
-    # getting vectors trained on a handful of contexts); ~20-30 s per model on 2 cores.
+    # getting vectors trained on a handful of contexts).
     "small": Word2VecProfile(Word2VecConfig(vector_size=100, window=5, min_count=5, epochs=5)),
 }
 

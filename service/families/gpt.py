@@ -128,8 +128,8 @@ class GptAdapter(ModelAdapter, Scorer, NextWordPredictor, Generator, Embedder, P
         decoder = self.spec.graphs.get("decoder")
         if decoder is not None and runtime.kv_cache:
             # Unless threads are configured, the decoder leaves one core free: the engine's thread runs it while the
-            # event loop sends the previous step's tokens (2 cores: 1 thread, which also runs a B=16 step faster
-            # than 2 there: docs/benchmarks.md, "Where an engine step goes").
+            # event loop sends the previous step's tokens (2 cores: 1 thread, which also ran a B=16 step faster
+            # than 2 there: docs/benchmarks.md, "Runtime settings behind the defaults").
             threads = runtime.intra_op_threads or max(1, cores() - 1)
             decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait,
                                                   intra_op_threads=threads)
