@@ -83,7 +83,7 @@ class Oracle:
         """Every path of at most `longest` tokens (word-initial, then continuations) that decodes to `word`."""
         continuations = [int(t) for t in np.flatnonzero(self.continuation)]
         out: list[tuple[int, ...]] = []
-        stack = [(int(t),) for t in np.flatnonzero(self.initial)]
+        stack: list[tuple[int, ...]] = [(int(t),) for t in np.flatnonzero(self.initial)]
         while stack:
             path = stack.pop()
             text = self.word(path)
@@ -101,8 +101,10 @@ def oracle(tiny_repo: Path) -> Oracle:
     return Oracle(tiny_repo / "gpt")
 
 
-def predict(client: Any, **params: int) -> list[Any]:
-    return list(client.stub.PredictNext(pb.PredictNextRequest(model="gpt", contexts=CONTEXTS, **params)).predictions)
+def predict(client: Any, top_k: int, beam_width: int = 0, max_word_tokens: int = 4) -> list[Any]:
+    request = pb.PredictNextRequest(model="gpt", contexts=CONTEXTS, top_k=top_k, max_word_tokens=max_word_tokens,
+                                    beam_width=beam_width or None)
+    return list(client.stub.PredictNext(request).predictions)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,8 @@ def beam_search(oracle: Oracle, ctx: tuple[int, ...], top_k: int, beam: int, lon
     (summed over the spellings found) and extended by its `beam` likeliest continuations, the `beam` likeliest
     paths kept per step; a path already below the k-th finished word cannot reach the top k and is dropped."""
     row = oracle.next(ctx)
-    paths = [((int(t),), float(row[t])) for t in sorted(np.flatnonzero(oracle.initial), key=lambda t: -row[t])[:beam]]
+    first = sorted(np.flatnonzero(oracle.initial), key=lambda t: -row[t])[:beam]
+    paths: list[tuple[tuple[int, ...], float]] = [((int(t),), float(row[t])) for t in first]
     done: dict[str, float] = {}
     for _ in range(longest):
         grown = []
