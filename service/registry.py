@@ -23,6 +23,7 @@ from plm.service.families.base import ModelAdapter
 from plm.service.families.bert import BertAdapter
 from plm.service.families.capabilities import check_tasks
 from plm.service.families.elmo import ElmoAdapter
+from plm.service.families.encdec import EncDecAdapter
 from plm.service.families.gpt import GptAdapter
 from plm.service.families.ngram import NgramAdapter
 from plm.service.families.nnlm import NnlmAdapter
@@ -50,6 +51,7 @@ FAMILIES: dict[str, AdapterClass] = {
     "word2vec": Word2VecAdapter,
     "elmo": ElmoAdapter,
     "bert": BertAdapter,
+    "encdec": EncDecAdapter,
 }
 
 

@@ -101,6 +101,7 @@ def test_every_task_has_one_capability_and_every_family_declares_its_own() -> No
         "word2vec": ["embed", "fill_mask"],
         "elmo": ["embed", "score"],
         "bert": ["embed", "fill_mask", "next_sentence", "score"],
+        "encdec": ["fill_mask", "generate", "score"],
     }
     assert issubclass(FAMILIES["gpt"], PrefixScorer)  # type: ignore[arg-type]
     assert served_tasks(lambda: None) == []  # a factory that is not an adapter class serves nothing

@@ -28,6 +28,7 @@ class ScoreRequest:
     texts: Sequence[str]
     add_eos: bool | None = None
     per_token: bool | None = None
+    sources: Sequence[str] = ()  # an encoder-decoder's: one for every text, or one per text
 
 
 @dataclass(frozen=True, slots=True)

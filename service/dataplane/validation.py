@@ -96,8 +96,13 @@ def _choice(value: str | None, default: str, names: tuple[str, ...], field: str)
 
 
 def score_params(req: rq.ScoreRequest, limits: Limits) -> ScoreParams:
+    sources = _texts(req.sources, "sources", limits, allow_empty=True)  # an empty one: the model says why
+    if len(sources) not in (0, 1, len(req.texts)):
+        raise InvalidArgument("sources", f"has {len(sources)} entries; give one for every text or one per text "
+                                         f"({len(req.texts)})")
     return ScoreParams(
         texts=_texts(req.texts, "texts", limits),
+        sources=sources,
         add_eos=req.add_eos if req.add_eos is not None else True,
         per_token=req.per_token if req.per_token is not None else True,
     )

@@ -160,17 +160,59 @@ class PrefixScorer(Capability):
         context: per row, (n_targets,)."""
 
 
+class SourceReader(Capability):
+    """An encoder-decoder's source side: generate's prompts (and score's sources, fill_mask's texts) are its
+    encoder's input, with a window of their own, and the decoder's output has its own window."""
+
+    @property
+    @abc.abstractmethod
+    def max_new_tokens(self) -> int:
+        """Most tokens the decoder may produce (its window less the start token)."""
+
+    @abc.abstractmethod
+    def source_ids(self, text: str, field: str, at: str, truncate: bool = False) -> list[int]:
+        """A source's token ids (the encoder's </s> is added where it runs); INVALID_ARGUMENT naming `field` + `at`
+        for an empty source, one over the encoder's window (unless `truncate`: its first tokens are kept), a
+        [MASK] or a sentinel written literally."""
+
+
+class ConditionalScorer(Capability):
+    """score with `sources`: log P(target | source) of an encoder-decoder, token by token (teacher forcing)."""
+
+    task = TASK_SCORE
+
+    @abc.abstractmethod
+    async def score_given(self, pairs: list[tuple[list[int], list[int]]], add_eos: bool,
+                          deadline: float | None) -> list[TokenScores]:
+        """For each (source ids, target ids): log P(target_i | source, target_<i) for every target token (and
+        </s> when add_eos)."""
+
+
+class SpanFiller(Capability):
+    """fill_mask by an encoder-decoder: each blank filled with a span of any length (sentinel infilling)."""
+
+    task = TASK_FILL_MASK
+
+    @abc.abstractmethod
+    async def fill_spans(self, texts: list[str], k: int, deadline: float | None
+                         ) -> list[list[list[tuple[tuple[int, ...], float]]]]:
+        """Per text (blanks marked [MASK]), per blank, its k most likely spans (ids, log P) best first."""
+
+
 # The manifest task → the capability that serves it.
 TASK_CAPABILITIES: dict[str, type[Capability]] = {
     cap.task: cap for cap in (Scorer, NextWordPredictor, MaskFiller, Embedder, NextSentencePredictor, Generator)
 }
+# Capabilities that serve a task in another family's way (an encoder-decoder's score and fill_mask).
+ALSO_SERVING: tuple[type[Capability], ...] = (ConditionalScorer, SpanFiller)
 
 
 def served_tasks(family: object) -> list[str]:
     """The manifest tasks an adapter class can serve, sorted (none for anything but a class)."""
     if not isinstance(family, type):
         return []
-    return sorted(task for task, cap in TASK_CAPABILITIES.items() if issubclass(family, cap))
+    caps = (*TASK_CAPABILITIES.values(), *ALSO_SERVING)
+    return sorted({cap.task for cap in caps if issubclass(family, cap)})
 
 
 def check_tasks(family: object, family_name: str, tasks: Iterable[str], source: str) -> None:

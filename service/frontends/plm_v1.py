@@ -45,7 +45,7 @@ def _same(*fields: str) -> dict[str, str]:
 _SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "min_new_tokens", "stop",
              "seed")
 FIELDS: Mapping[str, Mapping[str, str]] = {
-    "Score": _same("model", "texts", "add_eos", "per_token"),
+    "Score": _same("model", "texts", "add_eos", "per_token", "sources"),
     "PredictNext": _same("model", "contexts", "top_k", "include_tokens", "beam_width", "max_word_tokens"),
     "Generate": {**_same("model", "prompts", "truncate_prompt"), **{f: f"sampling.{f}" for f in _SAMPLING}},
     "FillMask": _same("model", "texts", "top_k", "targets"),
@@ -88,7 +88,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
     async def Score(self, request: pb.ScoreRequest, call: Call) -> pb.ScoreResponse:
         served = await self.plane.score(call, rq.ScoreRequest(
             request.model, request.texts, request.add_eos if request.HasField("add_eos") else None,
-            request.per_token if request.HasField("per_token") else None))
+            request.per_token if request.HasField("per_token") else None, request.sources))
         result = served.result
         return pb.ScoreResponse(
             model=served.model, model_version=served.version, method=result.method, ranking=result.ranking,
@@ -142,7 +142,7 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
                     pb.FillMaskCandidate(score=probability(c.log_prob), token=c.token_ids[0], token_str=c.token_str,
                                          sequence=c.sequence, log_prob=c.log_prob, token_ids=c.token_ids)
                     for c in cands])
-                for b, cands in enumerate(r.masks)])
+                for b, cands in enumerate(r.masks)], completed=r.completed)
             for r in served.result])
 
     @unary("Embed", FIELDS["Embed"])

@@ -8,6 +8,11 @@ joined or left (kv_batch.py; on the device by the runner's layout graph), and th
 the whole batch (runner.py); then each sequence takes its token (`choose`, `Sequence.advance`: sequence.py)
 and its events go to the event loop, in one call per step, so the loop sends them over gRPC while the next
 step runs. Classify's scoring runs on the same thread between two steps.
+
+An encoder-decoder's engine is the same with an `Encoder` given: a joiner's prefill encodes its source once and
+the batch carries the cross-attention keys and values beside the self-attention cache (kv_batch.py), so joins,
+leaves, cancellation and deadlines move and free both. Its scoring and infilling jobs (`call`) run between
+two steps like Classify's.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from plm.service.config import Batching
 from plm.service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from plm.service.generation.kv_batch import EMPTY, Batch, Scratch, relayout_on_host
 from plm.service.generation.request import Item, Outgoing, Request, Slot
-from plm.service.generation.runner import Runner
+from plm.service.generation.runner import Encoder, Runner
 from plm.service.generation.scheduler import Scheduler
 from plm.service.generation.sequence import Sequence as GenSequence
 from plm.service.generation.sequence import StepEvent, choose
@@ -91,9 +96,9 @@ class GenerationEngine:
 
     def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
                  pad_id: int, allowed: np.ndarray, batching: Batching, metrics: Metrics,
-                 layout: OrtSession | None = None, prefix_reuse: bool = True) -> None:
+                 layout: OrtSession | None = None, prefix_reuse: bool = True, encoder: Encoder | None = None) -> None:
         self.model = model
-        self.runner = Runner(model, session, n_layer, n_head, head_dim, bos_id, pad_id, metrics, layout)
+        self.runner = Runner(model, session, n_layer, n_head, head_dim, bos_id, pad_id, metrics, layout, encoder)
         self.scheduler = Scheduler(model, batching, metrics)
         self.bos_id = bos_id
         self.allowed = allowed  # (V,) bool: tokens that may be generated
@@ -203,6 +208,11 @@ class GenerationEngine:
             raise DeadlineExceeded(f"model {self.model!r}: the deadline passed before scoring")
         result: list[np.ndarray] = await self._call(self.runner.score_continuations, [self.bos_id, *prefix], rows)
         return result
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the engine thread between two steps (a family's own jobs: an encoder-decoder's
+        scoring and infilling), failing fast with UNAVAILABLE when the engine is not serving."""
+        return await self._call(fn, *args)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the engine thread between two steps (the decoder's session is the thread's)."""

@@ -8,6 +8,10 @@ change only when a sequence joins or leaves: joiners take the rows of those who 
 batch's width stays the same (`refill`); otherwise the batch is laid out again (rows dropped, leading padding
 trimmed, joiners appended: `Scratch.layout` in host memory; on a GPU the runner's KV layout graph does the
 same on the device). A sequence's KV memory is freed (or its row given to a joiner) when it leaves.
+
+An encoder-decoder's batch also holds each row's cross-attention keys and values (`cross`, computed once from
+its source when it joined) and its source mask: right-padded to the batch's widest source, moved with the row's
+self-attention cache on every join and leave, never grown by a decode step.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class Batch:
     lengths: np.ndarray  # (B,) int64: real past tokens per row
     holes: frozenset[int] = frozenset()
     holes_since: int = 0  # the engine's step count when the oldest of the holes opened
+    # An encoder-decoder's 2 × n_layer cross-attention tensors (B, H, S, D), numpy, right-padded to the widest
+    # source, and their (B, S) int64 source mask; empty (and None) for a decoder-only model.
+    cross: list[np.ndarray] = dataclasses.field(default_factory=list)
+    cross_mask: np.ndarray | None = None
 
     @property
     def live(self) -> list[Slot]:
@@ -84,7 +92,10 @@ def refill(batch: Batch, keep: list[int], joined: Batch, rows: list[int], holes_
     longest = max(int(batch.lengths[keep].max(initial=0)), int(joined.lengths[rows].max(initial=0)))
     if len(rows) > len(free) or joined.mask.shape[1] > width or width - longest > width_slack(longest):
         return None
+    if batch.cross and joined.cross and joined.cross[0].shape[2] > batch.cross[0].shape[2]:
+        return None  # a joiner's source is wider than the batch's
     slots, mask, lengths = list(batch.slots), batch.mask.copy(), batch.lengths.copy()
+    cross_mask = batch.cross_mask.copy() if batch.cross_mask is not None else None
 
     def move(dst: int, src_batch: Batch, src: int) -> None:
         w = src_batch.mask.shape[1]
@@ -95,19 +106,27 @@ def refill(batch: Batch, keep: list[int], joined: Batch, rows: list[int], holes_
         mask[dst, width - w:] = src_batch.mask[src]
         lengths[dst] = src_batch.lengths[src]
         slots[dst] = src_batch.slots[src]
+        if cross_mask is not None and src_batch.cross_mask is not None:  # the source, right-padded
+            s = src_batch.cross_mask.shape[1]
+            for a, b in zip(batch.cross, src_batch.cross, strict=True):
+                a[dst, :, :s] = b[src]
+                a[dst, :, s:] = 0
+            cross_mask[dst, :s] = src_batch.cross_mask[src]
+            cross_mask[dst, s:] = 0
 
     for h, j in zip(free, rows, strict=False):
         move(h, joined, j)
     left = free[len(rows):]  # rows nobody took
     if len(left) <= holes_kept:  # they stay, masked out: a later joiner takes one without a layout
-        mask[left] = 0
+        mask[left] = 0  # (a hole's source mask stays: cross-attention over no column at all is NaN)
         lengths[left] = 0
-        return Batch(slots, batch.kv, mask, lengths, frozenset(left))
+        return Batch(slots, batch.kv, mask, lengths, frozenset(left), cross=batch.cross, cross_mask=cross_mask)
     size = len(slots) - len(left)  # else the batch's last live rows move into them
     tail = [r for r in range(size, len(slots)) if r not in left]
     for h, r in zip([h for h in left if h < size], tail, strict=True):
         move(h, batch, r)
-    return Batch(slots[:size], [a[:size] for a in batch.kv], mask[:size], lengths[:size])
+    return Batch(slots[:size], [a[:size] for a in batch.kv], mask[:size], lengths[:size],
+                 cross=[a[:size] for a in batch.cross], cross_mask=None if cross_mask is None else cross_mask[:size])
 
 
 def nbytes(value: Any) -> int:
@@ -145,7 +164,28 @@ class Scratch:
                 dst[at:at + k, :, :p - w] = 0  # masked out, but must be finite: 0 × NaN is NaN
                 dst[at:at + k, :, p - w:] = src[rows, :, src.shape[2] - w:]
             at += k
-        return dataclasses.replace(laid, kv=kv)
+        return dataclasses.replace(laid, kv=kv, **lay_out_cross(parts))
+
+
+def lay_out_cross(parts: list[tuple[Batch, list[int]]]) -> dict[str, Any]:
+    """The `cross` and `cross_mask` fields of a layout of the given rows: right-padded to the widest of their
+    sources (nothing for a decoder-only model's batches)."""
+    if not parts[0][0].cross:
+        return {}
+    masks = [batch.cross_mask[rows] for batch, rows in parts if batch.cross_mask is not None]
+    s = max(int(m.sum(axis=1).max()) for m in masks)  # the widest real source: trailing pads are trimmed
+    cross_mask = np.concatenate([np.pad(m[:, :s], ((0, 0), (0, s - min(s, m.shape[1])))) for m in masks])
+    cross = []
+    for j in range(len(parts[0][0].cross)):
+        _, h, _, d = parts[0][0].cross[j].shape
+        out = np.zeros((len(cross_mask), h, s, d), dtype=np.float32)
+        at = 0
+        for batch, rows in parts:
+            w = min(s, batch.cross[j].shape[2])
+            out[at:at + len(rows), :, :w] = batch.cross[j][rows, :, :w]
+            at += len(rows)
+        cross.append(out)
+    return {"cross": cross, "cross_mask": cross_mask}
 
 
 def layout_rows(parts: list[tuple[Batch, list[int]]]) -> Batch:

@@ -5,6 +5,10 @@ Under IO binding (`runtime.io_binding`) the presents stay where the decoder's pr
 the GPU) and go back in as the next step's pasts as they are; the KV layout graph lays the batch out again on
 that device when sequences join or leave. Classify's shared prompt prefixes (few-shot demonstrations) are run
 once and kept (LRU, bounded by bytes); every (query, label) row then runs from their keys and values.
+
+An encoder-decoder's runner also holds its encoder graph (`Encoder`): a joiner's prefill runs it once on the
+joiners' sources (right-padded, </s> appended) and the decoder's first step from its start token; every decode
+step then feeds the batch's cross-attention keys and values and source mask beside the self-attention pasts.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Any
 
 import numpy as np
 from plm.service.contract.graphs import (
+    ENCODER_ATTENTION_MASK,
     NEXT_LOGPROBS,
+    cross_names,
     kv_layout_feeds,
     kv_layout_inputs,
     kv_layout_outputs,
@@ -30,13 +36,38 @@ from plm.service.metrics import Metrics
 from plm.service.runtime import OrtSession
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """An encoder-decoder's encoder graph and the id that ends every source (</s>)."""
+
+    session: OrtSession
+    eos_id: int
+
+    def run(self, sources: Sequence[Sequence[int]], pad_id: int, n_layer: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Sources (</s> appended here), right-padded: the cross-attention keys and values (B, H, S, D) per decoder
+        layer and the (B, S) source mask."""
+        rows = [[*src, self.eos_id] for src in sources]
+        s = max(len(r) for r in rows)
+        ids = np.full((len(rows), s), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), s), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
+        out = self.session.run(cross_names(n_layer), {"input_ids": ids, "attention_mask": mask}, stage="encode")
+        return [out[n] for n in cross_names(n_layer)], mask
+
+
 class Runner:
     """Runs one model's decoder graph (and its KV layout graph, if any) for the engine."""
 
     def __init__(self, model: str, session: OrtSession, n_layer: int, n_head: int, head_dim: int, bos_id: int,
-                 pad_id: int, metrics: Metrics, layout: OrtSession | None = None) -> None:
+                 pad_id: int, metrics: Metrics, layout: OrtSession | None = None,
+                 encoder: Encoder | None = None) -> None:
         self.model = model
         self.session = session
+        self.encoder = encoder  # an encoder-decoder's encoder graph (bos_id is then its decoder start id)
+        self.n_layer = n_layer
+        self.cross_names = cross_names(n_layer) if encoder is not None else []
         # Under IO binding, the KV layout graph (export_kv_layout) lays the batch out again on the decoder's
         # device when sequences join or leave; without it that goes through host memory.
         self.layout = layout if session.io_binding else None
@@ -56,12 +87,17 @@ class Runner:
 
     # -- graph runs -------------------------------------------------------------------------------------------
     def run(self, input_ids: np.ndarray, mask: np.ndarray, position_ids: np.ndarray, pasts: list[Any],
-            stage: str, on_device: bool = True) -> tuple[np.ndarray, list[Any]]:
+            stage: str, on_device: bool = True, cross: tuple[list[np.ndarray], np.ndarray] | None = None
+            ) -> tuple[np.ndarray, list[Any]]:
         """The next-token log-probs (B, V) in host memory and the presents: numpy arrays, or under IO binding
         (unless `on_device` is False: presents that are laid out in host memory next) OrtValues left where the
-        provider made them, fed back as the next step's pasts as they are."""
+        provider made them, fed back as the next step's pasts as they are. An encoder-decoder's decoder also takes
+        `cross`: the cross-attention keys and values and the source mask."""
         feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
                  **dict(zip(self.past_names, pasts, strict=True))}
+        if cross is not None:
+            feeds[ENCODER_ATTENTION_MASK] = cross[1]
+            feeds.update(zip(self.cross_names, cross[0], strict=True))
         self._m_batch.observe(len(input_ids))
         if self.session.io_binding and on_device:
             host, presents = self.session.run_bound([NEXT_LOGPROBS], self.present_names, feeds, stage=stage)
@@ -71,7 +107,10 @@ class Runner:
 
     def prefill(self, slots: Sequence[Slot]) -> tuple[np.ndarray, Batch]:
         """Prompts (BOS first) left-padded into one batch with an empty past: their next-token log-probs (B, V)
-        and their batch, ready to join the running one."""
+        and their batch, ready to join the running one. An encoder-decoder's prompts are its sources: the encoder
+        runs on them once, and the decoder from its start token alone."""
+        if self.encoder is not None:
+            return self._prefill_encdec(slots)
         rows = [[self.bos_id, *s.seq.prompt_ids] for s in slots]
         b, t = len(rows), max(len(r) for r in rows)
         ids = np.full((b, t), self.pad_id, dtype=np.int64)
@@ -87,6 +126,18 @@ class Runner:
                                       on_device=self.layout is not None)
         return logprobs, Batch(list(slots), presents, mask, np.array([len(r) for r in rows], dtype=np.int64))
 
+    def _prefill_encdec(self, slots: Sequence[Slot]) -> tuple[np.ndarray, Batch]:
+        assert self.encoder is not None
+        cross, source_mask = self.encoder.run([s.seq.prompt_ids for s in slots], self.pad_id, self.n_layer)
+        b = len(slots)
+        ids = np.full((b, 1), self.bos_id, dtype=np.int64)  # the decoder's start token, at position 0
+        mask = np.ones((b, 1), dtype=np.int64)
+        empty = np.zeros((b, self.n_head, 0, self.head_dim), dtype=np.float32)
+        logprobs, presents = self.run(ids, mask, np.zeros((b, 1), dtype=np.int64), [empty] * len(self.past_names),
+                                      "prefill", on_device=False, cross=(cross, source_mask))
+        return logprobs, Batch(list(slots), presents, mask, np.ones(b, dtype=np.int64), cross=cross,
+                               cross_mask=source_mask)
+
     def decode(self, batch: Batch) -> tuple[np.ndarray, Batch]:
         """One new token per running sequence: the next-token log-probs (B, V) and the batch whose pasts are
         this step's presents, as they are."""
@@ -95,7 +146,8 @@ class Runner:
                        dtype=np.int64)  # (B, 1)
         mask = np.concatenate([batch.mask, np.ones((len(ids), 1), dtype=np.int64)], axis=1)  # (B, P + 1)
         pos = batch.lengths[:, None]  # the new token's position: after the row's real ones
-        logprobs, presents = self.run(ids, mask, pos, batch.kv, "decode")
+        cross = (batch.cross, batch.cross_mask) if batch.cross_mask is not None else None
+        logprobs, presents = self.run(ids, mask, pos, batch.kv, "decode", cross=cross)
         return logprobs, dataclasses.replace(batch, kv=presents, mask=mask, lengths=batch.lengths + 1)
 
     def layout_on_device(self, batch: Batch, keep: list[int], joined: Batch, rows: list[int]) -> Batch:

@@ -166,7 +166,9 @@ class Sequence:
     """
 
     def __init__(self, index: int, prompt_ids: list[int], p: SamplingParams, seed: int, model: Vocabulary,
-                 metrics: Metrics, started: float) -> None:
+                 metrics: Metrics, started: float, prompt_seen: bool = True) -> None:
+        """`prompt_seen`: the repetition penalty counts the prompt's tokens too (a decoder-only model's; an
+        encoder-decoder's prompt is its source, and only the decoder's own tokens are penalised)."""
         self.index = index
         self.prompt_ids = prompt_ids
         self.p = p
@@ -178,7 +180,7 @@ class Sequence:
         self.sent = ""  # the text streamed so far
         self.last_token_at: float | None = None
         self.finished = False
-        self.seen = set(prompt_ids)  # for the repetition penalty
+        self.seen = set(prompt_ids) if prompt_seen else set()  # for the repetition penalty
         self._bytes = model.token_bytes()
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._longest_stop = max((len(s) for s in p.stop), default=0)

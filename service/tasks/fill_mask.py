@@ -13,7 +13,7 @@ from typing import Any
 
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import MASK, ModelAdapter
-from plm.service.families.capabilities import MaskFiller
+from plm.service.families.capabilities import MaskFiller, SpanFiller
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class FillCandidate:
 class FillResult:
     text: str
     masks: tuple[tuple[FillCandidate, ...], ...]  # per blank, best first
+    completed: str = ""  # span infilling: the text with every blank filled by its best span
 
 
 def _with_blanks(model: ModelAdapter, mask_id: int, text: str, at: str) -> tuple[list[int], list[int]]:
@@ -65,7 +66,44 @@ def _fill(text: str, blank: int, word: str) -> str:
     return MASK.join(pieces[: blank + 1]) + word + MASK.join(pieces[blank + 1:]) if blank < len(pieces) - 1 else text
 
 
+def _glue(text: str, spans: list[str | None]) -> str:
+    """`text` with blank b replaced by spans[b] where given (else left as [MASK]), glued to the word before it:
+    a span carries its own leading space, as the model wrote it."""
+    pieces = text.split(MASK)
+    out = []
+    for b, piece in enumerate(pieces[:-1]):
+        span = spans[b]
+        out.append(piece if span is None else piece.rstrip())
+        out.append(MASK if span is None else span)
+    return "".join(out) + pieces[-1]
+
+
+async def _fill_spans(model: ModelAdapter, filler: SpanFiller, params: FillMaskParams,
+                      deadline: float | None) -> list[FillResult]:
+    """An encoder-decoder's top-k spans per blank (its beam search), each with the text it completes."""
+    if params.targets:
+        raise InvalidArgument("targets", f"restricts single-token candidates; model {model.name!r} fills each "
+                                         "blank with a span of any length and takes none")
+    found = await filler.fill_spans(list(params.texts), params.top_k, deadline)
+    results = []
+    for text, blanks in zip(params.texts, found, strict=True):
+        best: list[str | None] = [model.decode(list(spans[0][0])) if spans else None for spans in blanks]
+        masks = []
+        for b, spans in enumerate(blanks):
+            cands = []
+            for ids, lp in spans:
+                span = model.decode(list(ids))
+                only: list[str | None] = [None] * len(blanks)
+                only[b] = span
+                cands.append(FillCandidate(ids, span.strip(), lp, _glue(text, only)))
+            masks.append(tuple(cands))
+        results.append(FillResult(text, tuple(masks), _glue(text, best)))
+    return results
+
+
 async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float | None) -> list[FillResult]:
+    if isinstance(model, SpanFiller):
+        return await _fill_spans(model, SpanFiller.of(model), params, deadline)
     filler = MaskFiller.of(model)
     rows = [_with_blanks(model, filler.mask_id, t, f"[{i}]") for i, t in enumerate(params.texts)]
     targets = [(t, model.encode_ids(t)) for t in params.targets]

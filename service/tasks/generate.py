@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import ModelAdapter
-from plm.service.families.capabilities import Generator
+from plm.service.families.capabilities import Generator, SourceReader
 from plm.service.generation.sequence import FINISH_EOS as FINISH_EOS
 from plm.service.generation.sequence import FINISH_LENGTH as FINISH_LENGTH
 from plm.service.generation.sequence import FINISH_STOP as FINISH_STOP
@@ -37,6 +37,8 @@ def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metric
     """Check the request against the model's window and set up one Sequence per prompt."""
     Generator.of(model)
     p = params.sampling
+    if isinstance(model, SourceReader):
+        return _source_sequences(model, model, params, metrics)
     if p.max_new_tokens >= model.context_budget:
         raise InvalidArgument("max_new_tokens", f"is {p.max_new_tokens}; model {model.name!r}'s window "
                                                 f"holds {model.context_budget} tokens, prompt included")
@@ -52,6 +54,21 @@ def start_sequences(model: ModelAdapter, params: GenerateParams, metrics: Metric
     seed = p.seed if p.seed is not None else secrets.randbits(63)
     started = time.monotonic()
     return [Sequence(i, ids, p, seed, model, metrics, started) for i, ids in enumerate(prompts)]
+
+
+def _source_sequences(model: ModelAdapter, source: SourceReader, params: GenerateParams,
+                      metrics: Metrics) -> list[Sequence]:
+    """An encoder-decoder's sequences: each prompt is a source, checked against the encoder's window; the new
+    tokens have the decoder's."""
+    p = params.sampling
+    if p.max_new_tokens > source.max_new_tokens:
+        raise InvalidArgument("max_new_tokens", f"is {p.max_new_tokens}; model {model.name!r}'s decoder writes at "
+                                                f"most {source.max_new_tokens} tokens")
+    sources = [source.source_ids(text, "prompts", f"[{i}]", params.truncate_prompt)
+               for i, text in enumerate(params.prompts)]
+    seed = p.seed if p.seed is not None else secrets.randbits(63)
+    started = time.monotonic()
+    return [Sequence(i, ids, p, seed, model, metrics, started, prompt_seen=False) for i, ids in enumerate(sources)]
 
 
 async def generate(model: ModelAdapter, params: GenerateParams, deadline: float | None,

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from plm.service.families.base import ModelAdapter
-from plm.service.families.capabilities import Scorer
+from plm.service.errors import InvalidArgument
+from plm.service.families.base import Encoded, ModelAdapter, TokenScores
+from plm.service.families.capabilities import ConditionalScorer, Scorer, SourceReader
 from plm.service.tasks.common import encode_checked
 
 
@@ -16,6 +17,7 @@ class ScoreParams:
     texts: tuple[str, ...]
     add_eos: bool = True
     per_token: bool = True
+    sources: tuple[str, ...] = ()  # an encoder-decoder's: one for every text, or one per text
 
 
 class TokenResult(NamedTuple):  # one per token of every scored text: a frozen dataclass's init is slow
@@ -57,10 +59,33 @@ class ScoreResult:
 
 
 async def score(model: ModelAdapter, params: ScoreParams, deadline: float | None) -> ScoreResult:
+    if params.sources or isinstance(model, ConditionalScorer):
+        return await _score_given(model, params, deadline)
     scorer = Scorer.of(model)
     add_eos = params.add_eos and scorer.score_method == "causal"  # a masked LM predicts no end of sentence
     encoded = encode_checked(model, params.texts, "texts", reserve=1 if add_eos else 0)
     scored = await scorer.score([e.ids for e in encoded], add_eos, deadline)
+    return _result(model, params, scorer.score_method, add_eos, encoded, scored)
+
+
+async def _score_given(model: ModelAdapter, params: ScoreParams, deadline: float | None) -> ScoreResult:
+    """An encoder-decoder's log P(text | source) for each text and its source."""
+    if not isinstance(model, ConditionalScorer) or not isinstance(model, SourceReader):
+        raise InvalidArgument("sources", f"scores a text given a source, which only an encoder-decoder does; "
+                                         f"model {model.name!r} is {model.family!r}")
+    ConditionalScorer.of(model)
+    if not params.sources:
+        raise InvalidArgument("sources", f"is empty; model {model.name!r} is an encoder-decoder and scores each "
+                                         "text given a source (one for every text, or one per text)")
+    sources = [model.source_ids(s, "sources", f"[{i}]") for i, s in enumerate(params.sources)]
+    encoded = encode_checked(model, params.texts, "texts", reserve=1 if params.add_eos else 0)
+    pairs = [(sources[i if len(sources) > 1 else 0], e.ids) for i, e in enumerate(encoded)]
+    scored = await model.score_given(pairs, params.add_eos, deadline)
+    return _result(model, params, "conditional", params.add_eos, encoded, scored)
+
+
+def _result(model: ModelAdapter, params: ScoreParams, method: str, add_eos: bool, encoded: list[Encoded],
+            scored: list[TokenScores]) -> ScoreResult:
     sentences = []
     for text, enc, sc in zip(params.texts, encoded, scored, strict=True):
         lps = [float(x) for x in sc.log_probs]
@@ -81,4 +106,4 @@ async def score(model: ModelAdapter, params: ScoreParams, deadline: float | None
             words=tuple(zip(enc.words, word_lps, strict=True)) if params.per_token else (),
         ))
     ranking = tuple(sorted(range(len(sentences)), key=lambda i: -sentences[i].log_prob))
-    return ScoreResult(scorer.score_method, tuple(sentences), ranking, add_eos)
+    return ScoreResult(method, tuple(sentences), ranking, add_eos)

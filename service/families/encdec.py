@@ -1,0 +1,198 @@
+"""Encoder-decoder adapter (`encdec`): a byte-level BPE tokenizer with sentinels, an encoder graph and a
+decoder-with-past graph, served through the KV-cache generation engine.
+
+Graph contract (export/encdec_export.py; names in service/contract/graphs.py): the encoder runs once per
+sequence on its right-padded source (</s> appended) and gives each decoder layer's cross-attention keys and
+values; the decoder runs from `decoder_start_id` on its self-attention cache with those as inputs. Generate's
+prompt is the encoder's input and the decoder's text the output; FillMask writes blank b as sentinel
+`first_sentinel_id + b`, glued to the word before it as span corruption wrote them in training, and finds each
+blank's spans by beam search (generation/seq2seq.py); Score with sources is log P(target | source).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from plm.service.config import ServerConfig
+from plm.service.errors import InvalidArgument
+from plm.service.families.base import MASK, Encoded, ManifestSource, ModelAdapter, TokenScores
+from plm.service.families.capabilities import ConditionalScorer, Generator, SourceReader, SpanFiller
+from plm.service.families.gpt import _is_word_start, _token_bytes
+from plm.service.families.textnorm import PlainTextEncoder
+from plm.service.generation.engine import GenerationEngine
+from plm.service.generation.runner import Encoder
+from plm.service.generation.seq2seq import Infill, fill_spans, score_targets
+from plm.service.generation.sequence import Sequence as GenSequence
+from plm.service.generation.sequence import StepEvent
+from plm.service.metrics import Metrics
+from plm.service.runtime import cores, open_graph
+from tokenizers import Tokenizer
+
+MAX_SPAN_TOKENS = 8  # longest span FillMask's beam search writes for one blank
+
+
+class EncDecAdapter(ModelAdapter, Generator, ConditionalScorer, SpanFiller, SourceReader):
+    """A Transformer encoder-decoder: text-to-text generation, conditional scores and span infilling."""
+
+    family = "encdec"
+    engine: GenerationEngine
+
+    def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig, metrics: Metrics):
+        super().__init__(name, folder, manifest)
+        spec = self.spec.encdec
+        if spec is None:
+            raise ValueError(f"{folder.name}: the manifest has no 'encdec' section")
+        self.encdec = spec
+        self.tokenizer = Tokenizer.from_file(str(folder / self.spec.tokenizer.file))
+        self._encoder = PlainTextEncoder(self.tokenizer)
+        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
+        self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
+        self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+        self._token_bytes = _token_bytes(self.tokenizer, self.vocab_size)
+        self._never = np.zeros(self.vocab_size, dtype=bool)
+        self._never[[spec.pad_id, spec.decoder_start_id]] = True
+        self._specials = np.zeros(self.vocab_size, dtype=bool)  # what a client may not write, nor a span hold
+        self._specials[[spec.pad_id, spec.decoder_start_id, spec.eos_id]] = True
+        self._specials[spec.first_sentinel_id:spec.first_sentinel_id + spec.sentinels] = True
+        self.infill = Infill(spec.first_sentinel_id, spec.eos_id, ~self._specials, spec.max_target_length,
+                             MAX_SPAN_TOKENS)
+        runtime = config.runtime_for(name)
+        threads = runtime.intra_op_threads or max(1, cores() - 1)  # as GPT's decoder: one core left to the loop
+        decoder_runtime = dataclasses.replace(runtime, spin_wait=runtime.decoder_spin_wait, intra_op_threads=threads)
+        decoder = open_graph(folder, self.spec, "decoder", decoder_runtime, name, metrics)
+        encoder = open_graph(folder, self.spec, "encoder", decoder_runtime, name, metrics)
+        self.served_by(decoder)
+        # No KV layout graph: the batch (self-attention and cross-attention rows) is laid out in host memory.
+        self.engine = GenerationEngine(
+            name, decoder, *self.spec.graphs["decoder"].cache_dims(), spec.decoder_start_id, spec.pad_id,
+            ~self._never, config.batching_for(name, self.spec.batching), metrics, None, False,
+            Encoder(encoder, spec.eos_id))
+
+    # -- text ---------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> Encoded:
+        ids = self.encode_ids(text)
+        word_index: list[int] = []
+        words: list[list[int]] = []
+        for k, i in enumerate(ids):
+            if k == 0 or self._word_start[i]:
+                words.append([])
+            words[-1].append(i)
+            word_index.append(len(words) - 1)
+        return Encoded(ids, [self._token_texts[i] for i in ids], word_index,
+                       [self.tokenizer.decode(w).strip() for w in words], [False] * len(ids))
+
+    def encode_ids(self, text: str) -> list[int]:
+        return list(self._encoder.encode(text).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self._token_texts[token_id]
+
+    def token_bytes(self) -> list[bytes] | None:
+        return self._token_bytes
+
+    @property
+    def eos_id(self) -> int:
+        return self.encdec.eos_id
+
+    @property
+    def context_budget(self) -> int:
+        """Most target tokens the decoder reads (its window less the start token)."""
+        return self.encdec.max_target_length - 1
+
+    def word_start_mask(self) -> np.ndarray:
+        return self._word_start
+
+    def never_generate_mask(self) -> np.ndarray:
+        return self._never
+
+    # -- the source side ----------------------------------------------------------------------------------
+    @property
+    def max_new_tokens(self) -> int:
+        return self.encdec.max_target_length - 1
+
+    def source_ids(self, text: str, field: str, at: str, truncate: bool = False) -> list[int]:
+        if MASK in text:
+            raise InvalidArgument(field, f"holds {MASK}: a blank is FillMask's to fill; model {self.name!r} "
+                                         "generates from plain text", at=at)
+        ids = self._checked_piece(text, field, at)
+        if not ids:
+            raise InvalidArgument(field, "has no tokens (empty or only whitespace)", at=at)
+        return self._within_window(ids, field, at, truncate)
+
+    def _checked_piece(self, text: str, field: str, at: str) -> list[int]:
+        ids = self.encode_ids(text) if text.strip() else []
+        written = [i for i in ids if self._specials[i]]
+        if written:
+            raise InvalidArgument(field, f"holds {self._token_texts[written[0]]!r} written literally; special tokens "
+                                         f"and sentinels are the server's to write (mark a blank as {MASK})", at=at)
+        return ids
+
+    def _within_window(self, ids: list[int], field: str, at: str, truncate: bool) -> list[int]:
+        limit = self.encdec.max_source_length - 1  # </s> ends every source
+        if len(ids) <= limit:
+            return ids
+        if truncate:
+            return ids[:limit]
+        raise InvalidArgument(field, f"is {len(ids)} tokens; model {self.name!r}'s encoder window is "
+                                     f"{self.encdec.max_source_length} tokens with </s>, so a source holds at most "
+                                     f"{limit} (set truncate_prompt to keep its first {limit})", at=at)
+
+    def blanks(self, text: str, at: str) -> tuple[list[int], int]:
+        """A FillMask text's source ids (blank b as sentinel b, glued to the word before it) and its blank count."""
+        pieces = text.split(MASK)
+        blanks = len(pieces) - 1
+        if blanks == 0:
+            raise InvalidArgument("texts", f"has no {MASK} blank to fill", at=at)
+        if blanks > self.encdec.sentinels:
+            raise InvalidArgument("texts", f"has {blanks} {MASK} blanks; model {self.name!r} has "
+                                           f"{self.encdec.sentinels} sentinels, so at most {self.encdec.sentinels}",
+                                  at=at)
+        for piece in pieces:
+            self._checked_piece(piece, "texts", at)
+        # One string with the sentinels written in (the pieces tokenized alone would split differently at their
+        # edges than the sentences span corruption cut its spans from).
+        glued = "".join(piece.rstrip() + self._token_texts[self.encdec.first_sentinel_id + b]
+                        for b, piece in enumerate(pieces[:-1])) + pieces[-1]
+        ids = self.encode_ids(glued)
+        return self._within_window(ids, "texts", at, False), blanks
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await super().start()
+        self.engine.start()
+
+    async def close(self) -> None:
+        await super().close()
+        await self.engine.close()
+
+    def refuse_if_full(self, rows: int, generate: bool = False) -> None:
+        if generate:
+            self.engine.refuse_if_full(rows)
+
+    # -- capabilities -------------------------------------------------------------------------------------
+    def generate(self, seqs: list[GenSequence], deadline: float | None) -> AsyncIterator[StepEvent]:
+        """Continuous batching in the KV-cache engine: each sequence's prompt is its source."""
+        return self.engine.generate(seqs, deadline)
+
+    async def score_given(self, pairs: list[tuple[list[int], list[int]]], add_eos: bool,
+                          deadline: float | None) -> list[TokenScores]:
+        rows = [(src, [*tgt, *((self.eos_id,) if add_eos else ())]) for src, tgt in pairs]
+        scored: list[np.ndarray] = await self.engine.call(score_targets, self.engine.runner, rows)
+        return [TokenScores(s) for s in scored]
+
+    async def fill_spans(self, texts: list[str], k: int, deadline: float | None
+                         ) -> list[list[list[tuple[tuple[int, ...], float]]]]:
+        rows = [self.blanks(t, f"[{i}]") for i, t in enumerate(texts)]
+        return [await self.engine.call(fill_spans, self.engine.runner, ids, n, k, self.infill) for ids, n in rows]
+
+    def info(self) -> dict[str, Any]:
+        return {"providers": self.providers, "generation": "kv_cache", "architecture": self.encdec.architecture,
+                "fill_mask": "beam_search_spans", "max_source_length": self.encdec.max_source_length,
+                "max_target_length": self.encdec.max_target_length}
