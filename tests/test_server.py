@@ -12,6 +12,7 @@ import pytest
 from plm.client.client import PlmClient
 from plm.client.core import NO_RETRY
 from plm.service.config import Batching
+from prometheus_client.parser import text_string_to_metric_families
 
 from plm.api.v1 import plm_pb2 as pb
 from plm.api.v1 import plm_pb2_grpc as pb_grpc
@@ -25,6 +26,15 @@ HELD_OUT = [
     "The government said on Tuesday that the talks would continue.",
     "Zyxwv qqq unknownword, the end.",
 ]
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series of a /metrics page (0 when it is absent: nothing counted yet)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return 0.0
 
 
 def _code(exc: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
@@ -156,6 +166,7 @@ def test_concurrent_requests_really_batch(tiny_repo: Path) -> None:
     try:
         gpt = server.running.registry.get("gpt")
         before = gpt.batcher.batches_run
+        page_before = server.running.metrics.exposition().decode()
         with grpc.insecure_channel(server.target) as ch:
             stub = pb_grpc.LanguageModelServiceStub(ch)
             calls = [stub.Score.future(pb.ScoreRequest(model="gpt", texts=[t]), timeout=60) for t in HELD_OUT * 8]
@@ -165,7 +176,13 @@ def test_concurrent_requests_really_batch(tiny_repo: Path) -> None:
     finally:
         server.stop()
     assert ran < len(HELD_OUT) * 8  # several rows per ONNX run
-    assert 'plm_batch_size_bucket{le="1.0",model="gpt"}' in text
+    # The histogram saw the same: one observation per run, every row counted once, some runs above one row.
+    moved = {name: _sample(text, name, model="gpt") - _sample(page_before, name, model="gpt")
+             for name in ("plm_batch_size_count", "plm_batch_size_sum")}
+    assert moved == {"plm_batch_size_count": ran, "plm_batch_size_sum": len(HELD_OUT) * 8}
+    single = (_sample(text, "plm_batch_size_bucket", le="1.0", model="gpt")
+              - _sample(page_before, "plm_batch_size_bucket", le="1.0", model="gpt"))
+    assert single < ran
 
 
 @pytest.mark.parametrize("model", ["gpt", "ngram-kn"])
@@ -224,10 +241,13 @@ def test_generate_seed_determinism_and_lengths(client: PlmClient) -> None:
     s = _sampling(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=7)
     a = client.generate("gpt", ["The king", "Good morrow"], s).generations
     b = client.generate("gpt", ["Good morrow"], s).generations  # alone, and as prompt index 0
+    # Prompt index 0 of a batch draws from the same (seed, 0) stream as the prompt alone: the same text.
+    b_batched = client.generate("gpt", ["Good morrow", "The king", "And then"], s).generations[0]
     again = client.generate("gpt", ["The king", "Good morrow"], s).generations
     assert [g.text for g in a] == [g.text for g in again] and [list(g.token_ids) for g in a] == [
         list(g.token_ids) for g in again]
     assert len(b) == 1
+    assert (b[0].text, list(b[0].token_ids)) == (b_batched.text, list(b_batched.token_ids))
     for g in a:
         assert g.generated_tokens == len(g.token_ids) <= 12 and g.prompt_tokens > 0
         if g.finish_reason == pb.FINISH_REASON_LENGTH:
@@ -374,7 +394,8 @@ def test_queue_full_is_resource_exhausted(tiny_repo: Path) -> None:
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         text = srv.running.metrics.exposition().decode()
-        assert 'plm_rejections_total{model="gpt",reason="queue_full"}' in text
+        refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert _sample(text, "plm_rejections_total", model="gpt", reason="queue_full") == refused
     finally:
         srv.stop()
 
@@ -383,8 +404,9 @@ def test_queue_full_is_resource_exhausted(tiny_repo: Path) -> None:
 
 
 def test_metrics_exposition(client: PlmClient, server: ServerThread) -> None:
+    before = server.running.metrics.exposition().decode()
     client.score("gpt", ["The king is dead."])
-    client.generate("gpt", ["The"], _sampling(max_new_tokens=3, seed=1))
+    generated = client.generate("gpt", ["The"], _sampling(max_new_tokens=3, seed=1)).generations[0]
     with pytest.raises(grpc.RpcError):
         client.score("nope", ["x"])
     text = server.running.metrics.exposition().decode()
@@ -397,6 +419,18 @@ def test_metrics_exposition(client: PlmClient, server: ServerThread) -> None:
         'plm_model_ready{model="gpt"} 1.0', "plm_model_load_seconds",
     ):
         assert needle in text, needle
+
+    def moved(name: str, **labels: str) -> float:
+        return _sample(text, name, **labels) - _sample(before, name, **labels)
+
+    # The values moved by what this test did (the session's server is shared, so deltas, not totals).
+    score = {"method": "Score", "model": "gpt", "protocol": "grpc"}
+    assert moved("plm_requests_total", code="OK", **score) == 1
+    assert moved("plm_requests_total", code="NOT_FOUND", method="Score", model="-", protocol="grpc") == 1
+    assert moved("plm_request_duration_seconds_count", **score) == 1
+    assert moved("plm_generated_tokens_total", model="gpt") == generated.generated_tokens + (
+        generated.finish_reason == pb.FINISH_REASON_EOS)  # a step that ends on the end token counts too
+    assert moved("plm_time_to_first_token_seconds_count", model="gpt") == 1
 
 
 # ------------------------------------------------------------------------------ Embed (GPT) and errors
