@@ -96,7 +96,8 @@ def _choice(value: str | None, default: str, names: tuple[str, ...], field: str)
 
 
 def score_params(req: rq.ScoreRequest, limits: Limits) -> ScoreParams:
-    sources = _texts(req.sources, "sources", limits, allow_empty=True)  # an empty one: the model says why
+    # An empty source: the model says why (only an encoder-decoder reads them).
+    sources = _texts(req.sources, "sources", limits, allow_empty=True) if req.sources else ()
     if len(sources) not in (0, 1, len(req.texts)):
         raise InvalidArgument("sources", f"has {len(sources)} entries; give one for every text or one per text "
                                          f"({len(req.texts)})")

@@ -12,13 +12,14 @@ blank's spans by beam search (generation/seq2seq.py); Score with sources is log 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from plm.service.config import ServerConfig
-from plm.service.errors import InvalidArgument
+from plm.service.errors import DeadlineExceeded, InvalidArgument
 from plm.service.families.base import MASK, Encoded, ManifestSource, ModelAdapter, TokenScores
 from plm.service.families.capabilities import ConditionalScorer, Generator, SourceReader, SpanFiller
 from plm.service.families.gpt import _is_word_start, _token_bytes
@@ -181,8 +182,13 @@ class EncDecAdapter(ModelAdapter, Generator, ConditionalScorer, SpanFiller, Sour
         """Continuous batching in the KV-cache engine: each sequence's prompt is its source."""
         return self.engine.generate(seqs, deadline)
 
+    def _in_time(self, deadline: float | None) -> None:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"model {self.name!r}: the deadline passed before the decoder ran")
+
     async def score_given(self, pairs: list[tuple[list[int], list[int]]], add_eos: bool,
                           deadline: float | None) -> list[TokenScores]:
+        self._in_time(deadline)
         rows = [(src, [*tgt, *((self.eos_id,) if add_eos else ())]) for src, tgt in pairs]
         scored: list[np.ndarray] = await self.engine.call(score_targets, self.engine.runner, rows)
         return [TokenScores(s) for s in scored]
@@ -190,6 +196,7 @@ class EncDecAdapter(ModelAdapter, Generator, ConditionalScorer, SpanFiller, Sour
     async def fill_spans(self, texts: list[str], k: int, deadline: float | None
                          ) -> list[list[list[tuple[tuple[int, ...], float]]]]:
         rows = [self.blanks(t, f"[{i}]") for i, t in enumerate(texts)]
+        self._in_time(deadline)
         return [await self.engine.call(fill_spans, self.engine.runner, ids, n, k, self.infill) for ids, n in rows]
 
     def info(self) -> dict[str, Any]:
