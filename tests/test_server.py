@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import time
 from pathlib import Path
 
 import grpc
@@ -409,7 +410,12 @@ def test_metrics_exposition(client: PlmClient, server: ServerThread) -> None:
     generated = client.generate("gpt", ["The"], _sampling(max_new_tokens=3, seed=1)).generations[0]
     with pytest.raises(grpc.RpcError):
         client.score("nope", ["x"])
-    text = server.running.metrics.exposition().decode()
+    # The server counts a call as it finishes, which can be just after the client has its status: wait for it.
+    not_found = {"code": "NOT_FOUND", "method": "Score", "model": "-", "protocol": "grpc"}
+    waited = time.monotonic() + 5
+    while (_sample(text := server.running.metrics.exposition().decode(), "plm_requests_total", **not_found)
+           == _sample(before, "plm_requests_total", **not_found) and time.monotonic() < waited):
+        time.sleep(0.01)
     for needle in (
         'plm_requests_total{code="OK",method="Score",model="gpt",protocol="grpc"}',
         'plm_requests_total{code="NOT_FOUND",method="Score",model="-",protocol="grpc"}',
@@ -426,7 +432,7 @@ def test_metrics_exposition(client: PlmClient, server: ServerThread) -> None:
     # The values moved by what this test did (the session's server is shared, so deltas, not totals).
     score = {"method": "Score", "model": "gpt", "protocol": "grpc"}
     assert moved("plm_requests_total", code="OK", **score) == 1
-    assert moved("plm_requests_total", code="NOT_FOUND", method="Score", model="-", protocol="grpc") == 1
+    assert moved("plm_requests_total", **not_found) == 1
     assert moved("plm_request_duration_seconds_count", **score) == 1
     assert moved("plm_generated_tokens_total", model="gpt") == generated.generated_tokens + (
         generated.finish_reason == pb.FINISH_REASON_EOS)  # a step that ends on the end token counts too
