@@ -75,8 +75,10 @@ PROFILES = {
         warmup_steps=30, max_seconds=None, eval_interval=50, lr=3e-3, num_threads=1), variant_sentences=40),
     # The default models: the whole corpus; GPT sized to train in about 2 minutes on 2 idle cores (every family
     # together must build from a fresh clone within 10 minutes). The cap is far above that, for a busy machine.
+    # A 4k BPE vocabulary: the LM head and its softmax are most of a step's time, and a 1M-word corpus has few
+    # examples of an 8k vocabulary's rarer pieces; benchmarks/train_recipe.py measures words/s against 8k.
     "small": Profile("small", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
-        bpe_vocab=4096, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=400,
+        bpe_vocab=4096, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=300,
         warmup_steps=20, max_seconds=600.0, eval_interval=40, lr=2e-3, num_threads=2)),
 }
 

@@ -57,7 +57,7 @@ PROFILES = {
     # The default model: ~2 minutes of training on 2 idle cores, the cap well above it; dropout 0.1 as BERT,
     # since the data are small.
     "small": BertProfile(vocab_size=8000, max_length=128, n_layer=4, n_head=4, n_embd=128, dropout=0.1,
-                         batch_size=32, max_steps=300, max_seconds=450.0, eval_interval=40, eval_batches=10, lr=1e-3,
+                         batch_size=32, max_steps=240, max_seconds=450.0, eval_interval=40, eval_batches=10, lr=1e-3,
                          eval_pairs=2000, num_threads=2),
 }
 

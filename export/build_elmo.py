@@ -43,7 +43,7 @@ PROFILES = {
                         eval_interval=50, lr=5e-3),
     # The full softmax over a ~17k-word vocabulary, twice (both directions), dominates a step on one CPU
     # thread, so a step is few positions; about a minute of one idle core, the cap well above it.
-    "small": ElmoProfile(n_embd=64, dropout=0.1, batch_size=16, max_len=40, max_steps=240, max_seconds=300.0,
+    "small": ElmoProfile(n_embd=64, dropout=0.1, batch_size=16, max_len=40, max_steps=200, max_seconds=300.0,
                          eval_interval=40, lr=3e-3),
 }
 

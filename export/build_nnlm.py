@@ -41,7 +41,7 @@ PROFILES = {
                         max_seconds=None, eval_interval=50, lr=3e-3),
     # About 45 s of one idle core; the cap leaves a busy machine room before it warns.
     "small": NnlmProfile(order=4, n_embd=64, n_hidden=128, direct=True, dropout=0.1, batch_size=128,
-                         max_steps=600, max_seconds=300.0, eval_interval=100, lr=2e-3),
+                         max_steps=560, max_seconds=300.0, eval_interval=100, lr=2e-3),
 }
 
 
