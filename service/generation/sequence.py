@@ -68,7 +68,10 @@ def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -
 
     Pure: the caller's array is copied before any change, and returned as it is when nothing applies.
     """
-    x = logprobs if allowed.all() else np.where(allowed, logprobs, -np.inf)  # (B, V)
+    x = logprobs
+    if not allowed.all():  # a copy with the few disallowed columns set: cheaper than `np.where` over every entry
+        x = logprobs.copy()  # (B, V)
+        x[:, np.flatnonzero(~allowed)] = -np.inf
     for i, seq in enumerate(seqs):
         if seq.p.repetition_penalty != 1.0 and seq.seen:
             if x is logprobs:
@@ -83,6 +86,39 @@ def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -
     return x
 
 
+# `_top_k` looks for a row's top k among the columns at or above a threshold when the vocabulary has at least this
+# many columns per candidate; below that one selection over every column is as cheap.
+_GROUP = 8
+
+
+def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
+    """(G, k) the ids of each row's k largest scores of (G, V), in no order (a tie at the k-th place: any of them).
+
+    One selection over the whole (G, V) costs more than its few vectorised passes: the V columns fall into
+    V // _GROUP strided groups; each row's k-th largest group maximum is a threshold at or below its k-th largest
+    score (k groups each hold a score at least that large), so the row's top k are among the few columns at or
+    above it, and the selection runs over those alone (rows right-padded with -inf to the longest).
+    """
+    g, v = xs.shape
+    groups = v // _GROUP
+    if groups < 2 * k:
+        return np.argpartition(xs, v - k, axis=1)[:, -k:]
+    best = np.maximum.reduce(xs[:, :groups * _GROUP].reshape(g, _GROUP, groups), axis=1)  # (G, groups)
+    threshold = np.partition(best, groups - k, axis=1)[:, groups - k]  # (G,)
+    flat = np.flatnonzero(xs >= threshold[:, None])  # row-major: each row's columns in order
+    rows = flat // v
+    counts = np.bincount(rows, minlength=g)  # (G,) each ≥ k, unless a score is NaN
+    if counts.min() < k:
+        return np.argpartition(xs, v - k, axis=1)[:, -k:]
+    rank = np.arange(len(flat)) - (np.cumsum(counts) - counts)[rows]  # place within its row
+    width = int(counts.max())
+    vals = np.full((g, width), -np.inf, dtype=xs.dtype)
+    ids = np.zeros((g, width), dtype=np.int64)
+    vals[rows, rank] = xs.ravel()[flat]
+    ids[rows, rank] = flat - rows * v
+    return np.take_along_axis(ids, np.argpartition(vals, width - k, axis=1)[:, -k:], axis=1)
+
+
 def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
             ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """What sampling draws from, for (G, V) scores sharing one setting (temperature > 0): (cand, cum, n).
@@ -94,7 +130,7 @@ def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
     """
     at = np.arange(len(xs))[:, None]  # (G, 1): row index for gathering
     if 0 < top_k < xs.shape[1]:
-        cand = np.argpartition(xs, xs.shape[1] - top_k, axis=1)[:, -top_k:]  # the top k, in no order
+        cand = np.sort(_top_k(xs, top_k), axis=1)  # the top k, by id: ties below keep id order
         vals = xs[at, cand]
         order = np.argsort(-vals, axis=1, kind="stable")
         cand, vals = cand[at, order], vals[at, order]  # best first
