@@ -92,31 +92,35 @@ _GROUP = 8
 
 
 def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
-    """(G, k) the ids of each row's k largest scores of (G, V), in no order (a tie at the k-th place: any of them).
+    """(G, k) the ids of each row's k largest scores of (G, V), best first, equal scores in id order (a tie at
+    the k-th place keeps any of the tied).
 
     One selection over the whole (G, V) costs more than its few vectorised passes: the V columns fall into
     V // _GROUP strided groups; each row's k-th largest group maximum is a threshold at or below its k-th largest
     score (k groups each hold a score at least that large), so the row's top k are among the few columns at or
-    above it, and the selection runs over those alone (rows right-padded with -inf to the longest).
+    above it, and one stable sort runs over those alone (rows right-padded with -inf to the longest).
     """
     g, v = xs.shape
     groups = v // _GROUP
-    if groups < 2 * k:
-        return np.argpartition(xs, v - k, axis=1)[:, -k:]
-    best = np.maximum.reduce(xs[:, :groups * _GROUP].reshape(g, _GROUP, groups), axis=1)  # (G, groups)
-    threshold = np.partition(best, groups - k, axis=1)[:, groups - k]  # (G,)
-    flat = np.flatnonzero(xs >= threshold[:, None])  # row-major: each row's columns in order
-    rows = flat // v
-    counts = np.bincount(rows, minlength=g)  # (G,) each ≥ k, unless a score is NaN
-    if counts.min() < k:
-        return np.argpartition(xs, v - k, axis=1)[:, -k:]
-    rank = np.arange(len(flat)) - (np.cumsum(counts) - counts)[rows]  # place within its row
-    width = int(counts.max())
-    vals = np.full((g, width), -np.inf, dtype=xs.dtype)
-    ids = np.zeros((g, width), dtype=np.int64)
-    vals[rows, rank] = xs.ravel()[flat]
-    ids[rows, rank] = flat - rows * v
-    return np.take_along_axis(ids, np.argpartition(vals, width - k, axis=1)[:, -k:], axis=1)
+    if groups >= 2 * k:
+        best = np.maximum.reduce(xs[:, :groups * _GROUP].reshape(g, _GROUP, groups), axis=1)  # (G, groups)
+        threshold = np.partition(best, groups - k, axis=1)[:, groups - k]  # (G,)
+        flat = np.flatnonzero(xs >= threshold[:, None])  # row-major: each row's columns in id order
+        rows = flat // v
+        counts = np.bincount(rows, minlength=g)  # (G,) each ≥ k, unless a score is NaN
+        if counts.min() >= k:
+            width = int(counts.max())
+            at = rows * width + np.arange(len(flat)) - (np.cumsum(counts) - counts)[rows]  # flat place in (G, W)
+            vals = np.full(g * width, -np.inf, dtype=xs.dtype)
+            ids = np.zeros(g * width, dtype=np.int64)
+            vals[at] = xs.reshape(-1)[flat]
+            ids[at] = flat - rows * v
+            # Stable: equal scores keep id order, and a row's padding (after its real columns) comes last.
+            order = np.argsort(-vals.reshape(g, width), axis=1, kind="stable")[:, :k]
+            return np.take_along_axis(ids.reshape(g, width), order, axis=1)
+    cand = np.sort(np.argpartition(xs, v - k, axis=1)[:, -k:], axis=1)  # the top k, by id
+    order = np.argsort(-np.take_along_axis(xs, cand, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(cand, order, axis=1)
 
 
 def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
@@ -130,10 +134,8 @@ def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
     """
     at = np.arange(len(xs))[:, None]  # (G, 1): row index for gathering
     if 0 < top_k < xs.shape[1]:
-        cand = np.sort(_top_k(xs, top_k), axis=1)  # the top k, by id: ties below keep id order
+        cand = _top_k(xs, top_k)  # best first
         vals = xs[at, cand]
-        order = np.argsort(-vals, axis=1, kind="stable")
-        cand, vals = cand[at, order], vals[at, order]  # best first
     elif top_p < 1.0:
         cand = np.argsort(-xs, axis=1, kind="stable")
         vals = xs[at, cand]
