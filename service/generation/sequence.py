@@ -89,11 +89,14 @@ def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -
 # `_top_k` looks for a row's top k among the columns at or above a threshold when the vocabulary has at least this
 # many columns per candidate; below that one selection over every column is as cheap.
 _GROUP = 8
+# ...and for at least this many rows: the threshold's fixed cost of a few more numpy calls is paid once per step,
+# and one row's selection over every column is cheaper than that.
+_MIN_ROWS = 4
 
 
 def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
-    """(G, k) the ids of each row's k largest scores of (G, V), best first, equal scores in id order (a tie at
-    the k-th place keeps any of the tied).
+    """(G, k) the ids of each row's k largest scores of (G, V), best first (equal scores in id order above the
+    threshold below, else in the selection's order; a tie at the k-th place keeps any of the tied).
 
     One selection over the whole (G, V) costs more than its few vectorised passes: the V columns fall into
     V // _GROUP strided groups; each row's k-th largest group maximum is a threshold at or below its k-th largest
@@ -102,7 +105,7 @@ def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
     """
     g, v = xs.shape
     groups = v // _GROUP
-    if groups >= 2 * k:
+    if groups >= 2 * k and g >= _MIN_ROWS:
         best = np.maximum.reduce(xs[:, :groups * _GROUP].reshape(g, _GROUP, groups), axis=1)  # (G, groups)
         threshold = np.partition(best, groups - k, axis=1)[:, groups - k]  # (G,)
         flat = np.flatnonzero(xs >= threshold[:, None])  # row-major: each row's columns in id order
@@ -118,9 +121,9 @@ def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
             # Stable: equal scores keep id order, and a row's padding (after its real columns) comes last.
             order = np.argsort(-vals.reshape(g, width), axis=1, kind="stable")[:, :k]
             return np.take_along_axis(ids.reshape(g, width), order, axis=1)
-    cand = np.sort(np.argpartition(xs, v - k, axis=1)[:, -k:], axis=1)  # the top k, by id
-    order = np.argsort(-np.take_along_axis(xs, cand, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(cand, order, axis=1)
+    cand = np.argpartition(xs, v - k, axis=1)[:, -k:]  # the top k, in no order
+    at = np.arange(g)[:, None]
+    return cand[at, np.argsort(-xs[at, cand], axis=1, kind="stable")]
 
 
 def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
