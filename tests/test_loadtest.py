@@ -157,7 +157,7 @@ def test_metrics_scrape_against_live_server(server: ServerThread) -> None:
     srv = result["server"]
     assert srv["batches"] > 0 and srv["batch_size_mean"] >= 1.0
     assert srv["queue_wait"]["count"] > 0 and srv["inference"]["count"] > 0
-    assert 0.0 < srv["padding_efficiency_mean"] <= 1.0
+    assert 0.0 < srv["padding_efficiency_mean"] <= 1.0 + 1e-12  # a mean of ratios <= 1, from a float sum / count
     assert "server (/metrics delta)" in lt.format_report(result)
 
 
