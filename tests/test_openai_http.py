@@ -377,3 +377,16 @@ def test_loadtest_refuses_what_http_cannot_carry(targets: tuple[str, ...], entry
                      concurrency=1, requests=1, warmup=0.0)
     with pytest.raises(ValueError, match=message):
         run_loadtest(cfg, progress=False)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_prompt_is_named_as_the_client_sent_it(web: httpx.Client, stream: bool) -> None:
+    """The data plane sees each prompt n times; the error names the client's prompt (its index in the list, or no
+    index for a string), unary and before a stream's first event alike."""
+    long = "x " * 300
+    r = web.post("/v1/completions", json={"model": "gpt", "prompt": ["fine", long], "n": 3, "max_tokens": 4,
+                                          "stream": stream})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt[1]"), r.json()
+    r = web.post("/v1/completions", json={"model": "gpt", "prompt": long, "n": 2, "max_tokens": 4, "stream": stream})
+    body = r.json()["error"]
+    assert r.status_code == 400 and body["param"] == "prompt" and body["message"].startswith("prompt:"), body

@@ -31,7 +31,7 @@ from plm.service.admission import GLOBAL
 from plm.service.config import ServerConfig
 from plm.service.dataplane import requests as rq
 from plm.service.dataplane.plane import Call, DataPlane
-from plm.service.errors import InvalidArgument, ServiceError
+from plm.service.errors import InvalidArgument
 from plm.service.families.base import ModelAdapter
 from plm.service.frontends import openai_http_wire as wire
 from plm.service.security import bearer_accepted, server_ssl_context
@@ -178,6 +178,12 @@ class OpenAIFrontend:
     @_edge("Completions")
     async def completions(self, request: web.Request, call: Call) -> web.StreamResponse:
         c = wire.completion(await self._body(request), self.max_inputs)
+        try:
+            return await self._completions(request, call, c)
+        except InvalidArgument as err:  # the data plane saw n copies of each prompt: name the client's prompt
+            raise wire.renamed(err, wire.COMPLETION_PARAMS, c.n, c.single) from None
+
+    async def _completions(self, request: web.Request, call: Call, c: wire.Completion) -> web.StreamResponse:
         if c.stream:
             return await self._stream(request, call, c)
         self._unary_deadline(request, call)
@@ -226,10 +232,13 @@ class OpenAIFrontend:
                     completion_tokens += ev.generated_tokens
                 try:
                     ev = await anext(events, None)
-                except ServiceError as err:  # after the status went out: tell the client in the stream
-                    call.failed(err)
-                    await response.write(wire.stream_error(wire.renamed(err, wire.COMPLETION_PARAMS, c.n, c.single),
-                                                           call.request_id))
+                except (asyncio.CancelledError, ConnectionResetError):
+                    raise
+                except Exception as err:  # after the status went out: tell the client in the stream
+                    error = call.failed(err)  # a ServiceError as it is, anything else logged and INTERNAL
+                    assert error is not None
+                    await response.write(wire.stream_error(
+                        wire.renamed(error, wire.COMPLETION_PARAMS, c.n, c.single), call.request_id))
                     return response
             if c.include_usage:  # OpenAI's last chunk then: no choices, the usage
                 await response.write(wire.chunk(call.request_id, served.model, created, [],
