@@ -16,7 +16,7 @@ Two kinds:
   convention) and is an added special token, so that text in a prompt is read as the special token.
 
 Both share `text_normalizer`: NFKC, control characters dropped, curly quotes and dashes to ASCII, runs of
-whitespace to one space, ends stripped. `models.corpus.normalise` is this same normalizer, so corpus text,
+whitespace to one space, ends stripped. `plm.data.corpus.normalise` is this same normalizer, so corpus text,
 training and serving all see one normal form.
 """
 

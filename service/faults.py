@@ -5,7 +5,9 @@ exception leaves the process answering health checks while that model's work wai
 turns each such death into one critical log line (with the traceback) and a call of the server's `on_fatal`, which
 `serve()` answers by draining and exiting 1, so the supervisor or Kubernetes restarts the process.
 
-Without `watch` (tests, an application embedding the server) a death is still logged at critical level.
+Without `watch` (tests, an application embedding the server) a death is still logged at critical level. The hook
+is process-wide (`threading.excepthook`), so one process watches for one server: `plm serve` runs one per process
+(`--workers` runs processes).
 """
 
 from __future__ import annotations

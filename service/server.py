@@ -201,8 +201,10 @@ async def serve(config: ServerConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload_on_sighup)
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", config.grace_seconds)
-    await running.stop()
-    unwatch()
+    try:
+        await running.stop()
+    finally:
+        unwatch()
     if deaths:
         log.critical("stopped after %s died", ", ".join(deaths))
         return 1

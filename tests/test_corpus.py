@@ -1,4 +1,4 @@
-"""Tests for models/corpus.py: fetching, documents, sentences, the split and the manifest."""
+"""Tests for data/corpus.py: fetching, documents, sentences, the split and the manifest."""
 
 from __future__ import annotations
 

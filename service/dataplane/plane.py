@@ -1,7 +1,7 @@
 """The data plane: one typed request in, its task run, one typed result out — under every protocol.
 
-One request's path: a front end (service/frontends/: plm.v1 gRPC, KServe v2) translates its wire format to a
-typed request (requests.py) and opens a `Call`; `Call.begin` is admission. The DataPlane method then resolves
+One request's path: a front end (service/frontends/: plm.v1 gRPC, KServe v2, OpenAI HTTP) translates its wire format
+to a typed request (requests.py) and opens a `Call`; `Call.begin` is admission. The DataPlane method then resolves
 the model (name check, registry lease, the queue-full refusal), validates the request into the task's frozen
 parameters (validation.py), and runs the task (service/tasks/), which tokenizes and calls the model family
 (service/families/), whose batcher or runtime — or KV-cache engine, for generation — does the inference. The
@@ -173,8 +173,10 @@ class DataPlane:
         return rq.Served(model.name, model.version, gens)
 
     async def generate_stream(self, call: Call, req: rq.GenerateRequest) -> rq.Served[AsyncIterator[StepEvent]]:
-        """The model and request checked now; the events as tokens come, each prompt's merged per
-        `stream_interval` tokens (its first and last go out at once)."""
+        """The model and the request's fields checked now, the token-level checks (window, truncation) with the
+        first event; the events as tokens come, each prompt's merged per `stream_interval` tokens (its first and
+        last go out at once). A front end that must answer a refusal with its own status awaits the first event
+        before it starts the response (the HTTP front end does)."""
         model = call.model(req.model, rows=max(1, len(req.prompts)), generate=True)
         params = validation.generate_params(req, self.limits)
         events = gen_task.every(gen_task.generate(model, params, call.deadline, self.metrics), self.stream_interval)

@@ -7,12 +7,14 @@
 - `scheduler`: who leaves the batch and who joins it each step (deadlines, count and token budgets).
 - `runner`: the decoder graph's runs (prefill, decode), the KV layout graph's, Classify's prefix cache.
 - `engine`: the bridge between the event loop and the engine thread, whose step is schedule → run → update.
+- `seq2seq`: an encoder–decoder's jobs on the engine thread between steps: a target's log-probabilities given
+  its source (teacher forcing) and FillMask's spans by beam search.
 
 Graph input/output names come from `plm.service.contract.graphs`, which export writes by.
 
-Cross-attention (an encoder–decoder family) fits here without a new layer: the encoder's keys and values are
-computed once per sequence when it joins, so they go into `Batch` beside `kv` as a second list of per-layer
-(B, H, S_enc, D) arrays with their own mask (`refill`, `Scratch.layout` and the layout graph move their rows
-with the self-attention rows, but a decode step never grows them); `Runner.prefill` runs the encoder graph and
-`Runner.decode` feeds them as extra inputs, whose names join the decoder's in `contract.graphs`.
+Cross-attention (the encoder–decoder family): the encoder's keys and values are computed once per sequence when
+it joins (`Runner.prefill` runs the encoder graph) and ride in `Batch.cross` beside `kv`, per-layer
+(B, H, S_enc, D) arrays right-padded to the batch's widest source with their mask `cross_mask`; `refill` and every
+layout move their rows with the self-attention rows (in host memory: `lay_out_cross`), a decode step feeds them
+and never grows them. Their graph names are in `contract.graphs`.
 """

@@ -30,7 +30,7 @@ from plm.service.contract.graphs import (
     past_names,
     present_names,
 )
-from plm.service.generation.kv_batch import EMPTY, Batch, layout_rows, nbytes
+from plm.service.generation.kv_batch import EMPTY, Batch, lay_out_cross, layout_rows, nbytes
 from plm.service.generation.request import Slot
 from plm.service.metrics import Metrics
 from plm.service.runtime import OrtSession
@@ -158,7 +158,8 @@ class Runner:
             return EMPTY
         kv = self._lay_out((batch.kv, keep, batch.mask.shape[1]), (joined.kv, rows, joined.mask.shape[1]),
                            laid.mask.shape[1])
-        return dataclasses.replace(laid, kv=kv)
+        # An encoder-decoder's cross-attention rows move with their sequences here too (in host memory).
+        return dataclasses.replace(laid, kv=kv, **lay_out_cross([(batch, keep), (joined, rows)]))
 
     def _lay_out(self, a: tuple[list[Any], list[int], int], b: tuple[list[Any], list[int], int],
                  width: int) -> list[Any]:
