@@ -475,7 +475,7 @@ def select_documents(docs: Sequence[Document], max_documents: int, seed: int = 0
 # -------------------------------------------------------------------------------------- the corpus
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -546,7 +546,7 @@ def build_corpus(
         }
     manifest: dict[str, Any] = {
         "files": [
-            {"path": str(p), "name": p.name, "bytes": p.stat().st_size, "sha256": _sha256_file(p)} for p in paths
+            {"path": str(p), "name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths
         ],
         "documents": {
             "available": len(available),

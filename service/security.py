@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -65,6 +65,20 @@ def bearer_accepted(value: object, tokens: list[bytes]) -> bool:
     return sum(hmac.compare_digest(given, t) for t in tokens) > 0
 
 
+def token_bytes(tokens: Iterable[str]) -> list[bytes]:
+    """The accepted tokens as `bearer_accepted` compares them."""
+    return [t.encode() for t in sorted(tokens)]
+
+
+def metadata_accepted(metadata: Any, tokens: list[bytes]) -> bool:
+    """Whether gRPC invocation metadata carries an accepted `authorization: Bearer <t>` (the first bearer value
+    decides)."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+            return bearer_accepted(value, tokens)
+    return False
+
+
 async def _refuse_unary(request: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, _REFUSAL)
 
@@ -94,15 +108,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses calls without an accepted bearer token (compared in constant time)."""
 
     def __init__(self, tokens: frozenset[str], open_services: tuple[str, ...], metrics: Metrics) -> None:
-        self._tokens = [t.encode() for t in sorted(tokens)]
+        self._tokens = token_bytes(tokens)
         self._open = frozenset(open_services)
         self._metrics = metrics
-
-    def _accepted(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                return bearer_accepted(value, self._tokens)
-        return False
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -110,7 +118,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         service = details.method.rpartition("/")[0].lstrip("/")  # "/plm.v1.LanguageModelService/Score"
         handler = await continuation(details)
-        if handler is None or service in self._open or self._accepted(details.invocation_metadata):
+        if handler is None or service in self._open or metadata_accepted(details.invocation_metadata, self._tokens):
             return handler
         self._metrics.rejections.labels(GLOBAL, "unauthenticated").inc()
         log.debug("refused %s: missing or invalid bearer token", details.method)  # counted in metrics

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plm.data.corpus import _sha256_file as sha256_of
+from plm.data.corpus import sha256_file as sha256_of
 from plm.export.repository import staging, write_manifest
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from plm.service.families.base import ModelAdapter
 from plm.service.frontends.grpc_edge import unary
 from plm.service.frontends.kserve_tasks import TASK_SEP, TASKS, Outputs, TaskSpec, model_tasks
 from plm.service.metrics import Metrics
-from plm.service.security import bearer_accepted
+from plm.service.security import metadata_accepted, token_bytes
 
 from plm.api.triton import grpc_service_pb2 as kv
 from plm.api.triton import grpc_service_pb2_grpc as kv_grpc
@@ -220,7 +220,7 @@ class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
         self.plane = plane
         self.reloader = reloader  # None: repository load and unload answer UNIMPLEMENTED
         security = plane.registry.config.security
-        self._tokens = [t.encode() for t in sorted(security.tokens())]
+        self._tokens = token_bytes(security.tokens())
         self._admin_open = ADMIN_SERVICE in security.open_services
 
     def _resolve(self, call: Call, name: str, version: str) -> tuple[ModelAdapter, TaskSpec]:
@@ -374,11 +374,8 @@ class KServeServicer(kv_grpc.GRPCInferenceServiceServicer):
         service unless `open_services` opens it; then load and unload still need the admin's token."""
         if not self._tokens or self._admin_open:
             return
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                if bearer_accepted(value, self._tokens):
-                    return
-                break
+        if metadata_accepted(context.invocation_metadata(), self._tokens):
+            return
         self.plane.metrics.rejections.labels(GLOBAL, "unauthenticated").inc()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _ADMIN_REFUSAL)
 

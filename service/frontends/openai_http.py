@@ -34,7 +34,7 @@ from plm.service.dataplane.plane import Call, DataPlane
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import ModelAdapter
 from plm.service.frontends import openai_http_wire as wire
-from plm.service.security import bearer_accepted, server_ssl_context
+from plm.service.security import bearer_accepted, server_ssl_context, token_bytes
 
 log = logging.getLogger("plm.http")
 
@@ -107,7 +107,7 @@ class OpenAIFrontend:
         self.plane = plane
         self.max_inputs = config.limits.max_inputs_per_request
         self.max_body = config.limits.max_message_bytes
-        self._tokens = [t.encode() for t in sorted(config.security.tokens())]
+        self._tokens = token_bytes(config.security.tokens())
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body, middlewares=[self._guard])
