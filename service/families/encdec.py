@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 from plm.service.config import ServerConfig
 from plm.service.errors import DeadlineExceeded, InvalidArgument
-from plm.service.families.base import MASK, Encoded, ManifestSource, ModelAdapter, TokenScores
+from plm.service.families.base import MASK, ManifestSource, ModelAdapter, TokenScores
+from plm.service.families.bytebpe import ByteLevelText
 from plm.service.families.capabilities import ConditionalScorer, Generator, SourceReader, SpanFiller
-from plm.service.families.gpt import _is_word_start, _token_bytes
-from plm.service.families.textnorm import PlainTextEncoder
 from plm.service.generation.engine import GenerationEngine
 from plm.service.generation.runner import Encoder
 from plm.service.generation.seq2seq import Infill, fill_spans, score_targets
@@ -36,7 +35,7 @@ from tokenizers import Tokenizer
 MAX_SPAN_TOKENS = 8  # longest span FillMask's beam search writes for one blank
 
 
-class EncDecAdapter(ModelAdapter, Generator, ConditionalScorer, SpanFiller, SourceReader):
+class EncDecAdapter(ByteLevelText, ModelAdapter, Generator, ConditionalScorer, SpanFiller, SourceReader):
     """A Transformer encoder-decoder: text-to-text generation, conditional scores and span infilling."""
 
     family = "encdec"
@@ -49,12 +48,7 @@ class EncDecAdapter(ModelAdapter, Generator, ConditionalScorer, SpanFiller, Sour
             raise ValueError(f"{folder.name}: the manifest has no 'encdec' section")
         self.encdec = spec
         self.tokenizer = Tokenizer.from_file(str(folder / self.spec.tokenizer.file))
-        self._encoder = PlainTextEncoder(self.tokenizer)
-        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
-        self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
-        self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
-        self._token_bytes = _token_bytes(self.tokenizer, self.vocab_size)
-        self._never = np.zeros(self.vocab_size, dtype=bool)
+        self.set_up_text()
         self._never[[spec.pad_id, spec.decoder_start_id]] = True
         self._specials = np.zeros(self.vocab_size, dtype=bool)  # what a client may not write, nor a span hold
         self._specials[[spec.pad_id, spec.decoder_start_id, spec.eos_id]] = True
@@ -73,31 +67,7 @@ class EncDecAdapter(ModelAdapter, Generator, ConditionalScorer, SpanFiller, Sour
             ~self._never, config.batching_for(name, self.spec.batching), metrics, None, False,
             Encoder(encoder, spec.eos_id))
 
-    # -- text ---------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> Encoded:
-        ids = self.encode_ids(text)
-        word_index: list[int] = []
-        words: list[list[int]] = []
-        for k, i in enumerate(ids):
-            if k == 0 or self._word_start[i]:
-                words.append([])
-            words[-1].append(i)
-            word_index.append(len(words) - 1)
-        return Encoded(ids, [self._token_texts[i] for i in ids], word_index,
-                       [self.tokenizer.decode(w).strip() for w in words], [False] * len(ids))
-
-    def encode_ids(self, text: str) -> list[int]:
-        return list(self._encoder.encode(text).ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def token_text(self, token_id: int) -> str:
-        return self._token_texts[token_id]
-
-    def token_bytes(self) -> list[bytes] | None:
-        return self._token_bytes
-
+    # -- text ----------------------------------------------------------------------------------------------
     @property
     def eos_id(self) -> int:
         return self.encdec.eos_id
@@ -106,12 +76,6 @@ class EncDecAdapter(ModelAdapter, Generator, ConditionalScorer, SpanFiller, Sour
     def context_budget(self) -> int:
         """Most target tokens the decoder reads (its window less the start token)."""
         return self.encdec.max_target_length - 1
-
-    def word_start_mask(self) -> np.ndarray:
-        return self._word_start
-
-    def never_generate_mask(self) -> np.ndarray:
-        return self._never
 
     # -- the source side ----------------------------------------------------------------------------------
     @property

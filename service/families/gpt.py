@@ -9,8 +9,6 @@ distribution after each row's last real token, `hidden_states` (B, T, C). Rows a
 from __future__ import annotations
 
 import dataclasses
-import json
-import unicodedata
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,8 @@ from typing import Any
 import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
-from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.base import ManifestSource, ModelAdapter, TokenScores, TokenVectors
+from plm.service.families.bytebpe import ByteLevelText
 from plm.service.families.capabilities import (
     Embedder,
     Generator,
@@ -28,7 +27,6 @@ from plm.service.families.capabilities import (
     Scorer,
     generate_by_recompute,
 )
-from plm.service.families.textnorm import PlainTextEncoder
 from plm.service.generation.engine import GenerationEngine
 from plm.service.generation.sequence import Sequence as GenSequence
 from plm.service.generation.sequence import StepEvent
@@ -52,48 +50,7 @@ class _RowOut:
     hidden_states: np.ndarray | None = None  # (n, C)
 
 
-def _is_word_start(token: str) -> bool:
-    """Byte-level BPE marks a leading space as 'Ġ' (newline 'Ċ', tab 'ĉ'); punctuation is a word of its own."""
-    if not token:
-        return False
-    first = token[0]
-    if first in "ĠĊĉ":
-        return True
-    return not unicodedata.category(first).startswith(("L", "N", "M"))
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet (tokenizers' ByteLevel): the printable character that stands for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shown = dict(zip(printable, printable, strict=True))
-    for b in range(256):
-        if b not in shown:
-            shown[b] = 256 + len(shown) - len(printable)
-    return {chr(c): b for b, c in shown.items()}
-
-
-def _token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes] | None:
-    """Each token's bytes when the tokenizer decodes byte-level tokens and nothing else (else None)."""
-    spec = json.loads(tokenizer.to_str())
-    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        return None
-    special = {a["id"] for a in spec.get("added_tokens", []) if a.get("special")}
-    if any(not a.get("special") for a in spec.get("added_tokens", [])):
-        return None  # a plain added token is decoded as its own text, not as byte-level characters
-    alphabet = _byte_level_alphabet()
-    table = []
-    for i in range(vocab_size):
-        token = tokenizer.id_to_token(i) or ""
-        if i in special:
-            table.append(b"")  # decode(skip_special_tokens=True) leaves them out
-        elif all(ch in alphabet for ch in token):
-            table.append(bytes(alphabet[ch] for ch in token))
-        else:
-            return None
-    return table
-
-
-class GptAdapter(ModelAdapter, Scorer, NextWordPredictor, Generator, Embedder, PrefixScorer):
+class GptAdapter(ByteLevelText, ModelAdapter, Scorer, NextWordPredictor, Generator, Embedder, PrefixScorer):
     """A causal LM: it scores, predicts the next token, generates (with a KV-cache engine when the folder has a
     decoder graph and the runtime enables it, else by recomputing), embeds, and scores classify's labels from a
     cached prefix when its engine runs."""
@@ -106,8 +63,7 @@ class GptAdapter(ModelAdapter, Scorer, NextWordPredictor, Generator, Embedder, P
         super().__init__(name, folder, manifest)
         tok = self.spec.tokenizer
         self.tokenizer = Tokenizer.from_file(str(folder / tok.file))
-        # Plain text skips the normalizer, which would leave it unchanged (service/families/textnorm.py).
-        self._encoder = PlainTextEncoder(self.tokenizer)
+        self.set_up_text()
         self._eos = self.special_id(self.tokenizer, tok.special("eos", "<|endoftext|>"))
         self._bos = self.special_id(self.tokenizer, tok.special("bos", "<|endoftext|>"))
         runtime = config.runtime_for(name)
@@ -117,12 +73,6 @@ class GptAdapter(ModelAdapter, Scorer, NextWordPredictor, Generator, Embedder, P
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
             name, self._run, config.batching_for(name, self.spec.batching), metrics
         )
-        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
-        self._word_start = np.array([_is_word_start(t) for t in vocab], dtype=bool)
-        # Each token's own text and bytes, decoded once here rather than per call.
-        self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
-        self._token_bytes = _token_bytes(self.tokenizer, self.vocab_size)
-        self._never = np.zeros(self.vocab_size, dtype=bool)
         if self._bos != self._eos:  # GPT-2 style: one <|endoftext|> is both, and ending the text is allowed
             self._never[self._bos] = True
         decoder = self.spec.graphs.get("decoder")
@@ -143,49 +93,11 @@ class GptAdapter(ModelAdapter, Scorer, NextWordPredictor, Generator, Embedder, P
                 self._bos, self._eos, ~self._never, config.batching_for(name, self.spec.batching), metrics,
                 layout, runtime.prefix_reuse)
 
-    # -- text ---------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> Encoded:
-        enc = self._encoder.encode(text)
-        ids = list(enc.ids)
-        tokens = [self._token_texts[i] for i in ids]
-        word_index: list[int] = []
-        groups: list[list[int]] = []
-        for k, i in enumerate(ids):
-            if k == 0 or self._word_start[i]:
-                groups.append([])
-            groups[-1].append(i)
-            word_index.append(len(groups) - 1)
-        return Encoded(ids, tokens, word_index, [self._word_text(g) for g in groups], [False] * len(ids))
-
-    def _word_text(self, ids: list[int]) -> str:
-        """`decode(ids).strip()`: from the tokens' bytes when decoding is just joining them (byte-level BPE), which
-        saves a call into the tokenizer per word of every scored text."""
-        table = self._token_bytes
-        if table is None:
-            return self.tokenizer.decode(ids).strip()
-        return b"".join([table[i] for i in ids]).decode("utf-8", errors="replace").strip()
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def encode_ids(self, text: str) -> list[int]:
-        return list(self._encoder.encode(text).ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self._token_texts[token_id]
-
-    def token_bytes(self) -> list[bytes] | None:
-        return self._token_bytes
-
+    # -- text ----------------------------------------------------------------------------------------------
     @property
     def eos_id(self) -> int:
         return self._eos
 
-    def word_start_mask(self) -> np.ndarray:
-        return self._word_start
-
-    def never_generate_mask(self) -> np.ndarray:
-        return self._never
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     async def start(self) -> None:
