@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= small
+DEVICE ?= cpu
 REPOSITORY ?= repository
 PLM_CACHE ?= cache
 HOST ?= 127.0.0.1
@@ -37,7 +38,7 @@ plm/api/v1/plm_pb2.py: $(wildcard protos/plm/v1/*.proto protos/triton/*.proto) |
 protos: plm/api/v1/plm_pb2.py
 
 build: protos
-	$(VENV)/bin/plm build --profile $(PROFILE) --repository $(REPOSITORY)
+	$(VENV)/bin/plm build --profile $(PROFILE) --device $(DEVICE) --repository $(REPOSITORY)
 
 serve: build
 	$(VENV)/bin/plm serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)

@@ -45,6 +45,9 @@ PROFILES = {
     # thread, so a step is few positions; about a minute of one idle core, the cap well above it.
     "small": ElmoProfile(n_embd=64, dropout=0.1, batch_size=16, max_len=40, max_steps=200, max_seconds=300.0,
                          eval_interval=40, lr=3e-3),
+    # `full`: a wider biLSTM trained long enough for its forward LM to pass the NNLM (the notes' order).
+    "full": ElmoProfile(n_embd=128, dropout=0.2, batch_size=32, max_len=40, max_steps=2000, max_seconds=1800.0,
+                        eval_interval=200, lr=3e-3),
 }
 
 
@@ -65,7 +68,7 @@ def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) 
     model = ELMo(cfg)
     tcfg = TrainConfig(max_steps=p.max_steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
                        warmup_steps=min(100, p.max_steps // 10), eval_interval=p.eval_interval,
-                       max_seconds=p.max_seconds, seed=seed, weight_decay=0.0,
+                       max_seconds=p.max_seconds, seed=seed, device=data.device, weight_decay=0.0,
                        num_threads=1)  # small matmuls: a second thread on shared cores costs more than it gives
     get_batch = sentence_batches(seqs, p.batch_size, p.max_len, pad, np.random.default_rng(seed))
     with staging(repository, "elmo") as folder:

@@ -41,6 +41,8 @@ PROFILES = {
     # The default models: the whole corpus, gensim's defaults (min_count 5 keeps rare words from
     # getting vectors trained on a handful of contexts).
     "small": Word2VecProfile(Word2VecConfig(vector_size=100, window=5, min_count=5, epochs=5)),
+    # `full`: more passes over the same small corpus (its vectors are what the word-similarity sets measure).
+    "full": Word2VecProfile(Word2VecConfig(vector_size=100, window=5, min_count=5, epochs=15)),
 }
 
 

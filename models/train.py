@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 1337  # seeds torch (init, dropout); the batch sampler has its own generator
     num_threads: int = 2  # torch intra-op threads: the build machine has few cores and shares them
     progress: bool = True  # a tqdm bar on a terminal, a line per tenth of the run elsewhere; False: neither
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when torch sees a GPU); see resolve_device
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,14 @@ class TrainResult:
     tokens_seen: int  # training targets that counted in the loss (targets != -100)
     stopped_because: StopReason
     history: tuple[tuple[int, float, float], ...]  # (step, train_loss, valid_loss) at each evaluation
+    device: str = "cpu"  # where it trained (a GPU run is not bit-for-bit the CPU run of the same seed)
 
     def manifest(self, parameters: int, **extra: Any) -> dict[str, Any]:
         """The `training` section of a model manifest (GetModel shows its numbers as figures)."""
         return {"steps": self.steps, "planned_steps": self.planned_steps, "best_valid_loss": self.best_valid_loss,
                 "final_train_loss": self.final_train_loss, "seconds": round(self.seconds, 1),
                 "tokens_seen": self.tokens_seen, "stopped_because": self.stopped_because,
-                "parameters": parameters, **extra}
+                "device": self.device, "parameters": parameters, **extra}
 
     def summary(self) -> str:
         rate = self.tokens_seen / self.seconds if self.seconds > 0 else float("nan")
@@ -154,12 +156,31 @@ def _count_targets(batch: Batch) -> int:
     return int((targets != -100).sum())
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when torch sees a GPU, else the CPU; a named CUDA device that is absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (use cpu or auto)")
+    return device
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on `device` (the samplers build it on the CPU); a no-op on the CPU."""
+    if device.type == "cpu":
+        return batch
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
 @torch.no_grad()
-def estimate_loss(model: nn.Module, get_batch: GetBatch, split: str, batches: int, loss_fn: LossFn) -> float:
+def estimate_loss(model: nn.Module, get_batch: GetBatch, split: str, batches: int, loss_fn: LossFn,
+                  device: torch.device | None = None) -> float:
     """Mean loss over `batches` batches of `split`, in eval mode (no dropout); restores train mode."""
     was_training = model.training
     model.eval()
-    losses = [float(loss_fn(model, get_batch(split))) for _ in range(batches)]
+    on = device or torch.device("cpu")
+    losses = [float(loss_fn(model, to_device(get_batch(split), on))) for _ in range(batches)]
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -181,6 +202,8 @@ def train(
     """
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)  # before the optimiser, so its state lives beside the weights
     out_dir.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(model, cfg)
 
@@ -196,11 +219,11 @@ def train(
     def evaluate(step: int) -> bool:
         """Record (step, train, valid); keep the best weights; return True when patience has run out."""
         nonlocal best_loss, best_state, evals_without_improvement
-        valid_loss = estimate_loss(model, get_batch, "valid", cfg.eval_batches, loss_fn)
+        valid_loss = estimate_loss(model, get_batch, "valid", cfg.eval_batches, loss_fn, device)
         if interval_losses:
             train_loss = sum(interval_losses) / len(interval_losses)
         else:  # step 0: nothing trained yet, so estimate it the same way as the validation loss
-            train_loss = estimate_loss(model, get_batch, "train", cfg.eval_batches, loss_fn)
+            train_loss = estimate_loss(model, get_batch, "train", cfg.eval_batches, loss_fn, device)
         interval_losses.clear()
         history.append((step, train_loss, valid_loss))
         if valid_loss < best_loss:
@@ -229,7 +252,7 @@ def train(
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = get_batch("train")
+        batch = to_device(get_batch("train"), device)
         loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -251,6 +274,7 @@ def train(
     bar.close()
     seconds = time.monotonic() - t0
 
+    model.to("cpu")  # export and evaluation run on the CPU, as the server does
     if best_state is not None:  # end on the best validation weights, whatever stopped the loop
         model.load_state_dict(best_state)
     model.eval()
@@ -263,6 +287,7 @@ def train(
         tokens_seen=tokens_seen,
         stopped_because=stopped_because,
         history=tuple(history),
+        device=str(device),
     )
     plot_loss_curve(result, out_dir / "loss_curve.png", title=desc)
     print(f"{desc}: {result.summary()}")

@@ -50,8 +50,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = _parser(sub, "build", help="train the models and write the model repository")
-    b.add_argument("--profile", choices=["tiny", "small"], default="small",
-                   help="tiny: everything in under a minute (tests); small: the default models")
+    b.add_argument("--profile", choices=["tiny", "small", "full"], default="small",
+                   help="tiny: everything in under a minute (tests); small: the default models (10 minutes on "
+                        "2 cores); full: trained long enough to show the lineage (about 90 minutes on 2 cores)")
+    b.add_argument("--device", default="cpu",
+                   help="where the neural families train: cpu, cuda, cuda:N or auto (CUDA when torch sees a GPU); "
+                        "export and evaluation run on the CPU")
     b.add_argument("--repository", type=Path, default=Path("repository"), help="model repository folder")
     b.add_argument("--corpus", type=Path, nargs="+", help="your own UTF-8 text files instead of the default corpus")
     b.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("PLM_CACHE", "cache")),
@@ -229,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         from plm.export.build import build_repository
 
-        build_repository(profile=args.profile, repository=args.repository, corpus_files=args.corpus,
-                         cache_dir=args.cache_dir, families=args.families, force=args.force, seed=args.seed,
-                         variants=args.variants)
+        try:
+            build_repository(profile=args.profile, repository=args.repository, corpus_files=args.corpus,
+                             cache_dir=args.cache_dir, families=args.families, force=args.force, seed=args.seed,
+                             variants=args.variants, device=args.device)
+        except ValueError as e:  # a request the build refuses before training anything: unknown family, device
+            print(f"plm build: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "serve":
         raw = sys.argv[1:] if argv is None else argv
