@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 from plm.service import faults
 from plm.service.config import Batching
 from plm.service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from plm.service.metrics import Metrics
+from plm.service.metrics import Metrics, observe_many
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -61,6 +61,10 @@ class DynamicBatcher(Generic[P, R]):
         self._run = run
         self.cfg = batching
         self._metrics = metrics
+        # This model's series, looked up once (a `labels()` call per row takes a lock and builds a key).
+        self._m_depth = metrics.queue_depth.labels(model)
+        self._m_wait = metrics.queue_wait.labels(model)
+        self._m_batch = metrics.batch_size.labels(model)
         self._queue: collections.deque[_Row[P, R]] = collections.deque()
         # NOTE: asyncio primitives are created in start(), inside the running loop that will use them.
         self._wakeup: asyncio.Event | None = None
@@ -109,9 +113,11 @@ class DynamicBatcher(Generic[P, R]):
         rows = [_Row(p, n, loop.create_future(), now, deadline) for p, n in zip(payloads, lengths, strict=True)]
         self._queue.extend(rows)
         self._arrivals += len(rows)
-        self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+        self._m_depth.set(len(self._queue))
         self._wakeup.set()
         try:
+            if len(rows) == 1:  # one text per call, the common case: no gather future between the row and its caller
+                return [await rows[0].future]
             return list(await asyncio.gather(*(r.future for r in rows)))
         except BaseException:
             for r in rows:  # the caller is gone or one row failed: the others need not run
@@ -236,12 +242,11 @@ class DynamicBatcher(Generic[P, R]):
                 except TimeoutError:
                     break
             batch = self._take_batch()
-            self._metrics.queue_depth.labels(self.model).set(len(self._queue))
+            self._m_depth.set(len(self._queue))
             if not batch:
                 continue
             started = time.monotonic()
-            for row in batch:
-                self._metrics.queue_wait.labels(self.model).observe(started - row.enqueued)
+            observe_many(self._m_wait, [started - row.enqueued for row in batch])
             arrivals = self._arrivals
             try:
                 payloads = [r.payload for r in batch]
@@ -261,7 +266,7 @@ class DynamicBatcher(Generic[P, R]):
             took = time.monotonic() - started
             if self.batches_run > 1:  # the first run allocates: it says nothing about the next ones
                 self._recent_batches.append(took)
-            self._metrics.batch_size.labels(self.model).observe(len(batch))
+            self._m_batch.observe(len(batch))
             for row, result in zip(batch, results, strict=True):
                 if not row.future.done():
                     row.future.set_result(result)
