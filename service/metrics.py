@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import values as prometheus_values
 from prometheus_client.exposition import generate_latest
 
 disable_created_metrics()  # before any metric exists: the switch is read as each child is created
@@ -106,6 +107,11 @@ class Metrics:
         )
         self.inflight = Gauge("plm_inflight_requests", "RPCs being handled now (all models).",
                               multiprocess_mode="livesum", registry=r)
+        # One process: the gauge reads `inflight_now` when scraped, so a call sets a plain int, not the gauge's
+        # locked value twice. Worker processes write their values to files the supervisor reads: there it is set.
+        self._inflight_files = prometheus_values.ValueClass is not prometheus_values.MutexValue
+        if not self._inflight_files:
+            self.inflight.set_function(lambda: self.inflight_now)
         self.active_sequences = Gauge(
             "plm_active_sequences", "Sequences in a generation engine's running batch (each holds KV memory).",
             ["model"], multiprocess_mode="livesum", registry=r,
@@ -136,7 +142,8 @@ class Metrics:
     def set_inflight(self, calls: int) -> None:
         """The calls being handled now: the gauge, and `inflight_now` for the batchers' idleness test."""
         self.inflight_now = calls
-        self.inflight.set(calls)
+        if self._inflight_files:
+            self.inflight.set(calls)
 
     def request_done(self, method: str, model: str, code: str, seconds: float, protocol: str = "grpc") -> None:
         """Count one finished call and observe its duration (the labelled series are looked up once each)."""
