@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from plm.service import reload
 from plm.service.config import ServerConfig
@@ -71,9 +72,12 @@ def _generate_request(r: pb.GenerateRequest) -> rq.GenerateRequest:
         stop=s.stop, seed=s.seed if s.HasField("seed") else None, truncate_prompt=r.truncate_prompt)
 
 
-def _candidates(cs: tuple[next_word.CandidateResult, ...]) -> list[pb.Candidate]:
-    return [pb.Candidate(text=c.text, prob=probability(c.log_prob), log_prob=c.log_prob, token_ids=c.token_ids)
-            for c in cs]
+def _add_candidates(field: Any, cs: tuple[next_word.CandidateResult, ...]) -> None:
+    """Candidates written into a repeated field in place (`add`): a message built apart and then put in the
+    list is built twice, as protobuf copies it in."""
+    add = field.add
+    for c in cs:
+        add(text=c.text, prob=probability(c.log_prob), log_prob=c.log_prob, token_ids=c.token_ids)
 
 
 def _neighbours(ns: tuple[tuple[str, float], ...]) -> list[pb.Neighbour]:
@@ -108,9 +112,13 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
             request.model, request.contexts, request.top_k if request.HasField("top_k") else None,
             request.include_tokens, request.beam_width if request.HasField("beam_width") else None,
             request.max_word_tokens if request.HasField("max_word_tokens") else None))
-        return pb.PredictNextResponse(model=served.model, model_version=served.version, predictions=[
-            pb.NextPrediction(context=r.context, words=_candidates(r.words), tokens=_candidates(r.tokens))
-            for r in served.result])
+        response = pb.PredictNextResponse(model=served.model, model_version=served.version)
+        for r in served.result:
+            prediction = response.predictions.add(context=r.context)
+            _add_candidates(prediction.words, r.words)
+            if r.tokens:
+                _add_candidates(prediction.tokens, r.tokens)
+        return response
 
     @unary("Generate", FIELDS["Generate"])
     async def Generate(self, request: pb.GenerateRequest, call: Call) -> pb.GenerateResponse:
@@ -136,14 +144,15 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
     async def FillMask(self, request: pb.FillMaskRequest, call: Call) -> pb.FillMaskResponse:
         served = await self.plane.fill_mask(call, rq.FillMaskRequest(
             request.model, request.texts, request.top_k if request.HasField("top_k") else None, request.targets))
-        return pb.FillMaskResponse(model=served.model, model_version=served.version, results=[
-            pb.FillMaskResult(text=r.text, masks=[
-                pb.MaskFill(index=b, candidates=[
-                    pb.FillMaskCandidate(score=probability(c.log_prob), token=c.token_ids[0], token_str=c.token_str,
-                                         sequence=c.sequence, log_prob=c.log_prob, token_ids=c.token_ids)
-                    for c in cands])
-                for b, cands in enumerate(r.masks)], completed=r.completed)
-            for r in served.result])
+        response = pb.FillMaskResponse(model=served.model, model_version=served.version)
+        for r in served.result:  # written in place (`add`), as PredictNext's
+            result = response.results.add(text=r.text, completed=r.completed)
+            for b, cands in enumerate(r.masks):
+                add = result.masks.add(index=b).candidates.add
+                for c in cands:
+                    add(score=probability(c.log_prob), token=c.token_ids[0], token_str=c.token_str,
+                        sequence=c.sequence, log_prob=c.log_prob, token_ids=c.token_ids)
+        return response
 
     @unary("Embed", FIELDS["Embed"])
     async def Embed(self, request: pb.EmbedRequest, call: Call) -> pb.EmbedResponse:
