@@ -2,12 +2,15 @@
 
     python benchmarks/engine_step.py [--repository repository] [--model gpt] [--batch 1 16] [--new-tokens 64]
 
-Loads the model in-process, generates `--new-tokens` tokens for each of B prompts at once straight through
-the generation task (seeded top-k 50 sampling; a prompt that samples EOS early starts again, so every
-stream makes its tokens), and splits the wall time per decode step into the ONNX Runtime run, the step's
-assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the rest is
-prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
-the event loop. Writes results/engine_step.json and a PNG of the split.
+Loads the model in-process, generates exactly `--new-tokens` tokens for each of B prompts at once straight
+through the generation task (seeded top-k 50 sampling with `min_new_tokens` = `max_new_tokens`, so no stream
+ends early and the batch stays whole; `--stop-at-eos` lets a sampled EOS end a request, and the stream starts
+another, the workload before 2026-12-07), and splits the wall time per decode step into the ONNX Runtime run,
+the step's assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the rest
+is prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
+the event loop. Then the same decoder session runs bare (no engine, no event loop) on the same shapes — B rows,
+pasts as wide as the engine's were — and the engine's step is reported as a ratio to that raw step. Writes
+results/engine_step.json and a PNG of the split.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from _smoke import add_smoke_flag, run  # this folder is on sys.path when run as a script
 from plm.service.config import load_config
 from plm.service.generation import kv_batch
@@ -28,13 +32,42 @@ from plm.service.registry import load_model
 from plm.service.tasks.generate import GenerateParams, SamplingParams, generate
 
 
-async def measure(repository: Path, model_name: str, batches: list[int], n: int) -> list[dict[str, Any]]:
+def raw_steps(session: Any, manifest_graph: dict[str, Any], b: int, n: int, prompt: int = 6) -> float:
+    """Seconds per decode step of the bare decoder session: `b` rows of `prompt` tokens, then `n` greedy steps
+    (pasts `prompt` to `prompt + n - 1` wide, as the engine's rows are); the median of three runs' means."""
+    layers, heads, dim = manifest_graph["n_layer"], manifest_graph["n_head"], manifest_graph["head_dim"]
+    pasts = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    presents = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    means = []
+    for r in range(4):  # the first run warms up
+        ids = (5 + (np.arange(b * prompt).reshape(b, prompt) + r) % 50).astype(np.int64)
+        kv = [np.zeros((b, heads, 0, dim), dtype=np.float32)] * len(pasts)
+        mask = np.ones_like(ids)
+        pos = np.repeat(np.arange(prompt, dtype=np.int64)[None], b, axis=0)
+        out = session.run(["next_logprobs", *presents], {"input_ids": ids, "attention_mask": mask,
+                                                         "position_ids": pos, **dict(zip(pasts, kv, strict=True))})
+        started = time.perf_counter()
+        for _ in range(n):
+            ids = np.argmax(out[0], axis=1)[:, None].astype(np.int64)
+            pos = np.full((b, 1), mask.shape[1], dtype=np.int64)
+            mask = np.ones((b, mask.shape[1] + 1), dtype=np.int64)
+            out = session.run(["next_logprobs", *presents], {"input_ids": ids, "attention_mask": mask,
+                                                             "position_ids": pos,
+                                                             **dict(zip(pasts, out[1:], strict=True))})
+        if r:
+            means.append((time.perf_counter() - started) / n)
+    return float(np.median(means))
+
+
+async def measure(repository: Path, model_name: str, batches: list[int], n: int,
+                  fixed: bool = True) -> list[dict[str, Any]]:
     # The server's own settings: PLM_* environment variables apply (e.g. PLM_RUNTIME__SPIN_WAIT=true).
     model = load_model(repository / model_name, replace(load_config(), repository=repository), Metrics())
     await model.start()
     engine = model.engine
     if engine is None:
         raise SystemExit(f"{model_name} has no KV-cache decoder graph")
+    graph = json.loads((repository / model_name / "manifest.json").read_text())["graphs"]["decoder"]
     spent = {"ort": 0.0, "ort_decode": 0.0, "decode_call": 0.0, "emit": 0.0, "layout": 0.0}
 
     def timed(key: str, fn: Any) -> Any:
@@ -78,7 +111,8 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
     async def one(i: int, tokens: int) -> int:
         got = 0
         for attempt in range(16):  # a sampled EOS ends a request early: the next one goes on
-            sampling = SamplingParams(temperature=1.0, top_k=50, seed=1000 * attempt + i, max_new_tokens=tokens - got)
+            sampling = SamplingParams(temperature=1.0, top_k=50, seed=1000 * attempt + i, max_new_tokens=tokens - got,
+                                      min_new_tokens=tokens - got if fixed else 0)
             params = GenerateParams((f"The king {i}",), sampling)
             async for ev in generate(model, params, None, metrics):
                 got += len(ev.token_ids)
@@ -96,17 +130,20 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int)
         tokens = sum(await asyncio.gather(*(one(i, n) for i in range(b))))
         wall, steps = time.perf_counter() - started, engine.steps - steps_before
         ms = {k: 1000 * v / steps for k, v in spent.items()}
+        raw = 1000 * raw_steps(engine.session.session, graph, b, n)
         rows.append({"batch": b, "tokens": tokens, "steps": steps, "wall_ms_per_step": 1000 * wall / steps,
                      "ort_ms_per_step": ms["ort_decode"], "prefill_ort_ms_per_step": ms["ort"] - ms["ort_decode"],
                      "assembly_ms_per_step": ms["decode_call"] - ms["ort_decode"], "sampling_ms_per_step": ms["emit"],
                      "layout_ms_per_step": ms["layout"], "layouts": layouts[0],
-                     "tokens_per_s": tokens / wall})
+                     "tokens_per_s": tokens / wall, "raw_ms_per_step": raw,
+                     "step_vs_raw": 1000 * wall / steps / raw})
         r = rows[-1]
         print(f"B={b:3d}: {r['wall_ms_per_step']:.2f} ms/step = ONNX Runtime {r['ort_ms_per_step']:.2f} + assembly "
               f"{r['assembly_ms_per_step']:.2f} + sampling/detokenising {r['sampling_ms_per_step']:.2f} + rest "
               f"(of which prefill ONNX Runtime {r['prefill_ort_ms_per_step']:.2f}, {r['layouts']} layouts "
               f"{r['layout_ms_per_step']:.2f}); "
-              f"{r['tokens_per_s']:.0f} tokens/s ({tokens} tokens in {steps} steps)")
+              f"{r['tokens_per_s']:.0f} tokens/s ({tokens} tokens in {steps} steps); raw step on the same shapes "
+              f"{raw:.2f} ms: engine step {r['step_vs_raw']:.2f}× raw", flush=True)
     await model.close()
     kv_batch.to_host, kv_batch.refill = host, refill
     kv_batch.Scratch.layout = layout  # type: ignore[method-assign]
@@ -119,12 +156,14 @@ def main() -> None:
     ap.add_argument("--model", default="gpt")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--stop-at-eos", action="store_true",
+                    help="let a sampled EOS end a request (the stream starts another) instead of fixed lengths")
     ap.add_argument("--out", type=Path, default=Path("results/engine_step.json"))
     add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
         args.batch, args.new_tokens = [1, 2], 8
-    rows = asyncio.run(measure(args.repository, args.model, args.batch, args.new_tokens))
+    rows = asyncio.run(measure(args.repository, args.model, args.batch, args.new_tokens, not args.stop_at_eos))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
     plot(rows, args.model, args.out.with_suffix(".png"))

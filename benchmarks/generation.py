@@ -12,8 +12,10 @@ request and starts the next one until the stream has its tokens, the workload be
 round records its requests), `--rounds` times each,
 reporting the median round (the raw decode step likewise: the median request's mean step). A third server, the
 engine with `stream_interval` (tokens sent per message), runs the most streams once more.
-References, requests one after another: a raw ONNX Runtime greedy loop over the same decoder graph, and
-Hugging Face `transformers` generating (KV cache on) with the same weights (`weights.npz`). Also
+References: a raw ONNX Runtime greedy loop over the same decoder graph, one request after another and with
+as many rows at once as the most streams (its decode steps' tokens/s: what the graph computes for that batch),
+and Hugging Face `transformers` generating (KV cache on) with the same weights (`weights.npz`), one request
+after another and the same prompts as one left-padded batch with the engine's sampling. Also
 times Classify (8 demonstrations × 4 labels × 16 queries) with prefix reuse (engine) and without: whole sequences
 on the server without the engine, and on the engine server with `prefix_reuse = false`. Prints
 the ratios measured in this one run, and writes results/generation.json and results/generation.png.
@@ -116,9 +118,12 @@ def drive(target: str, model: str, streams: int, n: int, metrics_url: str | None
     return out
 
 
-def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int, device: str = "cpu") -> dict[str, float]:
-    """Greedy decoding with the bare decoder graph, one request after another (batch 1); on CUDA the presents
-    stay on the GPU as the next step's pasts (IO binding), as the engine keeps them."""
+def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int, device: str = "cpu",
+            batch: int = 1) -> dict[str, float]:
+    """Greedy decoding with the bare decoder graph, one request of `batch` prompts (BOS + 4 tokens each, so no
+    padding) after another; on CUDA the presents stay on the GPU as the next step's pasts (IO binding), as the
+    engine keeps them. tokens/s counts every row's tokens: at `batch` 16 it is what the graph computes for the
+    engine's 16 streams, with nothing around it but argmax."""
     dec = manifest["graphs"]["decoder"]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 0
@@ -131,10 +136,10 @@ def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int, devic
     tokens = 0
     started = time.perf_counter()
     for r in range(requests):
-        ids = np.array([[0] + [5 + (r + k) % 50 for k in range(4)]], dtype=np.int64)  # BOS + a 4-token prompt
-        kv = [np.zeros((1, heads, 0, dim), dtype=np.float32)] * len(pasts)
+        ids = np.array([[0] + [5 + (r + j + k) % 50 for k in range(4)] for j in range(batch)], dtype=np.int64)
+        kv = [np.zeros((batch, heads, 0, dim), dtype=np.float32)] * len(pasts)
         mask = np.ones_like(ids)
-        pos = np.arange(ids.shape[1], dtype=np.int64)[None]
+        pos = np.repeat(np.arange(ids.shape[1], dtype=np.int64)[None], batch, axis=0)
         for _ in range(n):
             t0 = time.perf_counter()
             feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(pasts, kv, strict=True))}
@@ -145,22 +150,21 @@ def raw_ort(folder: Path, manifest: dict[str, Any], requests: int, n: int, devic
                 out = sess.run(["next_logprobs", *presents], feeds)
                 logprobs, kv = out[0], out[1:]
             step_times.append(time.perf_counter() - t0)
-            nxt = int(np.argmax(logprobs[0]))
-            tokens += 1
-            pos = np.array([[mask.shape[1]]], dtype=np.int64)
-            ids = np.array([[nxt]], dtype=np.int64)
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+            tokens += batch
+            pos = np.full((batch, 1), mask.shape[1], dtype=np.int64)
+            ids = np.argmax(logprobs, axis=1)[:, None].astype(np.int64)
+            mask = np.ones((batch, mask.shape[1] + 1), dtype=np.int64)
     wall = time.perf_counter() - started
     # Each request's mean step (its first step, the cold one, left out of the first), then the median request:
     # a slow spell of the machine moves a few requests, not the figure.
     per_request = [np.mean(step_times[r * n + (r == 0):(r + 1) * n]) for r in range(requests)]
-    return {"requests": requests, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "mean_decode_step_ms": 1000 * float(np.median(per_request))}
+    step = float(np.median(per_request))
+    return {"requests": requests, "batch": batch, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "mean_decode_step_ms": 1000 * step, "decode_tokens_per_s": batch / step}
 
 
-def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int,
-                  device: str = "cpu") -> dict[str, float]:
-    """Hugging Face `transformers` generating with the same weights (KV cache on), one request after another."""
+def _hf_model(folder: Path, manifest: dict[str, Any], device: str) -> tuple[Any, Any]:
+    """`transformers`' GPT2LMHeadModel with the model's weights (`weights.npz`), and the model's tokenizer."""
     import torch
     from plm.export.hf_gpt2 import load_weights, to_hf_gpt2
     from plm.models.gpt import GPTConfig
@@ -169,7 +173,15 @@ def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int,
     if device == "cpu":
         torch.set_num_threads(2)
     hf = to_hf_gpt2(load_weights(folder / manifest["weights"], GPTConfig(**manifest["config"]))).to(device)
-    tok = Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
+    return hf, Tokenizer.from_file(str(folder / manifest["tokenizer"]["file"]))
+
+
+def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int,
+                  device: str = "cpu") -> dict[str, float]:
+    """Hugging Face `transformers` generating with the same weights (KV cache on), one request after another."""
+    import torch
+
+    hf, tok = _hf_model(folder, manifest, device)
     tokens = 0
     started = time.perf_counter()
     with torch.no_grad():
@@ -180,6 +192,34 @@ def hf_sequential(folder: Path, manifest: dict[str, Any], requests: int, n: int,
             tokens += out.shape[1] - ids.shape[1]
     wall = time.perf_counter() - started
     return {"requests": requests, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
+def hf_batched(folder: Path, manifest: dict[str, Any], prompts: int, n: int, rounds: int,
+               device: str = "cpu") -> dict[str, float]:
+    """`transformers` generating `prompts` prompts as one batch (left-padded, with their attention mask: GPT-2
+    takes each row's positions from it), the engine's sampling (temperature 1, top-k 50, exactly `n` new
+    tokens), `rounds` times; the median round."""
+    import torch
+
+    hf, tok = _hf_model(folder, manifest, device)
+    rows = [[0, *tok.encode(PROMPTS[i % len(PROMPTS)], add_special_tokens=False).ids] for i in range(prompts)]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    seconds = []
+    tokens = 0
+    with torch.no_grad():
+        hf.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_k=50, eos_token_id=None,
+                    pad_token_id=0)  # warm-up
+        for r in range(rounds):
+            torch.manual_seed(r)
+            started = time.perf_counter()
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=True,
+                              top_k=50, temperature=1.0, eos_token_id=None, pad_token_id=0)
+            seconds.append(time.perf_counter() - started)
+            tokens = int(out.shape[0] * (out.shape[1] - width))
+    wall = float(np.median(seconds))
+    return {"prompts": prompts, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
 
 
 def classify_timing(target: str, model: str, repeats: int = 3, shots: int = 8) -> float:
@@ -245,21 +285,33 @@ def main() -> None:
                 print(f"{mode:9} {s:3d} streams: {r['tokens_per_s']:8.1f} tokens/s, "
                       f"inter-token {r['mean_inter_token_ms']:.2f} ms", flush=True)
     servers.close()
-    raw = raw_ort(folder, manifest, max(args.streams), n, args.device)
+    most = max(args.streams)
+    raw = raw_ort(folder, manifest, most, n, args.device)
     print(f"raw ORT sequential: {raw['tokens_per_s']:8.1f} tokens/s, decode step {raw['mean_decode_step_ms']:.2f} ms")
-    hf = hf_sequential(folder, manifest, max(args.streams), n, args.device) if "weights" in manifest else None
-    if hf is not None:
-        print(f"transformers sequential: {hf['tokens_per_s']:8.1f} tokens/s")
+    raw_b = raw_ort(folder, manifest, args.rounds, n, args.device, batch=most)
+    print(f"raw ORT batch {most}: {raw_b['decode_tokens_per_s']:8.1f} tokens/s in its decode steps "
+          f"({raw_b['mean_decode_step_ms']:.2f} ms a step), {raw_b['tokens_per_s']:8.1f} tokens/s overall")
+    hf = hf_sequential(folder, manifest, most, n, args.device) if "weights" in manifest else None
+    hf_b = hf_batched(folder, manifest, most, n, args.rounds, args.device) if "weights" in manifest else None
+    if hf is not None and hf_b is not None:
+        print(f"transformers sequential: {hf['tokens_per_s']:8.1f} tokens/s; batch of {most}: "
+              f"{hf_b['tokens_per_s']:8.1f} tokens/s")
     ratios = {}
     for e, r in zip(rows["engine"], rows["recompute"], strict=True):
         ratios[f"engine_vs_recompute_{e['streams']}"] = e["tokens_per_s"] / r["tokens_per_s"]
         ratios[f"engine_vs_raw_sequential_{e['streams']}"] = e["tokens_per_s"] / raw["tokens_per_s"]
         if hf is not None:
             ratios[f"engine_vs_transformers_sequential_{e['streams']}"] = e["tokens_per_s"] / hf["tokens_per_s"]
-    if hf is not None:  # the same engine sending each stream's tokens 4 at a time (stream_interval)
-        e = rows["engine_interval"][0]
-        ratios[f"engine_stream_interval_{args.stream_interval}_vs_transformers_sequential_{e['streams']}"] = (
-            e["tokens_per_s"] / hf["tokens_per_s"])
+    # The most streams, with stream_interval 1 and `--stream-interval`, against the raw graph decoding that many
+    # rows at once and against transformers generating them as one batch.
+    for label, e in ((1, rows["engine"][-1]), (args.stream_interval, rows["engine_interval"][0])):
+        ratios[f"engine_interval_{label}_{most}_vs_raw_batched_decode"] = (e["tokens_per_s"]
+                                                                          / raw_b["decode_tokens_per_s"])
+        if hf is not None and hf_b is not None:
+            ratios[f"engine_interval_{label}_{most}_vs_transformers_sequential"] = (e["tokens_per_s"]
+                                                                                   / hf["tokens_per_s"])
+            ratios[f"engine_interval_{label}_{most}_vs_transformers_batched"] = (e["tokens_per_s"]
+                                                                                / hf_b["tokens_per_s"])
     ratios["classify_prefix_reuse_speedup"] = classify_s["recompute"] / classify_s["engine"]
     ratios["classify_prefix_reuse_vs_whole_sequences_same_server"] = classify_s["whole"] / classify_s["engine"]
     for one in (r for r in rows["engine"] if r["streams"] == 1):  # only when 1 stream was run
@@ -267,12 +319,12 @@ def main() -> None:
         ratios["server_inter_token_1_stream_vs_raw_step"] = (one["server_mean_inter_token_ms"]
                                                              / raw["mean_decode_step_ms"])
     for k, v in ratios.items():
-        print(f"{k:40} {v:6.2f}×")
+        print(f"{k:56} {v:6.2f}×")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "device": args.device, "new_tokens": n,
                                     "fixed_length": not args.stop_at_eos, "rows": rows,
-                                    "raw_ort": raw,
-                                    "transformers": hf,
+                                    "raw_ort": raw, "raw_ort_batched": raw_b,
+                                    "transformers": hf, "transformers_batched": hf_b,
                                     "classify_seconds": classify_s, "ratios": ratios}, indent=2) + "\n")
     import matplotlib
 
@@ -286,6 +338,9 @@ def main() -> None:
     ax.axhline(raw["tokens_per_s"], color="grey", ls=":", label="raw ORT, sequential")
     if hf is not None:
         ax.axhline(hf["tokens_per_s"], color="red", ls="-.", label="transformers, sequential")
+    if hf_b is not None:
+        ax.axhline(hf_b["tokens_per_s"], color="darkred", ls="--", label=f"transformers, batch of {most}")
+    ax.axhline(raw_b["decode_tokens_per_s"], color="black", ls=":", label=f"raw ORT decode steps, batch {most}")
     ax.set(xlabel="concurrent streams", ylabel="generated tokens / s", xscale="log",
            title=f"{args.model}: {n} new tokens per stream")
     ax.legend()
