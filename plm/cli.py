@@ -9,7 +9,6 @@ line naming the address and the flag that changes it, exit 1.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -268,7 +267,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
-    from plm.service.server import serve, setup_logging
+    from plm.service.server import run, setup_logging
     from plm.service.workers import PORT_TAKEN, Supervisor
 
     try:
@@ -286,7 +285,7 @@ def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
         if message is None and config.workers > 1:
             return Supervisor(config, serve_argv).run()
         if message is None:
-            return asyncio.run(serve(config))
+            return run(config)
     except (OSError, RuntimeError) as e:  # taken meanwhile: gRPC's RuntimeError, or the metrics server's OSError
         message = _bind_failure(e, config)
         if message is None:

@@ -170,6 +170,17 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     return RunningServer(server, port, registry, metrics, health_servicer, config, admission, reloader, watcher, http)
 
 
+def run(config: ServerConfig) -> int:
+    """`serve` to the end on uvloop's event loop where uvloop is installed (a dependency on Linux and macOS), else
+    on asyncio's own: grpc.aio and aiohttp run on either, and uvloop's costs the event-loop thread less per call
+    (benchmarks/grpc_floor.py)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
+
+
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, or until a server thread or batcher task dies, then drain gracefully.
 
