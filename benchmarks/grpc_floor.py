@@ -14,9 +14,9 @@ answered:
   in `session.run` is CPU time of the calling thread, which the server counts in `plm_bench_ort_cpu_seconds`, a
   counter this script adds to the server's registry; FillMask's excess is reported with and without it).
 Methods: n-gram `PredictNext` and BERT `FillMask`. The median over pairs of plm − bare is the excess per call.
-With `--baseline DIR` (a folder holding another `plm` package, e.g. a `git archive` of the commit before a
-change, arranged as the installed namespace) a third server, `baseline`, runs that code in the same rotation, and
-the median of plm − baseline per pair is the change's effect.
+With `--baseline DIR ...` (folders each holding another `plm` package, e.g. a `git archive` of the commit before
+a change, arranged as the installed namespace) one more server per folder, named by the folder, runs that code in
+the same rotation, and the median of plm − that server per round is the change's effect (less ORT's CPU).
 
 Then `stages`: in one child process (access log to /dev/null through the server's own buffered handler), each
 stage of the request path timed alone in process CPU per call: call edge (request id, deadline), admission,
@@ -354,7 +354,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per measured window")
     ap.add_argument("--pairs", type=int, default=3, help="alternated bare/plm pairs per method")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--baseline", type=Path, help="a folder with another `plm` package: a third server runs it")
+    ap.add_argument("--baseline", type=Path, nargs="*", default=[],
+                    help="folders each with another `plm` package: one more server runs each")
     ap.add_argument("--no-stages", action="store_true", help="skip the in-process stage timings")
     ap.add_argument("--out", type=Path, default=Path("results/grpc_floor.json"))
     add_smoke_flag(ap)
@@ -366,9 +367,9 @@ def main() -> None:
     servers = {"plm": Child(plm_argv, env={"PLM_RUNTIME__INTRA_OP_THREADS": "1"})}
     rows: dict[str, list[dict[str, Any]]] = {}
     try:
-        if args.baseline:
-            servers["baseline"] = Child(plm_argv, env={"PLM_RUNTIME__INTRA_OP_THREADS": "1",
-                                                       "PYTHONPATH": str(args.baseline.resolve())})
+        for folder in args.baseline:
+            servers[folder.name] = Child(plm_argv, env={"PLM_RUNTIME__INTRA_OP_THREADS": "1",
+                                                        "PYTHONPATH": str(folder.resolve())})
         answers = args.out.with_suffix(".responses.json")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         answers.write_text(json.dumps(responses(servers["plm"])))
@@ -377,7 +378,7 @@ def main() -> None:
         for method in METHODS:
             for name, srv in servers.items():  # warm up: connections, ORT's first shapes
                 measure(srv, method, args.concurrency, min(args.duration, 1.0), args.smoke, name != "bare")
-            for pair in range(args.pairs):  # each server first in turn
+            for pair in range(args.pairs):  # a round: every server once, each first in turn
                 for name in names[pair % len(names):] + names[:pair % len(names)]:
                     rows.setdefault(f"{method} {name}", []).append(
                         measure(servers[name], method, args.concurrency, args.duration, args.smoke, name != "bare"))
@@ -396,9 +397,9 @@ def main() -> None:
             summary[f"{method} ORT µs/call"] = statistics.median(ort)
             summary[f"{method} plm − ORT − bare µs/call"] = statistics.median(
                 p - o - b for p, o, b in zip(plm, ort, bare, strict=True))
-        if args.baseline:
-            base = [r["server_cpu_us_per_call"] - r["ort_cpu_us_per_call"] for r in rows[f"{method} baseline"]]
-            summary[f"{method} plm − baseline (less ORT) µs/call"] = statistics.median(
+        for folder in args.baseline:
+            base = [r["server_cpu_us_per_call"] - r["ort_cpu_us_per_call"] for r in rows[f"{method} {folder.name}"]]
+            summary[f"{method} plm − {folder.name} (less ORT) µs/call"] = statistics.median(
                 p - o - b for p, o, b in zip(plm, ort, base, strict=True))
     for name, rs in rows.items():
         print(f"{name:18} " + "  ".join(f"{r['server_cpu_us_per_call']:5.0f} µs ({r['calls_per_s']:5.0f}/s, "
