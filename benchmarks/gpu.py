@@ -8,13 +8,18 @@ Needs a GPU and `onnxruntime-gpu` (docs/benchmarks.md, "On a GPU", says how it w
    float32 with the provider's default TF32 matrix products, and the fp16 variant when the folder has one)
    against float32 on CPU: the largest absolute difference.
 2. Raw ONNX Runtime throughput at the best batch size, `Score` (GPT) and `FillMask` (BERT), each of those
-   against the CPU provider on this machine's cores.
+   against the CPU provider on this machine's cores: the same batch sizes searched on both sides
+   (`BATCHES`, 1 to 256), and each side's rate at every one of them in the JSON.
 3. The decoder's step, bare ONNX Runtime, batch 1 and 16: keys and values bound on the GPU (IO binding) ÷
    copied through host memory every step (`run`); and the same through the engine in process
    (`runtime.io_binding` on and off).
 4. Served on the GPU (`plm serve`, automatic providers): `Score` and `FillMask` at concurrency 64 ÷ raw CUDA
-   at its best batch size; dynamic batching on ÷ off; and `--workers N` server processes sharing the GPU,
-   driven by N load-generator processes.
+   at the server's batch cap (`max_batch_size`, the most rows a served batch has) and at its best batch size;
+   dynamic batching on ÷ off; and `--workers N` server processes sharing the GPU, driven by N load-generator
+   processes.
+
+The texts are the serving benchmark's: the test split of the corpus the repository was built from
+(`serving.held_out_texts`), so the corpus files `corpus.json` names must be on the machine too.
 
 Writes the JSON and a PNG, and prints the ratios.
 
@@ -43,9 +48,9 @@ from _smoke import Servers, add_smoke_flag, no_errors, run
 from engine_step import measure as engine_measure
 from plm.service.config import Runtime
 from plm.service.runtime import run_bound
-from serving import UNBATCHED, Raw, best_rate, drive, held_out_texts
+from serving import BATCH_CAP, UNBATCHED, Raw, best_rate, drive, held_out_texts
 
-GPU_BATCHES = (1, 4, 16, 64, 128, 256)
+BATCHES = (1, 4, 16, 32, 64, 128, 256)  # raw batch sizes, the same for every provider; 32 = BATCH_CAP
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -95,7 +100,7 @@ def main() -> None:
         raw_seconds, steps, small, big, alternations, args.duration, args.workers = 0.05, 4, 1, 2, 1, 0.15, 2
     drive_ = functools.partial(drive, warmup=0.0 if args.smoke else 2.0)
     started = time.perf_counter()
-    texts = held_out_texts(32 if args.smoke else 256)
+    texts = held_out_texts(args.repository, 32 if args.smoke else 512)
     idx = list(range(len(texts)))
     gpt_manifest = json.loads((args.repository / "gpt" / "manifest.json").read_text())
     has_fp16 = "fp16" in (gpt_manifest.get("variants") or {})
@@ -128,7 +133,7 @@ def main() -> None:
                 "bert_mask_logprob_max_abs_diff": float(np.abs(bert - reference["bert"]).max())}
             print(f"parity {name:18}: " + ", ".join(f"{k} {v:.2e}" for k, v in out["parity"][name].items()),
                   flush=True)
-        batches = (1, 4) if args.smoke else GPU_BATCHES if name != "cpu" else (1, 8, 32, 64)
+        batches = (1, 4) if args.smoke else BATCHES  # the same range for every provider
         out["raw"][name] = {"gpt_score": best_rate(raw.gpt_score, len(texts), raw_seconds, batches),
                             "bert_fill": best_rate(raw.bert_fill, len(texts), raw_seconds, batches)}
         for k, v in out["raw"][name].items():
@@ -164,19 +169,21 @@ def main() -> None:
     # A smoke run's load for the workers comes from one process (the load generator's processes have their tests).
     load_processes = 1 if args.smoke else args.workers
     one_thread = {"PLM_RUNTIME__INTRA_OP_THREADS": "1", "PLM_RUNTIME__DECODER_SPIN_WAIT": "false"}
-    servers = Servers(args.repository, args.smoke, [(["gpt", "bert"], {}), (["gpt"], UNBATCHED), (["gpt"], one_thread)])
-    with servers.start(["gpt", "bert"], metrics=True) as srv:
+    # Every server holds the same models, so that each ratio between two of them compares one setting alone.
+    both = ["gpt", "bert"]
+    servers = Servers(args.repository, args.smoke, [(both, {}), (both, UNBATCHED), (both, one_thread)])
+    with servers.start(both, metrics=True) as srv:
         served["gpt_score"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration, srv.metrics_url)
         served["bert_fill"] = drive_(srv.target, "FillMask", "bert", texts, 64, args.duration, srv.metrics_url)
         served["gpt_score_x8"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration, per_request=8)
-    with servers.start(["gpt"], UNBATCHED) as srv:
+    with servers.start(both, UNBATCHED) as srv:
         served["gpt_score_unbatched"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration)
-    with servers.start(["gpt"], one_thread) as srv:
+    with servers.start(both, one_thread) as srv:
         served["gpt_score_1_thread"] = drive_(srv.target, "Score", "gpt", texts, 64, args.duration)
     servers.close()
     # One process's event loop is the ceiling long before the GPU is: `--workers` processes share the GPU (each
     # with its own session), driven by as many load-generator processes.
-    with servers.start(["gpt", "bert"], workers=args.workers) as srv:
+    with servers.start(both, workers=args.workers) as srv:
         for key, rpc, model in (("gpt_score_workers", "Score", "gpt"), ("bert_fill_workers", "FillMask", "bert")):
             served[key] = drive_(srv.target, rpc, model, texts, 64 * args.workers, args.duration,
                                  processes=load_processes, connections=2)
@@ -186,6 +193,11 @@ def main() -> None:
             no_errors(r["summary"]["errors"], key)
 
     raw_cuda = out["raw"]["cuda_fp32"]
+
+    def at_cap(rate: dict[str, Any]) -> float:  # items/s at the largest batch size run up to the server's cap
+        return float(max((r for r in rate["by_batch"] if r["batch"] <= BATCH_CAP), key=lambda r: r["batch"])
+                     ["items_per_s"])
+
     dstep = {k: float(np.mean(v)) for k, v in out["decode_step_ms"].items()}
     engine_ms = {mode: {b: float(np.mean([r["wall_ms_per_step"] for r in rows if r["batch"] == b]))
                         for b in (small, big)} for mode, rows in out["engine"].items()}
@@ -194,11 +206,18 @@ def main() -> None:
         / out["raw"]["cpu"]["gpt_score"]["best_items_per_s"],
         "raw_fillmask_bert_cuda_vs_cpu": raw_cuda["bert_fill"]["best_items_per_s"]
         / out["raw"]["cpu"]["bert_fill"]["best_items_per_s"],
+        "raw_score_gpt_cuda_vs_cpu_at_batch_cap": at_cap(raw_cuda["gpt_score"])
+        / at_cap(out["raw"]["cpu"]["gpt_score"]),
+        "raw_fillmask_bert_cuda_vs_cpu_at_batch_cap": at_cap(raw_cuda["bert_fill"])
+        / at_cap(out["raw"]["cpu"]["bert_fill"]),
         **{f"decode_step_b{b}_run_vs_io_binding": dstep[f"b{b}_run"] / dstep[f"b{b}_io_binding"] for b in (small, big)},
         **{f"engine_step_b{b}_off_vs_on": engine_ms["off"][b] / engine_ms["on"][b] for b in (small, big)},
         "score_gpt_served_vs_raw_cuda": served["gpt_score"]["texts_per_s"] / raw_cuda["gpt_score"]["best_items_per_s"],
         "fillmask_bert_served_vs_raw_cuda": served["bert_fill"]["texts_per_s"]
         / raw_cuda["bert_fill"]["best_items_per_s"],
+        "score_gpt_served_vs_raw_cuda_at_batch_cap": served["gpt_score"]["texts_per_s"] / at_cap(raw_cuda["gpt_score"]),
+        "fillmask_bert_served_vs_raw_cuda_at_batch_cap": served["bert_fill"]["texts_per_s"]
+        / at_cap(raw_cuda["bert_fill"]),
         "score_gpt_8_texts_per_request_vs_raw_cuda": served["gpt_score_x8"]["texts_per_s"]
         / raw_cuda["gpt_score"]["best_items_per_s"],
         "batching_on_vs_off_gpt_score_cuda": served["gpt_score"]["texts_per_s"]

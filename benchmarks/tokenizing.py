@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/tokenizing.json"))
     add_smoke_flag(ap)
     args = ap.parse_args()
-    texts = held_out_texts(32 if args.smoke else 256)
+    texts = held_out_texts(args.repository, 32 if args.smoke else None)
     passes = 1 if args.smoke else 5
     rows: dict[str, Any] = {}
     for manifest_path in sorted(args.repository.glob("*/manifest.json")):
