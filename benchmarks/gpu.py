@@ -9,7 +9,7 @@ Needs a GPU and `onnxruntime-gpu` (docs/benchmarks.md, "On a GPU", says how it w
    against float32 on CPU: the largest absolute difference.
 2. Raw ONNX Runtime throughput at the best batch size, `Score` (GPT) and `FillMask` (BERT), each of those
    against the CPU provider on this machine's cores: the same batch sizes searched on both sides
-   (`BATCHES`, 1 to 256), and each side's rate at every one of them in the JSON.
+   (`BATCHES`, 1 to 256), each batch of texts of like lengths, and each side's rate at every size in the JSON.
 3. The decoder's step, bare ONNX Runtime, batch 1 and 16: keys and values bound on the GPU (IO binding) ÷
    copied through host memory every step (`run`); and the same through the engine in process
    (`runtime.io_binding` on and off).
@@ -134,8 +134,8 @@ def main() -> None:
             print(f"parity {name:18}: " + ", ".join(f"{k} {v:.2e}" for k, v in out["parity"][name].items()),
                   flush=True)
         batches = (1, 4) if args.smoke else BATCHES  # the same range for every provider
-        out["raw"][name] = {"gpt_score": best_rate(raw.gpt_score, len(texts), raw_seconds, batches),
-                            "bert_fill": best_rate(raw.bert_fill, len(texts), raw_seconds, batches)}
+        out["raw"][name] = {"gpt_score": best_rate(raw.gpt_score, len(texts), raw_seconds, batches, raw.gpt_order),
+                            "bert_fill": best_rate(raw.bert_fill, len(texts), raw_seconds, batches, raw.bert_order)}
         for k, v in out["raw"][name].items():
             print(f"raw {name:18} {k:10}: {v['best_items_per_s']:9.1f} items/s at batch {v['best_batch']}", flush=True)
         del raw

@@ -7,10 +7,12 @@ The texts are real held-out text: the test split of the corpus the repository's 
 fit the GPT's and BERT's windows. Each served figure comes from `plm serve` in its own process
 (client/local_server.py) driven by the `plm loadtest` engine (closed loop, warm-up excluded, client CPU
 reported); each raw figure from an in-process ONNX Runtime session over the same graph file with the server's
-own session settings, in batches of the server's `max_batch_size` drawn in a shuffled order, measured two ways:
-"raw ORT" (token ids made beforehand: pad and run) and "raw with tokenization" (text in, the same response
-message out: the served adapter's tokenizer, pad, run, top-k, the protobuf response built per text; checked
-equal to the server's own responses). Their difference is the Python per-text cost outside the model.
+own session settings, in batches of the server's `max_batch_size` texts of like lengths (the texts sorted by
+tokens, so the least padding a server's batches could reach), measured two ways: "raw ORT" (token ids made
+beforehand: pad and run) and "raw with tokenization" (text in, the same response message out: the served
+adapter's tokenizer, pad, run, top-k, the protobuf response built per text; checked equal to the server's own
+responses). Their difference is the Python per-text cost outside the model. Raw ORT in batches of mixed
+lengths (texts in the order they come) is timed too: what batching without the padding floor gets.
 
 1. `Score` on GPT and `FillMask` on BERT at concurrency 64, one text per request, ÷ raw with tokenization
    (targets ≥ 0.75 and ≥ 0.6) and ÷ raw ORT (≥ 0.8); the same with 8 texts per request; each on a server of
@@ -106,19 +108,23 @@ def held_out_texts(repository: Path, n: int | None = None, fit: Sequence[str] = 
 
 
 def best_rate(run: Callable[[list[int]], object], n_items: int, seconds: float = 1.5,
-              batches: tuple[int, ...] = BATCHES) -> dict[str, Any]:
-    """Items/s of `run(indices)` at each batch size over a fixed time, the items drawn in one shuffled order
-    (as a server's batches mix lengths); the best batch wins."""
-    order = np.random.default_rng(0).permutation(n_items).tolist()
+              batches: tuple[int, ...] = BATCHES, order: list[int] | None = None) -> dict[str, Any]:
+    """Items/s of `run(indices)` at each batch size over a fixed time; the best batch wins. A batch is `b`
+    consecutive items of `order` (by default one shuffled order: lengths mixed, as requests arrive; items
+    sorted by length give batches of like lengths, as an offline loop makes them), the batches run in a
+    shuffled sequence."""
+    order = order if order is not None else np.random.default_rng(0).permutation(n_items).tolist()
     rows = []
     for b in batches:
-        run([order[k % n_items] for k in range(b)])  # warm-up: ORT allocates for this shape
+        chunks = [order[k:k + b] for k in range(0, max(1, n_items - b + 1), b)]
+        chunks = [chunks[k] for k in np.random.default_rng(1).permutation(len(chunks))]
+        run(chunks[0])  # warm-up: ORT allocates for this shape
         done, started = 0, time.perf_counter()
         i = 0
         while time.perf_counter() - started < seconds:
-            run([order[(i + k) % n_items] for k in range(b)])
-            i += b
-            done += b
+            run(chunks[i % len(chunks)])
+            done += len(chunks[i % len(chunks)])
+            i += 1
         rows.append({"batch": b, "items_per_s": done / (time.perf_counter() - started)})
     best = max(rows, key=lambda r: r["items_per_s"])
     return {"by_batch": rows, "best_batch": best["batch"], "best_items_per_s": best["items_per_s"]}
@@ -156,6 +162,9 @@ class Raw:
         self._cls = b.special_id(b.tokenizer, "[CLS]")
         self.bert_rows = [[self._cls, *b.encode(t).ids, b.eos_id] for t in self.masked]
         self.bert_pos = [[r.index(b.mask_id)] for r in self.bert_rows]
+        # The texts by length in each model's tokens: batches of neighbours in these orders pad least.
+        self.gpt_order = sorted(range(len(texts)), key=lambda i: len(self.gpt_rows[i]))
+        self.bert_order = sorted(range(len(texts)), key=lambda i: len(self.bert_rows[i]))
         self._allowed = ~b.never_generate_mask()
         if nnlm:
             self.nnlm = load_model(repository / "nnlm", config, m)
@@ -298,14 +307,17 @@ def drive(target: str, rpc: str, model: str, texts: list[str], concurrency: int,
 
 
 def raw_rates(raw: Raw, seconds: float, rounds: int) -> dict[str, Any]:
-    """Texts/s at the server's batch cap, ONNX Runtime alone and with tokenization and responses, alternated
-    `rounds` times; the median round of each."""
-    runs = {"gpt_score": raw.gpt_score, "gpt_score_full": raw.gpt_score_full,
-            "bert_fill": raw.bert_fill, "bert_fill_full": raw.bert_fill_full}
+    """Texts/s at the server's batch cap, alternated `rounds` times (the median round of each): ONNX Runtime alone
+    and with tokenization and responses, in batches of like lengths (the least padding a server's batches could
+    reach); and ONNX Runtime alone in batches of mixed lengths (`_mixed`: texts in the order they come)."""
+    runs = {"gpt_score": (raw.gpt_score, raw.gpt_order), "gpt_score_full": (raw.gpt_score_full, raw.gpt_order),
+            "gpt_score_mixed": (raw.gpt_score, None),
+            "bert_fill": (raw.bert_fill, raw.bert_order), "bert_fill_full": (raw.bert_fill_full, raw.bert_order),
+            "bert_fill_mixed": (raw.bert_fill, None)}
     by_round: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
-        for key, fn in runs.items():
-            by_round[key].append(best_rate(fn, len(raw.texts), seconds, (BATCH_CAP,))["best_items_per_s"])
+        for key, (fn, order) in runs.items():
+            by_round[key].append(best_rate(fn, len(raw.texts), seconds, (BATCH_CAP,), order)["best_items_per_s"])
     out = {k: {"batch": BATCH_CAP, "rounds": v, "items_per_s": float(np.median(v))} for k, v in by_round.items()}
     for k, v in out.items():
         print(f"  raw {k:15}: {v['items_per_s']:8.1f} texts/s at batch {BATCH_CAP} (rounds "
@@ -410,6 +422,8 @@ def main() -> None:
         "fillmask_bert_served_vs_raw_ort": ok("bert_fill") / raw_bert,
         "score_gpt_raw_ort_vs_raw_with_tokenization": raw_gpt / raw_gpt_full,
         "fillmask_bert_raw_ort_vs_raw_with_tokenization": raw_bert / raw_bert_full,
+        "score_gpt_raw_ort_like_lengths_vs_mixed": raw_gpt / rates["gpt_score_mixed"]["items_per_s"],
+        "fillmask_bert_raw_ort_like_lengths_vs_mixed": raw_bert / rates["bert_fill_mixed"]["items_per_s"],
         "score_gpt_8_texts_per_request_vs_raw_with_tokenization": ok("gpt_score_x8") / raw_gpt_full,
         "fillmask_bert_8_texts_per_request_vs_raw_with_tokenization": ok("bert_fill_x8") / raw_bert_full,
         "batching_on_vs_off_gpt_score": paired("gpt_score", "gpt_score_unbatched"),
