@@ -3,6 +3,8 @@
 Training runs a fixed number of steps (models/train.py), so nothing but the seed decides the weights; the
 session's tiny repository (conftest) is the first build and this test makes the second. When the files
 differ, the message names the initializers that differ, which tells a weight difference from an export one.
+The session's build trains the NNLM in a child process beside ELMo (export/build.py's SIDE_BY_SIDE) and this
+one trains it alone, so the test also shows that building side by side does not change the weights.
 """
 
 from __future__ import annotations
