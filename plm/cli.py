@@ -51,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b = _parser(sub, "build", help="train the models and write the model repository")
     b.add_argument("--profile", choices=["tiny", "small", "full"], default="small",
                    help="tiny: everything in under a minute (tests); small: the default models (10 minutes on "
-                        "2 cores); full: trained long enough to show the lineage (about 90 minutes on 2 cores)")
+                        "2 cores); full: trained long enough to show the lineage (sized for ~90 minutes on 2 cores)")
     b.add_argument("--device", default="cpu",
                    help="where the neural families train: cpu, cuda, cuda:N or auto (CUDA when torch sees a GPU); "
                         "export and evaluation run on the CPU")
