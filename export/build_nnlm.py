@@ -43,7 +43,7 @@ PROFILES = {
     "small": NnlmProfile(order=4, n_embd=64, n_hidden=128, direct=True, dropout=0.1, batch_size=128,
                          max_steps=560, max_seconds=300.0, eval_interval=100, lr=2e-3),
     # `full`: the lineage's claims, not the 10-minute budget (sized for about an hour and a half, every family, on
-    # 2 cores, see docs/benchmarks.md); the same architecture as `small`, trained for many more steps.
+    # 2 cores): a wider NNLM with one more word of context, trained for many more steps.
     "full": NnlmProfile(order=5, n_embd=96, n_hidden=256, direct=True, dropout=0.2, batch_size=128,
                         max_steps=4000, max_seconds=1800.0, eval_interval=200, lr=2e-3),
 }
