@@ -5,9 +5,10 @@ One engine per model, with a thread of its own that runs steps back to back. Eac
 update: the scheduler says which running sequences go on and which waiting ones join (scheduler.py); the
 runner prefills the joiners (their first tokens go out at once), the KV batch is laid out again if anyone
 joined or left (kv_batch.py; on the device by the runner's layout graph), and the runner decodes one token for
-the whole batch (runner.py); then each sequence takes its token (`choose`, `Sequence.advance`: sequence.py)
-and its events go to the event loop, in one call per step, so the loop sends them over gRPC while the next
-step runs. Classify's scoring runs on the same thread between two steps.
+the whole batch (runner.py); then each sequence takes its token (`choose`, `Sequence.advance`: sequence.py).
+A step's events go to the event loop in one hand-over, made just before the next step's decode run: the loop
+wakes while that run holds no interpreter lock, and sends them over gRPC during it. Classify's scoring runs on
+the same thread between two steps.
 
 An encoder-decoder's engine is the same with an `Encoder` given: a joiner's prefill encodes its source once and
 the batch carries the cross-attention keys and values beside the self-attention cache (kv_batch.py), so joins,
@@ -250,8 +251,10 @@ class GenerationEngine:
             self._wake.clear()  # before looking for work: a wake-up after this is not lost
             while self._inbox:
                 self.scheduler.waiting.append(self._inbox.popleft())
-            while self._jobs:
-                self._run_job(self._jobs.popleft())
+            if self._jobs:
+                self._hand_over(out)  # the last step's events do not wait for a job
+                while self._jobs:
+                    self._run_job(self._jobs.popleft())
             try:
                 if not self._step(out):  # idle: no KV memory held
                     self._batch, self._scratch = EMPTY, Scratch()
@@ -265,7 +268,7 @@ class GenerationEngine:
                     slot.request.cancelled = True
                     out.append((slot.request, e))
                 self._joining, self._batch = [], EMPTY
-            self._hand_over(out)
+                self._hand_over(out)
 
     def _run_job(self, job: _Job) -> None:
         assert self._loop is not None
@@ -289,6 +292,9 @@ class GenerationEngine:
         # anyone joined or left, one decode step for the whole batch
         joined, rows = self._prefill(out)
         self._lay_out(keep, joined, rows)
+        # The last step's events go to the event loop now, as this step's graph runs (with the interpreter lock
+        # released): the loop's work on them overlaps the run instead of the engine's own Python around it.
+        self._hand_over(out)
         if self._batch.n_live:
             logprobs = self._decode()
             self.steps += 1
