@@ -1,6 +1,6 @@
-"""Top-p without top-k finds each row's nucleus among a growing prefix of its best tokens (`nucleus`): the
-candidates, their running sums and the nucleus size must be those of a stable sort over every column, on peaked
-rows (found in the first prefix), flat rows (the prefix grows) and ties (broken by id, as the sort breaks them)."""
+"""Top-p without top-k (`nucleus`): the candidates, their running sums and the nucleus size must be those of a
+stable sort over every column, on peaked and flat rows, with ties broken by id as that sort breaks them. A
+selection cheaper than the sort (a growing prefix of each row's best tokens, say) must keep these."""
 
 from __future__ import annotations
 

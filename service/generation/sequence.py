@@ -126,31 +126,6 @@ def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
     return cand[at, np.argsort(-xs[at, cand], axis=1, kind="stable")]
 
 
-# Top-p without top-k first looks for each row's nucleus among its this many best tokens, then among four times as
-# many, and so on: a selection over every column and a sort of a few candidates instead of a sort of every column.
-_FIRST_NUCLEUS = 64
-
-
-def _top_p_candidates(xs: np.ndarray, v: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """(G, C) the ids of enough of each row's best tokens to hold its top-p nucleus, best first (equal scores in id
-    order, as a stable sort of the whole row gives them), and (G,) each row's total exp(v - max) over every column.
-
-    `v` (G, V) is `xs` over the temperature in float64. The candidates hold the nucleus when their mass reaches
-    top_p of the row's total; until every row's does, the prefix grows."""
-    g, width = xs.shape
-    total = np.exp(v - v.max(axis=1, keepdims=True)).sum(axis=1)  # (G,)
-    at = np.arange(g)[:, None]
-    k = _FIRST_NUCLEUS
-    while k < width:
-        cand = np.sort(_top_k(xs, k), axis=1)  # ids in order, so the stable sort below breaks ties by id
-        cand = cand[at, np.argsort(-xs[at, cand], axis=1, kind="stable")]
-        vals = v[at, cand]
-        if (np.exp(vals - vals[:, :1]).sum(axis=1) >= top_p * total).all():
-            return cand, total
-        k *= 4
-    return np.argsort(-xs, axis=1, kind="stable"), total
-
-
 def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
             ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """What sampling draws from, for (G, V) scores sharing one setting (temperature > 0): (cand, cum, n).
@@ -161,12 +136,11 @@ def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
     cum[i] divided by cum[i, n[i] - 1]. Pure; `choose` draws from it by inverse CDF.
     """
     at = np.arange(len(xs))[:, None]  # (G, 1): row index for gathering
-    total = None  # (G,) the mass top-p takes its share of, when the candidates are not all of it
     if 0 < top_k < xs.shape[1]:
         cand = _top_k(xs, top_k)  # best first
         vals = xs[at, cand]
     elif top_p < 1.0:
-        cand, total = _top_p_candidates(xs, xs.astype(np.float64) / temperature, top_p)
+        cand = np.argsort(-xs, axis=1, kind="stable")
         vals = xs[at, cand]
     else:
         cand, vals = None, xs  # every token, in vocabulary order
@@ -174,8 +148,7 @@ def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
     cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
     n = np.full(len(xs), cum.shape[1])
     if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
-        mass = cum[:, -1] if total is None else total
-        n = np.minimum((cum < top_p * mass[:, None]).sum(axis=1) + 1, cum.shape[1])
+        n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
     return cand, cum, n
 
 
