@@ -74,9 +74,6 @@ class DynamicBatcher(Generic[P, R]):
         self.batches_run = 0
         self._arrivals = 0  # rows ever submitted
         self._busy = False  # rows arrived while the last batch ran: the model is under load
-        # The worker is waiting for company until a deadline: an arrival wakes it only when it fills the batch
-        # (one wake-up per batch, not one per row).
-        self._gathering = False
         # Run times of the recent batches (the first, cold one left out), for admission's estimate.
         self._recent_batches: collections.deque[float] = collections.deque(maxlen=16)
 
@@ -117,8 +114,7 @@ class DynamicBatcher(Generic[P, R]):
         self._queue.extend(rows)
         self._arrivals += len(rows)
         self._m_depth.set(len(self._queue))
-        if not self._gathering or len(self._queue) >= self.cfg.max_batch_size:
-            self._wakeup.set()
+        self._wakeup.set()
         try:
             if len(rows) == 1:  # one text per call, the common case: no gather future between the row and its caller
                 return [await rows[0].future]
@@ -236,18 +232,15 @@ class DynamicBatcher(Generic[P, R]):
             # waited `delay` or the batch is full. An idle model runs what it has at once: at low load nobody
             # is coming, and waiting would only add `delay` to every request's latency.
             oldest = self._queue[0].enqueued
-            remaining = oldest + delay - time.monotonic()
-            under_load = self._busy or not self.cfg.idle_dispatch
-            if under_load and len(self._queue) < self.cfg.max_batch_size and remaining > 0:
-                # One timer for the whole wait (asyncio.wait_for would make a task per wait).
+            while (self._busy or not self.cfg.idle_dispatch) and len(self._queue) < self.cfg.max_batch_size:
+                remaining = oldest + delay - time.monotonic()
+                if remaining <= 0:
+                    break
                 self._wakeup.clear()
-                self._gathering = True
-                timer = loop.call_later(remaining, self._wakeup.set)
                 try:
-                    await self._wakeup.wait()
-                finally:
-                    self._gathering = False
-                    timer.cancel()
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
             batch = self._take_batch()
             self._m_depth.set(len(self._queue))
             if not batch:
