@@ -4,8 +4,8 @@
                                          [--out results/classify_prefix.json]
 
 One `Classify` call: `--shots` demonstrations × 4 labels × 16 queries (template "{text} = {label}\\n"), the lines
-drawn from the corpus's test split (`serving.held_out_texts`, those of at most 8 tokens). Three servers of the
-one model, running side by side, answer the same calls:
+drawn from the corpus's test split (`serving.held_out_texts`, those short enough for every line of the prompt
+to fit the model's window). Three servers of the one model, running side by side, answer the same calls:
 
 - `prefix`: the default — the engine runs the demonstrations once and keeps their keys and values in its prefix
   cache; each (query, label) then runs from them;
@@ -49,7 +49,6 @@ from plm.api.v1 import plm_pb2 as pb
 LABELS = ["comedy", "tragedy", "history", "poetry"]
 QUERIES = 16
 TEMPLATE = "{text} = {label}\n"
-MAX_LINE_TOKENS = 8  # 8 demonstrations of such lines, their labels and a query fit a 128-token window
 MODES = {"prefix": {"PLM_RUNTIME__KV_CACHE": "true", "PLM_RUNTIME__PREFIX_REUSE": "true"},
          "whole": {"PLM_RUNTIME__KV_CACHE": "true", "PLM_RUNTIME__PREFIX_REUSE": "false"},
          "recompute": {"PLM_RUNTIME__KV_CACHE": "false"}}
@@ -110,11 +109,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:  # a tiny model's window holds one demonstration
         args.shots, args.rounds, args.repeats = 1, 1, 1
-    # Short lines (at most MAX_LINE_TOKENS tokens), so that the demonstrations and a query fit the model's window.
+    # Lines short enough that the demonstrations and a query, each with the template's label part, fit the
+    # model's window after the BOS.
     manifest = json.loads((args.repository / args.model / "manifest.json").read_text())
     tok = Tokenizer.from_file(str(args.repository / args.model / manifest["tokenizer"]["file"]))
+    label_tokens = max(len(tok.encode(TEMPLATE.format(text="", label=label), add_special_tokens=False).ids)
+                       for label in LABELS)
+    room = (int(manifest["max_length"]) - 1) // (args.shots + 1) - label_tokens - 1  # 1: joined, a token can split
     lines = [t for t in held_out_texts(args.repository, fit=(args.model,))
-             if len(tok.encode(t, add_special_tokens=False).ids) <= MAX_LINE_TOKENS]
+             if len(tok.encode(t, add_special_tokens=False).ids) <= room]
     queries = lines[::max(1, len(lines) // QUERIES)][:QUERIES]  # evenly spaced; the demonstrations shuffled
     pool = [t for t in lines if t not in set(queries)]
     random.Random(0).shuffle(pool)
