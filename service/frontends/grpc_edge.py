@@ -4,11 +4,9 @@ One wrapper per RPC kind: it reads the request id (`x-request-id`) and the time 
 opens the data plane's Call, passes admission, and turns a failure into its status — an InvalidArgument's field
 renamed through the method's table — with the request id in the message.
 
-A request id the client sent goes back in the trailing metadata of a unary call (with the response and status,
-in one write: a separate initial-metadata send costs a whole extra write); a call without one gets an id of the
-server's making for its access line and error messages, and no trailer (gRPC would encode and send it on every
-call for a client that did not ask). A stream always sends the id in its initial metadata (the caller has it
-before the first token).
+The request id goes back in the trailing metadata of a unary call (with the response and status, in one
+write: a separate initial-metadata send costs a whole extra write) and in the initial metadata of a stream
+(the caller has it before the first token).
 """
 
 from __future__ import annotations
@@ -30,14 +28,9 @@ class Frontend(Protocol):
     plane: DataPlane
 
 
-def sent_request_id(context: grpc.aio.ServicerContext) -> str | None:
-    """The `x-request-id` the client sent, if any."""
-    return next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
-
-
-def open_call(plane: DataPlane, method: str, context: grpc.aio.ServicerContext,
-              request_id: str | None = None) -> Call:
-    return plane.call(method, request_id or sent_request_id(context), context.time_remaining())
+def open_call(plane: DataPlane, method: str, context: grpc.aio.ServicerContext) -> Call:
+    request_id = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+    return plane.call(method, request_id, context.time_remaining())
 
 
 async def fail(context: grpc.aio.ServicerContext, call: Call, err: BaseException, names: Mapping[str, str]) -> None:
@@ -56,12 +49,10 @@ def unary(method: str, names: Mapping[str, str] = _NO_NAMES
     def wrap(fn: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
         @functools.wraps(fn)
         async def handler(self: Frontend, request: Any, context: grpc.aio.ServicerContext) -> Resp:
-            sent = sent_request_id(context)
-            call = open_call(self.plane, method, context, sent)
+            call = open_call(self.plane, method, context)
             try:
                 call.begin()
-                if sent is not None:
-                    context.set_trailing_metadata((("x-request-id", call.request_id),))
+                context.set_trailing_metadata((("x-request-id", call.request_id),))
                 return await fn(self, request, call)
             except BaseException as err:
                 await fail(context, call, err, names)
