@@ -26,21 +26,10 @@ from _smoke import add_smoke_flag, run  # this folder is on sys.path when run as
 from plm.client.client import PlmClient
 from plm.client.local_server import LocalServer
 from plm.data import corpus as corpus_mod
+from plm.data.downstream import GENRE_OF, GENRES
 
 from plm.api.v1 import plm_pb2 as pb
 
-GENRES = {
-    "comedy": "alls_well_that_ends_well as_you_like_it comedy_of_errors cymbeline loves_labours_lost "
-              "measure_for_measure merchant_of_venice merry_wives_of_windsor midsummer_nights_dream "
-              "much_ado_about_nothing pericles taming_of_the_shrew tempest twelfth_night two_gentlemen_of_verona "
-              "winters_tale",
-    "tragedy": "antony_and_cleopatra coriolanus hamlet julius_caesar lear macbeth othello romeo_and_juliet "
-               "timon_of_athens tragedy_of_titus_andronicus troilus_and_cressida",
-    "history": "henry_iv_part_1 henry_iv_part_2 henry_v henry_vi_part_1 henry_vi_part_2 henry_vi_part_3 henry_viii "
-               "john richard_ii richard_iii",
-    "poetry": "lovers_complaint passionate_pilgrim phoenix_and_the_turtle rape_of_lucrece sonnets",
-}
-GENRE_OF = {work: genre for genre, works in GENRES.items() for work in works.split()}
 LABELS = list(GENRES)
 
 

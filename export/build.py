@@ -39,10 +39,13 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
     "gpt": (("gpt",), "plm.export.build:build_gpt"),
     "bert": (("bert",), "plm.export.build_bert:build"),
     "encdec": (("encdec",), "plm.export.build_encdec:build"),
+    "classifier": (("classifier",), "plm.export.build_classifier:build"),
 }
 # Built only when named (`--families encdec`): the server serves the family (service/families/encdec.py), but
 # building it by default would lengthen every tiny test repository and the small build; its tests build their own.
-OPT_IN = ("encdec",)
+# The classifier fine-tunes the repository's BERT on the downstream task (export/build_classifier.py): named after
+# bert, or with a bert already built; its tests build their own.
+OPT_IN = ("encdec", "classifier")
 # Families whose training runs on one torch thread (small matmuls: a second thread on a shared core costs more
 # than it gives): built side by side, a pair fills two cores (_build_families).
 SIDE_BY_SIDE = ("nnlm", "elmo")

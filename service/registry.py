@@ -22,6 +22,7 @@ from plm.service.errors import NotFound
 from plm.service.families.base import ModelAdapter
 from plm.service.families.bert import BertAdapter
 from plm.service.families.capabilities import check_tasks
+from plm.service.families.classifier import ClassifierAdapter
 from plm.service.families.elmo import ElmoAdapter
 from plm.service.families.encdec import EncDecAdapter
 from plm.service.families.gpt import GptAdapter
@@ -52,6 +53,7 @@ FAMILIES: dict[str, AdapterClass] = {
     "elmo": ElmoAdapter,
     "bert": BertAdapter,
     "encdec": EncDecAdapter,
+    "classifier": ClassifierAdapter,
 }
 
 

@@ -93,7 +93,8 @@ def test_a_capability_the_manifest_leaves_out_is_failed_precondition() -> None:
 
 
 def test_every_task_has_one_capability_and_every_family_declares_its_own() -> None:
-    assert set(TASK_CAPABILITIES) == {"score", "predict_next", "generate", "fill_mask", "embed", "next_sentence"}
+    assert set(TASK_CAPABILITIES) == {"score", "predict_next", "generate", "fill_mask", "embed", "next_sentence",
+                                      "classify"}
     assert {f: served_tasks(cls) for f, cls in FAMILIES.items()} == {
         "ngram": ["predict_next", "score"],
         "gpt": ["embed", "generate", "predict_next", "score"],
@@ -102,6 +103,7 @@ def test_every_task_has_one_capability_and_every_family_declares_its_own() -> No
         "elmo": ["embed", "score"],
         "bert": ["embed", "fill_mask", "next_sentence", "score"],
         "encdec": ["fill_mask", "generate", "score"],
+        "classifier": ["classify"],
     }
     assert issubclass(FAMILIES["gpt"], PrefixScorer)  # type: ignore[arg-type]
     assert served_tasks(lambda: None) == []  # a factory that is not an adapter class serves nothing

@@ -135,6 +135,18 @@ class EncDecSpec:
 
 
 @dataclass(frozen=True)
+class ClassifierSpec:
+    """`classifier`: the head's labels, one per column of the graph's `logits`, and what it was trained from."""
+
+    labels: tuple[str, ...]
+    pooling: Literal["cls", "mean"] = "cls"
+    frozen_layers: int = 0
+    base_model: str = ""
+    base_version: str = ""
+    extra: Facts = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """One model folder's manifest. The first six fields are required; each family reads its own section."""
 
@@ -155,6 +167,7 @@ class Manifest:
     elmo: ElmoSpec | None = None
     word2vec: Word2VecSpec | None = None
     encdec: EncDecSpec | None = None
+    classifier: ClassifierSpec | None = None
     batching: Facts | None = None  # per-model batching overrides (ServerConfig.batching_for checks them)
     weights: str | None = None  # a weights file for oracles and benchmarks; the server never reads it
     parity: Facts = field(default_factory=dict)
@@ -175,7 +188,8 @@ class Manifest:
 
 
 def require(section: T | None, name: str, folder: str | Path) -> T:
-    """A family's section of the manifest (`ngram`, `nnlm`, `word2vec`, `encdec`), which its model folder must have."""
+    """A family's section of the manifest (`ngram`, `nnlm`, `word2vec`, `encdec`, `classifier`), which its model
+    folder must have."""
     if section is None:
         raise ManifestError(f"{Path(folder) / MANIFEST_FILE}: field '{name}' is missing")
     return section
@@ -308,7 +322,7 @@ def _dump_value(value: object) -> Any:
 
 
 __all__ = [
-    "MANIFEST_FILE", "SCHEMA_VERSION", "ElmoSpec", "EncDecSpec", "Facts", "GraphSpec", "Manifest", "ManifestError",
-    "NgramSpec", "NnlmSpec", "TokenizerSpec", "VariantSpec", "Word2VecSpec",
+    "MANIFEST_FILE", "SCHEMA_VERSION", "ClassifierSpec", "ElmoSpec", "EncDecSpec", "Facts", "GraphSpec", "Manifest",
+    "ManifestError", "NgramSpec", "NnlmSpec", "TokenizerSpec", "VariantSpec", "Word2VecSpec",
     "dump", "from_json", "load", "require", "write",
 ]

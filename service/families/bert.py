@@ -20,14 +20,11 @@ import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.errors import FailedPrecondition, InvalidArgument
-from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of
+from plm.service.families.base import ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of
 from plm.service.families.capabilities import Embedder, MaskFiller, NextSentencePredictor, Scorer
-from plm.service.families.textnorm import PlainTextEncoder
+from plm.service.families.wordpiece import WordPieceText
 from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
-from tokenizers import Tokenizer
-
-CONTINUATION = "##"  # WordPiece's prefix of a piece that continues the word before it
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class _RowOut:
     mask_top: list[tuple[np.ndarray, np.ndarray]] | None = None  # per blank: (ids, log-probs), when `top` asked
 
 
-class BertAdapter(ModelAdapter, Scorer, MaskFiller, Embedder, NextSentencePredictor):
+class BertAdapter(WordPieceText, ModelAdapter, Scorer, MaskFiller, Embedder, NextSentencePredictor):
     """A masked LM: fills blanks, embeds, predicts the next sentence, and scores by pseudo-log-likelihood. It
     does not predict the next token (`next_logprobs` only refuses)."""
 
@@ -57,68 +54,17 @@ class BertAdapter(ModelAdapter, Scorer, MaskFiller, Embedder, NextSentencePredic
 
     def __init__(self, name: str, folder: Path, manifest: ManifestSource, config: ServerConfig, metrics: Metrics):
         super().__init__(name, folder, manifest)
-        tok = self.spec.tokenizer
-        self.tokenizer = Tokenizer.from_file(str(folder / tok.file))
-        # Plain text skips the normalizer, which would leave it unchanged (service/families/textnorm.py).
-        self._encoder = PlainTextEncoder(self.tokenizer)
-        self._cls = self.special_id(self.tokenizer, tok.special("cls", "[CLS]"))
-        self._sep = self.special_id(self.tokenizer, tok.special("sep", "[SEP]"))
-        self._mask = self.special_id(self.tokenizer, tok.special("mask", "[MASK]"))
-        self._pad = self.special_id(self.tokenizer, tok.special("pad", "[PAD]"))
-        self._unk = self.special_id(self.tokenizer, tok.special("unk", "[UNK]"))
+        self._init_wordpiece(folder)
         self.session = open_graph(folder, self.spec, "model", config.runtime_for(name), name, metrics)
         self.served_by(self.session)
         self._batcher: DynamicBatcher[_Row, _RowOut] = DynamicBatcher(
             name, self._run, config.batching_for(name, self.spec.batching), metrics
         )
-        vocab = [self.tokenizer.id_to_token(i) or "" for i in range(self.vocab_size)]
-        self._word_start = np.array([not t.startswith(CONTINUATION) for t in vocab], dtype=bool)
-        # Each token's own text, decoded once here rather than per call.
-        self._token_texts = [self.tokenizer.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
-        self._never = np.zeros(self.vocab_size, dtype=bool)
-        self._never[[self._pad, self._cls, self._sep, self._mask, self._unk]] = True
 
-    # -- text ---------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> Encoded:
-        enc = self._encoder.encode(text)
-        ids = list(enc.ids)
-        word_index: list[int] = []
-        groups: list[list[int]] = []
-        for k, token in enumerate(enc.tokens):
-            if k == 0 or not token.startswith(CONTINUATION):
-                groups.append([])
-            groups[-1].append(ids[k])
-            word_index.append(len(groups) - 1)
-        words = [self.tokenizer.decode(g, skip_special_tokens=False) for g in groups]
-        return Encoded(ids, list(enc.tokens), word_index, words, [i == self._unk for i in ids])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def encode_ids(self, text: str) -> list[int]:
-        return list(self._encoder.encode(text).ids)
-
-    def token_text(self, token_id: int) -> str:
-        return self._token_texts[token_id]
-
-    @property
-    def eos_id(self) -> int:
-        return self._sep
-
+    # -- text (the rest is WordPieceText's) ----------------------------------------------------------------
     @property
     def mask_id(self) -> int:
         return self._mask
-
-    @property
-    def context_budget(self) -> int:
-        """Text tokens a single-sentence row holds: the window less [CLS] and [SEP]."""
-        return self.max_length - 2
-
-    def word_start_mask(self) -> np.ndarray:
-        return self._word_start
-
-    def never_generate_mask(self) -> np.ndarray:
-        return self._never
 
     # -- model --------------------------------------------------------------------------------------------
     def _single(self, seq: Sequence[int], positions: Sequence[int] = (), want_hidden: bool = False,

@@ -31,6 +31,7 @@ TASK_GENERATE = "generate"
 TASK_FILL_MASK = "fill_mask"
 TASK_EMBED = "embed"
 TASK_NSP = "next_sentence"
+TASK_CLASSIFY = "classify"  # by a trained head (a causal LM classifies in context through its Scorer instead)
 
 
 class Capability(abc.ABC):  # noqa: B024 (a marker base: each capability below names its own abstract methods)
@@ -199,9 +200,25 @@ class SpanFiller(Capability):
         """Per text (blanks marked [MASK]), per blank, its k most likely spans (ids, log P) best first."""
 
 
+class LabelClassifier(Capability):
+    """classify by a trained head: a fixed set of labels and one logit per label for each text, no prompt."""
+
+    task = TASK_CLASSIFY
+
+    @property
+    @abc.abstractmethod
+    def labels(self) -> tuple[str, ...]:
+        """The head's labels, in the order of its logits."""
+
+    @abc.abstractmethod
+    async def label_logits(self, seqs: list[list[int]], deadline: float | None) -> np.ndarray:
+        """(B, L) float32: the head's logit of each label for each text's token ids."""
+
+
 # The manifest task → the capability that serves it.
 TASK_CAPABILITIES: dict[str, type[Capability]] = {
-    cap.task: cap for cap in (Scorer, NextWordPredictor, MaskFiller, Embedder, NextSentencePredictor, Generator)
+    cap.task: cap for cap in (Scorer, NextWordPredictor, MaskFiller, Embedder, NextSentencePredictor, Generator,
+                              LabelClassifier)
 }
 # Capabilities that serve a task in another family's way (an encoder-decoder's score and fill_mask).
 ALSO_SERVING: tuple[type[Capability], ...] = (ConditionalScorer, SpanFiller)

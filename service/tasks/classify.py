@@ -7,6 +7,11 @@ with a model that scores from a cached prefix (its PrefixScorer capability: a KV
 and values are computed once (and cached across requests, LRU) and every (query, label) pair — and the
 content-free ones for calibration — runs from them in one batched pass; without one, the pairs' whole
 sequences go to the model in one batched call.
+
+A model with a trained head (its LabelClassifier capability: the `classifier` family) needs no prompt: each
+query's label probabilities are the softmax of the head's logits over the requested labels, which must be
+labels of the head (all of them: the head's own probabilities). It takes no demonstrations, instruction or
+calibration; the template and scoring do not apply.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import ModelAdapter
-from plm.service.families.capabilities import PrefixScorer, Scorer
+from plm.service.families.capabilities import LabelClassifier, PrefixScorer, Scorer
 
 DEFAULT_TEMPLATE = "Text: {text}\nLabel: {label}\n\n"
 SCORING_SUM, SCORING_TOKEN_MEAN, SCORING_PER_CHAR = "sum", "token_mean", "per_char"
@@ -68,6 +73,8 @@ def build_prefix(p: ClassifyParams) -> str:
 
 
 async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | None) -> tuple[list[ClassifyResult], int]:
+    if isinstance(model, LabelClassifier) and LabelClassifier.task in model.tasks:
+        return await classify_by_head(model, p, deadline), 0
     scorer = Scorer.of(model)
     if scorer.score_method != "causal":
         raise InvalidArgument("model", f"in-context classification needs a causal LM; {model.name!r} scores by "
@@ -132,6 +139,31 @@ async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | Non
             for label, pr, ll, sc, n in zip(p.labels, probs, row_ll, row, row_len, strict=True)
         )))
     return results, shared
+
+
+async def classify_by_head(model: LabelClassifier, p: ClassifyParams, deadline: float | None) -> list[ClassifyResult]:
+    """Each query's requested labels scored by the head: softmax of their logits (log_likelihood is the log of
+    that probability, score the logit, num_tokens 0)."""
+    assert isinstance(model, ModelAdapter)
+    for field, given in (("demonstrations", bool(p.demonstrations)), ("instruction", bool(p.instruction.strip())),
+                         ("calibrate", p.calibrate)):
+        if given:
+            raise InvalidArgument(field, f"does not apply: model {model.name!r} classifies with its trained head, "
+                                         "without a prompt")
+    index = {label: i for i, label in enumerate(model.labels)}
+    for i, label in enumerate(p.labels):
+        if label not in index:
+            raise InvalidArgument("labels", f"has {label!r}, which is not a label of model {model.name!r}; its "
+                                            f"labels are {', '.join(model.labels)}", at=f"[{i}]")
+    model.refuse_if_full(len(p.queries))
+    logits = await model.label_logits([model.encode_ids(q) for q in p.queries], deadline)  # (Q, L) float32
+    chosen = logits[:, [index[label] for label in p.labels]].astype(np.float64)  # (Q, requested)
+    logprobs = chosen - chosen.max(axis=1, keepdims=True)
+    logprobs -= np.log(np.exp(logprobs).sum(axis=1, keepdims=True))
+    return [ClassifyResult(query, p.labels[int(np.argmax(row))], tuple(
+        LabelResult(label, float(np.exp(lp)), float(lp), float(score), 0)
+        for label, lp, score in zip(p.labels, row, scores, strict=True)))
+        for query, row, scores in zip(p.queries, logprobs, chosen, strict=True)]
 
 
 def _common(a: list[int], b: list[int]) -> int:
