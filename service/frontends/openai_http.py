@@ -10,6 +10,8 @@ The server is aiohttp's: asyncio-native, so it runs on grpc.aio's own event loop
 no second copy and no thread hop; it streams responses, bounds request bodies, and cancels a handler whose
 client went away (`handler_cancellation`), which closes a stream's generation so its engine slot frees.
 
+The same app serves plm.v1 itself as JSON (json_http.py: `POST /plm.v1.LanguageModelService/<Method>`).
+
 Per call, as for gRPC: `X-Request-Id` in (or made) and out; a deadline from `X-Request-Timeout` (seconds) or,
 for a unary call, the OpenAI SDKs' `X-Stainless-Read-Timeout`; `Authorization: Bearer` checked against
 `[security]`'s tokens (all paths but `/health`); TLS from the same settings; metrics with protocol="http".
@@ -17,11 +19,9 @@ for a unary call, the OpenAI SDKs' `X-Stainless-Read-Timeout`; `Authorization: B
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,40 +31,34 @@ from plm.service.admission import GLOBAL
 from plm.service.config import ServerConfig
 from plm.service.dataplane import requests as rq
 from plm.service.dataplane.plane import Call, DataPlane
-from plm.service.errors import InvalidArgument
+from plm.service.errors import InvalidArgument, ServiceError
 from plm.service.families.base import ModelAdapter
+from plm.service.frontends import json_http, openai_logprobs
 from plm.service.frontends import openai_http_wire as wire
+from plm.service.frontends.http_edge import (
+    admit,
+    close_events,
+    header_seconds,
+    json_object,
+    json_response,
+    new_call,
+    read_body,
+    stream_response,
+)
 from plm.service.security import bearer_accepted, server_ssl_context, token_bytes
+from plm.service.tasks import generate as gen_task
+from plm.service.tasks.generate import StepEvent
+from plm.service.tasks.score import SentenceResult
 
 log = logging.getLogger("plm.http")
 
-PROTOCOL = "http"
 OPEN_PATHS = frozenset(("/health",))  # probes carry no token (gRPC's health service is open likewise)
 _CLOSE_SECONDS = 1.0  # after the drain: time for responses being written to finish
 _NO_CHAT = ("plm serves no chat models: its generators are plain language models without a chat template or "
             "roles, so there is no honest mapping of messages to a prompt. Use POST /v1/completions with a prompt")
-_JSON = "application/json"
+_json = json_response
 
 Handler = Callable[["OpenAIFrontend", web.Request, Call], Awaitable[web.StreamResponse]]
-
-
-def _json(status: int, body: Any, request_id: str | None = None) -> web.Response:
-    headers = {"X-Request-Id": request_id} if request_id else None
-    return web.Response(status=status, body=json.dumps(body, ensure_ascii=False).encode(), content_type=_JSON,
-                        headers=headers)
-
-
-def _seconds(request: web.Request, header: str) -> float | None:
-    value = request.headers.get(header)
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < 1e9:
-        raise InvalidArgument(f"header {header}", f"is {value[:40]!r}; give seconds, a positive number")
-    return seconds
 
 
 def _edge(method: str, names: Mapping[str, str] = wire.COMPLETION_PARAMS) -> Callable[[Handler], Any]:
@@ -72,12 +66,9 @@ def _edge(method: str, names: Mapping[str, str] = wire.COMPLETION_PARAMS) -> Cal
     of X-Request-Timeout, and a failure as OpenAI's error body (an InvalidArgument's field renamed by `names`)."""
     def wrap(fn: Handler) -> Callable[[OpenAIFrontend, web.Request], Awaitable[web.StreamResponse]]:
         async def handler(self: OpenAIFrontend, request: web.Request) -> web.StreamResponse:
-            call = self.plane.call(method, request.headers.get("X-Request-Id"), protocol=PROTOCOL)
+            call = new_call(self.plane, method, request)
             try:
-                call.begin()
-                timeout = _seconds(request, "X-Request-Timeout")
-                if timeout is not None:
-                    call.deadline = time.monotonic() + timeout
+                admit(call, request)
                 return await fn(self, request, call)
             except BaseException as err:
                 error = call.failed(err)
@@ -108,6 +99,8 @@ class OpenAIFrontend:
         self.max_inputs = config.limits.max_inputs_per_request
         self.max_body = config.limits.max_message_bytes
         self._tokens = token_bytes(config.security.tokens())
+        self.json = json_http.JsonFrontend(plane, config.limits.max_message_bytes)
+        self._open_prefixes = tuple(p for p in self.json.prefixes if p.strip("/") in config.security.open_services)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body, middlewares=[self._guard])
@@ -117,41 +110,43 @@ class OpenAIFrontend:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/health", self.health)
+        self.json.add_routes(app)
         return app
 
     @web.middleware
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """The bearer token before any work, and aiohttp's own refusals (no route, wrong method) in OpenAI's
-        error shape."""
-        if self._tokens and request.path not in OPEN_PATHS and not bearer_accepted(
-                request.headers.get("Authorization"), self._tokens):
+        """The bearer token before any work (paths of `[security] open_services` and /health are open), and
+        aiohttp's own refusals (no route, wrong method) in OpenAI's error shape, or Google's under plm.v1's JSON."""
+        path = request.path
+        if (self._tokens and path not in OPEN_PATHS and not path.startswith(self._open_prefixes)
+                and not bearer_accepted(request.headers.get("Authorization"), self._tokens)):
             self.plane.metrics.rejections.labels(GLOBAL, "unauthenticated").inc()
-            status, body = wire.error_body(
-                "UNAUTHENTICATED", "missing or invalid credentials: send header 'Authorization: Bearer <token>'",
-                None)
+            message = "missing or invalid credentials: send header 'Authorization: Bearer <token>'"
+            if self.json.owns(path):
+                return json_http.error_response("UNAUTHENTICATED", message)
+            status, body = wire.error_body("UNAUTHENTICATED", message, None)
             return _json(status, body)
         try:
             return await handler(request)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
+            message = f"{request.method} {path}: {e.reason}"
+            if self.json.owns(path):
+                return json_http.error_response(json_http.status_name(e.status), message, http=e.status)
             kind = "invalid_request_error" if e.status < 500 else "server_error"
-            return _json(e.status, {"error": {"message": f"{request.method} {request.path}: {e.reason}",
-                                              "type": kind, "param": None, "code": str(e.status)}})
+            return _json(e.status, {"error": {"message": message, "type": kind, "param": None,
+                                              "code": str(e.status)}})
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise wire.BodyTooLarge(self.max_body) from None
-        return wire.parse_body(raw)
+        return json_object(await read_body(request, self.max_body))
 
     @staticmethod
     def _unary_deadline(request: web.Request, call: Call) -> None:
         """The OpenAI SDKs send their read timeout: for a unary call, the time the client waits for the answer."""
         if call.deadline is None:
-            timeout = _seconds(request, "X-Stainless-Read-Timeout")
+            timeout = header_seconds(request, "X-Stainless-Read-Timeout")
             if timeout is not None:
                 call.deadline = time.monotonic() + timeout
 
@@ -184,6 +179,9 @@ class OpenAIFrontend:
             raise wire.renamed(err, wire.COMPLETION_PARAMS, c.n, c.single) from None
 
     async def _completions(self, request: web.Request, call: Call, c: wire.Completion) -> web.StreamResponse:
+        if c.logprobs is not None and (c.logprobs > 0 or (c.stream and c.generate)):
+            # alternatives, or a stream's per-token figures: a model without them is refused before any work
+            openai_logprobs.predictor(call, c.request.model, c.logprobs)
         if c.stream:
             return await self._stream(request, call, c)
         self._unary_deadline(request, call)
@@ -194,7 +192,7 @@ class OpenAIFrontend:
             model = call.model(c.request.model).name
             gens = [rq.Generation(p, finish_reason="length") for p in c.request.prompts]
         scores = None
-        if c.logprobs:
+        if c.logprobs is not None:
             scored = await self.plane.score(call, rq.ScoreRequest(
                 model, [g.prompt + g.text for g in gens], add_eos=False, per_token=True))
             scores = scored.result.sentences
@@ -205,52 +203,36 @@ class OpenAIFrontend:
                 held = call.model(model)
                 for g in gens:
                     g.prompt_tokens = len(held.encode_ids(g.prompt))
-        return _json(200, wire.completion_body(c, call.request_id, model, gens, scores), call.request_id)
+        tops = None
+        if c.logprobs and scores is not None:
+            tops = await _alternatives(call, model, scores, [0 if c.echo else len(g.prompt) for g in gens],
+                                       c.logprobs)
+        return _json(200, wire.completion_body(c, call.request_id, model, gens, scores, tops), call.request_id)
 
     async def _stream(self, request: web.Request, call: Call, c: wire.Completion) -> web.StreamResponse:
-        """Server-sent events: a chunk per token (or per `stream_interval` tokens) of each choice. The first
-        event is awaited before the response starts, so a refusal (a prompt too long for the window) is still
-        its HTTP status; an error after that is an error event, and the stream ends without [DONE]."""
-        served = await self.plane.generate_stream(call, c.request)
-        events = served.result
-        created = int(time.time())
-        prompt_tokens = completion_tokens = 0
+        """Server-sent events: a chunk per token (or per `stream_interval` tokens) of each choice, after its
+        echoed prompt; the first event is awaited before the response starts, so a refusal (a prompt too long
+        for the window) is still its HTTP status; an error after that is an error event, and the stream ends
+        without [DONE]."""
+        if c.generate:
+            served = await self.plane.generate_stream(call, c.request)
+            model, events = served.model, served.result
+        else:  # echo with max_tokens 0: each prompt's chunk and its end
+            held = call.model(c.request.model)
+            model, events = held.name, _finished(held, c.request.prompts)
+        stream = _Stream(call, c, model, int(time.time()))
         try:
-            first = await anext(events, None)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                                   "X-Request-Id": call.request_id})
-            await response.prepare(request)
-            ev = first
-            while ev is not None:
-                finish = ev.finish_reason
-                await response.write(wire.chunk(call.request_id, served.model, created, [
-                    wire.completion_choice(ev.index, ev.text_delta, finish, None) if finish
-                    else {"index": ev.index, "text": ev.text_delta, "logprobs": None, "finish_reason": None}]))
-                if finish:
-                    if ev.index % c.n == 0:
-                        prompt_tokens += ev.prompt_tokens
-                    completion_tokens += ev.generated_tokens
-                try:
-                    ev = await anext(events, None)
-                except (asyncio.CancelledError, ConnectionResetError):
-                    raise
-                except Exception as err:  # after the status went out: tell the client in the stream
-                    error = call.failed(err)  # a ServiceError as it is, anything else logged and INTERNAL
-                    assert error is not None
-                    await response.write(wire.stream_error(
-                        wire.renamed(error, wire.COMPLETION_PARAMS, c.n, c.single), call.request_id))
-                    return response
-            if c.include_usage:  # OpenAI's last chunk then: no choices, the usage
-                await response.write(wire.chunk(call.request_id, served.model, created, [],
-                                                wire.usage(prompt_tokens, completion_tokens)))
-            await response.write(wire.DONE)
-            await response.write_eof()
-            return response
-        except ConnectionResetError:  # the client went away between aiohttp's notice and the handler's cancel
-            call.failed(asyncio.CancelledError())
-            return web.StreamResponse(status=499)
-        finally:
-            await _close(events)  # a cancelled or failed stream stops its generation: the engine frees its slots
+            await stream.score_prompts(self.plane)
+        except BaseException:
+            await close_events(events)  # not started yet: no generation ran
+            raise
+
+        def error_event(error: ServiceError) -> bytes:
+            return wire.stream_error(wire.renamed(error, wire.COMPLETION_PARAMS, c.n, c.single), call.request_id)
+
+        return await stream_response(request, call, events, {"Content-Type": "text/event-stream",
+                                                             "Cache-Control": "no-cache"},
+                                     stream.encode, error_event, stream.tail)
 
     # -------------------------------------------------------------------------------------- embeddings
 
@@ -265,10 +247,113 @@ class OpenAIFrontend:
         return _json(200, wire.embedding_body(e, served.model, served.result, tokens), call.request_id)
 
 
-async def _close(events: AsyncIterator[Any]) -> None:
-    close = getattr(events, "aclose", None)
-    if close is not None:
-        await close()
+async def _alternatives(call: Call, model: str, scores: Sequence[SentenceResult], starts: Sequence[int],
+                        k: int) -> list[list[dict[str, float]]]:
+    """Per scored text, the k alternatives at each of its tokens from character `starts[i]` on (wire.reported),
+    every text's positions in one call."""
+    contexts: list[list[int]] = []
+    chosen: list[int] = []
+    owners: list[int] = []
+    for i, sentence in enumerate(scores):
+        ids = [t.id for t in sentence.tokens]
+        for j, _ in wire.reported(sentence, starts[i]):
+            contexts.append(ids[:j])
+            chosen.append(ids[j])
+            owners.append(i)
+    found = await openai_logprobs.positions(call, model, contexts, chosen, k)
+    tops: list[list[dict[str, float]]] = [[] for _ in scores]
+    for i, position in zip(owners, found, strict=True):
+        tops[i].append(position.top)
+    return tops
+
+
+async def _finished(model: ModelAdapter, prompts: Sequence[str]) -> AsyncIterator[StepEvent]:
+    """The events of choices that generate nothing (echo with max_tokens 0): each ends at once."""
+    for i, prompt in enumerate(prompts):
+        yield StepEvent(i, "", (), gen_task.FINISH_LENGTH, len(model.encode_ids(prompt)))
+
+
+class _Stream:
+    """A streamed completion's chunks: each choice's echoed prompt before its first text, its tokens'
+    log-probabilities (and alternatives) as they come, the usage at the end."""
+
+    def __init__(self, call: Call, c: wire.Completion, model: str, created: int) -> None:
+        self.call, self.c, self.model, self.created = call, c, model, created
+        self.prompt_tokens = self.completion_tokens = 0
+        self.started: set[int] = set()
+        self.prompt_ids: list[list[int]] = []  # per prompt (not per choice): the context of its first new token
+        self.prompt_scores: Sequence[SentenceResult] = ()
+        self.prompt_tops: list[list[dict[str, float]]] | None = None
+        self.context: dict[int, list[int]] = {}  # choice → its prompt's ids and the tokens so far
+        self.offset: dict[int, int] = {}  # choice → characters of prompt and completion so far
+
+    async def score_prompts(self, plane: DataPlane) -> None:
+        """What the stream needs of its prompts before the first event: their ids (the first token's context),
+        and, echoed with logprobs, their Score and alternatives."""
+        c = self.c
+        if c.logprobs is None:
+            return
+        held = self.call.model(self.model)
+        self.prompt_ids = [held.encode_ids(p) for p in c.prompts]
+        if c.echo:
+            scored = await plane.score(self.call, rq.ScoreRequest(self.model, c.prompts, add_eos=False,
+                                                                  per_token=True))
+            self.prompt_scores = scored.result.sentences
+            if c.logprobs:
+                self.prompt_tops = await _alternatives(self.call, self.model, self.prompt_scores,
+                                                       [0] * len(c.prompts), c.logprobs)
+
+    def _chunk(self, choice: dict[str, Any]) -> bytes:
+        return wire.chunk(self.call.request_id, self.model, self.created, [choice])
+
+    async def encode(self, ev: StepEvent) -> bytes:
+        c, i = self.c, ev.index
+        out = b""
+        if i not in self.started:
+            self.started.add(i)
+            prompt = c.request.prompts[i]
+            self.offset[i] = len(prompt)
+            if c.logprobs is not None:
+                self.context[i] = list(self.prompt_ids[i // c.n])
+            if c.echo:
+                lp = None
+                if c.logprobs is not None:
+                    tops = self.prompt_tops[i // c.n] if self.prompt_tops is not None else None
+                    lp = wire.sentence_logprobs(self.prompt_scores[i // c.n], 0, tops)
+                out += self._chunk({"index": i, "text": prompt, "logprobs": lp, "finish_reason": None})
+        lp = None
+        if c.logprobs is not None and ev.token_ids:
+            lp = await self._logprobs(ev)
+        self.offset[i] += len(ev.text_delta)
+        finish = ev.finish_reason
+        if finish:
+            if i % c.n == 0:
+                self.prompt_tokens += ev.prompt_tokens
+            self.completion_tokens += ev.generated_tokens
+            return out + self._chunk(wire.completion_choice(i, ev.text_delta, finish, lp))
+        return out + self._chunk({"index": i, "text": ev.text_delta, "logprobs": lp, "finish_reason": None})
+
+    async def _logprobs(self, ev: StepEvent) -> dict[str, Any]:
+        """The generated tokens of one event: log P(token | BOS, prompt, tokens before it) and the alternatives,
+        read at the engine's own token ids."""
+        context, ids = self.context[ev.index], list(ev.token_ids)
+        k = self.c.logprobs or 0
+        found = await openai_logprobs.positions(self.call, self.model, [context + ids[:j] for j in range(len(ids))],
+                                                ids, k)
+        context.extend(ids)
+        held = self.call.model(self.model)
+        texts = [held.token_text(t) for t in ids]
+        base = self.offset[ev.index]
+        offsets = [base + o for o in wire.text_offsets(ev.text_delta, texts)]
+        return wire.logprobs_body(texts, [p.log_prob for p in found], offsets,
+                                  [p.top for p in found] if k else None)
+
+    def tail(self) -> bytes:
+        """OpenAI's last chunk with stream_options.include_usage (no choices, the usage), then [DONE]."""
+        if not self.c.include_usage:
+            return wire.DONE
+        return wire.chunk(self.call.request_id, self.model, self.created, [],
+                          wire.usage(self.prompt_tokens, self.completion_tokens)) + wire.DONE
 
 
 def _model(m: ModelAdapter) -> dict[str, Any]:

@@ -24,21 +24,24 @@ from typing import Any
 import numpy as np
 from plm.service.dataplane import requests as rq
 from plm.service.errors import InvalidArgument, ServiceError
+from plm.service.frontends.http_edge import HTTP_STATUS, http_status
+from plm.service.frontends.http_edge import json_kind as _kind
 from plm.service.tasks import generate as gen_task
 from plm.service.tasks.embed import EmbedResponse
 from plm.service.tasks.score import SentenceResult
 
-# Status name (service/errors.py) → (HTTP status, OpenAI error type). Codes the table lacks are 500.
-STATUS: Mapping[str, tuple[int, str]] = {
-    "INVALID_ARGUMENT": (400, "invalid_request_error"),
-    "FAILED_PRECONDITION": (400, "invalid_request_error"),  # the model does not serve the task
-    "UNAUTHENTICATED": (401, "invalid_request_error"),
-    "NOT_FOUND": (404, "invalid_request_error"),
-    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
-    "UNAVAILABLE": (503, "server_error"),
-    "DEADLINE_EXCEEDED": (504, "timeout_error"),
-    "INTERNAL": (500, "server_error"),
+# Status name (service/errors.py) → OpenAI error type; the HTTP status is http_edge's. Codes the table lacks are 500.
+_TYPES: Mapping[str, str] = {
+    "INVALID_ARGUMENT": "invalid_request_error",
+    "FAILED_PRECONDITION": "invalid_request_error",  # the model does not serve the task
+    "UNAUTHENTICATED": "invalid_request_error",
+    "NOT_FOUND": "invalid_request_error",
+    "RESOURCE_EXHAUSTED": "rate_limit_error",
+    "UNAVAILABLE": "server_error",
+    "DEADLINE_EXCEEDED": "timeout_error",
+    "INTERNAL": "server_error",
 }
+STATUS: Mapping[str, tuple[int, str]] = {name: (HTTP_STATUS[name], kind) for name, kind in _TYPES.items()}
 
 # Data plane field → OpenAI parameter, per endpoint (InvalidArgument.renamed).
 COMPLETION_PARAMS: Mapping[str, str] = {
@@ -48,21 +51,13 @@ COMPLETION_PARAMS: Mapping[str, str] = {
 }
 EMBEDDING_PARAMS: Mapping[str, str] = {"model": "model", "texts": "input"}
 
+MAX_LOGPROBS = 5  # alternatives per token, OpenAI's own limit for the legacy completions endpoint
 _FINISH = {gen_task.FINISH_LENGTH: "length", gen_task.FINISH_STOP: "stop", gen_task.FINISH_EOS: "stop"}
 _COMPLETION_KEYS = frozenset((
     "model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
     "logprobs", "echo", "user", "suffix", "best_of", "frequency_penalty", "presence_penalty", "logit_bias",
     "top_k", "repetition_penalty", "min_tokens"))
 _EMBEDDING_KEYS = frozenset(("model", "input", "encoding_format", "dimensions", "user"))
-
-
-class BodyTooLarge(InvalidArgument):
-    """A body over `limits.max_message_bytes`: the request's INVALID_ARGUMENT, answered 413 as HTTP does."""
-
-    http_status = 413
-
-    def __init__(self, limit: int) -> None:
-        super().__init__("body", f"is over {limit} bytes (max_message_bytes)")
 
 
 def error_body(status: str, message: str, param: str | None) -> tuple[int, dict[str, Any]]:
@@ -74,33 +69,11 @@ def error_body(status: str, message: str, param: str | None) -> tuple[int, dict[
 def service_error_body(error: ServiceError, request_id: str) -> tuple[int, dict[str, Any]]:
     """An error of the data plane (its field already renamed) as the HTTP status and body."""
     param = error.field if isinstance(error, InvalidArgument) else None
-    http, body = error_body(error.code, f"{error.message} (request_id={request_id})", param)
-    return getattr(error, "http_status", http), body
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; malformed, non-UTF-8 or non-object bodies are refused."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidArgument("body", f"is not UTF-8 (byte {e.start})") from None
-    try:
-        body = json.loads(text)
-    except ValueError as e:
-        raise InvalidArgument("body", f"is not JSON: {e}") from None
-    except RecursionError:
-        raise InvalidArgument("body", "is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("body", f"must be a JSON object, got {_kind(body)}")
-    return body
+    _, body = error_body(error.code, f"{error.message} (request_id={request_id})", param)
+    return http_status(error), body
 
 
 # ------------------------------------------------------------------------------------------- values
-
-
-def _kind(value: object) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
 
 
 def _unknown(body: Mapping[str, Any], known: frozenset[str]) -> None:
@@ -187,7 +160,7 @@ class Completion:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     echo: bool
-    logprobs: bool  # the chosen tokens' log-probabilities (logprobs: 0)
+    logprobs: int | None  # None: not asked; 0: the chosen tokens' log-probabilities; k: and k alternatives each
     generate: bool  # False for max_tokens 0 with echo: only the prompt's scores
 
     @property
@@ -222,9 +195,9 @@ def completion(body: Mapping[str, Any], limits_max_inputs: int) -> Completion:
     stop = body.get("stop")
     stops = [] if stop is None else _texts(stop, "stop")[0]
     logprobs = _int(body, "logprobs")
-    if logprobs is not None and logprobs != 0:
-        raise InvalidArgument("logprobs", f"is {logprobs}; only 0 is supported (the chosen tokens' "
-                                          "log-probabilities, without alternatives)")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise InvalidArgument("logprobs", f"is {logprobs}; must be between 0 and {MAX_LOGPROBS} (the most likely "
+                                          "tokens reported beside each chosen one, as OpenAI's API allows)")
     echo = _bool(body, "echo")
     stream = _bool(body, "stream")
     options = body.get("stream_options")
@@ -237,15 +210,13 @@ def completion(body: Mapping[str, Any], limits_max_inputs: int) -> Completion:
         include_usage = _bool(options, "include_usage")
     max_tokens = _int(body, "max_tokens")
     generate = not (max_tokens == 0 and echo)  # echo with max_tokens 0: the prompt's log-probabilities alone
-    if stream and (echo or logprobs is not None):
-        raise InvalidArgument("echo" if echo else "logprobs", "is not supported with stream: true")
     request = rq.GenerateRequest(
         model, [p for p in prompts for _ in range(n)],
         temperature=_number(body, "temperature"), top_k=_int(body, "top_k"), top_p=_number(body, "top_p"),
         repetition_penalty=_number(body, "repetition_penalty"),
         max_new_tokens=16 if max_tokens is None else max_tokens,  # OpenAI's default for completions
         min_new_tokens=_int(body, "min_tokens"), stop=stops, seed=_int(body, "seed"))
-    return Completion(request, n, single, stream, include_usage, echo, logprobs is not None, generate)
+    return Completion(request, n, single, stream, include_usage, echo, logprobs, generate)
 
 
 def renamed(error: ServiceError, names: Mapping[str, str], n: int = 1, single: bool = False) -> ServiceError:
@@ -260,26 +231,51 @@ def renamed(error: ServiceError, names: Mapping[str, str], n: int = 1, single: b
     return InvalidArgument(error.field, error.problem, at) if at != error.at else error
 
 
-def _logprobs(sentence: SentenceResult, start: int) -> dict[str, Any]:
-    """OpenAI's logprobs object of the tokens of `sentence` whose text starts at or after character `start`.
-
-    A token's offset is where its text is next found in the sentence (case-blind: word models lower-case); a
+def text_offsets(text: str, tokens: Sequence[str]) -> list[int]:
+    """Where each token's text starts in `text`: where it is next found (case-blind: word models lower-case); a
     token whose text is not there as it is (a byte of a character split by byte-level BPE) takes the offset
     reached so far."""
-    tokens, lps, offsets = [], [], []
-    text = sentence.text.lower()
+    lowered = text.lower()
+    offsets = []
     pos = 0
-    for t in sentence.tokens:
-        found = text.find(t.token.lower(), pos) if t.token else -1
-        offset = found if found >= 0 else pos
+    for token in tokens:
+        found = lowered.find(token.lower(), pos) if token else -1
+        offsets.append(found if found >= 0 else pos)
         if found >= 0:
-            pos = found + len(t.token)
-        if offset >= start:
-            tokens.append(t.token)
-            lps.append(finite_or_none(t.log_prob))
-            offsets.append(offset)
-    return {"tokens": tokens, "token_logprobs": lps, "text_offset": offsets,
-            "top_logprobs": [{t: lp} for t, lp in zip(tokens, lps, strict=True)]}  # the chosen token alone
+            pos = found + len(token)
+    return offsets
+
+
+def reported(sentence: SentenceResult, start: int) -> list[tuple[int, int]]:
+    """(index in `sentence.tokens`, text offset) of its tokens whose text starts at or after character `start`."""
+    offsets = text_offsets(sentence.text, [t.token for t in sentence.tokens])
+    return [(i, o) for i, o in enumerate(offsets) if o >= start]
+
+
+def logprobs_body(tokens: Sequence[str], log_probs: Sequence[float], offsets: Sequence[int],
+                  tops: Sequence[dict[str, float]] | None = None) -> dict[str, Any]:
+    """OpenAI's logprobs object; `tops`: each token's alternatives (logprobs > 0), in which the chosen token takes
+    its own log-probability; without them (logprobs 0) the chosen token alone."""
+    lps = [finite_or_none(x) for x in log_probs]
+    if tops is None:
+        top: list[dict[str, float | None]] = [{t: lp} for t, lp in zip(tokens, lps, strict=True)]
+    else:
+        top = []
+        for t, lp, alternatives in zip(tokens, lps, tops, strict=True):
+            entry: dict[str, float | None] = dict(alternatives)
+            entry[t] = lp  # the chosen token's own figure, so token_logprobs and top_logprobs agree
+            top.append(entry)
+    return {"tokens": list(tokens), "token_logprobs": lps, "top_logprobs": top, "text_offset": list(offsets)}
+
+
+def sentence_logprobs(sentence: SentenceResult, start: int,
+                      tops: Sequence[dict[str, float]] | None = None) -> dict[str, Any]:
+    """The logprobs object of the tokens of a scored text from character `start` on (`reported`); offsets are in
+    the whole text (a completion's count its prompt, echoed or not); `tops`: one per reported token."""
+    rows = reported(sentence, start)
+    tokens = sentence.tokens
+    return logprobs_body([tokens[i].token for i, _ in rows], [tokens[i].log_prob for i, _ in rows],
+                         [o for _, o in rows], tops)
 
 
 def completion_choice(index: int, text: str, finish: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
@@ -287,13 +283,17 @@ def completion_choice(index: int, text: str, finish: str, logprobs: dict[str, An
 
 
 def completion_body(c: Completion, request_id: str, model: str, gens: Sequence[rq.Generation],
-                    scores: Sequence[SentenceResult] | None) -> dict[str, Any]:
+                    scores: Sequence[SentenceResult] | None,
+                    tops: Sequence[Sequence[dict[str, float]]] | None = None) -> dict[str, Any]:
     """The response of a unary completion: a choice per generation, in order; `scores`: one per choice, the
-    scored prompt (+ completion) for echo / logprobs."""
+    scored prompt (+ completion) for echo / logprobs; `tops`: per choice, each reported token's alternatives."""
     choices = []
     for i, g in enumerate(gens):
         text = g.prompt + g.text if c.echo else g.text
-        lp = _logprobs(scores[i], 0 if c.echo else len(g.prompt)) if scores is not None and c.logprobs else None
+        lp = None
+        if scores is not None and c.logprobs is not None:
+            start = 0 if c.echo else len(g.prompt)
+            lp = sentence_logprobs(scores[i], start, tops[i] if tops is not None else None)
         choices.append(completion_choice(i, text, g.finish_reason, lp))
     prompt_tokens = sum(g.prompt_tokens for g in gens[::c.n])
     completion_tokens = sum(g.generated_tokens for g in gens)
