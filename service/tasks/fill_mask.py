@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import MASK, ModelAdapter
@@ -23,7 +23,8 @@ class FillMaskParams:
     targets: tuple[str, ...] = ()
 
 
-class FillCandidate(NamedTuple):  # a tuple: made top_k times per blank, and a frozen dataclass's init is slow
+@dataclass(frozen=True)
+class FillCandidate:
     token_ids: tuple[int, ...]
     token_str: str
     log_prob: float
@@ -60,10 +61,8 @@ def _spelling(model: ModelAdapter, ids: tuple[int, ...]) -> str:
     return (model.token_text(ids[0]) if len(ids) == 1 else model.decode(list(ids))).strip()
 
 
-def _fill(text: str, pieces: list[str], blank: int, word: str) -> str:
-    """`text` (split at its blanks into `pieces`) with blank `blank` replaced by `word`."""
-    if len(pieces) == 2:  # one blank, the common case
-        return pieces[0] + word + pieces[1]
+def _fill(text: str, blank: int, word: str) -> str:
+    pieces = text.split(MASK)
     return MASK.join(pieces[: blank + 1]) + word + MASK.join(pieces[blank + 1:]) if blank < len(pieces) - 1 else text
 
 
@@ -135,7 +134,6 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
     results = []
     for r, (text, dist) in enumerate(zip(params.texts, dists, strict=True)):
         masks = []
-        pieces = text.split(MASK)
         for b, row in enumerate(dist):
             if targets:
                 cands = [(tuple(tids), t, float(row[tids[0]]) if len(tids) == 1 else wide_lp[(r, b, ti)])
@@ -146,7 +144,7 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
                          for t, lp in zip(top_ids.tolist(), top_lps.tolist(), strict=True)]
             cands.sort(key=lambda c: -c[2])
             masks.append(tuple(
-                FillCandidate(ids, word, lp, _fill(text, pieces, b, _spelling(model, ids) or word))
+                FillCandidate(ids, word, lp, _fill(text, b, _spelling(model, ids) or word))
                 for ids, word, lp in cands[: params.top_k] if math.isfinite(lp)
             ))
         results.append(FillResult(text, tuple(masks)))
