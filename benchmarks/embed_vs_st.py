@@ -21,8 +21,9 @@ sets targets for: fp32 served ÷ sentence-transformers (>= 1.2), best variant se
 (>= 2), served ÷ raw ONNX Runtime. Medians over rounds. Writes the JSON and a PNG (texts/s per configuration).
 
 `--smoke`: a random tiny BertModel saved with save_pretrained inside a sentence-transformers folder (mean
-pooling, Normalize) stands in for MiniLM, imported once (with its variants, not plain as well), and one
-server serves every graph; the same code path otherwise, figures meaningless.
+pooling, Normalize) stands in for MiniLM, imported once (with its variants, not plain as well) by the same
+`plm import` command line run in this process, and one server serves every graph; the same code path
+otherwise, figures meaningless.
 """
 
 from __future__ import annotations
@@ -103,11 +104,19 @@ def tiny_st_folder(texts: list[str], into: Path) -> Path:
     return into
 
 
-def timed_import(source: Path, repository: Path, variants: tuple[str, ...]) -> float:
-    """Wall seconds of `plm import bert` as a user runs it (a fresh process)."""
+def timed_import(source: Path, repository: Path, variants: tuple[str, ...], in_process: bool = False) -> float:
+    """Wall seconds of `plm import bert` as a user runs it (a fresh process). `in_process` (smoke) runs the same
+    command line in this process, which has imported torch, transformers and sentence-transformers already."""
+    argv = ["import", "bert", str(source), "--name", MODEL, "--repository", str(repository), "--replace",
+            *(["--variants", *variants] if variants else [])]
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "plm.cli", "import", "bert", str(source), "--name", MODEL, "--repository",
-                    str(repository), "--replace", *(["--variants", *variants] if variants else [])], check=True)
+    if in_process:
+        from plm.cli import main as plm_main
+
+        if plm_main(argv) != 0:
+            raise RuntimeError(f"plm {' '.join(argv)} failed")
+    else:
+        subprocess.run([sys.executable, "-m", "plm.cli", *argv], check=True)
     return time.perf_counter() - started
 
 
@@ -178,7 +187,7 @@ def main() -> int:
     add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
-        args.texts, args.duration, args.rounds = 32, 0.3, 1
+        args.texts, args.duration, args.rounds = 32, 0.2, 1
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -189,7 +198,7 @@ def main() -> int:
         source = tiny_st_folder(texts, work / "source") if args.smoke else minilm_folder(args.cache_dir, work / "src")
         repo = work / "repository"
         import_s = None if args.smoke else timed_import(source, repo, ())  # smoke: the variants' import alone
-        import_variants_s = timed_import(source, repo, VARIANTS)
+        import_variants_s = timed_import(source, repo, VARIANTS, in_process=args.smoke)
         manifest = contract.load(repo / MODEL / contract.MANIFEST_FILE)
         print(f"import: {import_s or 0:.1f} s plain, {import_variants_s:.1f} s with --variants {' '.join(VARIANTS)}; "
               f"{len(texts)} held-out texts; torch threads {torch.get_num_threads()}", flush=True)
@@ -217,7 +226,7 @@ def main() -> int:
                         rows[g]["raw"].append(rate(raws[g].encode, texts))
                         for k in PER_REQUEST:
                             res = drive(started[g].target, "Embed", MODEL, texts, CONCURRENCY, args.duration,
-                                        per_request=k, warmup=0.2 if args.smoke else 2.0)
+                                        per_request=k, warmup=0.1 if args.smoke else 2.0)
                             if args.smoke:
                                 no_errors(res["summary"]["errors"], f"Embed {g} × {k}")
                             rows[g][f"served_{k}"].append(res["texts_per_s"])
