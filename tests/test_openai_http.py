@@ -125,6 +125,98 @@ def test_logprobs_of_a_generation(sdk: openai.OpenAI) -> None:
     assert out.choices[0].text.startswith("The king")
 
 
+def _scored_tail(grpc_client: PlmClient, model: str, text: str, n: int) -> list[Any]:
+    """The last n tokens of Score's per-token answer for `text` (a completion's, after its prompt)."""
+    tokens = list(grpc_client.score(model, [text], add_eos=False).scores[0].tokens)
+    return tokens[len(tokens) - n:]
+
+
+def _check_top(tokens: list[str], chosen: list[float | None], tops: list[dict[str, float]], k: int) -> None:
+    """OpenAI's top_logprobs: the k likeliest tokens best first, and the chosen one with its own figure."""
+    for token, lp, top in zip(tokens, chosen, tops, strict=True):
+        assert token in top and top[token] == lp, (token, lp, top)
+        assert k <= len(top) <= k + 1
+        values = list(top.values())
+        best = values[:k] if len(top) == k + 1 else [v for t, v in top.items() if t != token] or values
+        assert best == sorted(best, reverse=True)
+        if len(top) == k + 1:  # the chosen token is not among the k likeliest
+            assert lp is not None and lp <= min(values[:k]) + 1e-5
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_alternatives_agree_with_score_and_predict_next(sdk: openai.OpenAI, grpc_client: PlmClient,
+                                                                 temperature: float) -> None:
+    """logprobs 3: each token's log-probability is Score's for the same text, its top_logprobs hold the model's
+    3 likeliest next tokens (PredictNext's tokens after the prompt, at the first) and the chosen one; greedy
+    picks the best of them."""
+    k = 3
+    out = sdk.completions.create(model="gpt", prompt="The king", max_tokens=6, temperature=temperature, seed=4,
+                                 logprobs=k, extra_body={"min_tokens": 6})
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert lp is not None and lp.top_logprobs is not None and lp.token_logprobs is not None
+    assert len(lp.tokens or []) >= 2, lp
+    tail = _scored_tail(grpc_client, "gpt", "The king" + choice.text, len(lp.tokens))
+    assert lp.tokens == [t.token for t in tail]
+    assert lp.token_logprobs == [t.log_prob for t in tail]
+    _check_top(lp.tokens, lp.token_logprobs, lp.top_logprobs, k)
+    if grpc_client.score("gpt", ["The king"], add_eos=False).scores[0].num_tokens + len(tail) == \
+            grpc_client.score("gpt", ["The king" + choice.text], add_eos=False).scores[0].num_tokens:
+        first = grpc_client.predict_next("gpt", ["The king"], top_k=k, include_tokens=True).predictions[0].tokens
+        assert list(lp.top_logprobs[0])[:k] == [c.text for c in first]
+        assert list(lp.top_logprobs[0].values())[:k] == pytest.approx([c.log_prob for c in first], abs=1e-5)
+    if temperature == 0:
+        gen = grpc_client.generate("gpt", ["The king"], {"max_new_tokens": 6, "temperature": 0.0}).generations[0]
+        if list(gen.token_ids) == [t.id for t in tail]:  # the text tokenizes back into the generated tokens
+            assert all(next(iter(top)) == t for t, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+
+
+def test_streamed_logprobs_equal_the_unary_ones(sdk: openai.OpenAI) -> None:
+    """Streamed with echo: the prompt's chunk first (Score's tokens), then each token's log-probability and
+    alternatives as it comes, read at the engine's tokens: the same as the unary answer's."""
+    args: dict[str, Any] = {"model": "gpt", "prompt": "The king", "max_tokens": 8, "seed": 11, "temperature": 1.0,
+                            "logprobs": 2, "echo": True, "extra_body": {"min_tokens": 8}}
+    unary = sdk.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in sdk.completions.create(**args, stream=True) if c.choices]
+    assert chunks[0].text == "The king" and "".join(c.text for c in chunks) == unary.text
+    assert unary.logprobs is not None
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    offsets: list[int] = []
+    tops: list[dict[str, float]] = []
+    for c in chunks:
+        if c.logprobs is not None:
+            tokens += c.logprobs.tokens or []
+            lps += c.logprobs.token_logprobs or []
+            offsets += c.logprobs.text_offset or []
+            tops += c.logprobs.top_logprobs or []
+    _check_top(tokens, lps, tops, 2)
+    # The unary answer is Score's tokenization of the joined text, the stream the engine's tokens: compare where
+    # they agree, which must reach past the prompt into the generated tokens.
+    same = 0
+    while same < min(len(tokens), len(unary.logprobs.tokens or [])) and tokens[same] == (unary.logprobs.tokens or
+                                                                                          [])[same]:
+        same += 1
+    prompt_tokens = len(chunks[0].logprobs.tokens or []) if chunks[0].logprobs is not None else 0
+    assert prompt_tokens > 0 and same >= prompt_tokens + 3, (tokens, unary.logprobs.tokens)
+    assert offsets[:same] == (unary.logprobs.text_offset or [])[:same]
+    assert lps[:same] == pytest.approx((unary.logprobs.token_logprobs or [])[:same], abs=1e-4)
+    assert [list(t) for t in tops[:same]] == [list(t) for t in (unary.logprobs.top_logprobs or [])[:same]]
+
+
+def test_logprobs_refusals_name_the_parameter(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        sdk.completions.create(model="gpt", prompt="x", logprobs=6)
+    assert _error(e)["param"] == "logprobs" and "between 0 and 5" in _error(e)["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # a masked LM scores but has no next-token distribution
+        sdk.completions.create(model="bert", prompt="the king", max_tokens=0, echo=True, logprobs=2)
+    assert _error(e)["param"] == "logprobs" and "next-token distribution" in _error(e)["message"]
+    out = sdk.completions.create(model="ngram-kn", prompt="the king is", max_tokens=0, echo=True, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens == ["the", "king", "is"] and lp.top_logprobs is not None
+    _check_top(lp.tokens, lp.token_logprobs or [], lp.top_logprobs, 2)
+
+
 # --------------------------------------------------------------------------------------- embeddings
 
 
@@ -166,6 +258,8 @@ ERRORS: dict[str, ErrorCase] = {
                                   openai.BadRequestError, 400, "max_tokens"),
     "n over the limit": (lambda s: s.completions.create(model="gpt", prompt="x", n=1000),
                          openai.BadRequestError, 400, "n"),
+    "logprobs over the limit": (lambda s: s.completions.create(model="gpt", prompt="x", logprobs=6),
+                                openai.BadRequestError, 400, "logprobs"),
     "prompt list over the limit": (lambda s: s.completions.create(model="gpt", prompt=["x"] * 65),
                                    openai.BadRequestError, 400, "prompt"),
     "empty input": (lambda s: s.embeddings.create(model="gpt", input=["fine", "  "]),
