@@ -1,13 +1,22 @@
 """RNN seq2seq with attention vs the Transformer encoder-decoder, trained on the same span-corruption data with the
 same budget (steps, batch size, learning-rate schedule, seed), then measured on the same held-out corrupted test
-sentences.
+sentences; and the served Transformer's Generate throughput with and without its KV cache.
 
-    python benchmarks/encdec_report.py [--profile small] [--steps 600] [--out results/encdec.json]
+    python benchmarks/encdec_report.py [--profile small] [--steps 600] [--parts train serve]
+                                       [--repository DIR] [--streams 1 16] [--new-tokens 64] [--rounds 3]
+                                       [--out results/encdec.json]
 
-Prints and writes (JSON + PNG) per model: held-out span-infilling exact match (the greedy output equals the whole
-target), token accuracy and per-token loss (teacher-forced), training tokens/s (target tokens per second of the
-training loop, evaluations included), parameters, and the validation-loss curve. The notes' claim under test:
-attention-only models train faster and do better than recurrent ones.
+`train` prints and writes (JSON + PNG) per model: held-out span-infilling exact match (the greedy output equals
+the whole target), token accuracy and per-token loss (teacher-forced), training tokens/s (target tokens per
+second of the training loop, evaluations included), parameters, and the validation-loss curve. The notes' claim
+under test: attention-only models train faster and do better than recurrent ones.
+
+`serve` starts two `plm serve` processes over the `encdec` model of `--repository` (built there by
+`plm build --families encdec` when absent; into a folder beside `--out` when `--repository` is another
+repository without it): the KV-cache engine, and the same model recomputing every step through the batcher
+(`kv_cache = false`: encoder and decoder re-read whole). Each is driven with `--streams` concurrent
+GenerateStream calls of exactly `--new-tokens` tokens (seeded top-k 50, min_new_tokens = max_new_tokens), as
+benchmarks/generation.py drives GPT; the median of `--rounds` rounds is reported.
 """
 
 from __future__ import annotations
@@ -18,20 +27,45 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _smoke import add_smoke_flag, run  # this folder is on sys.path when run as a script
+from _smoke import Servers, add_smoke_flag, bar_plot, run  # this folder is on sys.path when run as a script
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=("tiny", "small"), default="small", help="corpus slice and model sizes")
     ap.add_argument("--steps", type=int, default=None, help="training steps of each model (default: the profile's)")
+    ap.add_argument("--eval-interval", type=int, default=None,
+                    help="steps between validation evaluations (default: a tenth of the steps)")
+    ap.add_argument("--test-sentences", type=int, default=None,
+                    help="held-out sentences the infilling figures are taken on (default: the profile's)")
     ap.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    ap.add_argument("--repository", type=Path, default=None, help="unused: the models are trained here")
+    ap.add_argument("--repository", type=Path, default=None,
+                    help="serve: the repository whose encdec model is served (training makes its own models)")
+    ap.add_argument("--parts", nargs="+", choices=("train", "serve"), default=["train", "serve"])
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 16], help="serve: concurrent streams")
+    ap.add_argument("--new-tokens", type=int, default=64, help="serve: tokens per request")
+    ap.add_argument("--rounds", type=int, default=3, help="serve: rounds per stream count (the median is reported)")
     ap.add_argument("--out", type=Path, default=Path("results/encdec.json"))
     ap.add_argument("--seed", type=int, default=0)
     add_smoke_flag(ap)
     args = ap.parse_args()
+    profile = "tiny" if args.smoke else args.profile
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"profile": profile, "seed": args.seed, "smoke": args.smoke}
+    if "train" in args.parts:
+        report.update(train_both(args, profile))
+    if "serve" in args.parts:
+        report["serving"] = serve(args, profile)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if "train" not in args.parts:  # the PNG is the training figures; a serving-only run plots its throughput
+        bar_plot(args.out.with_suffix(".png"), {f"{mode} {r['streams']}": r["tokens_per_s"]
+                                                for mode, rows in report["serving"]["rows"].items() for r in rows},
+                 "generated tokens / s", "encdec served Generate: KV-cache engine vs recomputing")
+    print(f"\nwritten to {args.out} and {args.out.with_suffix('.png')}")
 
+
+def train_both(args: argparse.Namespace, profile: str) -> dict[str, Any]:
+    """Train the RNN and the Transformer on the same batches and budget; their held-out figures and curves."""
     import numpy as np
     import torch
     from plm.export.build import PROFILES as BUILD_PROFILES
@@ -43,7 +77,6 @@ def main() -> None:
     from plm.models.train import TrainConfig, train
     from plm.models.transformer import Transformer, TransformerConfig
 
-    profile = "tiny" if args.smoke else args.profile
     p = PROFILES[profile]
     steps = 20 if args.smoke else (args.steps or p.max_steps)
     data = prepare_data(BUILD_PROFILES[profile], None, args.cache_dir, args.seed)
@@ -52,7 +85,8 @@ def main() -> None:
     splits = {split: encode(tok, getattr(data.corpus, split)) for split in ("train", "valid", "test")}
     if sum(len(s) >= 2 for s in splits["valid"]) < 2:
         splits["valid"] = splits["train"]
-    test = held_out(splits["test"], specials, p.max_tokens, args.seed + 1, 16 if args.smoke else p.eval_sentences)
+    test = held_out(splits["test"], specials, p.max_tokens, args.seed + 1,
+                    16 if args.smoke else args.test_sentences or p.eval_sentences)
     ids = {"pad_id": specials.pad, "bos_id": specials.bos, "eos_id": specials.eos,
            "first_sentinel": specials.first_sentinel, "sentinels": specials.sentinels}
     vocab = tok.get_vocab_size()
@@ -66,12 +100,12 @@ def main() -> None:
     }
     rows: dict[str, dict[str, Any]] = {}
     out_dir = args.out.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, make in makers.items():
         torch.manual_seed(args.seed)
         model: EncoderDecoder = make()
         cfg = TrainConfig(max_steps=steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
-                          warmup_steps=min(p.warmup_steps, steps // 5), eval_interval=max(1, steps // 10),
+                          warmup_steps=min(p.warmup_steps, steps // 5),
+                          eval_interval=args.eval_interval or max(1, steps // 10),
                           eval_batches=2 if args.smoke else 4, patience=None, seed=args.seed,
                           num_threads=p.num_threads, progress=not args.smoke)
         get_batch = span_batches(splits, p.batch_size, np.random.default_rng(args.seed), specials, p.max_tokens)
@@ -88,11 +122,37 @@ def main() -> None:
     print(f"{'model':12} " + " ".join(f"{k:>18}" for k in keys))
     for name, r in rows.items():
         print(f"{name:12} " + " ".join(f"{r[k]:>18}" for k in keys))
-    report = {"profile": profile, "steps": steps, "batch_size": p.batch_size, "seed": args.seed,
-              "test_examples": len(test), "smoke": args.smoke, "models": rows}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"), f"span corruption, {steps} steps × batch {p.batch_size} ({profile})")
-    print(f"\nwritten to {args.out} and {args.out.with_suffix('.png')}")
+    return {"steps": steps, "batch_size": p.batch_size, "test_examples": len(test), "models": rows}
+
+
+def serve(args: argparse.Namespace, profile: str) -> dict[str, Any]:
+    """Served Generate tokens/s of the encdec model at each stream count: the KV-cache engine vs recomputing."""
+    from generation import drive  # benchmarks/generation.py: the same streams and rounds as for GPT
+
+    repository = args.repository
+    if args.smoke or repository is None or not (repository / "encdec" / "manifest.json").exists():
+        from plm.export.build import build_repository
+
+        repository = args.out.parent / f"encdec_repo_{profile}"
+        build_repository(profile=profile, repository=repository, cache_dir=args.cache_dir, families=["encdec"],
+                         seed=args.seed)
+    manifest = json.loads((repository / "encdec" / "manifest.json").read_text())
+    n = min(4 if args.smoke else args.new_tokens, int(manifest["encdec"]["max_target_length"]) - 1)
+    streams, rounds = ([1, 2], 1) if args.smoke else (args.streams, args.rounds)
+    modes = {"engine": {"PLM_RUNTIME__KV_CACHE": "true"}, "recompute": {"PLM_RUNTIME__KV_CACHE": "false"}}
+    rows: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    with Servers(repository, args.smoke, [(["encdec"], modes["engine"])]) as servers:
+        for mode, env in modes.items():
+            with servers.start(["encdec"], env, metrics=True, shared=mode == "engine") as srv:
+                for k in streams:
+                    rows[mode].append(drive(srv.target, "encdec", k, n, srv.metrics_url, rounds))
+                    print(f"{mode:9} {k:3d} streams: {rows[mode][-1]['tokens_per_s']:8.1f} tokens/s", flush=True)
+    ratios = {f"engine_vs_recompute_{e['streams']}": round(e["tokens_per_s"] / r["tokens_per_s"], 3)
+              for e, r in zip(rows["engine"], rows["recompute"], strict=True)}
+    for key, value in ratios.items():
+        print(f"{key:28} {value:6.2f}×")
+    return {"repository": str(repository), "new_tokens": n, "rows": rows, "ratios": ratios}
 
 
 def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:

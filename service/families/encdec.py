@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.errors import DeadlineExceeded, InvalidArgument
 from plm.service.families.base import MASK, ManifestSource, ModelAdapter, TokenScores
@@ -25,9 +26,9 @@ from plm.service.families.bytebpe import ByteLevelText
 from plm.service.families.capabilities import ConditionalScorer, Generator, SourceReader, SpanFiller
 from plm.service.generation.engine import GenerationEngine
 from plm.service.generation.runner import Encoder
-from plm.service.generation.seq2seq import Infill, fill_spans, score_targets
+from plm.service.generation.seq2seq import Infill, fill_spans, recompute_next, score_targets
 from plm.service.generation.sequence import Sequence as GenSequence
-from plm.service.generation.sequence import StepEvent
+from plm.service.generation.sequence import StepEvent, choose
 from plm.service.metrics import Metrics
 from plm.service.runtime import cores, open_graph
 from tokenizers import Tokenizer
@@ -61,6 +62,9 @@ class EncDecAdapter(ByteLevelText, ModelAdapter, Generator, ConditionalScorer, S
         decoder = open_graph(folder, self.spec, "decoder", decoder_runtime, name, metrics)
         encoder = open_graph(folder, self.spec, "encoder", decoder_runtime, name, metrics)
         self.served_by(decoder)
+        if not runtime.kv_cache:  # generation re-reads each sequence whole every step, through the batcher
+            self._batcher = DynamicBatcher(name, self._recompute, config.batching_for(name, self.spec.batching),
+                                           metrics)
         # No KV layout graph: the batch (self-attention and cross-attention rows) is laid out in host memory.
         self.engine = GenerationEngine(
             name, decoder, *self.spec.graphs["decoder"].cache_dims(), spec.decoder_start_id, spec.pad_id,
@@ -105,9 +109,10 @@ class EncDecAdapter(ByteLevelText, ModelAdapter, Generator, ConditionalScorer, S
             return ids
         if truncate:
             return ids[:limit]
+        hint = f" (set truncate_prompt to keep its first {limit})" if field == "prompts" else ""
         raise InvalidArgument(field, f"is {len(ids)} tokens; model {self.name!r}'s encoder window is "
                                      f"{self.encdec.max_source_length} tokens with </s>, so a source holds at most "
-                                     f"{limit} (set truncate_prompt to keep its first {limit})", at=at)
+                                     f"{limit}{hint}", at=at)
 
     def blanks(self, text: str, at: str) -> tuple[list[int], int]:
         """A FillMask text's source ids (blank b as sentinel b, glued to the word before it) and its blank count."""
@@ -138,13 +143,34 @@ class EncDecAdapter(ByteLevelText, ModelAdapter, Generator, ConditionalScorer, S
         await self.engine.close()
 
     def refuse_if_full(self, rows: int, generate: bool = False) -> None:
-        if generate:
+        if generate and self._batcher is None:
             self.engine.refuse_if_full(rows)
+        elif generate:
+            super().refuse_if_full(rows, generate)
 
     # -- capabilities -------------------------------------------------------------------------------------
     def generate(self, seqs: list[GenSequence], deadline: float | None) -> AsyncIterator[StepEvent]:
-        """Continuous batching in the KV-cache engine: each sequence's prompt is its source."""
-        return self.engine.generate(seqs, deadline)
+        """Continuous batching in the KV-cache engine: each sequence's prompt is its source. With `kv_cache` off,
+        every step re-reads each running sequence whole (source and tokens so far) through the batcher."""
+        if self._batcher is None:
+            return self.engine.generate(seqs, deadline)
+        return self._generate_by_recompute(seqs, deadline)
+
+    async def _generate_by_recompute(self, seqs: list[GenSequence], deadline: float | None
+                                     ) -> AsyncIterator[StepEvent]:
+        allowed = ~self._never
+        active = seqs
+        while active:
+            rows = [(tuple(s.prompt_ids), tuple(s.generated)) for s in active]
+            out = await self.batcher.submit(rows, [len(src) + len(done) for src, done in rows], deadline)
+            for seq, tok in zip(active, choose(np.stack(out), allowed, active), strict=True):
+                for ev in seq.advance(tok):
+                    yield ev
+            active = [s for s in active if not s.finished]
+
+    def _recompute(self, rows: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[np.ndarray]:
+        """One batched step without a cache (on the batcher's thread)."""
+        return recompute_next(self.engine.runner, rows)
 
     def _in_time(self, deadline: float | None) -> None:
         if deadline is not None and time.monotonic() >= deadline:
@@ -164,6 +190,7 @@ class EncDecAdapter(ByteLevelText, ModelAdapter, Generator, ConditionalScorer, S
         return [await self.engine.call(fill_spans, self.engine.runner, ids, n, k, self.infill) for ids, n in rows]
 
     def info(self) -> dict[str, Any]:
-        return {"providers": self.providers, "generation": "kv_cache", "architecture": self.encdec.architecture,
+        return {"providers": self.providers, "generation": "kv_cache" if self._batcher is None else "recompute",
+                "architecture": self.encdec.architecture,
                 "fill_mask": "beam_search_spans", "max_source_length": self.encdec.max_source_length,
                 "max_target_length": self.encdec.max_target_length}

@@ -1,16 +1,19 @@
 """An encoder-decoder's jobs beside generation, run on the engine's thread between two steps: a target's
-conditional log-probability given its source (teacher forcing), and sentinel infilling by beam search.
+conditional log-probability given its source (teacher forcing), and sentinel infilling by beam search; and the
+next-token step of generation without a cache (`recompute_next`), which the batcher runs.
 
-Both run the runner's encoder once per call and its decoder step by step on a self-attention cache of their own
-(host memory), never touching the running batch.
+The first two run the runner's encoder once per call and its decoder step by step on a self-attention cache of
+their own (host memory), never touching the running batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from plm.service.generation.runner import Runner
+from plm.service.runtime import pad_right
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,20 @@ def score_targets(runner: Runner, pairs: list[tuple[list[int], list[int]]]) -> l
                 out[i][j] = logprobs[i, target[j]]
         ids = np.array([[t[j] if j < len(t) else runner.pad_id] for _, t in pairs], dtype=np.int64)
     return out
+
+
+def recompute_next(runner: Runner, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[np.ndarray]:
+    """Generation without a cache, one step: each (source, tokens generated so far) row re-read whole, the encoder
+    over the sources and the decoder over <s> + the tokens with empty pasts, both right-padded (the decoder graph
+    reads each row's last real column, and causal attention keeps the pads after it out of every real token's
+    view). Returns each row's next-token log-probabilities (V,)."""
+    assert runner.encoder is not None
+    cross = runner.encoder.run([src for src, _ in rows], runner.pad_id, runner.n_layer)
+    ids, mask = pad_right([[runner.bos_id, *done] for _, done in rows], runner.pad_id)
+    position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    logprobs, _ = runner.run(ids, mask, position_ids, _empty(runner, len(rows)), "recompute", on_device=False,
+                             cross=cross)
+    return list(logprobs)
 
 
 def fill_spans(runner: Runner, source: list[int], blanks: int, k: int, spec: Infill
