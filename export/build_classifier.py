@@ -72,12 +72,13 @@ PROFILES = {
 PROFILES["full"] = PROFILES["small"]  # the task is small: the full profile's longer BERT needs no other recipe
 
 
-def train_config(p: ClassifierProfile, seed: int) -> Any:
+def train_config(p: ClassifierProfile, seed: int, device: str = "cpu") -> Any:
     from plm.models.train import TrainConfig
 
     return TrainConfig(max_steps=p.max_steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
                        warmup_steps=p.warmup_steps, eval_interval=p.eval_interval, eval_batches=p.eval_batches,
-                       patience=None, max_seconds=p.max_seconds, seed=seed, num_threads=p.num_threads)
+                       patience=None, max_seconds=p.max_seconds, seed=seed, num_threads=p.num_threads,
+                       device=device)
 
 
 def encode_task(task: downstream.DownstreamTask, tokenizer: Any, max_length: int) -> dict[str, Encoded]:
@@ -171,7 +172,7 @@ def build(data: BuildData, profile: str, repository: Path, key: str, seed: int) 
     model = BertClassifier(copy.deepcopy(bert), task.labels, pooling=p.pooling, dropout=p.dropout)  # type: ignore[arg-type]
     freeze(model, p.frozen_layers)
     with staging(repository, NAME) as folder:
-        result = fine_tune(model, splits, train_config(p, seed), folder, desc=NAME)
+        result = fine_tune(model, splits, train_config(p, seed, data.device), folder, desc=NAME)
         logits = predict(model, splits["test"].rows)
         evaluation = evaluate(task, [task.labels[i] for i in logits.argmax(1)])
         graph = export_classifier(model, folder / "model.onnx")
