@@ -91,8 +91,8 @@ PROFILES = {
         bpe_vocab=8000, block_size=128, n_layer=4, n_head=4, n_embd=128, batch_size=32, max_steps=300,
         warmup_steps=20, max_seconds=600.0, eval_interval=40, lr=2e-3, num_threads=2)),
     # The lineage's claims, not the 10-minute budget: a 256-token window (room for 8-shot prompts), a wider
-    # and deeper GPT and every family trained for many more steps; about an hour and a half on 2 cores, and
-    # `--device auto` trains on a GPU when torch sees one.
+    # and deeper GPT and every family trained for many more steps; sized for about an hour and a half on 2
+    # cores, and `--device auto` trains on a GPU when torch sees one.
     "full": Profile("full", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
         bpe_vocab=8000, block_size=256, n_layer=6, n_head=6, n_embd=192, batch_size=16, max_steps=1500,
         warmup_steps=100, max_seconds=3000.0, eval_interval=100, lr=2e-3, num_threads=2), variant_sentences=400),
