@@ -65,6 +65,16 @@ def _object(raw: bytes) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
+def _field_names(message: Any, seen: frozenset[str] = frozenset()) -> set[str]:
+    """Every field name of `message` and of the messages it holds (the data plane names a nested field such as
+    `sampling.min_new_tokens` by its own name)."""
+    names = {f.name for f in message.fields}
+    for f in message.fields:
+        if f.message_type is not None and f.message_type.full_name not in seen:
+            names |= _field_names(f.message_type, seen | {message.full_name})
+    return names
+
+
 @pytest.fixture(scope="module")
 def fuzz_web(tiny_repo: Path) -> Iterator[httpx.Client]:
     srv = ServerThread(make_config(tiny_repo, limits=LIMITS, http_port=free_port()))
@@ -78,7 +88,7 @@ def fuzz_web(tiny_repo: Path) -> Iterator[httpx.Client]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
 def test_fuzz_json_route(fuzz_web: httpx.Client, method: Any) -> None:
-    fields = {f.name for f in method.input_type.fields} | {"body"}
+    fields = _field_names(method.input_type) | {"body"}
     resp_cls = message_factory.GetMessageClass(method.output_type)
     ran: list[int] = []
 
