@@ -7,6 +7,7 @@ of the build prints a summary table with each model's held-out per-word perplexi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -188,9 +189,10 @@ def _build_families(todo: Sequence[str], data: BuildData, profile: str, reposito
     thread, the same seed); only the log lines interleave."""
     pair = [f for f in SIDE_BY_SIDE if f in todo]
     manifests: dict[str, dict[str, Any]] = {}
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with contextlib.ExitStack() as stack:  # the child process, only when a pair is due; waited for on the way out
         side: Future[tuple[dict[str, dict[str, Any]], float]] | None = None
         if len(pair) == 2 and (os.cpu_count() or 1) >= 2:
+            pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
             side = pool.submit(_timed_build, FAMILIES[pair[0]][1], data, profile, repository, keys[pair[0]], seed,
                                logging.getLogger().getEffectiveLevel())
             log.info("%s: building in a child process beside %s", pair[0], pair[1])
@@ -331,6 +333,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
 def gpt_word_perplexity(model: Any, tok: Any, sentences: list[str], word_sents: list[list[str]]) -> float:
     """exp(−Σ ln P(tokens, EOS | BOS) / Σ (words + 1)): per *word* (the word-level count), as for n-grams."""
     import torch
+    from plm.models.train import pad_right
 
     eot = tok.token_to_id(tokenization.ENDOFTEXT)
     seqs = [[eot, *e.ids, eot] for e in tok.encode_batch(sentences, add_special_tokens=False) if e.ids]
@@ -339,13 +342,7 @@ def gpt_word_perplexity(model: Any, tok: Any, sentences: list[str], word_sents: 
     model.eval()
     with torch.no_grad():
         for i in range(0, len(seqs), 64):
-            chunk = seqs[i: i + 64]
-            t = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), t), eot, dtype=torch.long)
-            mask = torch.zeros((len(chunk), t), dtype=torch.long)
-            for j, s in enumerate(chunk):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
+            ids, mask = pad_right(seqs[i: i + 64], pad=eot)
             logits = model(ids, attention_mask=mask)
             logits = logits[0] if isinstance(logits, tuple) else logits
             lp = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]

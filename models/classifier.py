@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from plm.models.bert import Bert, BertConfig
-from plm.models.train import Batch, GetBatch, TrainConfig, TrainResult, train
+from plm.models.train import Batch, GetBatch, TrainConfig, TrainResult, pad_right, train
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -105,17 +105,6 @@ def encode(tokenizer: object, texts: Sequence[str], labels: Sequence[int], max_l
     return Encoded(rows, np.asarray(labels, dtype=np.int64))
 
 
-def collate(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
-    """Right-padded (B, T) ids and mask."""
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 def batches(splits: dict[str, Encoded], batch_size: int, rng: np.random.Generator) -> GetBatch:
     """`get_batch(split)` for models.train.train: `train` draws a random batch, `valid` walks its rows in order
     (wrapping), so every validation estimate reads the same rows."""
@@ -130,7 +119,7 @@ def batches(splits: dict[str, Encoded], batch_size: int, rng: np.random.Generato
         else:
             idx = (cursor["valid"] + np.arange(min(batch_size, n))) % n
             cursor["valid"] = int(idx[-1] + 1) % n
-        ids, mask = collate([data.rows[i] for i in idx])
+        ids, mask = pad_right([data.rows[i] for i in idx])
         return ids, mask, torch.from_numpy(data.labels[idx])
 
     return get_batch
@@ -156,7 +145,7 @@ def predict(model: nn.Module, rows: Sequence[Sequence[int]], batch_size: int = 6
     model.eval()
     out = []
     for i in range(0, len(rows), batch_size):
-        ids, mask = collate(rows[i: i + batch_size])
+        ids, mask = pad_right(rows[i: i + batch_size])
         assert isinstance(model, BertClassifier)
         out.append((model.features(ids, mask) if features else model(ids, mask)).numpy())
     return np.concatenate(out).astype(np.float32)

@@ -26,7 +26,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -313,6 +313,17 @@ def plot_loss_curve(result: TrainResult, path: Path, title: str = "train") -> No
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
+    """Token rows of unequal length as right-padded (B, T) int64 ids and attention mask (1 = real token)."""
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), t), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
 
 def lm_batches(
