@@ -40,6 +40,42 @@ def top_of(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarra
     return idx, logprobs[idx]
 
 
+_FOLD = 8  # `top_of_rows` folds each row this many entries into one, twice
+
+
+def top_of_rows(rows: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`top_of` of every row of `rows` (N, V) at once: the same answers, ties included, for a batch of rows.
+
+    Each row is split into groups (strided, so that numpy's max runs along whole rows), and the k-th largest
+    group maximum, t, has at least k allowed entries at or above it: every entry `top_of` may pick is >= t. Those
+    few candidates of all rows are sorted together (row, value descending, id ascending) and each row keeps its
+    first k. A row whose t is not finite, or with a NaN or +inf, is answered by `top_of` itself."""
+    n, v = rows.shape
+    k = min(k, int(allowed.sum()))
+    width = -(-v // _FOLD**2) * _FOLD**2  # V padded for two folds
+    if n < 2 or k <= 0 or k > width // _FOLD:  # one row: top_of's own partition costs less than the set-up
+        return [top_of(row, allowed, k) for row in rows]
+    masked = np.empty((n, width), dtype=rows.dtype)  # (N, width): -inf where not allowed or padding
+    masked[:, :v] = rows
+    masked[:, v:] = -np.inf
+    masked[:, np.flatnonzero(~allowed)] = -np.inf
+    maxima = masked.reshape(n, _FOLD, width // _FOLD).max(axis=1)  # (N, width/8): groups {j, j + width/8, …}
+    if k <= width // _FOLD**2:
+        maxima = maxima.reshape(n, _FOLD, width // _FOLD**2).max(axis=1)  # (N, width/64)
+    groups = maxima.shape[1]
+    t = np.partition(maxima, groups - k, axis=1)[:, groups - k]  # (N,): the k-th largest group maximum
+    odd = ~np.isfinite(t) | np.isnan(maxima).any(axis=1) | np.isposinf(maxima).any(axis=1)  # (N,)
+    pick = masked >= t[:, None]  # (N, width): every entry top_of may pick, and a few more
+    pick[odd] = False
+    at, ids = np.divmod(np.flatnonzero(pick), width)  # (C,) each: row, id
+    vals = masked[at, ids]
+    order = np.lexsort((-vals, at))  # stable: equal values stay in id order, as flatnonzero gave them
+    at, ids, vals = at[order], ids[order], vals[order]
+    starts = np.searchsorted(at, np.arange(n))  # (N,): where each row's candidates begin
+    return [top_of(rows[i], allowed, k) if odd[i] else (ids[starts[i]:starts[i] + k], vals[starts[i]:starts[i] + k])
+            for i in range(n)]
+
+
 MASK = "[MASK]"  # the literal a FillMask text marks its blanks with, for every family
 
 

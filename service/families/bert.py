@@ -20,7 +20,7 @@ import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.errors import FailedPrecondition, InvalidArgument
-from plm.service.families.base import ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of
+from plm.service.families.base import ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of_rows
 from plm.service.families.capabilities import Embedder, MaskFiller, NextSentencePredictor, Scorer
 from plm.service.families.wordpiece import WordPieceText
 from plm.service.metrics import Metrics
@@ -155,15 +155,39 @@ class BertAdapter(WordPieceText, ModelAdapter, Scorer, MaskFiller, Embedder, Nex
             "input_ids": input_ids, "attention_mask": mask, "token_type_ids": types, "mask_positions": positions,
         })
         mlp, nsp, hid = (results.get(n) for n in ("mask_logprobs", "nsp_logprobs", "hidden_states"))
+        tops = _batch_tops(rows, mlp) if mlp is not None else {}
         return [
             _RowOut(
                 mlp[i, : len(r.positions)].copy() if (mlp is not None and r.positions and r.top is None) else None,
                 hid[i, : len(r.ids)].copy() if (hid is not None and r.want_hidden) else None,
                 nsp[i].copy() if (nsp is not None and r.want_nsp) else None,
-                [top_of(row, *r.top) for row in mlp[i, : len(r.positions)]] if (mlp is not None and r.top) else None,
+                tops.get(i, []) if (mlp is not None and r.top) else None,
             )
             for i, r in enumerate(rows)
         ]
 
     def info(self) -> dict[str, Any]:
         return {"providers": self.providers}
+
+
+def _batch_tops(rows: Sequence[_Row], mlp: np.ndarray) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Each top-k blank's (ids, log-probs), by row index: the blanks of the whole batch that share an allowed
+    mask and a k (every FillMask call of one model does) in one `top_of_rows` over their stacked (N, V) rows."""
+    groups: list[tuple[np.ndarray, int, list[int], list[int]]] = []  # (allowed, k, row index, blank) per blank
+    for i, r in enumerate(rows):
+        if r.top is None or not r.positions:
+            continue
+        allowed, k = r.top
+        for g in groups:
+            if g[1] == k and (g[0] is allowed or np.array_equal(g[0], allowed)):
+                break
+        else:
+            g = (allowed, k, [], [])
+            groups.append(g)
+        g[2].extend([i] * len(r.positions))
+        g[3].extend(range(len(r.positions)))
+    out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for allowed, k, at, blank in groups:
+        for i, top in zip(at, top_of_rows(mlp[at, blank], allowed, k), strict=True):  # (N, V) gathered
+            out.setdefault(i, []).append(top)
+    return out
