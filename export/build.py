@@ -47,6 +47,9 @@ FAMILIES: dict[str, tuple[tuple[str, ...], str]] = {
 # The classifier fine-tunes the repository's BERT on the downstream task (export/build_classifier.py): named after
 # bert, or with a bert already built; its tests build their own.
 OPT_IN = ("encdec", "classifier")
+# Families trained from another family's model in the same repository: their build key covers that model's
+# manifest, so a rebuilt or re-imported base rebuilds them (and a base built in the same run always does).
+BASED_ON = {"classifier": "bert"}
 # Families whose training runs on one torch thread (small matmuls: a second thread on a shared core costs more
 # than it gives): built side by side, a pair fills two cores (_build_families).
 SIDE_BY_SIDE = ("nnlm", "elmo")
@@ -144,13 +147,18 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
     from plm.models.train import resolve_device
 
     resolve_device(device)  # a device torch cannot see is refused before anything is trained
-    wanted = tuple(families or (f for f in FAMILIES if f not in OPT_IN))
-    for f in wanted:
+    for f in families or ():
         if f not in FAMILIES:
             raise ValueError(f"unknown family {f!r}; known: {', '.join(FAMILIES)}")
+    # Lineage order, whatever the order asked in: a family built from another comes after it.
+    wanted = tuple(f for f in FAMILIES if (f in families if families else f not in OPT_IN))
     facts = {"profile": asdict(prof), "seed": seed, "sources": _source_facts(corpus_files, cache_dir), "schema": 1}
-    keys = {f: build_key(family=f, **facts) for f in wanted}
-    todo = [f for f in wanted if force or not all(is_current(repository / n, keys[f]) for n in FAMILIES[f][0])]
+    keys = {f: _family_key(f, facts, repository) for f in wanted}
+    todo: list[str] = []
+    for f in wanted:
+        if (force or BASED_ON.get(f) in todo
+                or not all(is_current(repository / n, keys[f]) for n in FAMILIES[f][0])):
+            todo.append(f)
     manifests: dict[str, dict[str, Any]] = {}
     for f in wanted:
         if f not in todo:
@@ -166,7 +174,7 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
                  len(data.corpus.valid), len(data.corpus.test), time.perf_counter() - started)
         repository.mkdir(parents=True, exist_ok=True)
         corpus_mod.write_manifest(data.corpus, repository / "corpus.json")
-        manifests.update(_build_families(todo, data, profile, repository, keys, seed))
+        manifests.update(_build_families(todo, data, profile, repository, facts, keys, seed))
     typed = {n: contract.from_json(m, source=n) for n, m in manifests.items()}
     lacking = [n for n, m in typed.items() if any(applicable(m.family, v) and v not in m.variants for v in variants)]
     if lacking:
@@ -181,8 +189,18 @@ def build_repository(*, profile: str = "small", repository: Path = Path("reposit
     return manifests
 
 
-def _build_families(todo: Sequence[str], data: BuildData, profile: str, repository: Path, keys: dict[str, str],
-                    seed: int) -> dict[str, dict[str, Any]]:
+def _family_key(family: str, facts: dict[str, Any], repository: Path) -> str:
+    """What `family`'s build depends on: the shared facts and, for a family built from another's model, that
+    model's manifest as it is in the repository now (empty when absent)."""
+    base = BASED_ON.get(family)
+    if base is None:
+        return build_key(family=family, **facts)
+    manifest = repository / base / contract.MANIFEST_FILE
+    return build_key(family=family, **facts, base=manifest.read_text() if manifest.is_file() else "")
+
+
+def _build_families(todo: Sequence[str], data: BuildData, profile: str, repository: Path, facts: dict[str, Any],
+                    keys: dict[str, str], seed: int) -> dict[str, dict[str, Any]]:
     """Run each family's builder in lineage order. When both SIDE_BY_SIDE families are due and the machine has
     two cores, the first trains in a child process while this one builds the second: each trains on a single
     torch thread, so together they fill two cores. The weights are the same as one after the other (one
@@ -199,6 +217,8 @@ def _build_families(todo: Sequence[str], data: BuildData, profile: str, reposito
         for f in todo:
             if side is not None and f == pair[0]:
                 continue
+            if f in BASED_ON:  # its base may have been built a moment ago
+                keys[f] = _family_key(f, facts, repository)
             built, seconds = _timed_build(FAMILIES[f][1], data, profile, repository, keys[f], seed)
             manifests.update(built)
             log.info("%s: built in %.1fs", f, seconds)

@@ -7,6 +7,7 @@ class on the held-out works is benchmarks/downstream.py's check (its exit status
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +107,25 @@ def test_served_probabilities_equal_the_pytorch_head(repo: Path, client: PlmClie
     assert all(s.num_tokens == 0 for r in sub for s in r.scores)
 
 
+def test_no_labels_means_every_label_of_the_head(repo: Path, client: PlmClient,
+                                                task: downstream.DownstreamTask) -> None:
+    texts = [p.text for p in task.test[:8]]
+    logits, labels = torch_logits(repo, texts)
+    served = client.classify(NAME, texts, []).results
+    assert all([s.label for s in r.scores] == list(labels) for r in served)  # the head's order
+    np.testing.assert_allclose([[s.probability for s in r.scores] for r in served],
+                               softmax(logits.astype(np.float64)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("model", "labels", "says"), [(NAME, ["tragedy"], "has 1 entry"),
+                                                        ("bert", [], "has no label head")])
+def test_one_label_or_none_without_a_head_is_invalid_argument(client: PlmClient, model: str, labels: list[str],
+                                                              says: str) -> None:
+    e = _error(lambda: client.classify(model, ["To be or not to be."], labels))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details().startswith("labels") and says in e.details(), e.details()
+
+
 def test_the_test_split_holds_works_never_trained_on(task: downstream.DownstreamTask) -> None:
     """Accuracy above the majority class is asserted by benchmarks/downstream.py on the small models (its exit
     status), where the task is large enough to measure it; the tiny fixture only checks the split."""
@@ -157,3 +177,32 @@ def test_the_build_needs_a_bert(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"has none: build it first \(plm build --families bert classifier\)"):
         build_repository(profile="tiny", repository=tmp_path, families=[NAME], cache_dir=CACHE)
+
+
+def test_a_changed_bert_rebuilds_the_classifier(repo: Path, tmp_path: Path) -> None:
+    """The classifier's build key covers its BERT's manifest: the same BERT leaves it up to date, a rebuilt or
+    re-imported one (a new manifest) rebuilds it."""
+    from plm.export.build import build_repository
+
+    folder = tmp_path / "repo"
+    shutil.copytree(repo, folder)
+    before = json.loads((folder / NAME / "manifest.json").read_text())["build_key"]
+    build_repository(profile="tiny", repository=folder, families=[NAME], cache_dir=CACHE)
+    assert json.loads((folder / NAME / "manifest.json").read_text())["build_key"] == before  # up to date
+    bert_manifest = folder / "bert" / "manifest.json"
+    bert = json.loads(bert_manifest.read_text())
+    bert["created_at"] = "2000-01-01T00:00:00Z"
+    bert_manifest.write_text(json.dumps(bert))
+    build_repository(profile="tiny", repository=folder, families=[NAME], cache_dir=CACHE)
+    assert json.loads((folder / NAME / "manifest.json").read_text())["build_key"] != before
+
+
+def test_families_build_in_lineage_order_whatever_the_order_asked(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """`--families classifier bert` builds bert first: the classifier is fine-tuned from it."""
+    from plm.export import build
+
+    order: list[str] = []
+    monkeypatch.setattr(build, "_timed_build", lambda spec, *a, **k: (order.append(spec) or {}, 0.0))
+    build.build_repository(profile="tiny", repository=tmp_path, families=[NAME, "bert"], cache_dir=CACHE)
+    assert order == [build.FAMILIES["bert"][1], build.FAMILIES[NAME][1]]

@@ -194,8 +194,9 @@ def nsp_params(req: rq.NextSentenceRequest, limits: Limits) -> NspParams:
 
 def classify_params(req: rq.ClassifyRequest, limits: Limits) -> ClassifyParams:
     scoring = _choice(req.scoring, "sum", rq.SCORINGS, "scoring")
-    if len(req.labels) < 2:
-        raise InvalidArgument("labels", f"has {len(req.labels)} entries; give at least 2 candidate labels")
+    if len(req.labels) == 1:  # none: every label of a model's trained head (tasks.classify)
+        raise InvalidArgument("labels", "has 1 entry; give at least 2 candidate labels, or none for a model with "
+                                        "a label head")
     _count(req.labels, "labels", limits.max_top_k)
     if len(set(req.labels)) != len(req.labels):
         raise InvalidArgument("labels", "has duplicates")

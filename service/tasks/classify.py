@@ -10,8 +10,8 @@ sequences go to the model in one batched call.
 
 A model with a trained head (its LabelClassifier capability: the `classifier` family) needs no prompt: each
 query's label probabilities are the softmax of the head's logits over the requested labels, which must be
-labels of the head (all of them: the head's own probabilities). It takes no demonstrations, instruction or
-calibration; the template and scoring do not apply.
+labels of the head (none requested, or all of them: the head's own probabilities). It takes no demonstrations,
+instruction or calibration; the template and scoring do not apply.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ def build_prefix(p: ClassifyParams) -> str:
 async def classify(model: ModelAdapter, p: ClassifyParams, deadline: float | None) -> tuple[list[ClassifyResult], int]:
     if isinstance(model, LabelClassifier) and LabelClassifier.task in model.tasks:
         return await classify_by_head(model, p, deadline), 0
+    if not p.labels:
+        raise InvalidArgument("labels", f"is empty; model {model.name!r} has no label head, so give at least 2 "
+                                        "candidate labels")
     scorer = Scorer.of(model)
     if scorer.score_method != "causal":
         raise InvalidArgument("model", f"in-context classification needs a causal LM; {model.name!r} scores by "
@@ -151,18 +154,19 @@ async def classify_by_head(model: LabelClassifier, p: ClassifyParams, deadline: 
             raise InvalidArgument(field, f"does not apply: model {model.name!r} classifies with its trained head, "
                                          "without a prompt")
     index = {label: i for i, label in enumerate(model.labels)}
+    labels = p.labels or model.labels  # none requested: all of the head's, in its order
     for i, label in enumerate(p.labels):
         if label not in index:
             raise InvalidArgument("labels", f"has {label!r}, which is not a label of model {model.name!r}; its "
                                             f"labels are {', '.join(model.labels)}", at=f"[{i}]")
     model.refuse_if_full(len(p.queries))
     logits = await model.label_logits([model.encode_ids(q) for q in p.queries], deadline)  # (Q, L) float32
-    chosen = logits[:, [index[label] for label in p.labels]].astype(np.float64)  # (Q, requested)
+    chosen = logits[:, [index[label] for label in labels]].astype(np.float64)  # (Q, requested)
     logprobs = chosen - chosen.max(axis=1, keepdims=True)
     logprobs -= np.log(np.exp(logprobs).sum(axis=1, keepdims=True))
-    return [ClassifyResult(query, p.labels[int(np.argmax(row))], tuple(
+    return [ClassifyResult(query, labels[int(np.argmax(row))], tuple(
         LabelResult(label, float(np.exp(lp)), float(lp), float(score), 0)
-        for label, lp, score in zip(p.labels, row, scores, strict=True)))
+        for label, lp, score in zip(labels, row, scores, strict=True)))
         for query, row, scores in zip(p.queries, logprobs, chosen, strict=True)]
 
 
