@@ -173,21 +173,23 @@ class BertAdapter(WordPieceText, ModelAdapter, Scorer, MaskFiller, Embedder, Nex
 def _batch_tops(rows: Sequence[_Row], mlp: np.ndarray) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
     """Each top-k blank's (ids, log-probs), by row index: the blanks of the whole batch that share an allowed
     mask and a k (every FillMask call of one model does) in one `top_of_rows` over their stacked (N, V) rows."""
-    groups: list[tuple[np.ndarray, int, list[int], list[int]]] = []  # (allowed, k, row index, blank) per blank
+    # (allowed, its bytes, k, row index per blank, blank per blank); each call brings its own allowed array
+    groups: list[tuple[np.ndarray, bytes, int, list[int], list[int]]] = []
     for i, r in enumerate(rows):
         if r.top is None or not r.positions:
             continue
         allowed, k = r.top
+        key = allowed.tobytes()  # (V,) bool: a bytes compare is a memcmp, far cheaper than np.array_equal
         for g in groups:
-            if g[1] == k and (g[0] is allowed or np.array_equal(g[0], allowed)):
+            if g[2] == k and g[1] == key:
                 break
         else:
-            g = (allowed, k, [], [])
+            g = (allowed, key, k, [], [])
             groups.append(g)
-        g[2].extend([i] * len(r.positions))
-        g[3].extend(range(len(r.positions)))
+        g[3].extend([i] * len(r.positions))
+        g[4].extend(range(len(r.positions)))
     out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for allowed, k, at, blank in groups:
+    for allowed, _, k, at, blank in groups:
         for i, top in zip(at, top_of_rows(mlp[at, blank], allowed, k), strict=True):  # (N, V) gathered
             out.setdefault(i, []).append(top)
     return out
