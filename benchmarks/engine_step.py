@@ -8,7 +8,8 @@ ends early and the batch stays whole; `--stop-at-eos` lets a sampled EOS end a r
 another, the workload before 2026-12-07), and splits the wall time per decode step into the ONNX Runtime run,
 the step's assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the rest
 is prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
-the event loop. Then the same decoder session runs bare (no engine, no event loop) on the same shapes — B rows,
+the event loop (uvloop's, as the server runs on, where it is installed; `--loop asyncio` for asyncio's own). Then
+the same decoder session runs bare (no engine, no event loop) on the same shapes — B rows,
 pasts as wide as the engine's were — and the engine's step is reported as a ratio to that raw step. Writes
 results/engine_step.json and a PNG of the split.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import time
 from dataclasses import replace
@@ -158,12 +160,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="let a sampled EOS end a request (the stream starts another) instead of fixed lengths")
+    ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                    help="the event loop the engine hands events to: the server's (uvloop, if installed) or asyncio's")
     ap.add_argument("--out", type=Path, default=Path("results/engine_step.json"))
     add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
         args.batch, args.new_tokens = [1, 2], 8
-    rows = asyncio.run(measure(args.repository, args.model, args.batch, args.new_tokens, not args.stop_at_eos))
+    work = measure(args.repository, args.model, args.batch, args.new_tokens, not args.stop_at_eos)
+    if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is not None:
+        import uvloop  # the server's event loop (service/server.py)
+
+        rows = uvloop.run(work)
+    else:
+        rows = asyncio.run(work)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
     plot(rows, args.model, args.out.with_suffix(".png"))
