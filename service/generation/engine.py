@@ -337,7 +337,9 @@ class GenerationEngine:
         if not live:
             return
         rows = logprobs if len(live) == len(slots) else logprobs[live]
-        tokens = choose(rows, self.allowed, [slots[i].seq for i in live])
+        # The decode run's output is the engine's own: the mask and penalties go into it in place.
+        tokens = choose(rows, self.allowed, [slots[i].seq for i in live], owned=True)
+        now = time.monotonic()
         for i, tok in zip(live, tokens, strict=True):
             request = slots[i].request
-            out.extend((request, ev) for ev in slots[i].seq.advance(tok))
+            out.extend((request, ev) for ev in slots[i].seq.advance(tok, now))

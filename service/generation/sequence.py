@@ -63,24 +63,27 @@ class StepEvent:
                          later.finish_reason, later.prompt_tokens, later.generated_tokens)
 
 
-def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> np.ndarray:
+def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owned: bool = False) -> np.ndarray:
     """(B, V) log-probabilities after the mask, each row's repetition penalty and its min_new_tokens rule.
 
-    Pure: the caller's array is copied before any change, and returned as it is when nothing applies.
+    Pure unless `owned` (the caller hands the array over, as the engine does with a decode run's fresh output:
+    it is changed in place rather than copied): otherwise the caller's array is copied before any change, and
+    returned as it is when nothing applies.
     """
     x = logprobs
-    if not allowed.all():  # a copy with the few disallowed columns set: cheaper than `np.where` over every entry
-        x = logprobs.copy()  # (B, V)
+    if not allowed.all():  # the few disallowed columns set: cheaper than `np.where` over every entry
+        if not owned:
+            x = logprobs.copy()  # (B, V)
         x[:, np.flatnonzero(~allowed)] = -np.inf
     for i, seq in enumerate(seqs):
         if seq.p.repetition_penalty != 1.0 and seq.seen:
-            if x is logprobs:
+            if x is logprobs and not owned:
                 x = logprobs.copy()  # the caller's array stays as it was
             idx = np.fromiter(seq.seen, dtype=np.int64)
             # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
             x[i, idx] = x[i, idx] * seq.p.repetition_penalty
         if len(seq.generated) < seq.p.min_new_tokens:  # too early to end
-            if x is logprobs:
+            if x is logprobs and not owned:
                 x = logprobs.copy()
             x[i, seq.model.eos_id] = -np.inf
     return x
@@ -94,9 +97,10 @@ _GROUP = 8
 _MIN_ROWS = 4
 
 
-def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
+def _top_k(xs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(G, k) the ids of each row's k largest scores of (G, V), best first (equal scores in id order above the
-    threshold below, else in the selection's order; a tie at the k-th place keeps any of the tied).
+    threshold below, else in the selection's order; a tie at the k-th place keeps any of the tied), and (G, k)
+    those scores.
 
     One selection over the whole (G, V) costs more than its few vectorised passes: the V columns fall into
     V // _GROUP strided groups; each row's k-th largest group maximum is a threshold at or below its k-th largest
@@ -120,10 +124,13 @@ def _top_k(xs: np.ndarray, k: int) -> np.ndarray:
             ids[at] = flat - rows * v
             # Stable: equal scores keep id order, and a row's padding (after its real columns) comes last.
             order = np.argsort(-vals.reshape(g, width), axis=1, kind="stable")[:, :k]
-            return np.take_along_axis(ids.reshape(g, width), order, axis=1)
+            return (np.take_along_axis(ids.reshape(g, width), order, axis=1),
+                    np.take_along_axis(vals.reshape(g, width), order, axis=1))
     cand = np.argpartition(xs, v - k, axis=1)[:, -k:]  # the top k, in no order
     at = np.arange(g)[:, None]
-    return cand[at, np.argsort(-xs[at, cand], axis=1, kind="stable")]
+    vals = xs[at, cand]
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return cand[at, order], vals[at, order]
 
 
 def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
@@ -135,13 +142,11 @@ def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
     how many leading candidates survive top-p. A row's distribution is therefore the first n[i] steps of
     cum[i] divided by cum[i, n[i] - 1]. Pure; `choose` draws from it by inverse CDF.
     """
-    at = np.arange(len(xs))[:, None]  # (G, 1): row index for gathering
     if 0 < top_k < xs.shape[1]:
-        cand = _top_k(xs, top_k)  # best first
-        vals = xs[at, cand]
+        cand, vals = _top_k(xs, top_k)  # best first
     elif top_p < 1.0:
         cand = np.argsort(-xs, axis=1, kind="stable")
-        vals = xs[at, cand]
+        vals = np.take_along_axis(xs, cand, axis=1)
     else:
         cand, vals = None, xs  # every token, in vocabulary order
     v = vals.astype(np.float64) / temperature
@@ -152,8 +157,9 @@ def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
     return cand, cum, n
 
 
-def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> list[int]:
-    """The next token of each sequence from its row of (B, V) log-probabilities.
+def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owned: bool = False) -> list[int]:
+    """The next token of each sequence from its row of (B, V) log-probabilities (`owned`: the array is the
+    caller's to give up, and may be changed in place; see `penalised`).
 
     This runs on the engine's critical path, so it is vectorised over the rows that share sampling settings
     (usually all of them): the top-k candidates only when top_k is set, a sort only when top_p needs an
@@ -161,7 +167,7 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence]) -> l
     distribution (inverse CDF). Each row's result depends only on its own row and generator, so a sequence
     gets the same token whatever it is batched with.
     """
-    x = penalised(logprobs, allowed, seqs)
+    x = penalised(logprobs, allowed, seqs, owned)
     out = [0] * len(seqs)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for i, seq in enumerate(seqs):
@@ -230,10 +236,12 @@ class Sequence:
         self._m_first = metrics.time_to_first_token.labels(model.name)
         self._m_gap = metrics.inter_token_latency.labels(model.name)
 
-    def advance(self, tok: int) -> list[StepEvent]:
-        """Take the chosen next token; the events it produces (the last one carries the finish reason)."""
+    def advance(self, tok: int, now: float | None = None) -> list[StepEvent]:
+        """Take the chosen next token; the events it produces (the last one carries the finish reason). `now`:
+        time.monotonic() of the step, when the caller advances a batch of sequences at once."""
         p = self.p
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         self._m_tokens.inc()
         if self.last_token_at is None:
             self._m_first.observe(now - self.started)
