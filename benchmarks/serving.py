@@ -30,11 +30,16 @@ lengths (texts in the order they come) is timed too: what batching without the p
 5. 1 and 4 again on `plm serve --workers N` (N = the cores by default): several server processes on one port.
 
 Writes the JSON and a PNG (throughput bars and the latency CDFs) and prints the ratios.
+
+`--fill-ab DIR ...` runs only an A/B of 1's BERT `FillMask`: a BERT-only server of this checkout and one of each
+folder (another `plm` package laid out as installed, put on PYTHONPATH), every server's answers checked equal to
+the raw side's, then `--pairs` rounds each driving every server in turn (each first in turn) beside one raw timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -51,7 +56,7 @@ from google.protobuf.message import Message
 from plm.client.client import PlmClient
 from plm.client.loadtest import LoadConfig, RequestSpec, mask_one_word, run_loadtest
 from plm.service.config import Runtime, ServerConfig
-from plm.service.families.base import MASK, top_of
+from plm.service.families.base import MASK, top_of_rows
 from plm.service.metrics import Metrics
 from plm.service.registry import load_model
 from plm.service.runtime import open_graph, pad_right
@@ -226,9 +231,9 @@ class Raw:
             positions.append([len(before) + 1])
             halves.append((left, right))
         lp = self._bert_run(rows, positions)
+        tops = top_of_rows(lp[:, 0], self._allowed, TOP_K)  # the batch's blanks together, as the server takes them
         out = []
-        for k, (i, (left, right)) in enumerate(zip(idx, halves, strict=True)):
-            ids, lps = top_of(lp[k, 0], self._allowed, TOP_K)
+        for (ids, lps), (i, (left, right)) in zip(tops, zip(idx, halves, strict=True), strict=True):
             cands = []
             for t, v in zip(ids.tolist(), lps.astype(np.float64).tolist(), strict=True):
                 if math.isfinite(v):
@@ -325,6 +330,38 @@ def raw_rates(raw: Raw, seconds: float, rounds: int) -> dict[str, Any]:
     return out
 
 
+def fill_ab(repository: Path, folders: list[Path], pairs: int, duration: float, out: Path) -> None:
+    """BERT FillMask, conc 64, one text per request, on BERT-only servers of this checkout's code and of each
+    folder's (on PYTHONPATH), all started at once and driven in turn (each first in turn), ÷ raw with tokenization
+    timed in the same round; per round, each folder's server ÷ this checkout's."""
+    texts = held_out_texts(repository)
+    raw = Raw(repository, texts, nnlm=False)
+    sides = {"this": {}, **{d.name: {"PYTHONPATH": str(d.resolve())} for d in folders}}
+    names = list(sides)
+    rounds: list[dict[str, float]] = []
+    with contextlib.ExitStack() as stack:
+        servers = {n: stack.enter_context(Servers(repository, False).start(["bert"], env)) for n, env in sides.items()}
+        for srv in servers.values():
+            check_same_responses(srv.target, raw, "bert")
+        for pair in range(pairs):
+            row = {"raw_with_tokenization": best_rate(raw.bert_fill_full, len(raw.texts), 1.5, (BATCH_CAP,),
+                                                      raw.bert_order)["best_items_per_s"]}
+            for name in names[pair % len(names):] + names[:pair % len(names)]:
+                row[name] = drive(servers[name].target, "FillMask", "bert", texts, 64, duration)["texts_per_s"]
+            rounds.append(row)
+            print(f"  round {pair}: raw with tokenization {row['raw_with_tokenization']:.0f} texts/s; "
+                  + "; ".join(f"{n} {row[n]:.0f} ({row[n] / row['raw_with_tokenization']:.2f} of raw)" for n in names),
+                  flush=True)
+    summary = {f"{n} ÷ raw with tokenization": float(np.median([r[n] / r["raw_with_tokenization"] for r in rounds]))
+               for n in names}
+    summary |= {f"{n} ÷ this": float(np.median([r[n] / r["this"] for r in rounds])) for n in names[1:]}
+    for k, v in summary.items():
+        print(f"  {k:40} {v:6.2f} (median of {pairs} rounds)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rounds": rounds, "summary": summary, "duration": duration}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=Path("repository"))
@@ -333,9 +370,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="server processes of the `plm serve --workers` runs [the cores]")
     ap.add_argument("--out", type=Path, default=Path("results/serving.json"))
+    ap.add_argument("--fill-ab", type=Path, nargs="+", default=[], metavar="DIR",
+                    help="only an A/B of BERT FillMask (conc 64, 1 text/request): this checkout's server and one per "
+                         "folder (another `plm` package laid out as installed), alternated --pairs rounds")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds of --fill-ab")
     add_smoke_flag(ap)
     args = ap.parse_args()
     started = time.perf_counter()
+    if args.fill_ab:
+        fill_ab(args.repository, args.fill_ab, args.pairs, args.duration, args.out)
+        return
     # Runs repeated to check each other (`reps`, `floor_reps`), and the raw loops' time, rounds and calls.
     reps, floor_reps, raw_seconds, raw_rounds, raw_calls = ("", "_again"), ("", "_2", "_3"), 1.5, 3, 400
     if args.smoke:
