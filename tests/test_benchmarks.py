@@ -34,11 +34,25 @@ def _tail(proc: subprocess.CompletedProcess[str]) -> str:
 # Smoke runs two at a time: much of a run is a server starting or a client waiting, so two share the 2 cores
 # of the target machine well (three at a time gained little more on 2 cores).
 SMOKE_PARALLEL = 2
+# The slowest smoke runs, slowest first: started first, so that the short ones fill in beside them and the two
+# lanes end together (longest processing time first). A script not named here starts after them.
+SLOWEST_FIRST = ("embed_vs_st", "encdec_report", "serving", "generation", "downstream", "gpu", "train_recipe",
+                 "grpc_floor", "word2vec_vs_gensim")
+
+
+def _selected_scripts(session: pytest.Session) -> list[Path]:
+    """The scripts whose smoke test this session runs (after -k, -m or node ids), slowest first."""
+    chosen = {item.callspec.params["script"] for item in session.items
+              if getattr(item, "function", None) is test_benchmark_smoke and hasattr(item, "callspec")}
+    rank = {stem: i for i, stem in enumerate(SLOWEST_FIRST)}
+    return sorted(chosen, key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
-    """Every script's smoke run, started SMOKE_PARALLEL at a time: script stem -> (its --out, its process)."""
+def smoke_runs(request: pytest.FixtureRequest, tiny_repo: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """The smoke run of every script whose test is selected, SMOKE_PARALLEL at a time: stem -> (its --out, its
+    process)."""
     folder = tmp_path_factory.mktemp("smoke")
 
     def one(script: Path) -> tuple[str, tuple[Path, Any]]:
@@ -50,7 +64,7 @@ def smoke_runs(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         return script.stem, (out, proc)
 
     with concurrent.futures.ThreadPoolExecutor(SMOKE_PARALLEL) as pool:
-        return dict(pool.map(one, SCRIPTS))
+        return dict(pool.map(one, _selected_scripts(request.session)))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
