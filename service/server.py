@@ -111,9 +111,19 @@ async def start_server(config: ServerConfig, metrics: Metrics | None = None) -> 
     started = time.perf_counter()
     registry = Registry(config, metrics)
     await asyncio.to_thread(registry.load_all)
-    for model in registry.models.values():
-        await model.start()
+    try:
+        for model in registry.models.values():
+            await model.start()
+        return await _bind_and_start(config, metrics, registry, started)
+    except BaseException:  # a port in use, a bad certificate: the models' threads end with the failed start
+        for model in registry.models.values():
+            await model.close()
+        raise
 
+
+async def _bind_and_start(config: ServerConfig, metrics: Metrics, registry: Registry,
+                          started: float) -> RunningServer:
+    """The servers over loaded, started models: gRPC, then HTTP when asked for, then health SERVING."""
     credentials = server_credentials(config.security)
     tokens = config.security.tokens()
     interceptors = [TokenAuth(tokens, config.security.open_services, metrics)] if tokens else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import math
 import time
@@ -563,3 +564,23 @@ def test_generate_truncates_the_prompt_when_asked(client: PlmClient) -> None:
                                                 sampling=_sampling(max_new_tokens=40, temperature=0.0)))
     g = r.generations[0]
     assert g.prompt == long and g.prompt_tokens == 63 - 40 and 1 <= g.generated_tokens <= 40
+
+
+def test_a_failed_start_closes_the_models(tiny_repo: Path) -> None:
+    """HTTP's port in use: start_server raises, and no model's batch worker is left running behind it."""
+    import socket
+
+    from plm.service.server import start_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = make_config(tiny_repo, models=("ngram-kn", "bert"), http_port=taken.getsockname()[1])
+
+        async def start() -> list[str]:
+            with pytest.raises(OSError):
+                await start_server(config)  # type: ignore[arg-type]
+            await asyncio.sleep(0)  # let cancelled workers finish
+            return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("batcher-")]
+
+        assert asyncio.run(start()) == []
