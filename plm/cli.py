@@ -139,7 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     cf = _parser(verbs, "classify", help="few-shot in-context classification")
     cf.add_argument("model")
     cf.add_argument("queries", nargs="+")
-    cf.add_argument("--label", dest="labels", action="append", required=True, help="a candidate label (repeatable)")
+    cf.add_argument("--label", dest="labels", action="append", default=[],
+                    help="a candidate label (repeatable; none: every label of a model with a trained head)")
     cf.add_argument("--demo", action="append", default=[], metavar="TEXT=LABEL",
                     help="a demonstration, TEXT=LABEL (repeatable)")
     cf.add_argument("--instruction", default="", help="text put before the demonstrations [none]")
