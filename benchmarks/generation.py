@@ -260,8 +260,10 @@ def main() -> None:
     add_smoke_flag(ap)
     args = ap.parse_args()
     repeats, shots = 3, 8  # Classify's timing: best of `repeats` calls of `shots` demonstrations
-    if args.smoke:  # a tiny model's window holds one demonstration
+    ort_threads, torch_threads = (1, 0), (1, 2)  # the references' thread settings (below)
+    if args.smoke:  # a tiny model's window holds one demonstration; the references at one thread per core
         args.streams, args.new_tokens, args.rounds, repeats, shots = [1, 2], 4, 1, 1, 1
+        ort_threads, torch_threads = (0,), (2,)
     folder = args.repository / args.model
     manifest = json.loads((folder / "manifest.json").read_text())
     window = int(manifest["max_length"])
@@ -291,19 +293,19 @@ def main() -> None:
                       f"inter-token {r['mean_inter_token_ms']:.2f} ms", flush=True)
     servers.close()
     most = max(args.streams)
-    raw = min((raw_ort(folder, manifest, most, n, args.device, threads=t) for t in (1, 0)),
+    raw = min((raw_ort(folder, manifest, most, n, args.device, threads=t) for t in ort_threads),
               key=lambda r: r["mean_decode_step_ms"])
     print(f"raw ORT sequential: {raw['tokens_per_s']:8.1f} tokens/s, decode step {raw['mean_decode_step_ms']:.2f} ms")
     # The batched references at one thread (the engine's decoder setting on 2 cores) and at one per core: the
     # faster is the reference, so a busy core that slows a thread pool does not flatter the engine.
-    raw_b = max((raw_ort(folder, manifest, args.rounds, n, args.device, batch=most, threads=t) for t in (1, 0)),
+    raw_b = max((raw_ort(folder, manifest, args.rounds, n, args.device, batch=most, threads=t) for t in ort_threads),
                 key=lambda r: r["decode_tokens_per_s"])
     print(f"raw ORT batch {most} ({raw_b['threads'] or 'all'} threads, the faster): "
           f"{raw_b['decode_tokens_per_s']:8.1f} tokens/s in its decode steps "
           f"({raw_b['mean_decode_step_ms']:.2f} ms a step), {raw_b['tokens_per_s']:8.1f} tokens/s overall")
-    hf = max((hf_sequential(folder, manifest, most, n, args.device, t) for t in (1, 2)),
+    hf = max((hf_sequential(folder, manifest, most, n, args.device, t) for t in torch_threads),
              key=lambda r: r["tokens_per_s"]) if "weights" in manifest else None
-    hf_b = max((hf_batched(folder, manifest, most, n, args.rounds, args.device, t) for t in (1, 2)),
+    hf_b = max((hf_batched(folder, manifest, most, n, args.rounds, args.device, t) for t in torch_threads),
                key=lambda r: r["tokens_per_s"]) if "weights" in manifest else None
     if hf is not None and hf_b is not None:
         print(f"transformers sequential: {hf['tokens_per_s']:8.1f} tokens/s; batch of {most} "
