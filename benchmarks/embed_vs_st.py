@@ -187,7 +187,7 @@ def main() -> int:
     add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
-        args.texts, args.duration, args.rounds = 32, 0.2, 1
+        args.texts, args.duration, args.rounds = 32, 0.1, 1
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -226,7 +226,7 @@ def main() -> int:
                         rows[g]["raw"].append(rate(raws[g].encode, texts))
                         for k in PER_REQUEST:
                             res = drive(started[g].target, "Embed", MODEL, texts, CONCURRENCY, args.duration,
-                                        per_request=k, warmup=0.1 if args.smoke else 2.0)
+                                        per_request=k, warmup=0.0 if args.smoke else 2.0)
                             if args.smoke:
                                 no_errors(res["summary"]["errors"], f"Embed {g} × {k}")
                             rows[g][f"served_{k}"].append(res["texts_per_s"])

@@ -78,7 +78,7 @@ def train_both(args: argparse.Namespace, profile: str) -> dict[str, Any]:
     from plm.models.transformer import Transformer, TransformerConfig
 
     p = PROFILES[profile]
-    steps = 20 if args.smoke else (args.steps or p.max_steps)
+    steps = 10 if args.smoke else (args.steps or p.max_steps)
     data = prepare_data(BUILD_PROFILES[profile], None, args.cache_dir, args.seed)
     tok = tokenization.train_encdec_tokenizer(data.corpus.train, vocab_size=p.vocab_size, sentinels=p.sentinels)
     specials = special_tokens(tok, p.sentinels)
@@ -86,7 +86,7 @@ def train_both(args: argparse.Namespace, profile: str) -> dict[str, Any]:
     if sum(len(s) >= 2 for s in splits["valid"]) < 2:
         splits["valid"] = splits["train"]
     test = held_out(splits["test"], specials, p.max_tokens, args.seed + 1,
-                    16 if args.smoke else args.test_sentences or p.eval_sentences)
+                    8 if args.smoke else args.test_sentences or p.eval_sentences)
     ids = {"pad_id": specials.pad, "bos_id": specials.bos, "eos_id": specials.eos,
            "first_sentinel": specials.first_sentinel, "sentinels": specials.sentinels}
     vocab = tok.get_vocab_size()
@@ -105,7 +105,7 @@ def train_both(args: argparse.Namespace, profile: str) -> dict[str, Any]:
         model: EncoderDecoder = make()
         cfg = TrainConfig(max_steps=steps, batch_size=p.batch_size, lr=p.lr, min_lr=p.lr / 10,
                           warmup_steps=min(p.warmup_steps, steps // 5),
-                          eval_interval=args.eval_interval or max(1, steps // 10),
+                          eval_interval=args.eval_interval or max(1, steps // (2 if args.smoke else 10)),
                           eval_batches=2 if args.smoke else 4, patience=None, seed=args.seed,
                           num_threads=p.num_threads, progress=not args.smoke)
         get_batch = span_batches(splits, p.batch_size, np.random.default_rng(args.seed), specials, p.max_tokens)
