@@ -26,7 +26,7 @@ ManifestSource = contract.Manifest | Mapping[str, Any]
 def top_allowed(logprobs: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest allowed finite entries of a (V,) row, best first (ties: lower id first)."""
     masked = np.where(allowed, logprobs, -np.inf)
-    k = min(k, np.count_nonzero(allowed))  # not allowed.sum(): a bool sum casts every entry to int first
+    k = min(k, int(np.count_nonzero(allowed)))  # not allowed.sum(): a bool sum casts every entry to int first
     if k <= 0:
         return np.array([], dtype=np.int64)
     kth = -np.partition(-masked, k - 1)[k - 1]  # the k-th value; all ties with it compete, lower id first
@@ -51,7 +51,7 @@ def top_of_rows(rows: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[np.
     few candidates of all rows are sorted together (row, value descending, id ascending) and each row keeps its
     first k. A row whose t is not finite, or with a NaN or +inf, is answered by `top_of` itself."""
     n, v = rows.shape
-    k = min(k, np.count_nonzero(allowed))
+    k = min(k, int(np.count_nonzero(allowed)))
     width = -(-v // _FOLD**2) * _FOLD**2  # V padded for two folds
     if n < 2 or k <= 0 or k > width // _FOLD:  # one row: top_of's own partition costs less than the set-up
         return [top_of(row, allowed, k) for row in rows]
