@@ -361,7 +361,7 @@ def main() -> None:
     add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
-        args.duration, args.pairs = 0.3, 1
+        args.duration, args.pairs = 0.1, 1
     plm_argv = ["--plm-serve", "--repository", str(args.repository), "--port", "{port}", "--metrics-port",
                 "{metrics}", "--http-port", "0", "--models", "ngram-kn", "bert"]
     servers = {"plm": Child(plm_argv, env={"PLM_RUNTIME__INTRA_OP_THREADS": "1"})}
