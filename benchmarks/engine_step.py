@@ -5,7 +5,8 @@
 Loads the model in-process, generates exactly `--new-tokens` tokens for each of B prompts at once straight
 through the generation task (seeded top-k 50 sampling with `min_new_tokens` = `max_new_tokens`, so no stream
 ends early and the batch stays whole; `--stop-at-eos` lets a sampled EOS end a request, and the stream starts
-another, the workload before 2026-12-07), and splits the wall time per decode step into the ONNX Runtime run,
+another, the workload before 2026-12-07; `--mixed` gives each stream its own temperature and top-p, top-k 50 for
+all, as clients choosing their own settings do), and splits the wall time per decode step into the ONNX Runtime run,
 the step's assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the rest
 is prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
 the event loop (uvloop's, as the server runs on, where it is installed; `--loop asyncio` for asyncio's own). Then
@@ -62,7 +63,7 @@ def raw_steps(session: Any, manifest_graph: dict[str, Any], b: int, n: int, prom
 
 
 async def measure(repository: Path, model_name: str, batches: list[int], n: int,
-                  fixed: bool = True) -> list[dict[str, Any]]:
+                  fixed: bool = True, mixed: bool = False) -> list[dict[str, Any]]:
     # The server's own settings: PLM_* environment variables apply (e.g. PLM_RUNTIME__SPIN_WAIT=true).
     model = load_model(repository / model_name, replace(load_config(), repository=repository), Metrics())
     await model.start()
@@ -113,7 +114,10 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int,
     async def one(i: int, tokens: int) -> int:
         got = 0
         for attempt in range(16):  # a sampled EOS ends a request early: the next one goes on
-            sampling = SamplingParams(temperature=1.0, top_k=50, seed=1000 * attempt + i, max_new_tokens=tokens - got,
+            # --mixed: each stream its own temperature and top-p (as clients choose them), top-k 50 for all
+            temperature, top_p = (0.7 + 0.1 * (i % 6), 0.9 if i % 2 else 1.0) if mixed else (1.0, 1.0)
+            sampling = SamplingParams(temperature=temperature, top_k=50, top_p=top_p, seed=1000 * attempt + i,
+                                      max_new_tokens=tokens - got,
                                       min_new_tokens=tokens - got if fixed else 0)
             params = GenerateParams((f"The king {i}",), sampling)
             async for ev in generate(model, params, None, metrics):
@@ -160,6 +164,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="let a sampled EOS end a request (the stream starts another) instead of fixed lengths")
+    ap.add_argument("--mixed", action="store_true",
+                    help="each stream its own temperature and top-p (top-k 50 for all) instead of one setting for all")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                     help="the event loop the engine hands events to: the server's (uvloop, if installed) or asyncio's")
     ap.add_argument("--out", type=Path, default=Path("results/engine_step.json"))
@@ -167,7 +173,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.batch, args.new_tokens = [1, 2], 8
-    work = measure(args.repository, args.model, args.batch, args.new_tokens, not args.stop_at_eos)
+    work = measure(args.repository, args.model, args.batch, args.new_tokens, not args.stop_at_eos, args.mixed)
     if args.loop == "uvloop" and importlib.util.find_spec("uvloop") is not None:
         import uvloop  # the server's event loop (service/server.py)
 
