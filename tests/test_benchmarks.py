@@ -14,8 +14,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServerThread
-
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # Every script, so that a new one without a smoke mode fails; `_`-modules are the scripts' shared helpers.
@@ -35,36 +33,46 @@ def _tail(proc: subprocess.CompletedProcess[str]) -> str:
 # of the target machine well (three at a time gained little more on 2 cores).
 SMOKE_PARALLEL = 2
 # The slowest smoke runs, slowest first: started first, so that the short ones fill in beside them and the two
-# lanes end together (longest processing time first). A script not named here starts after them.
+# lanes end together (longest processing time first). Other scripts start after them, the scenarios last.
 SLOWEST_FIRST = ("embed_vs_st", "encdec_report", "serving", "generation", "downstream", "gpu", "train_recipe",
                  "grpc_floor", "word2vec_vs_gensim")
 
 
-def _selected_scripts(session: pytest.Session) -> list[Path]:
-    """The scripts whose smoke test this session runs (after -k, -m or node ids), slowest first."""
-    chosen = {item.callspec.params["script"] for item in session.items
-              if getattr(item, "function", None) is test_benchmark_smoke and hasattr(item, "callspec")}
-    rank = {stem: i for i, stem in enumerate(SLOWEST_FIRST)}
-    return sorted(chosen, key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
+def _selected(session: pytest.Session, param: str) -> list[Path]:
+    """The paths of the `param`-parametrised tests of this module that this session runs (after -k, -m, ids)."""
+    tests = {"script": test_benchmark_smoke, "scenario": test_scenario_smoke}
+    return sorted({item.callspec.params[param] for item in session.items
+                   if getattr(item, "function", None) is tests[param] and hasattr(item, "callspec")})
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(request: pytest.FixtureRequest, tiny_repo: Path,
                tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
-    """The smoke run of every script whose test is selected, SMOKE_PARALLEL at a time: stem -> (its --out, its
-    process)."""
+    """The smoke run of every selected script and scenario, SMOKE_PARALLEL at a time, slowest first: a script's
+    stem or "scenario <stem>" -> (its --out, its process). Scenarios load the session's in-process server."""
     folder = tmp_path_factory.mktemp("smoke")
+    jobs: dict[str, list[str]] = {}
+    rank = {stem: i for i, stem in enumerate(SLOWEST_FIRST)}
+    for script in sorted(_selected(request.session, "script"), key=lambda p: rank.get(p.stem, len(rank))):
+        jobs[script.stem] = [str(script), "--smoke", "--repository", str(tiny_repo),
+                             "--out", str(folder / f"{script.stem}.json")]
+    scenarios = _selected(request.session, "scenario")
+    target = request.getfixturevalue("server").target if scenarios else ""
+    for scenario in scenarios:
+        jobs[f"scenario {scenario.stem}"] = [
+            "-m", "plm.cli", "loadtest", "--target", target, "--scenario", str(scenario), "--concurrency", "2",
+            "--duration", "1", "--warmup", "0", "--quiet", "--out", str(folder / f"scenario_{scenario.stem}.json")]
 
-    def one(script: Path) -> tuple[str, tuple[Path, Any]]:
-        out = folder / f"{script.stem}.json"
+    def one(key: str) -> tuple[str, tuple[Path, Any]]:
+        argv = jobs[key]
         try:
-            proc: Any = _run([str(script), "--smoke", "--repository", str(tiny_repo), "--out", str(out)])
-        except subprocess.TimeoutExpired as e:  # reported by the script's own test, not the fixture
+            proc: Any = _run(argv)
+        except subprocess.TimeoutExpired as e:  # reported by the job's own test, not the fixture
             proc = subprocess.CompletedProcess(e.cmd, -9, str(e.stdout or ""), f"timed out after {e.timeout} s")
-        return script.stem, (out, proc)
+        return key, (Path(argv[-1]), proc)
 
     with concurrent.futures.ThreadPoolExecutor(SMOKE_PARALLEL) as pool:
-        return dict(pool.map(one, _selected_scripts(request.session)))
+        return dict(pool.map(one, jobs))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
@@ -76,10 +84,8 @@ def test_benchmark_smoke(script: Path, smoke_runs: dict[str, tuple[Path, Any]]) 
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
-def test_scenario_smoke(scenario: Path, server: ServerThread, tmp_path: Path) -> None:
-    out = tmp_path / f"{scenario.stem}.json"
-    proc = _run(["-m", "plm.cli", "loadtest", "--target", server.target, "--scenario", str(scenario),
-                 "--concurrency", "2", "--duration", "1", "--warmup", "0", "--quiet", "--out", str(out)])
+def test_scenario_smoke(scenario: Path, smoke_runs: dict[str, tuple[Path, Any]]) -> None:
+    out, proc = smoke_runs[f"scenario {scenario.stem}"]
     assert proc.returncode == 0, _tail(proc)
     summary = json.loads(out.read_text())["summary"]
     assert summary["ok"] > 0 and not summary["errors"], summary
