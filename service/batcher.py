@@ -69,7 +69,7 @@ class DynamicBatcher(Generic[P, R]):
         # The worker's wait: a future an arrival resolves, made by each wait (inside the running loop). Not an
         # asyncio.Event under wait_for: that makes a task and a timeout per wake, and under load every arrival
         # wakes the worker while it waits for company.
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run-{model}")
         self._closed = False
@@ -115,7 +115,7 @@ class DynamicBatcher(Generic[P, R]):
         self._queue.extend(rows)
         self._arrivals += len(rows)
         self._m_depth.set(len(self._queue))
-        _wake(self._waiter)
+        _settle(self._waiter, False)
         try:
             if len(rows) == 1:  # one text per call, the common case: no gather future between the row and its caller
                 return [await rows[0].future]
@@ -221,12 +221,12 @@ class DynamicBatcher(Generic[P, R]):
         self._queue = collections.deque(r for r in self._queue if id(r) not in chosen)
         return batch
 
-    async def _woken(self, loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> None:
-        """Wait until a row arrives (or `timeout` seconds pass)."""
+    async def _woken(self, loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> bool:
+        """Wait until a row arrives or `timeout` seconds pass: True when the time passed first."""
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _wake, waiter) if timeout is not None else None
+        timer = loop.call_later(timeout, _settle, waiter, True) if timeout is not None else None
         try:
-            await waiter
+            return await waiter
         finally:
             self._waiter = None
             if timer is not None:
@@ -246,7 +246,8 @@ class DynamicBatcher(Generic[P, R]):
                 remaining = oldest + delay - time.monotonic()
                 if remaining <= 0:
                     break
-                await self._woken(loop, remaining)
+                if await self._woken(loop, remaining):
+                    break
             batch = self._take_batch()
             self._m_depth.set(len(self._queue))
             if not batch:
@@ -278,6 +279,7 @@ class DynamicBatcher(Generic[P, R]):
                     row.future.set_result(result)
 
 
-def _wake(waiter: asyncio.Future[None] | None) -> None:
+def _settle(waiter: asyncio.Future[bool] | None, timed_out: bool) -> None:
+    """Wake the worker's wait, if one is pending: by an arrival (False) or its timer (True)."""
     if waiter is not None and not waiter.done():
-        waiter.set_result(None)
+        waiter.set_result(timed_out)
