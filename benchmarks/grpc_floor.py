@@ -4,7 +4,7 @@ each stage of plm's request path costs.
     python benchmarks/grpc_floor.py [--repository repository] [--duration 4] [--pairs 3] [--concurrency 16]
                                     [--baseline DIR] [--out results/grpc_floor.json]
 
-Two servers, each in its own process, driven in turn by the `plm loadtest` engine (closed loop, one text per
+Servers, each in its own process, driven in turn by the `plm loadtest` engine (closed loop, one text per
 call) for the same time, A/B alternated `--pairs` times per method (bare first in even pairs, plm first in odd
 ones); the server process's CPU (user + system, from /proc/PID/stat) over each window is divided by the calls
 answered:
@@ -13,6 +13,8 @@ answered:
 - `plm`: `plm serve` with `ngram-kn` and `bert` (ONNX Runtime on one intra-op thread, so that the time it spends
   in `session.run` is CPU time of the calling thread, which the server counts in `plm_bench_ort_cpu_seconds`, a
   counter this script adds to the server's registry; FillMask's excess is reported with and without it).
+- `bare+edge`: the bare server on uvloop, making the gRPC calls plm's unary edge makes (request id from the
+  metadata, time left, the id in the trailing metadata): plm − bare+edge is what plm's own code costs.
 Methods: n-gram `PredictNext` and BERT `FillMask`. The median over pairs of plm − bare is the excess per call.
 With `--baseline DIR ...` (folders each holding another `plm` package, e.g. a `git archive` of the commit before
 a change, arranged as the installed namespace) one more server per folder, named by the folder, runs that code in
@@ -55,12 +57,15 @@ METHODS = {"PredictNext": ("ngram-kn", pb.PredictNextRequest, ("the king is", "t
                                                      "to be or not to be that is the question",
                                                      "what light through yonder window breaks"))}
 ORT_COUNTER = "plm_bench_ort_cpu_seconds"
+EDGE = "bare+edge"  # the bare server on uvloop with the gRPC calls of plm's edge
 
 
 # ------------------------------------------------------------------------------------------------ servers
 
-def _serve_bare(port: int, responses: Path) -> None:
-    """The bare server: every method answers the response bytes plm gave (identity serializer)."""
+def _serve_bare(port: int, responses: Path, edge: bool = False) -> None:
+    """The bare server: every method answers the response bytes plm gave (identity serializer). With `edge`, on
+    uvloop (as `plm serve` runs) and making the gRPC calls plm's unary edge makes on every call (the request id
+    read from the metadata, the time left, the id sent back in the trailing metadata), and nothing else."""
     answers = {k: bytes.fromhex(v) for k, v in json.loads(responses.read_text()).items()}
 
     def handler(method: str) -> Any:
@@ -68,7 +73,14 @@ def _serve_bare(port: int, responses: Path) -> None:
 
         async def answer(request: Any, context: Any) -> bytes:
             return body
-        return grpc.unary_unary_rpc_method_handler(answer, request_deserializer=METHODS[method][1].FromString)
+
+        async def answer_with_edge(request: Any, context: Any) -> bytes:
+            request_id = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+            context.time_remaining()
+            context.set_trailing_metadata((("x-request-id", request_id or os.urandom(8).hex()),))
+            return body
+        return grpc.unary_unary_rpc_method_handler(answer_with_edge if edge else answer,
+                                                   request_deserializer=METHODS[method][1].FromString)
 
     async def main() -> None:
         server = grpc.aio.server()
@@ -78,7 +90,12 @@ def _serve_bare(port: int, responses: Path) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(main())
+    if edge:
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
 
 
 def _count_ort_cpu() -> None:
@@ -374,14 +391,15 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         answers.write_text(json.dumps(responses(servers["plm"])))
         servers["bare"] = Child(["--bare-port", "{port}", str(answers)], health=False)
+        servers[EDGE] = Child(["--bare-port", "{port}", str(answers), "--edge"], health=False)
         names = ["bare", *(n for n in servers if n != "bare")]
         for method in METHODS:
             for name, srv in servers.items():  # warm up: connections, ORT's first shapes
-                measure(srv, method, args.concurrency, min(args.duration, 1.0), args.smoke, name != "bare")
+                measure(srv, method, args.concurrency, min(args.duration, 1.0), args.smoke, name not in ("bare", EDGE))
             for pair in range(args.pairs):  # a round: every server once, each first in turn
                 for name in names[pair % len(names):] + names[:pair % len(names)]:
-                    rows.setdefault(f"{method} {name}", []).append(
-                        measure(servers[name], method, args.concurrency, args.duration, args.smoke, name != "bare"))
+                    rows.setdefault(f"{method} {name}", []).append(measure(
+                        servers[name], method, args.concurrency, args.duration, args.smoke, name not in ("bare", EDGE)))
     finally:
         for srv in servers.values():
             srv.stop()
@@ -392,11 +410,16 @@ def main() -> None:
         ort = [r["ort_cpu_us_per_call"] for r in rows[f"{method} plm"]]
         summary[f"{method} bare µs/call"] = statistics.median(bare)
         summary[f"{method} plm µs/call"] = statistics.median(plm)
+        edge = [r["server_cpu_us_per_call"] for r in rows[f"{method} {EDGE}"]]
+        summary[f"{method} {EDGE} µs/call"] = statistics.median(edge)
         summary[f"{method} plm − bare µs/call"] = statistics.median(p - b for p, b in zip(plm, bare, strict=True))
+        summary[f"{method} {EDGE} − bare µs/call"] = statistics.median(e - b for e, b in zip(edge, bare, strict=True))
         if any(ort):
             summary[f"{method} ORT µs/call"] = statistics.median(ort)
             summary[f"{method} plm − ORT − bare µs/call"] = statistics.median(
                 p - o - b for p, o, b in zip(plm, ort, bare, strict=True))
+        summary[f"{method} plm − ORT − {EDGE} µs/call"] = statistics.median(
+            p - o - e for p, o, e in zip(plm, ort, edge, strict=True))
         for folder in args.baseline:
             base = [r["server_cpu_us_per_call"] - r["ort_cpu_us_per_call"] for r in rows[f"{method} {folder.name}"]]
             summary[f"{method} plm − {folder.name} (less ORT) µs/call"] = statistics.median(
@@ -405,7 +428,7 @@ def main() -> None:
         print(f"{name:18} " + "  ".join(f"{r['server_cpu_us_per_call']:5.0f} µs ({r['calls_per_s']:5.0f}/s, "
                                         f"{r['server_cpu_percent']:3.0f}% CPU)" for r in rs))
     for key, value in summary.items():
-        print(f"{key:34} {value:7.1f}")
+        print(f"{key:44} {value:7.1f}")
     stage_costs = {} if args.no_stages else stages(args.repository, args.smoke)
     for method, costs in stage_costs.items():
         print(f"{method} stages, process CPU µs per call (in process, no gRPC):")
@@ -421,7 +444,7 @@ def main() -> None:
 if __name__ == "__main__":
     if "--bare-port" in sys.argv:
         i = sys.argv.index("--bare-port")
-        _serve_bare(int(sys.argv[i + 1]), Path(sys.argv[i + 2]))
+        _serve_bare(int(sys.argv[i + 1]), Path(sys.argv[i + 2]), "--edge" in sys.argv)
     elif "--plm-serve" in sys.argv:
         sys.exit(_serve_plm(sys.argv[sys.argv.index("--plm-serve") + 1:]))
     elif "--stages" in sys.argv:
