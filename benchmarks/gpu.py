@@ -97,7 +97,7 @@ def main() -> None:
     # The smallest sizes in a smoke run: raw seconds per batch size, decode steps, engine batch sizes, served runs.
     raw_seconds, steps, small, big, alternations = 1.0, 48, 1, 16, 2
     if args.smoke:
-        raw_seconds, steps, small, big, alternations, args.duration, args.workers = 0.05, 4, 1, 2, 1, 0.15, 2
+        raw_seconds, steps, small, big, alternations, args.duration, args.workers = 0.05, 4, 1, 2, 1, 0.1, 2
     drive_ = functools.partial(drive, warmup=0.0 if args.smoke else 2.0)
     started = time.perf_counter()
     texts = held_out_texts(args.repository, 32 if args.smoke else 512)

@@ -133,7 +133,7 @@ def main() -> int:
     add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
-        args.seconds, args.rounds = 0.2, 1
+        args.seconds, args.rounds = 0.1, 1
     server = LocalServer(args.repository, [MODEL], {"PLM_RUNTIME__KV_CACHE": "true"}, http=True)
     try:
         raw = asyncio.run(measure(server, args.seconds, args.rounds))

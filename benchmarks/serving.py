@@ -383,7 +383,7 @@ def main() -> None:
     # Runs repeated to check each other (`reps`, `floor_reps`), and the raw loops' time, rounds and calls.
     reps, floor_reps, raw_seconds, raw_rounds, raw_calls = ("", "_again"), ("", "_2", "_3"), 1.5, 3, 400
     if args.smoke:
-        args.duration, reps, floor_reps, raw_seconds, raw_rounds, raw_calls = 0.15, ("",), ("",), 0.05, 1, 20
+        args.duration, reps, floor_reps, raw_seconds, raw_rounds, raw_calls = 0.1, ("",), ("",), 0.05, 1, 20
     texts = held_out_texts(args.repository, 64 if args.smoke else None)
     load = functools.partial(drive, warmup=0.0 if args.smoke else 2.0)  # every served run below
 
