@@ -51,28 +51,27 @@ def smoke_runs(request: pytest.FixtureRequest, tiny_repo: Path,
     """The smoke run of every selected script and scenario, SMOKE_PARALLEL at a time, slowest first: a script's
     stem or "scenario <stem>" -> (its --out, its process). Scenarios load the session's in-process server."""
     folder = tmp_path_factory.mktemp("smoke")
-    jobs: dict[str, list[str]] = {}
     rank = {stem: i for i, stem in enumerate(SLOWEST_FIRST)}
-    for script in sorted(_selected(request.session, "script"), key=lambda p: rank.get(p.stem, len(rank))):
-        jobs[script.stem] = [str(script), "--smoke", "--repository", str(tiny_repo),
-                             "--out", str(folder / f"{script.stem}.json")]
+    scripts = sorted(_selected(request.session, "script"), key=lambda p: rank.get(p.stem, len(rank)))
     scenarios = _selected(request.session, "scenario")
-    target = request.getfixturevalue("server").target if scenarios else ""
-    for scenario in scenarios:
-        jobs[f"scenario {scenario.stem}"] = [
-            "-m", "plm.cli", "loadtest", "--target", target, "--scenario", str(scenario), "--concurrency", "2",
-            "--duration", "1", "--warmup", "0", "--quiet", "--out", str(folder / f"scenario_{scenario.stem}.json")]
 
-    def one(key: str) -> tuple[str, tuple[Path, Any]]:
-        argv = jobs[key]
+    def one(argv: list[str]) -> tuple[Path, Any]:
         try:
             proc: Any = _run(argv)
         except subprocess.TimeoutExpired as e:  # reported by the job's own test, not the fixture
             proc = subprocess.CompletedProcess(e.cmd, -9, str(e.stdout or ""), f"timed out after {e.timeout} s")
-        return key, (Path(argv[-1]), proc)
+        return Path(argv[-1]), proc
 
     with concurrent.futures.ThreadPoolExecutor(SMOKE_PARALLEL) as pool:
-        return dict(pool.map(one, jobs))
+        jobs = {script.stem: pool.submit(one, [str(script), "--smoke", "--repository", str(tiny_repo),
+                                               "--out", str(folder / f"{script.stem}.json")]) for script in scripts}
+        if scenarios:  # the server starts while the scripts run; the scenarios queue behind them
+            target = request.getfixturevalue("server").target
+            jobs |= {f"scenario {s.stem}": pool.submit(one, [
+                "-m", "plm.cli", "loadtest", "--target", target, "--scenario", str(s), "--concurrency", "2",
+                "--duration", "0.5", "--warmup", "0", "--quiet", "--out", str(folder / f"scenario_{s.stem}.json")])
+                for s in scenarios}
+        return {key: job.result() for key, job in jobs.items()}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
