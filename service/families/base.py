@@ -51,9 +51,11 @@ def top_of_rows(rows: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[np.
     few candidates of all rows are sorted together (row, value descending, id ascending) and each row keeps its
     first k. A row whose t is not finite, or with a NaN or +inf, is answered by `top_of` itself."""
     n, v = rows.shape
+    if n < 2:  # one row: top_of's own partition costs less than the set-up
+        return [top_of(row, allowed, k) for row in rows]
     k = min(k, int(np.count_nonzero(allowed)))
     width = -(-v // _FOLD**2) * _FOLD**2  # V padded for two folds
-    if n < 2 or k <= 0 or k > width // _FOLD:  # one row: top_of's own partition costs less than the set-up
+    if k <= 0 or k > width // _FOLD:
         return [top_of(row, allowed, k) for row in rows]
     masked = np.empty((n, width), dtype=rows.dtype)  # (N, width): -inf where not allowed or padding
     masked[:, :v] = rows
@@ -64,11 +66,12 @@ def top_of_rows(rows: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[np.
         maxima = maxima.reshape(n, _FOLD, width // _FOLD**2).max(axis=1)  # (N, width/64)
     groups = maxima.shape[1]
     t = np.partition(maxima, groups - k, axis=1)[:, groups - k]  # (N,): the k-th largest group maximum
-    odd = ~np.isfinite(t) | np.isnan(maxima).any(axis=1) | np.isposinf(maxima).any(axis=1)  # (N,)
+    odd = ~(np.isfinite(t) & (maxima < np.inf).all(axis=1))  # (N,): t not finite, or a NaN or +inf in the row
     pick = masked >= t[:, None]  # (N, width): every entry top_of may pick, and a few more
     pick[odd] = False
-    at, ids = np.divmod(np.flatnonzero(pick), width)  # (C,) each: row, id
-    vals = masked[at, ids]
+    flat = np.flatnonzero(pick)  # (C,) candidates, row by row, ids ascending
+    vals = masked.ravel()[flat]
+    at, ids = np.divmod(flat, width)  # (C,) each: row, id
     order = np.lexsort((-vals, at))  # stable: equal values stay in id order, as flatnonzero gave them
     at, ids, vals = at[order], ids[order], vals[order]
     starts = np.searchsorted(at, np.arange(n))  # (N,): where each row's candidates begin
