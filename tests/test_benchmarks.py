@@ -91,18 +91,24 @@ def test_scenario_smoke(scenario: Path, smoke_runs: dict[str, tuple[Path, Any]])
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_a_dying_thread_fails_the_run(tmp_path: Path) -> None:
-    """The exception of a thread the main code never joins still reaches the exit status, with its name."""
+@pytest.mark.parametrize("wait", ["t.join()", ""], ids=["died before main returned", "dies after main returned"])
+def test_a_dying_thread_fails_the_run(tmp_path: Path, wait: str) -> None:
+    """The exception of a thread whose work the main code never looks at still reaches the exit status, with its
+    name, also when the thread dies after `main` returned (the process waits for it, as at interpreter exit)."""
     script = tmp_path / "dies.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, threading
+        import sys, threading, time
         sys.path.insert(0, {str(BENCHMARKS)!r})
         from _smoke import run
 
+        def side_load() -> None:
+            time.sleep(0.3)
+            1 / 0
+
         def main() -> int:
-            t = threading.Thread(target=lambda: 1 / 0, name="side-load")
+            t = threading.Thread(target=side_load, name="side-load")
             t.start()
-            t.join()
+            {wait}
             print("verdict: PASS")
             return 0
 
