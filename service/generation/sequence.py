@@ -124,8 +124,8 @@ def _top_k(xs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             ids[at] = flat - rows * v
             # Stable: equal scores keep id order, and a row's padding (after its real columns) comes last.
             order = np.argsort(-vals.reshape(g, width), axis=1, kind="stable")[:, :k]
-            return (np.take_along_axis(ids.reshape(g, width), order, axis=1),
-                    np.take_along_axis(vals.reshape(g, width), order, axis=1))
+            at = np.arange(g)[:, None]
+            return ids.reshape(g, width)[at, order], vals.reshape(g, width)[at, order]
     cand = np.argpartition(xs, v - k, axis=1)[:, -k:]  # the top k, in no order
     at = np.arange(g)[:, None]
     vals = xs[at, cand]
@@ -133,27 +133,52 @@ def _top_k(xs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return cand[at, order], vals[at, order]
 
 
-def nucleus(xs: np.ndarray, temperature: float, top_k: int, top_p: float
+TOP_K, SORTED, EVERY = "top_k", "sorted", "every"  # what a sampled row draws from: see `candidates`
+
+
+def candidates(top_k: int, top_p: float, vocab: int) -> str:
+    """What a sampled row (temperature > 0) draws from: its top k tokens best first (TOP_K), every token best first
+    (SORTED: top-p without top-k needs the order) or every token in vocabulary order (EVERY)."""
+    if 0 < top_k < vocab:
+        return TOP_K
+    return SORTED if top_p < 1.0 else EVERY
+
+
+def nucleus(xs: np.ndarray, temperature: float | np.ndarray, top_k: int | np.ndarray, top_p: float | np.ndarray
             ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """What sampling draws from, for (G, V) scores sharing one setting (temperature > 0): (cand, cum, n).
+    """What sampling draws from, for (G, V) scores (temperature > 0): (cand, cum, n). Each setting is one value for
+    every row or a (G,) array of each row's own, the rows agreeing on their `candidates`.
 
     `cand` (G, C) holds the candidate token ids best first, or is None when every token is a candidate in
     vocabulary order (C = V); `cum` (G, C) the running sum of exp(score / temperature - max) over them; `n` (G,)
-    how many leading candidates survive top-p. A row's distribution is therefore the first n[i] steps of
-    cum[i] divided by cum[i, n[i] - 1]. Pure; `choose` draws from it by inverse CDF.
+    how many leading candidates survive top-k and top-p. A row's distribution is therefore the first n[i] steps
+    of cum[i] divided by cum[i, n[i] - 1]. Rows with different top-k share one selection of the largest k
+    (a row's own k best are the first k of it, in the same order; equal scores aside, see `_top_k`); a running
+    sum's first steps do not depend on the columns after them, so each row's figures are those it has alone.
+    Pure; `choose` draws from it by inverse CDF.
     """
-    if 0 < top_k < xs.shape[1]:
-        cand, vals = _top_k(xs, top_k)  # best first
-    elif top_p < 1.0:
+    g, v = xs.shape
+    # () or (G,) each; the scalar case (every row one setting, the usual batch) skips the per-row indexing
+    t = np.asarray(temperature, dtype=np.float64)
+    k = np.asarray(top_k, dtype=np.int64)
+    p = np.asarray(top_p, dtype=np.float64)
+    kind = candidates(int(k.flat[0]), float(p.flat[0]), v) if g else EVERY
+    n = np.full(g, v)  # (G,) each row's candidates, before top-p
+    if kind == TOP_K:
+        cand, vals = _top_k(xs, int(k.max()))  # best first
+        n = k if k.ndim else np.full(g, int(k))
+    elif kind == SORTED:
         cand = np.argsort(-xs, axis=1, kind="stable")
         vals = np.take_along_axis(xs, cand, axis=1)
     else:
         cand, vals = None, xs  # every token, in vocabulary order
-    v = vals.astype(np.float64) / temperature
-    cum = np.cumsum(np.exp(v - v.max(axis=1, keepdims=True)), axis=1)
-    n = np.full(len(xs), cum.shape[1])
-    if top_p < 1.0:  # the smallest best-first set whose probability reaches top_p
-        n = np.minimum((cum < top_p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
+    scaled = vals.astype(np.float64) / (t[:, None] if t.ndim else t)
+    cum = np.cumsum(np.exp(scaled - scaled.max(axis=1, keepdims=True)), axis=1)
+    cut = p < 1.0
+    if cut.any():  # the smallest best-first set whose probability reaches top_p (of the row's candidates)
+        total = cum[np.arange(g), n - 1]
+        reach = np.minimum((cum < (p[:, None] if p.ndim else p) * total[:, None]).sum(axis=1) + 1, n)
+        n = np.where(cut, reach, n) if p.ndim else reach
     return cand, cum, n
 
 
@@ -161,24 +186,36 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owne
     """The next token of each sequence from its row of (B, V) log-probabilities (`owned`: the array is the
     caller's to give up, and may be changed in place; see `penalised`).
 
-    This runs on the engine's critical path, so it is vectorised over the rows that share sampling settings
-    (usually all of them): the top-k candidates only when top_k is set, a sort only when top_p needs an
-    order, and one uniform draw per row from that sequence's own generator against the cumulative
-    distribution (inverse CDF). Each row's result depends only on its own row and generator, so a sequence
-    gets the same token whatever it is batched with.
+    This runs on the engine's critical path, so it is vectorised over the rows: one pass for all the greedy
+    ones and one for each kind of `candidates` (usually all of them one), whatever their temperatures, top-k
+    and top-p (the top-k candidates only when top_k is set, a sort only when top_p needs an order), and one
+    uniform draw per row from that sequence's own generator against the cumulative distribution (inverse CDF).
+    Each row's result depends only on its own row and generator, so a sequence gets the same token whatever
+    it is batched with (equal scores at the top-k boundary aside: `_top_k` keeps any of them).
     """
     x = penalised(logprobs, allowed, seqs, owned)
     out = [0] * len(seqs)
-    groups: dict[tuple[float, int, float], list[int]] = {}
+    vocab = x.shape[1]
+    settings: dict[tuple[float, int, float], list[int]] = {}  # rows by their setting: usually one
     for i, seq in enumerate(seqs):
-        groups.setdefault((seq.p.temperature, seq.p.top_k, seq.p.top_p), []).append(i)
-    for (temperature, top_k, top_p), rows in groups.items():
+        settings.setdefault((seq.p.temperature, seq.p.top_k, seq.p.top_p), []).append(i)
+    kinds: dict[str, list[tuple[float, int, float]]] = {}  # the settings of each pass
+    for setting in settings:
+        temperature, top_k, top_p = setting
+        kinds.setdefault("greedy" if temperature == 0.0 else candidates(top_k, top_p, vocab), []).append(setting)
+    for kind, passing in kinds.items():
+        # ascending, so that all of them are `x` as it is
+        rows = settings[passing[0]] if len(passing) == 1 else sorted(i for s in passing for i in settings[s])
         xs = x if len(rows) == len(seqs) else x[rows]  # (G, V)
-        if temperature == 0.0:
-            for i, t in zip(rows, np.argmax(xs, axis=1), strict=True):
-                out[i] = int(t)
+        if kind == "greedy":
+            for i, t in zip(rows, np.argmax(xs, axis=1).tolist(), strict=True):
+                out[i] = t
             continue
-        cand, cum, n = nucleus(xs, temperature, top_k, top_p)
+        if len(passing) == 1:  # one setting: scalars
+            cand, cum, n = nucleus(xs, *passing[0])
+        else:  # each row its own
+            per_row = np.array([(seqs[i].p.temperature, seqs[i].p.top_k, seqs[i].p.top_p) for i in rows])  # (G, 3)
+            cand, cum, n = nucleus(xs, per_row[:, 0], per_row[:, 1].astype(np.int64), per_row[:, 2])
         at = np.arange(len(rows))
         total = cum[at, n - 1]
         u = np.array([seqs[i].rng.random() for i in rows]) * total
