@@ -103,6 +103,7 @@ class GenerationEngine:
         self.scheduler = Scheduler(model, batching, metrics)
         self.bos_id = bos_id
         self.allowed = allowed  # (V,) bool: tokens that may be generated
+        self._banned = np.flatnonzero(~allowed)  # the others' ids, for every step's mask
         self.cfg = batching
         self.metrics = metrics
         # Handed from the event loop to the engine thread (deque appends and pops are atomic).
@@ -338,7 +339,7 @@ class GenerationEngine:
             return
         rows = logprobs if len(live) == len(slots) else logprobs[live]
         # The decode run's output is the engine's own: the mask and penalties go into it in place.
-        tokens = choose(rows, self.allowed, [slots[i].seq for i in live], owned=True)
+        tokens = choose(rows, self.allowed, [slots[i].seq for i in live], owned=True, banned=self._banned)
         now = time.monotonic()
         for i, tok in zip(live, tokens, strict=True):
             request = slots[i].request

@@ -35,6 +35,11 @@ from plm.service.generation.request import Slot
 from plm.service.metrics import Metrics
 from plm.service.runtime import OrtSession
 
+# `Runner.decode` builds the next step's Batch field by field: a field added to Batch must be passed on there too.
+_BATCH_FIELDS = ("slots", "kv", "mask", "lengths", "holes", "holes_since", "cross", "cross_mask")
+if tuple(f.name for f in dataclasses.fields(Batch)) != _BATCH_FIELDS:
+    raise TypeError("kv_batch.Batch's fields changed: pass the new ones on in Runner.decode")
+
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
@@ -148,7 +153,9 @@ class Runner:
         pos = batch.lengths[:, None]  # the new token's position: after the row's real ones
         cross = (batch.cross, batch.cross_mask) if batch.cross_mask is not None else None
         logprobs, presents = self.run(ids, mask, pos, batch.kv, "decode", cross=cross)
-        return logprobs, dataclasses.replace(batch, kv=presents, mask=mask, lengths=batch.lengths + 1)
+        # Every field of Batch (_BATCH_FIELDS), as dataclasses.replace would pass them on at a greater cost per step.
+        return logprobs, Batch(batch.slots, presents, mask, batch.lengths + 1, batch.holes, batch.holes_since,
+                               batch.cross, batch.cross_mask)
 
     def layout_on_device(self, batch: Batch, keep: list[int], joined: Batch, rows: list[int]) -> Batch:
         """The kept rows of `batch`, then the joiners' `rows`, laid out by the KV layout graph where the decoder

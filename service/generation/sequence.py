@@ -63,18 +63,22 @@ class StepEvent:
                          later.finish_reason, later.prompt_tokens, later.generated_tokens)
 
 
-def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owned: bool = False) -> np.ndarray:
+def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owned: bool = False,
+              banned: np.ndarray | None = None) -> np.ndarray:
     """(B, V) log-probabilities after the mask, each row's repetition penalty and its min_new_tokens rule.
 
     Pure unless `owned` (the caller hands the array over, as the engine does with a decode run's fresh output:
     it is changed in place rather than copied): otherwise the caller's array is copied before any change, and
-    returned as it is when nothing applies.
+    returned as it is when nothing applies. `banned`: the ids `allowed` leaves out (`np.flatnonzero(~allowed)`),
+    when the caller keeps them from step to step.
     """
     x = logprobs
-    if not allowed.all():  # the few disallowed columns set: cheaper than `np.where` over every entry
+    if banned is None:
+        banned = None if allowed.all() else np.flatnonzero(~allowed)
+    if banned is not None and len(banned):  # the few disallowed columns set: cheaper than `np.where` over all
         if not owned:
             x = logprobs.copy()  # (B, V)
-        x[:, np.flatnonzero(~allowed)] = -np.inf
+        x[:, banned] = -np.inf
     for i, seq in enumerate(seqs):
         if seq.p.repetition_penalty != 1.0 and seq.seen:
             if x is logprobs and not owned:
@@ -163,10 +167,8 @@ def nucleus(xs: np.ndarray, temperature: float | np.ndarray, top_k: int | np.nda
     k = np.asarray(top_k, dtype=np.int64)
     p = np.asarray(top_p, dtype=np.float64)
     kind = candidates(int(k.flat[0]), float(p.flat[0]), v) if g else EVERY
-    n = np.full(g, v)  # (G,) each row's candidates, before top-p
     if kind == TOP_K:
         cand, vals = _top_k(xs, int(k.max()))  # best first
-        n = k if k.ndim else np.full(g, int(k))
     elif kind == SORTED:
         cand = np.argsort(-xs, axis=1, kind="stable")
         vals = np.take_along_axis(xs, cand, axis=1)
@@ -174,17 +176,24 @@ def nucleus(xs: np.ndarray, temperature: float | np.ndarray, top_k: int | np.nda
         cand, vals = None, xs  # every token, in vocabulary order
     scaled = vals.astype(np.float64) / (t[:, None] if t.ndim else t)
     cum = np.cumsum(np.exp(scaled - scaled.max(axis=1, keepdims=True)), axis=1)
+    if not (k.ndim and kind == TOP_K) and not p.ndim:  # one width and one top-p for every row
+        n = np.full(g, cum.shape[1])
+        if p < 1.0:  # the smallest best-first set whose probability reaches top_p
+            n = np.minimum((cum < p * cum[:, -1:]).sum(axis=1) + 1, cum.shape[1])
+        return cand, cum, n
+    n = k if kind == TOP_K and k.ndim else np.full(g, cum.shape[1])  # (G,) each row's candidates
     cut = p < 1.0
-    if cut.any():  # the smallest best-first set whose probability reaches top_p (of the row's candidates)
+    if cut.any():  # the same within each row's own candidates and top_p
         total = cum[np.arange(g), n - 1]
         reach = np.minimum((cum < (p[:, None] if p.ndim else p) * total[:, None]).sum(axis=1) + 1, n)
         n = np.where(cut, reach, n) if p.ndim else reach
     return cand, cum, n
 
 
-def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owned: bool = False) -> list[int]:
+def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owned: bool = False,
+           banned: np.ndarray | None = None) -> list[int]:
     """The next token of each sequence from its row of (B, V) log-probabilities (`owned`: the array is the
-    caller's to give up, and may be changed in place; see `penalised`).
+    caller's to give up, and may be changed in place; `banned`: `allowed`'s left-out ids; see `penalised`).
 
     This runs on the engine's critical path, so it is vectorised over the rows: one pass for all the greedy
     ones and one for each kind of `candidates` (usually all of them one), whatever their temperatures, top-k
@@ -193,7 +202,7 @@ def choose(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], owne
     Each row's result depends only on its own row and generator, so a sequence gets the same token whatever
     it is batched with (equal scores at the top-k boundary aside: `_top_k` keeps any of them).
     """
-    x = penalised(logprobs, allowed, seqs, owned)
+    x = penalised(logprobs, allowed, seqs, owned, banned)
     out = [0] * len(seqs)
     vocab = x.shape[1]
     settings: dict[tuple[float, int, float], list[int]] = {}  # rows by their setting: usually one
