@@ -19,6 +19,7 @@ from plm.service.generation.sequence import (
     candidates,
     choose,
     nucleus,
+    penalised,
 )
 from plm.service.metrics import Metrics
 
@@ -143,3 +144,29 @@ def test_top_k_scores_are_those_of_its_ids_best_first(rows: int) -> None:
     assert (np.diff(scores, axis=1) <= 0).all()
     kth = np.sort(logprobs, axis=1)[:, -50]
     assert (scores[:, -1] == kth).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_penalties_over_the_batch_are_each_rows_own_bit_for_bit(dtype: type) -> None:
+    """One pass over every row's seen tokens (repetition penalty) and early ends (min_new_tokens) leaves each row
+    exactly as penalising it alone does, in the scores' own precision."""
+    words = _Vocab(3000)
+    rng = np.random.default_rng(5)
+    logprobs = (rng.standard_normal((12, words.size)) * 3 - 9).astype(dtype)
+    allowed = np.ones(words.size, dtype=bool)
+    seqs = []
+    for i in range(12):
+        p = SamplingParams(temperature=1.0, repetition_penalty=[1.0, 1.1, 1.3, 2.0][i % 4],
+                           min_new_tokens=5 if i % 6 == 0 else 0, max_new_tokens=50)
+        seq = Sequence(i, [int(t) for t in rng.integers(3, words.size, 6)], p, 1, words, Metrics(), 0.0)
+        for t in rng.integers(3, words.size, i % 5):
+            seq.advance(int(t))
+        seqs.append(seq)
+    together = penalised(logprobs, allowed, seqs)
+    for i, seq in enumerate(seqs):
+        alone = penalised(logprobs[i:i + 1], allowed, [seq])
+        assert together.dtype == alone.dtype
+        np.testing.assert_array_equal(together[i].view(np.uint8), alone[0].view(np.uint8))
+        if seq.p.repetition_penalty != 1.0:
+            seen = sorted(seq.seen)
+            np.testing.assert_array_equal(together[i, seen], logprobs[i, seen] * dtype(seq.p.repetition_penalty))

@@ -10,6 +10,7 @@ whatever else shares the batch. Nothing here knows the model family: a sequence 
 from __future__ import annotations
 
 import codecs
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -79,17 +80,21 @@ def penalised(logprobs: np.ndarray, allowed: np.ndarray, seqs: list[Sequence], o
         if not owned:
             x = logprobs.copy()  # (B, V)
         x[:, banned] = -np.inf
-    for i, seq in enumerate(seqs):
-        if seq.p.repetition_penalty != 1.0 and seq.seen:
-            if x is logprobs and not owned:
-                x = logprobs.copy()  # the caller's array stays as it was
-            idx = np.fromiter(seq.seen, dtype=np.int64)
-            # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
-            x[i, idx] = x[i, idx] * seq.p.repetition_penalty
-        if len(seq.generated) < seq.p.min_new_tokens:  # too early to end
-            if x is logprobs and not owned:
-                x = logprobs.copy()
-            x[i, seq.model.eos_id] = -np.inf
+    penalised_rows = [i for i, seq in enumerate(seqs) if seq.p.repetition_penalty != 1.0 and seq.seen]
+    early = [i for i, seq in enumerate(seqs) if len(seq.generated) < seq.p.min_new_tokens]  # too early to end
+    if (penalised_rows or early) and x is logprobs and not owned:
+        x = logprobs.copy()  # the caller's array stays as it was
+    if penalised_rows:  # every row's seen tokens in one gather and one scatter: (row, id) pairs
+        counts = [len(seqs[i].seen) for i in penalised_rows]
+        rows = np.repeat(penalised_rows, counts)
+        ids = np.fromiter(itertools.chain.from_iterable(seqs[i].seen for i in penalised_rows), dtype=np.int64,
+                          count=sum(counts))
+        # In the scores' own precision, as a scalar penalty multiplies them.
+        factor = np.repeat(np.array([seqs[i].p.repetition_penalty for i in penalised_rows], dtype=x.dtype), counts)
+        # CTRL's penalty on log-probabilities (all ≤ 0): multiplying pushes seen tokens down.
+        x[rows, ids] = x[rows, ids] * factor
+    if early:
+        x[early, [seqs[i].model.eos_id for i in early]] = -np.inf
     return x
 
 
