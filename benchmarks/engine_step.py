@@ -2,17 +2,17 @@
 
     python benchmarks/engine_step.py [--repository repository] [--model gpt] [--batch 1 16] [--new-tokens 64]
 
-Loads the model in-process, generates exactly `--new-tokens` tokens for each of B prompts at once straight
-through the generation task (seeded top-k 50 sampling with `min_new_tokens` = `max_new_tokens`, so no stream
-ends early and the batch stays whole; `--stop-at-eos` lets a sampled EOS end a request, and the stream starts
-another, the workload before 2026-12-07; `--mixed` gives each stream its own temperature and top-p, top-k 50 for
-all, as clients choosing their own settings do), and splits the wall time per decode step into the ONNX Runtime run,
-the step's assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the rest
-is prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
+Loads the model in-process, generates exactly `--new-tokens` tokens for each of B prompts at once straight through
+the generation task (seeded top-k 50 sampling with `min_new_tokens` = `max_new_tokens`, so no stream ends early and
+the batch stays whole; `--stop-at-eos` lets a sampled EOS end a request, and the stream starts another, the
+workload before 2026-12-07; `--mixed` gives each stream its own temperature, top-p and repetition penalty, top-k 50
+for all, as clients choosing their own settings do), and splits the wall time per decode step into the ONNX Runtime
+run, the step's assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the
+rest is prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
 the event loop (uvloop's, as the server runs on, where it is installed; `--loop asyncio` for asyncio's own). Then
-the same decoder session runs bare (no engine, no event loop) on the same shapes — B rows,
-pasts as wide as the engine's were — and the engine's step is reported as a ratio to that raw step. Writes
-results/engine_step.json and a PNG of the split.
+the same decoder session runs bare (no engine, no event loop) on the same shapes — B rows, pasts as wide as the
+engine's were — and the engine's step is reported as a ratio to that raw step. Writes results/engine_step.json and
+a PNG of the split.
 """
 
 from __future__ import annotations
@@ -114,10 +114,12 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int,
     async def one(i: int, tokens: int) -> int:
         got = 0
         for attempt in range(16):  # a sampled EOS ends a request early: the next one goes on
-            # --mixed: each stream its own temperature and top-p (as clients choose them), top-k 50 for all
-            temperature, top_p = (0.7 + 0.1 * (i % 6), 0.9 if i % 2 else 1.0) if mixed else (1.0, 1.0)
-            sampling = SamplingParams(temperature=temperature, top_k=50, top_p=top_p, seed=1000 * attempt + i,
-                                      max_new_tokens=tokens - got,
+            # --mixed: each stream its own temperature, top-p and repetition penalty (as clients choose them), top-k
+            # 50 for all
+            temperature, top_p, penalty = ((0.7 + 0.1 * (i % 6), 0.9 if i % 2 else 1.0, 1.2 if i % 3 == 0 else 1.0)
+                                           if mixed else (1.0, 1.0, 1.0))
+            sampling = SamplingParams(temperature=temperature, top_k=50, top_p=top_p, repetition_penalty=penalty,
+                                      seed=1000 * attempt + i, max_new_tokens=tokens - got,
                                       min_new_tokens=tokens - got if fixed else 0)
             params = GenerateParams((f"The king {i}",), sampling)
             async for ev in generate(model, params, None, metrics):
@@ -165,7 +167,7 @@ def main() -> None:
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="let a sampled EOS end a request (the stream starts another) instead of fixed lengths")
     ap.add_argument("--mixed", action="store_true",
-                    help="each stream its own temperature and top-p (top-k 50 for all) instead of one setting for all")
+                    help="each stream its own temperature, top-p and repetition penalty (top-k 50 for all)")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                     help="the event loop the engine hands events to: the server's (uvloop, if installed) or asyncio's")
     ap.add_argument("--out", type=Path, default=Path("results/engine_step.json"))
