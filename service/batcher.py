@@ -66,10 +66,8 @@ class DynamicBatcher(Generic[P, R]):
         self._m_wait = metrics.queue_wait.labels(model)
         self._m_batch = metrics.batch_size.labels(model)
         self._queue: collections.deque[_Row[P, R]] = collections.deque()
-        # The worker's wait: a future an arrival resolves, made by each wait (inside the running loop). Not an
-        # asyncio.Event under wait_for: that makes a task and a timeout per wake, and under load every arrival
-        # wakes the worker while it waits for company.
-        self._waiter: asyncio.Future[bool] | None = None
+        # NOTE: asyncio primitives are created in start(), inside the running loop that will use them.
+        self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"run-{model}")
         self._closed = False
@@ -80,6 +78,7 @@ class DynamicBatcher(Generic[P, R]):
         self._recent_batches: collections.deque[float] = collections.deque(maxlen=16)
 
     def start(self) -> None:
+        self._wakeup = asyncio.Event()
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.model}")
         self._worker.add_done_callback(faults.task_ended)  # a worker that dies takes the model's calls with it
 
@@ -104,7 +103,7 @@ class DynamicBatcher(Generic[P, R]):
 
     async def _submit(self, payloads: Sequence[P], lengths: Sequence[int], deadline: float | None) -> list[R]:
         """Queue rows and wait for their results; all-or-nothing admission against the queue bound."""
-        if self._closed or self._worker is None:
+        if self._closed or self._wakeup is None:
             raise Unavailable(f"model {self.model!r} is not serving (shutting down or not started)")
         self.refuse_if_full(len(payloads))
         now = time.monotonic()
@@ -115,7 +114,7 @@ class DynamicBatcher(Generic[P, R]):
         self._queue.extend(rows)
         self._arrivals += len(rows)
         self._m_depth.set(len(self._queue))
-        _settle(self._waiter, False)
+        self._wakeup.set()
         try:
             if len(rows) == 1:  # one text per call, the common case: no gather future between the row and its caller
                 return [await rows[0].future]
@@ -221,23 +220,14 @@ class DynamicBatcher(Generic[P, R]):
         self._queue = collections.deque(r for r in self._queue if id(r) not in chosen)
         return batch
 
-    async def _woken(self, loop: asyncio.AbstractEventLoop, timeout: float | None = None) -> bool:
-        """Wait until a row arrives or `timeout` seconds pass: True when the time passed first."""
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _settle, waiter, True) if timeout is not None else None
-        try:
-            return await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-
     async def _work(self) -> None:
+        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         delay = self.cfg.max_queue_delay_ms / 1000.0
         while True:
             if not self._queue:
-                await self._woken(loop)
+                self._wakeup.clear()
+                await self._wakeup.wait()
             # Under load (rows arrived while the last batch ran), wait for company until the oldest row has
             # waited `delay` or the batch is full. An idle model runs what it has at once: at low load nobody
             # is coming, and waiting would only add `delay` to every request's latency.
@@ -246,7 +236,10 @@ class DynamicBatcher(Generic[P, R]):
                 remaining = oldest + delay - time.monotonic()
                 if remaining <= 0:
                     break
-                if await self._woken(loop, remaining):
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
                     break
             batch = self._take_batch()
             self._m_depth.set(len(self._queue))
@@ -277,9 +270,3 @@ class DynamicBatcher(Generic[P, R]):
             for row, result in zip(batch, results, strict=True):
                 if not row.future.done():
                     row.future.set_result(result)
-
-
-def _settle(waiter: asyncio.Future[bool] | None, timed_out: bool) -> None:
-    """Wake the worker's wait, if one is pending: by an arrival (False) or its timer (True)."""
-    if waiter is not None and not waiter.done():
-        waiter.set_result(timed_out)
