@@ -183,7 +183,7 @@ def main() -> None:
     from plm.export.build import PROFILES, prepare_data
 
     if args.smoke:  # every phase still runs: probe, two slices per recipe, held-out loss at each point
-        args.seconds, args.probe_rounds, args.eval_sentences = 0.4, 1, 8
+        args.seconds, args.probe_rounds, args.eval_sentences = 0.2, 1, 8
     torch.set_num_threads(args.threads)
     profile = PROFILES["tiny" if args.smoke else "small"]
     data = prepare_data(profile, None, args.cache, args.seed)
