@@ -69,6 +69,7 @@ class GptProfile:
     eval_interval: int
     lr: float
     num_threads: int  # torch threads: 1 for the fixture, where a 2nd thread waits on a busy core every step
+    dropout: float = 0.0  # none for runs of about an epoch; a run of several epochs over the corpus overfits without
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ PROFILES = {
     # cores, and `--device auto` trains on a GPU when torch sees one.
     "full": Profile("full", max_documents=None, word_min_count=2, ngram_order=3, gpt=GptProfile(
         bpe_vocab=8000, block_size=256, n_layer=6, n_head=6, n_embd=192, batch_size=16, max_steps=1500,
-        warmup_steps=100, max_seconds=3000.0, eval_interval=100, lr=2e-3, num_threads=2), variant_sentences=400),
+        warmup_steps=100, max_seconds=3000.0, eval_interval=100, lr=2e-3, num_threads=2, dropout=0.1),
+        variant_sentences=400),
 }
 
 
@@ -314,7 +316,7 @@ def build_gpt(data: BuildData, profile: str, repository: Path, key: str, seed: i
     log.info("gpt: BPE vocab %d, %d train tokens (%.1fs)", tok.get_vocab_size(), len(streams["train"]),
              time.perf_counter() - started)
     cfg = GPTConfig(vocab_size=tok.get_vocab_size(), block_size=g.block_size, n_layer=g.n_layer,
-                    n_head=g.n_head, n_embd=g.n_embd, dropout=0.0)
+                    n_head=g.n_head, n_embd=g.n_embd, dropout=g.dropout)
     torch.manual_seed(seed)
     model = GPT(cfg)
     tcfg = TrainConfig(max_steps=g.max_steps, batch_size=g.batch_size, lr=g.lr, min_lr=g.lr / 10,
