@@ -8,14 +8,17 @@ standard library only.
 
 Storage: per order k >= 2, the n-grams as a lexicographically sorted (n_k, k) id matrix plus one dict from
 context (the first k-1 ids, a tuple) to its row range; order 1 is dense over the vocabulary. A lookup is a
-dict hit and a binary search in the context's rows, and a context's continuations are one slice.
+dict hit and a binary search in the context's rows, and a context's continuations are one slice. The
+backoff model's top-k of the next word walks each context suffix's continuations best first, sorted on first
+use and kept in a bounded per-suffix cache, and stops where no later word can enter the top k.
 """
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +32,19 @@ from plm.service.contract.ngram_format import (
     read_arpa,
     read_counts,
 )
+
+_WALK_MAX_K = 32  # a larger top-k is cheaper vectorised than walked word by word
+_WALK_BUDGET = 256  # words a walk may look at (plus 4 per k) before the vectorised way takes over
+_CONTINUATIONS_CACHED = 4096  # context suffixes whose sorted continuations are kept
+
+
+class _Continuations(NamedTuple):
+    """A context suffix as the top-k walk reads it."""
+
+    backoff: float  # log10 backoff weight of the suffix itself (0 where it is not listed)
+    words: list[int]  # the words listed after it, by log10 p descending, ties by lower id
+    log10probs: list[float]  # their listed log10 p, in that order
+    members: frozenset[int]  # the same words, for "listed at a higher order" tests
 
 
 class _Order:
@@ -195,7 +211,10 @@ class BackoffNgramModel(NgramModel):
             )
             for k in range(2, self.order + 1)
         ]
-        self._unigram_rank: IntArray | None = None  # ids by unigram probability, best first (built on first use)
+        self._unigram_rank: IntArray = np.argsort(-self.unigram_log10, kind="stable")  # ids, best first
+        self._unigram_walk = (self._unigram_rank.tolist(), self.unigram_log10[self._unigram_rank].tolist())
+        # Per context suffix, its backoff and sorted continuations: bounded, and the frequent suffixes stay.
+        self._continuations_cache = functools.lru_cache(maxsize=_CONTINUATIONS_CACHED)(self._continuations)
 
     def _table(self, k: int) -> _Order:
         return self.orders[k - 2]
@@ -240,6 +259,48 @@ class BackoffNgramModel(NgramModel):
 
     def _next_top(self, context: tuple[int, ...], allowed: npt.NDArray[np.bool_],
                   k: int) -> tuple[IntArray, FloatArray]:
+        """`_next`'s top k, bit-equal: a walk down each context suffix's continuations, best first, for a
+        small k; `_next_top_wide` for a larger k or when the walk meets too many excluded words."""
+        if not 0 < k <= _WALK_MAX_K:
+            return self._next_top_wide(context, allowed, k)
+        size = len(context)
+        cached = self._continuations_cache
+        suffixes = [cached(context[size - j :]) for j in range(1, size + 1)]  # j = suffix length
+        backoffs = [c.backoff for c in suffixes]
+        # Streams, highest order first: a word listed for suffix j takes its probability from there and the
+        # backoffs of the longer suffixes; the unigrams take every backoff. (-log10 P, id) ascending is the
+        # answer's order.
+        found: list[tuple[float, int]] = []
+        floor = -math.inf  # the k-th best value found so far: a later candidate below it cannot enter
+        budget = _WALK_BUDGET + 4 * k
+        for j in range(size, -1, -1):
+            words, probs = (suffixes[j - 1].words, suffixes[j - 1].log10probs) if j else self._unigram_walk
+            visited = _walk(words, probs, backoffs[j:], [c.members for c in suffixes[j:]], allowed, k, floor,
+                            budget, found)
+            if visited < 0:  # a mask that excludes most words: the vectorised way is faster
+                return self._next_top_wide(context, allowed, k)
+            budget -= visited
+            if len(found) >= k:
+                found.sort()
+                floor = -found[k - 1][0]
+        found.sort()
+        top = found[:k]
+        return (np.array([w for _, w in top], dtype=np.int64),
+                np.array([-v for v, _ in top], dtype=np.float64))
+
+    def _continuations(self, gram: tuple[int, ...]) -> _Continuations:
+        """The backoff weight of `gram` and the words listed after it, best first (`_continuations_cache`)."""
+        table = self._table(len(gram) + 1)
+        span = table.index.get(gram)
+        if span is None:
+            return _Continuations(self._backoff(gram), [], [], frozenset())
+        words, probs = table.words[span[0] : span[1]], table.values[0][span[0] : span[1]]
+        rank = np.lexsort((words, -probs))  # probability descending, ties by lower id
+        listed = words[rank].tolist()
+        return _Continuations(self._backoff(gram), listed, probs[rank].tolist(), frozenset(listed))
+
+    def _next_top_wide(self, context: tuple[int, ...], allowed: npt.NDArray[np.bool_],
+                       k: int) -> tuple[IntArray, FloatArray]:
         """`_next`'s top k without the (V,) array: the listed continuations of each context suffix, and the
         best unigrams among the rest, with the same additions in the same order (bit-equal values)."""
         size = len(context)
@@ -266,8 +327,6 @@ class BackoffNgramModel(NgramModel):
             keep &= allowed[words]
             ids.append(words[keep])
             values.append(backed_off(table.values[0][span[0] : span[1]][keep], j))
-        if self._unigram_rank is None:
-            self._unigram_rank = np.argsort(-self.unigram_log10, kind="stable")
         want = 2 * k + 16  # most listed words are frequent ones, so the head is mostly claimed: grow it as needed
         while True:  # the best unigrams that are allowed and not listed above
             head = self._unigram_rank[:want]
@@ -288,6 +347,35 @@ def _best(ids: IntArray, values: FloatArray, k: int) -> tuple[IntArray, FloatArr
         ids, values = ids[keep], values[keep]
     order = np.lexsort((ids, -values))[: max(k, 0)]
     return ids[order], values[order]
+
+
+def _walk(words: list[int], probs: list[float], backoffs: list[float], higher: list[frozenset[int]],
+          allowed: npt.NDArray[np.bool_], k: int, floor: float, budget: int, found: list[tuple[float, int]]) -> int:
+    """Append (-value, id) for the words of one stream that may still enter the top k; how many it looked at,
+    or -1 past `budget`.
+
+    A word's value is its log10 p plus `backoffs`, added one by one as `_next` adds them, and rounding is
+    monotone, so the values fall (or tie) along the stream: it stops below `floor` (k better ones are already
+    found) or below its own k-th taken value (ties with that one are taken: the lower id may win). Words
+    that are not allowed, or listed for a longer suffix (`higher`: their value comes from there), are skipped.
+    """
+    taken, last = 0, math.inf
+    for i, w in enumerate(words):
+        v = probs[i]
+        for b in backoffs:
+            v += b
+        if v < floor or (taken >= k and v < last):
+            return i
+        if i >= budget:
+            return -1
+        if allowed[w]:
+            for claimed in higher:
+                if w in claimed:
+                    break
+            else:
+                found.append((-v, w))
+                taken, last = taken + 1, v
+    return len(words)
 
 
 class LaplaceNgramModel(NgramModel):
