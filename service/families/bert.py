@@ -20,7 +20,7 @@ import numpy as np
 from plm.service.batcher import DynamicBatcher
 from plm.service.config import ServerConfig
 from plm.service.errors import FailedPrecondition, InvalidArgument
-from plm.service.families.base import ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of, top_of_rows
+from plm.service.families.base import ManifestSource, ModelAdapter, TokenScores, TokenVectors, top_of_rows
 from plm.service.families.capabilities import Embedder, MaskFiller, NextSentencePredictor, Scorer
 from plm.service.families.wordpiece import WordPieceText
 from plm.service.metrics import Metrics
@@ -190,7 +190,6 @@ def _batch_tops(rows: Sequence[_Row], mlp: np.ndarray) -> dict[int, list[tuple[n
         g[4].extend(range(len(r.positions)))
     out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for allowed, _, k, at, blank in groups:
-        tops = [top_of(mlp[at[0], blank[0]], allowed, k)] if len(at) == 1 else top_of_rows(mlp[at, blank], allowed, k)
-        for i, top in zip(at, tops, strict=True):  # mlp[at, blank]: the group's (N, V) rows, gathered
+        for i, top in zip(at, top_of_rows(mlp[at, blank], allowed, k), strict=True):  # the group's (N, V) rows
             out.setdefault(i, []).append(top)
     return out
