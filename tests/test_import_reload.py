@@ -59,11 +59,31 @@ def _answer(stub: Any, model: str) -> tuple[str, tuple[tuple[int, float], ...]]:
     return r.model_version, tuple((c.token, round(c.score, 5)) for c in r.results[0].masks[0].candidates)
 
 
-def _wait_for(what: str, predicate: Any, seconds: float = 60) -> None:
+def _wait_for(what: str, predicate: Any, seconds: float = 60, state: Any = None) -> None:
+    """Wait until `predicate()`; on timeout the failure names `what` and, if given, `state()` (what was seen)."""
     until = time.monotonic() + seconds
     while not predicate():
-        assert time.monotonic() < until, f"{what}: not within {seconds} s"
+        assert time.monotonic() < until, f"{what}: not within {seconds} s" + (f"; {state()}" if state else "")
         time.sleep(0.1)
+
+
+def _reload_state(polled: ServerThread, name: str) -> str:
+    """The poller's view of one model, for a failure message: is the poll task alive, which fingerprints it
+    holds against the folder's, what it refused, and the repository's folders."""
+    from plm.service.registry import fingerprint
+
+    running = polled.running
+    repo = running.config.repository
+    now = fingerprint(repo / name)
+    reloader = running.reloader
+    model = running.registry.models.get(name)
+    watcher = running.watcher
+    return (f"watcher done={watcher.done() if watcher else None}"
+            f"{' (' + repr(watcher.exception()) + ')' if watcher and watcher.done() and not watcher.cancelled() else ''}; "
+            f"serving version {model.version if model else None}; folder fingerprint == loaded: "
+            f"{running.registry.fingerprints.get(name) == now}, == last poll: {reloader._last_poll.get(name) == now}; "
+            f"rejected: {reloader._rejected.get(name)!r}; lock held: {reloader._lock.locked()}; "
+            f"repository: {sorted(p.name for p in repo.iterdir())}")
 
 
 @pytest.fixture()
@@ -125,7 +145,9 @@ def test_replace_keeps_the_old_version_serving_until_the_new_one_is_ready(
         # The manifest is written after the export and its parity check and before the folder is renamed into
         # place: no server could have loaded the new version before then, however late this thread resumed.
         written = (repo / "a" / "manifest.json").stat().st_mtime
-        _wait_for("the new version served", lambda: any(v not in ("", old_version) for _, v, _ in seen[-5:]))
+        _wait_for("the new version served", lambda: any(v not in ("", old_version) for _, v, _ in seen[-5:]),
+                  state=lambda: f"{len(seen)} calls, the last {seen[-3:]}, load thread alive "
+                                f"{thread.is_alive()}; {_reload_state(polled, 'a')}")
         time.sleep(0.5)  # a few more calls on the new version
     finally:
         stop.set()
