@@ -78,8 +78,8 @@ def _reload_state(polled: ServerThread, name: str) -> str:
     reloader = running.reloader
     model = running.registry.models.get(name)
     watcher = running.watcher
-    return (f"watcher done={watcher.done() if watcher else None}"
-            f"{' (' + repr(watcher.exception()) + ')' if watcher and watcher.done() and not watcher.cancelled() else ''}; "
+    ended = repr(watcher.exception()) if watcher and watcher.done() and not watcher.cancelled() else ""
+    return (f"watcher done={watcher.done() if watcher else None} {ended}; "
             f"serving version {model.version if model else None}; folder fingerprint == loaded: "
             f"{running.registry.fingerprints.get(name) == now}, == last poll: {reloader._last_poll.get(name) == now}; "
             f"rejected: {reloader._rejected.get(name)!r}; lock held: {reloader._lock.locked()}; "
