@@ -12,9 +12,8 @@ pseudo-log-likelihood (Salazar et al. 2020), one row per token with that token a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from plm.service.batcher import DynamicBatcher
@@ -27,8 +26,7 @@ from plm.service.metrics import Metrics
 from plm.service.runtime import open_graph, pad_right
 
 
-@dataclass(frozen=True)
-class _Row:
+class _Row(NamedTuple):  # NamedTuples: one of each per row of every call, and a frozen dataclass's init is slow
     ids: tuple[int, ...]  # with [CLS]/[SEP]
     types: tuple[int, ...]  # segment of each id
     positions: tuple[int, ...]  # columns whose MLM log-probs are wanted (may be empty)
@@ -37,8 +35,7 @@ class _Row:
     top: tuple[np.ndarray, int] | None = None  # (allowed, k): each blank's top k instead of its (V,) row
 
 
-@dataclass(frozen=True)
-class _RowOut:
+class _RowOut(NamedTuple):
     mask_logprobs: np.ndarray | None  # (M, V)
     hidden: np.ndarray | None  # (len(ids), C)
     nsp: np.ndarray | None  # (2,)
@@ -173,18 +170,23 @@ class BertAdapter(WordPieceText, ModelAdapter, Scorer, MaskFiller, Embedder, Nex
 def _batch_tops(rows: Sequence[_Row], mlp: np.ndarray) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
     """Each top-k blank's (ids, log-probs), by row index: the blanks of the whole batch that share an allowed
     mask and a k (every FillMask call of one model does) in one `top_of_rows` over their stacked (N, V) rows."""
-    # (allowed, its bytes, k, row index per blank, blank per blank); each call brings its own allowed array
+    # (allowed, its bytes, k, row index per blank, blank per blank)
     groups: list[tuple[np.ndarray, bytes, int, list[int], list[int]]] = []
     for i, r in enumerate(rows):
         if r.top is None or not r.positions:
             continue
         allowed, k = r.top
-        key = allowed.tobytes()  # (V,) bool: a bytes compare is a memcmp, far cheaper than np.array_equal
+        key = None  # (V,) bool as bytes: a bytes compare is a memcmp, far cheaper than np.array_equal
         for g in groups:
-            if g[2] == k and g[1] == key:
+            if g[2] != k:
+                continue
+            if g[0] is allowed:  # the same array (FillMask passes one per model)
+                break
+            key = allowed.tobytes() if key is None else key
+            if g[1] == key:
                 break
         else:
-            g = (allowed, key, k, [], [])
+            g = (allowed, allowed.tobytes() if key is None else key, k, [], [])
             groups.append(g)
         g[3].extend([i] * len(r.positions))
         g[4].extend(range(len(r.positions)))

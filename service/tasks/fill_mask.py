@@ -8,9 +8,11 @@ tokens long widens its blank to that many masks and sums the pieces' log-probabi
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import MASK, ModelAdapter
 from plm.service.families.capabilities import MaskFiller, SpanFiller
@@ -23,8 +25,7 @@ class FillMaskParams:
     targets: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class FillCandidate:
+class FillCandidate(NamedTuple):  # a tuple: made top_k times per blank, and a frozen dataclass's init is slow
     token_ids: tuple[int, ...]
     token_str: str
     log_prob: float
@@ -56,14 +57,21 @@ def _with_blanks(model: ModelAdapter, mask_id: int, text: str, at: str) -> tuple
     return ids, positions
 
 
+_ALLOWED: weakref.WeakKeyDictionary[ModelAdapter, np.ndarray] = weakref.WeakKeyDictionary()
+
+
+def _allowed(model: ModelAdapter) -> np.ndarray:
+    """The (V,) bool tokens a blank may be filled with, built once per model: one array for every call, which
+    the batch's top-k recognises as the same by identity (families/bert.py)."""
+    allowed = _ALLOWED.get(model)
+    if allowed is None:
+        allowed = _ALLOWED[model] = ~model.never_generate_mask()
+    return allowed
+
+
 def _spelling(model: ModelAdapter, ids: tuple[int, ...]) -> str:
     """The candidate as it reads in the text (one token: its text, decoded once per model)."""
     return (model.token_text(ids[0]) if len(ids) == 1 else model.decode(list(ids))).strip()
-
-
-def _fill(text: str, blank: int, word: str) -> str:
-    pieces = text.split(MASK)
-    return MASK.join(pieces[: blank + 1]) + word + MASK.join(pieces[blank + 1:]) if blank < len(pieces) - 1 else text
 
 
 def _glue(text: str, spans: list[str | None]) -> str:
@@ -115,7 +123,7 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
     if targets:  # each target's own log-prob: the whole (M, V) rows
         dists: list[Any] = await filler.mask_logprobs(seqs, blanks, deadline)
     else:  # the top k of each blank, taken where the model ran
-        dists = await filler.mask_top(seqs, blanks, ~model.never_generate_mask(), params.top_k, deadline)
+        dists = await filler.mask_top(seqs, blanks, _allowed(model), params.top_k, deadline)
     # Several-token targets: one extra row per (text, blank, target) with the blank widened.
     wide_rows: list[list[int]] = []
     wide_pos: list[list[int]] = []
@@ -132,20 +140,24 @@ async def fill_mask(model: ModelAdapter, params: FillMaskParams, deadline: float
                for key, d in zip(wide_key, wide, strict=True)}
 
     results = []
+    token_text, top_k = model.token_text, params.top_k
     for r, (text, dist) in enumerate(zip(params.texts, dists, strict=True)):
+        pieces = text.split(MASK)
         masks = []
         for b, row in enumerate(dist):
+            before, after = MASK.join(pieces[: b + 1]), MASK.join(pieces[b + 1:])  # the text around blank b
             if targets:
                 cands = [(tuple(tids), t, float(row[tids[0]]) if len(tids) == 1 else wide_lp[(r, b, ti)])
                          for ti, (t, tids) in enumerate(targets)]
-            else:
+                cands.sort(key=lambda c: -c[2])
+                masks.append(tuple(FillCandidate(ids, word, lp, before + (_spelling(model, ids) or word) + after)
+                                   for ids, word, lp in cands[:top_k] if math.isfinite(lp)))
+            else:  # one token each, best first already (top_of's order): its text is its spelling
                 top_ids, top_lps = row
-                cands = [((t,), model.token_text(t), lp)
-                         for t, lp in zip(top_ids.tolist(), top_lps.tolist(), strict=True)]
-            cands.sort(key=lambda c: -c[2])
-            masks.append(tuple(
-                FillCandidate(ids, word, lp, _fill(text, b, _spelling(model, ids) or word))
-                for ids, word, lp in cands[: params.top_k] if math.isfinite(lp)
-            ))
+                masks.append(tuple(
+                    FillCandidate((t,), word, lp, before + (word.strip() or word) + after)
+                    for t, lp in zip(top_ids.tolist(), top_lps.tolist(), strict=True)
+                    if math.isfinite(lp) for word in (token_text(t),)
+                ))
         results.append(FillResult(text, tuple(masks)))
     return results
