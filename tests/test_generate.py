@@ -191,3 +191,33 @@ def test_every_sends_the_first_tokens_and_the_end_at_once_and_merges_the_rest() 
         (0, (5, 6, 7), None), (0, (8,), FINISH_LENGTH)]
     assert out[-2].text_delta == "<5><6><7>" and out[-1].generated_tokens == 7
     assert asyncio.run(collect(1)) == source  # interval 1: every event as it comes
+
+
+def _series(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in metrics.registry.collect() for s in family.samples
+            if s.name.startswith(("plm_generated_tokens", "plm_time_to_first_token", "plm_inter_token_latency"))}
+
+
+def test_a_steps_metrics_recorded_at_once_equal_each_tokens_own(gpt: ModelAdapter) -> None:
+    """The engine records a step's tokens in one update per series (`observe_step`, then `advance(observed=True)`):
+    the same counter, buckets, counts and (to rounding) sums as each sequence recording its own token."""
+    from plm.service.generation.sequence import observe_step
+
+    steps = [1.0, 1.004, 1.0041, 1.3, 1.31, 2.5, 9.0]  # time.monotonic() of each step: gaps across buckets
+    by_token, by_step = Metrics(), Metrics()
+    alone = [Sequence(i, [1, 2], SamplingParams(max_new_tokens=50), 0, gpt, by_token, 0.5 + i / 10) for i in range(5)]
+    batch = [Sequence(i, [1, 2], SamplingParams(max_new_tokens=50), 0, gpt, by_step, 0.5 + i / 10) for i in range(5)]
+    for k, now in enumerate(steps):
+        # the last sequence joins late (a first token beside others' later ones), the first skips odd steps
+        running = [i for i in range(5) if (i != 4 or k >= 2) and (i != 0 or k % 2 == 0)]
+        for i in running:
+            alone[i].advance(40 + k, now)
+        observe_step([batch[i] for i in running], now)
+        for i in running:
+            batch[i].advance(40 + k, observed=True)
+    want, got = _series(by_token), _series(by_step)
+    assert want.keys() == got.keys() and want
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    assert [s.text for s in batch] == [s.text for s in alone]

@@ -1,7 +1,7 @@
 """`choose` over a batch as the engine runs it: rows with their own temperature, top-k and top-p in one pass per
 kind of candidates (`nucleus`) get what each gets alone; an array the caller hands over (`owned`, the engine's
 decode output) gives the tokens a borrowed one gives and a borrowed one is left as it was; `_top_k`'s scores are
-its ids' scores."""
+its ids' scores, and its ids a full stable sort's first k."""
 
 from __future__ import annotations
 
@@ -144,6 +144,29 @@ def test_top_k_scores_are_those_of_its_ids_best_first(rows: int) -> None:
     assert (np.diff(scores, axis=1) <= 0).all()
     kth = np.sort(logprobs, axis=1)[:, -50]
     assert (scores[:, -1] == kth).all()
+
+
+@pytest.mark.parametrize("rows", [4, 16])
+@pytest.mark.parametrize("case", ["distinct", "ties above the k-th", "two of a row's best in one group"])
+def test_top_k_is_a_full_stable_sorts_first_k(rows: int, case: str) -> None:
+    """Ids and scores as the first k of a stable sort of each whole row (equal scores in id order), both where
+    exactly k columns reach the threshold (each row's best in k different strided groups: every row's own block)
+    and where a row has more (two of its best in one group: padded)."""
+    rng = np.random.default_rng(11)
+    xs = _rows(11, rows, 8000)
+    groups = 8000 // 8  # column c is in strided group c % groups
+    for r in range(rows):  # the row's 50 best in 50 different groups, above every other score
+        cols = rng.choice(groups, size=50, replace=False) + groups * rng.integers(0, 8, size=50)
+        xs[r, cols] = xs[r].max() + 1.0 + rng.random(50).astype(np.float32)
+        if case == "ties above the k-th":  # three of them equal, the best among them: id order decides
+            xs[r, cols[:3]] = xs[r, cols].max()
+    if case == "two of a row's best in one group":
+        best = int(np.argmax(xs[0]))
+        xs[0, (best + groups) % 8000] = xs[0, best] - 1e-3
+    ids, scores = _top_k(xs, 50)
+    want = np.argsort(-xs, axis=1, kind="stable")[:, :50]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(scores, np.take_along_axis(xs, want, axis=1))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -37,7 +37,7 @@ from plm.service.generation.request import Item, Outgoing, Request, Slot
 from plm.service.generation.runner import Encoder, Runner
 from plm.service.generation.scheduler import Scheduler
 from plm.service.generation.sequence import Sequence as GenSequence
-from plm.service.generation.sequence import StepEvent, choose
+from plm.service.generation.sequence import StepEvent, choose, observe_step
 from plm.service.metrics import Metrics
 from plm.service.runtime import OrtSession
 
@@ -338,9 +338,11 @@ class GenerationEngine:
         if not live:
             return
         rows = logprobs if len(live) == len(slots) else logprobs[live]
+        seqs = [slots[i].seq for i in live]
         # The decode run's output is the engine's own: the mask and penalties go into it in place.
-        tokens = choose(rows, self.allowed, [slots[i].seq for i in live], owned=True, banned=self._banned)
-        now = time.monotonic()
-        for i, tok in zip(live, tokens, strict=True):
+        tokens = choose(rows, self.allowed, seqs, owned=True, banned=self._banned)
+        observe_step(seqs, time.monotonic())  # the step's metrics in one update per series
+        for i, seq, tok in zip(live, seqs, tokens, strict=True):
             request = slots[i].request
-            out.extend((request, ev) for ev in slots[i].seq.advance(tok, now))
+            for ev in seq.advance(tok, observed=True):
+                out.append((request, ev))

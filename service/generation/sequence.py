@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from plm.service.metrics import Metrics
+from plm.service.metrics import Metrics, observe_many
 
 FINISH_LENGTH, FINISH_STOP, FINISH_EOS = "length", "stop", "eos"
 
@@ -123,6 +123,13 @@ def _top_k(xs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         threshold = np.partition(best, groups - k, axis=1)[:, groups - k]  # (G,)
         flat = np.flatnonzero(xs >= threshold[:, None])  # row-major: each row's columns in id order
         rows = flat // v
+        each = np.arange(g)
+        if len(flat) == g * k and (rows[::k] == each).all() and (rows[k - 1::k] == each).all():
+            # Exactly k columns per row (no ties at the threshold: the usual case), each row's a block of `flat`
+            # whose first and last entries are that row's: the columns in id order as they are, (G, k).
+            ids, vals = (flat - rows * v).reshape(g, k), xs.reshape(-1)[flat].reshape(g, k)
+            order = np.argsort(-vals, axis=1, kind="stable")
+            return ids[each[:, None], order], vals[each[:, None], order]
         counts = np.bincount(rows, minlength=g)  # (G,) each ≥ k, unless a score is NaN
         if counts.min() >= k:
             width = int(counts.max())
@@ -281,24 +288,29 @@ class Sequence:
         self.seen = set(prompt_ids) if prompt_seen else set()  # for the repetition penalty
         self._bytes = model.token_bytes()
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._pending = False  # whether `_utf8` holds the first bytes of a character
         self._longest_stop = max((len(s) for s in p.stop), default=0)
         # The labelled metric children, looked up once: `labels()` takes a lock and a dict lookup per call.
         self._m_tokens = metrics.generated_tokens.labels(model.name)
         self._m_first = metrics.time_to_first_token.labels(model.name)
         self._m_gap = metrics.inter_token_latency.labels(model.name)
 
-    def advance(self, tok: int, now: float | None = None) -> list[StepEvent]:
-        """Take the chosen next token; the events it produces (the last one carries the finish reason). `now`:
-        time.monotonic() of the step, when the caller advances a batch of sequences at once."""
-        p = self.p
-        if now is None:
-            now = time.monotonic()
+    def observe(self, now: float) -> None:
+        """The metrics of a token taken at `now` (time.monotonic())."""
         self._m_tokens.inc()
         if self.last_token_at is None:
             self._m_first.observe(now - self.started)
         else:
             self._m_gap.observe(now - self.last_token_at)
         self.last_token_at = now
+
+    def advance(self, tok: int, now: float | None = None, observed: bool = False) -> list[StepEvent]:
+        """Take the chosen next token; the events it produces (the last one carries the finish reason). `now`:
+        time.monotonic() of the step, when the caller advances a batch of sequences at once; `observed`: the
+        token's metrics are recorded already (`observe`, `observe_step`)."""
+        p = self.p
+        if not observed:
+            self.observe(time.monotonic() if now is None else now)
         finish = None
         eos = tok == self.model.eos_id
         if eos:
@@ -312,7 +324,16 @@ class Sequence:
         if self._bytes is None:
             self.text, before = self.model.decode(self.generated), 0
         elif not eos:
-            self.text += self._utf8.decode(self._bytes[tok])
+            piece = self._bytes[tok]
+            if self._pending:
+                self.text += self._utf8.decode(piece)
+                self._pending = bool(self._utf8.getstate()[0])
+            else:  # no character is half-way: a token that is whole UTF-8 (most are) decodes on its own
+                try:
+                    self.text += piece.decode()
+                except UnicodeDecodeError:
+                    self.text += self._utf8.decode(piece)
+                    self._pending = bool(self._utf8.getstate()[0])
         if finish is not None and self._bytes is not None:
             self.text += self._utf8.decode(b"", final=True)  # an unfinished character shows as U+FFFD
         # A stop sequence can only begin where the text before this step could not already hold it all.
@@ -333,3 +354,25 @@ class Sequence:
             self.finished = True
             events.append(StepEvent(self.index, "", (), finish, len(self.prompt_ids), len(self.generated)))
         return events
+
+
+def observe_step(seqs: list[Sequence], now: float) -> None:
+    """The metrics of one step's tokens, one for each of `seqs` (then advanced with `observed=True`): the
+    generated-tokens counter once and the inter-token gaps in one histogram update where the sequences share a
+    model's series, as the engine's batch does; else each sequence's own, as `advance` records them."""
+    if not seqs:
+        return
+    first = seqs[0]
+    if any(s._m_tokens is not first._m_tokens or s._m_gap is not first._m_gap for s in seqs):
+        for s in seqs:
+            s.observe(now)
+        return
+    first._m_tokens.inc(len(seqs))
+    gaps = []
+    for s in seqs:
+        if s.last_token_at is None:
+            s._m_first.observe(now - s.started)
+        else:
+            gaps.append(now - s.last_token_at)
+        s.last_token_at = now
+    observe_many(first._m_gap, gaps)
