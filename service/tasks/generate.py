@@ -80,17 +80,17 @@ async def generate(model: ModelAdapter, params: GenerateParams, deadline: float 
         yield ev
 
 
-def every(events: AsyncIterator[StepEvent], interval: int) -> AsyncIterator[StepEvent]:
+async def every(events: AsyncIterator[StepEvent], interval: int) -> AsyncIterator[StepEvent]:
     """The events of `generate`, each prompt's merged into one per `interval` tokens (`stream_interval`).
 
     A prompt's first tokens and its last event go out at once, so neither the time to first token nor the end
     waits; in between its tokens wait for company. Merged text is the concatenation of the deltas (each is
-    whole UTF-8), so the stream reads the same as with interval 1 (which is `events` itself: no layer per token).
+    whole UTF-8), so the stream reads the same as with interval 1.
     """
-    return events if interval <= 1 else _every(events, interval)
-
-
-async def _every(events: AsyncIterator[StepEvent], interval: int) -> AsyncIterator[StepEvent]:
+    if interval <= 1:
+        async for ev in events:
+            yield ev
+        return
     held: dict[int, StepEvent] = {}
     started: set[int] = set()
     async for ev in events:
