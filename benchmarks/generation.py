@@ -23,6 +23,11 @@ times Classify (8 demonstrations × 4 labels × 16 queries) with prefix reuse (e
 on the server without the engine, and on the engine server with `prefix_reuse = false`. Prints
 the ratios measured in this one run, and writes results/generation.json and results/generation.png.
 
+`--baseline DIR --pairs N` is an A/B of the engine's code instead: one engine server on this package and one on
+DIR's (a folder holding another `plm` package arranged as the installed namespace, e.g. a `git archive` of the
+commit before a change, as grpc_floor.py's `--baseline`), the most streams driven on each in turn, N pairs, each
+side first in turn; prints each pair's tokens/s and their ratio, and nothing else runs.
+
 `--device cuda` (a GPU machine with onnxruntime-gpu): the servers pick the GPU themselves (automatic
 providers); the raw loop runs the decoder on CUDA with its keys and values bound on the GPU (IO binding), and
 `transformers` generates on the GPU.
@@ -243,6 +248,35 @@ def classify_timing(target: str, model: str, repeats: int = 3, shots: int = 8) -
     return best
 
 
+def ab(repository: Path, model: str, streams: int, n: int, rounds: int, baseline: Path, pairs: int,
+       fixed: bool) -> dict[str, Any]:
+    """The engine server on this package (`this`) and on `baseline`'s, alternated `pairs` times (each first in
+    turn), `streams` streams on each: tokens/s per pair and this ÷ baseline."""
+    from plm.client.local_server import LocalServer
+
+    env = {"PLM_RUNTIME__KV_CACHE": "true"}
+    servers = {"this": LocalServer(repository, [model], env, metrics=True),
+               # PYTHONSAFEPATH: the working directory (this source tree, with its `plm/`) is not put first on sys.path
+               "baseline": LocalServer(repository, [model], {**env, "PYTHONPATH": str(baseline.resolve()),
+                                                             "PYTHONSAFEPATH": "1"}, metrics=True)}
+    out: dict[str, Any] = {"this": [], "baseline": [], "ratio": []}
+    try:
+        for pair in range(pairs):
+            order = ["this", "baseline"] if pair % 2 == 0 else ["baseline", "this"]
+            for name in order:
+                srv = servers[name]
+                out[name].append(drive(srv.target, model, streams, n, srv.metrics_url, rounds, fixed)["tokens_per_s"])
+            out["ratio"].append(out["this"][-1] / out["baseline"][-1])
+            print(f"pair {pair + 1} ({order[0]} first): this {out['this'][-1]:8.1f} tokens/s, baseline "
+                  f"{out['baseline'][-1]:8.1f}: this ÷ baseline {out['ratio'][-1]:.3f}", flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    out["median_ratio"] = float(np.median(out["ratio"]))
+    print(f"{streams} streams, this ÷ {baseline}: median {out['median_ratio']:.3f} over {pairs} pairs")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repository", type=Path, default=Path("repository"))
@@ -256,9 +290,22 @@ def main() -> None:
                     help="where the raw loop and transformers run (the servers choose for themselves)")
     ap.add_argument("--stop-at-eos", action="store_true",
                     help="let a sampled EOS end a request (the stream then starts another) instead of fixed lengths")
+    ap.add_argument("--baseline", type=Path,
+                    help="an A/B of the engine's code against this folder's plm package instead of the full run")
+    ap.add_argument("--pairs", type=int, default=3, help="with --baseline: alternated pairs")
     ap.add_argument("--out", type=Path, default=Path("results/generation.json"))
     add_smoke_flag(ap)
     args = ap.parse_args()
+    if args.baseline is not None:
+        if args.smoke:
+            args.streams, args.new_tokens, args.rounds, args.pairs = [2], 4, 1, 1
+        manifest = json.loads((args.repository / args.model / "manifest.json").read_text())
+        n = min(args.new_tokens, int(manifest["max_length"]) - 16)
+        result = ab(args.repository, args.model, max(args.streams), n, args.rounds, args.baseline, args.pairs,
+                    not args.stop_at_eos)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": args.model, "ab": result}, indent=2) + "\n")
+        return
     repeats, shots = 3, 8  # Classify's timing: best of `repeats` calls of `shots` demonstrations
     ort_threads, torch_threads = (1, 0), (1, 2)  # the references' thread settings (below)
     if args.smoke:  # a tiny model's window holds one demonstration; the references at one thread per core
