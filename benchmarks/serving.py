@@ -34,6 +34,7 @@ Writes the JSON and a PNG (throughput bars and the latency CDFs) and prints the 
 `--fill-ab DIR ...` runs only an A/B of 1's BERT `FillMask`: a BERT-only server of this checkout and one of each
 folder (another `plm` package laid out as installed, put on PYTHONPATH), every server's answers checked equal to
 the raw side's, then `--pairs` rounds each driving every server in turn (each first in turn) beside one raw timing.
+`--score-ab DIR ...` is the same for 1's GPT `Score` on GPT-only servers.
 """
 
 from __future__ import annotations
@@ -330,24 +331,27 @@ def raw_rates(raw: Raw, seconds: float, rounds: int) -> dict[str, Any]:
     return out
 
 
-def fill_ab(repository: Path, folders: list[Path], pairs: int, duration: float, out: Path) -> None:
-    """BERT FillMask, conc 64, one text per request, on BERT-only servers of this checkout's code and of each
-    folder's (on PYTHONPATH), all started at once and driven in turn (each first in turn), ÷ raw with tokenization
-    timed in the same round; per round, each folder's server ÷ this checkout's."""
+def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, out: Path, model: str) -> None:
+    """BERT FillMask (`model` bert) or GPT Score (gpt), conc 64, one text per request, on servers of that one model
+    of this checkout's code and of each folder's (on PYTHONPATH), all started at once and driven in turn (each
+    first in turn), ÷ raw with tokenization timed in the same round; per round, each folder's server ÷ this
+    checkout's."""
     texts = held_out_texts(repository)
     raw = Raw(repository, texts, nnlm=False)
+    rpc, full, order = (("FillMask", raw.bert_fill_full, raw.bert_order) if model == "bert"
+                        else ("Score", raw.gpt_score_full, raw.gpt_order))
     sides = {"this": {}, **{d.name: {"PYTHONPATH": str(d.resolve())} for d in folders}}
     names = list(sides)
     rounds: list[dict[str, float]] = []
     with contextlib.ExitStack() as stack:
-        servers = {n: stack.enter_context(Servers(repository, False).start(["bert"], env)) for n, env in sides.items()}
+        servers = {n: stack.enter_context(Servers(repository, False).start([model], env)) for n, env in sides.items()}
         for srv in servers.values():
-            check_same_responses(srv.target, raw, "bert")
+            check_same_responses(srv.target, raw, model)
         for pair in range(pairs):
-            row = {"raw_with_tokenization": best_rate(raw.bert_fill_full, len(raw.texts), 1.5, (BATCH_CAP,),
-                                                      raw.bert_order)["best_items_per_s"]}
+            row = {"raw_with_tokenization": best_rate(full, len(raw.texts), 1.5, (BATCH_CAP,),
+                                                      order)["best_items_per_s"]}
             for name in names[pair % len(names):] + names[:pair % len(names)]:
-                row[name] = drive(servers[name].target, "FillMask", "bert", texts, 64, duration)["texts_per_s"]
+                row[name] = drive(servers[name].target, rpc, model, texts, 64, duration)["texts_per_s"]
             rounds.append(row)
             print(f"  round {pair}: raw with tokenization {row['raw_with_tokenization']:.0f} texts/s; "
                   + "; ".join(f"{n} {row[n]:.0f} ({row[n] / row['raw_with_tokenization']:.2f} of raw)" for n in names),
@@ -373,12 +377,15 @@ def main() -> None:
     ap.add_argument("--fill-ab", type=Path, nargs="+", default=[], metavar="DIR",
                     help="only an A/B of BERT FillMask (conc 64, 1 text/request): this checkout's server and one per "
                          "folder (another `plm` package laid out as installed), alternated --pairs rounds")
-    ap.add_argument("--pairs", type=int, default=3, help="rounds of --fill-ab")
+    ap.add_argument("--score-ab", type=Path, nargs="+", default=[], metavar="DIR",
+                    help="the same A/B for GPT Score (GPT-only servers)")
+    ap.add_argument("--pairs", type=int, default=3, help="rounds of --fill-ab / --score-ab")
     add_smoke_flag(ap)
     args = ap.parse_args()
     started = time.perf_counter()
-    if args.fill_ab:
-        fill_ab(args.repository, args.fill_ab, args.pairs, args.duration, args.out)
+    if args.fill_ab or args.score_ab:
+        task_ab(args.repository, args.fill_ab or args.score_ab, args.pairs, args.duration, args.out,
+                "bert" if args.fill_ab else "gpt")
         return
     # Runs repeated to check each other (`reps`, `floor_reps`), and the raw loops' time, rounds and calls.
     reps, floor_reps, raw_seconds, raw_rounds, raw_calls = ("", "_again"), ("", "_2", "_3"), 1.5, 3, 400
