@@ -45,3 +45,24 @@ def test_top_of_rows_breaks_ties_by_the_lower_id() -> None:
 
 def test_top_of_rows_of_no_rows() -> None:
     assert top_of_rows(np.zeros((0, 5), dtype=np.float32), np.ones(5, dtype=bool), 3) == []
+
+
+def test_a_batchs_blanks_are_grouped_by_their_own_mask_and_k() -> None:
+    """BERT's batch worker groups blanks by allowed mask (the same array, or an equal copy) and k: each row must
+    still get `top_of` of its own rows under its own mask and k."""
+    from plm.service.families.bert import _batch_tops, _Row
+
+    rng = np.random.default_rng(3)
+    v = 200
+    mlp = rng.normal(-5.0, 2.0, (5, 2, v)).astype(np.float32)  # (B, M, V)
+    shared = rng.random(v) > 0.2
+    other = shared.copy()
+    other[np.argsort(-mlp[3, 0])[:4]] = False  # a different mask: drops row 3's four best
+    tops = [(shared, 5), (shared.copy(), 5), (other, 5), (other, 5), (shared, 3)]  # the same, equal, other, k
+    rows = [_Row((1, 2, 3), (0, 0, 0), (1, 2), False, False, top) for top in tops]
+    got = _batch_tops(rows, mlp)
+    for i, (allowed, k) in enumerate(tops):
+        assert len(got[i]) == 2
+        for b, (ids, lps) in enumerate(got[i]):
+            want_ids, want_lps = top_of(mlp[i, b], allowed, k)
+            assert ids.tolist() == want_ids.tolist() and np.array_equal(lps, want_lps), (i, b)
