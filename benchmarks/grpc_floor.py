@@ -26,6 +26,10 @@ request conversion, validation, model lease, tokenising, the task, response conv
 request metrics, access line, the batcher's hand-off and back (a no-op model, 16 callers), and the whole
 servicer method without gRPC.
 Prints µs per call and writes the JSON and a PNG.
+
+`--fill-task-ab REPOSITORY OLD_TREE ROUNDS CALLS` (alone) A/Bs FillMask's task of another tree against this
+checkout's in one process (`_fill_task_ab`): no process-to-process spread, which across servers is wider than
+a few µs per call.
 """
 
 from __future__ import annotations
@@ -355,6 +359,75 @@ async def _stages(repository: Path, n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+async def _fill_task_ab(repository: Path, old: Path, rounds: int, calls: int) -> dict[str, list[float]]:
+    """FillMask's task (`tasks/fill_mask.fill_mask` and BERT's batch top-k, `bert._batch_tops`) of the tree `old`
+    against this checkout's, in one process on one BERT adapter: 16 callers, process CPU per call less ONNX
+    Runtime's thread time, the two alternated `rounds` times (each first in turn); answers checked equal first."""
+    import importlib.util
+    from dataclasses import replace
+
+    from plm.service.config import Runtime, ServerConfig
+    from plm.service.families import bert as bert_mod
+    from plm.service.metrics import Metrics
+    from plm.service.registry import Registry
+    from plm.service.tasks import fill_mask as new_fm
+
+    def load(name: str, rel: str) -> Any:
+        spec: Any = importlib.util.spec_from_file_location(name, old / "plm" / rel)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    sides = {"old": (load("old_fill_mask", "service/tasks/fill_mask.py"),
+                     load("old_bert", "service/families/bert.py")._batch_tops),
+             "new": (new_fm, bert_mod._batch_tops)}
+    config = replace(ServerConfig(), repository=repository, models=("bert",),
+                     runtime=replace(Runtime(), intra_op_threads=1))
+    registry = Registry(config, Metrics())
+    registry.load_all()
+    model: Any = registry.models["bert"]
+    await model.start()
+    ort, ort_run = [0.0], model.session.run
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.thread_time()
+        try:
+            return ort_run(*args, **kwargs)
+        finally:
+            ort[0] += time.thread_time() - started
+
+    model.session.run = timed
+    params = [new_fm.FillMaskParams(texts=(t.replace(w, "[MASK]", 1),)) for t, w in
+              zip(METHODS["FillMask"][2], ("dead", "be", "yonder"), strict=True)]
+    answers = {}
+    for name, (fm, tops) in sides.items():
+        bert_mod._batch_tops = tops
+        answers[name] = [[[(*c.token_ids, c.token_str, c.log_prob, c.sequence) for c in cands]
+                          for cands in r.masks] for p in params for r in await fm.fill_mask(model, p, None)]
+    assert answers["old"] == answers["new"], "the two trees' FillMask answers differ"
+
+    async def caller(fm: Any, i: int, n: int) -> None:
+        for j in range(n):
+            await fm.fill_mask(model, params[(i + j) % len(params)], None)
+
+    out: dict[str, list[float]] = {"old": [], "new": []}
+    for r in range(rounds):
+        for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            fm, bert_mod._batch_tops = sides[name]
+            await asyncio.gather(*(caller(fm, i, 5) for i in range(16)))
+            ort[0], c0 = 0.0, time.process_time()
+            await asyncio.gather(*(caller(fm, i, calls // 16) for i in range(16)))
+            n = calls // 16 * 16
+            out[name].append(1e6 * (time.process_time() - c0 - ort[0]) / n)
+            print(f"round {r} {name}: {out[name][-1]:6.1f} µs per call less ORT ({1e6 * ort[0] / n:.0f} µs ORT)",
+                  flush=True)
+    bert_mod._batch_tops = sides["new"][1]
+    await model.close()
+    print(f"new − old per round: {[round(b - a, 1) for a, b in zip(out['old'], out['new'], strict=True)]}; "
+          f"medians {statistics.median(out['old']):.1f} → {statistics.median(out['new']):.1f} µs")
+    return out
+
+
 def stages(repository: Path, smoke: bool) -> dict[str, dict[str, float]]:
     """Run `_stages` in a child whose stderr (the access log) goes to /dev/null; its JSON comes back."""
     proc = subprocess.run([sys.executable, __file__, "--stages", str(repository), "100" if smoke else "3000"],
@@ -447,6 +520,10 @@ if __name__ == "__main__":
         _serve_bare(int(sys.argv[i + 1]), Path(sys.argv[i + 2]), "--edge" in sys.argv)
     elif "--plm-serve" in sys.argv:
         sys.exit(_serve_plm(sys.argv[sys.argv.index("--plm-serve") + 1:]))
+    elif "--fill-task-ab" in sys.argv:  # --fill-task-ab REPOSITORY OLD_TREE ROUNDS CALLS
+        i = sys.argv.index("--fill-task-ab")
+        asyncio.run(_fill_task_ab(Path(sys.argv[i + 1]), Path(sys.argv[i + 2]), int(sys.argv[i + 3]),
+                                  int(sys.argv[i + 4])))
     elif "--stages" in sys.argv:
         i = sys.argv.index("--stages")
         print(json.dumps(asyncio.run(_stages(Path(sys.argv[i + 1]), int(sys.argv[i + 2])))))
