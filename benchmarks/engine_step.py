@@ -7,7 +7,8 @@ the generation task (seeded top-k 50 sampling with `min_new_tokens` = `max_new_t
 the batch stays whole; `--stop-at-eos` lets a sampled EOS end a request, and the stream starts another, the
 workload before 2026-12-07; `--mixed` gives each stream its own temperature, top-p and repetition penalty, top-k 50
 for all, as clients choosing their own settings do), and splits the wall time per decode step into the ONNX Runtime
-run, the step's assembly around it (input ids and mask) and the sampling/detokenising of the step's tokens; the
+run (within it, the graph's own call, as the raw step below times it), the step's assembly around it (input ids and
+mask) and the sampling/detokenising of the step's tokens; the
 rest is prefills, laying the batch's keys and values out again when sequences join or leave, and handing events to
 the event loop (uvloop's, as the server runs on, where it is installed; `--loop asyncio` for asyncio's own). Then
 the same decoder session runs bare (no engine, no event loop) on the same shapes — B rows, pasts as wide as the
@@ -71,7 +72,7 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int,
     if engine is None:
         raise SystemExit(f"{model_name} has no KV-cache decoder graph")
     graph = json.loads((repository / model_name / "manifest.json").read_text())["graphs"]["decoder"]
-    spent = {"ort": 0.0, "ort_decode": 0.0, "decode_call": 0.0, "emit": 0.0, "layout": 0.0}
+    spent = {"ort": 0.0, "ort_decode": 0.0, "decode_call": 0.0, "emit": 0.0, "layout": 0.0, "graph_call": 0.0}
 
     def timed(key: str, fn: Any) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -84,7 +85,10 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int,
 
     run = engine.runner.run
 
+    decoding = [False]
+
     def timed_run(*a: Any, **k: Any) -> Any:  # every graph run (prefills too); decode steps also on their own
+        decoding[0] = a[-1] == "decode"
         started = time.perf_counter()
         try:
             return run(*a, **k)
@@ -94,6 +98,20 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int,
                 spent["ort_decode"] += time.perf_counter() - started
 
     engine.runner.run = timed_run  # type: ignore[method-assign]
+    # The graph's own call (ONNX Runtime's `run`, getting the interpreter lock back included) without the runner's
+    # feeds and the runtime's metrics around it: what the raw step times.
+    bare = engine.session.session
+    bare_run = bare.run
+
+    def graph_call(*a: Any, **k: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return bare_run(*a, **k)
+        finally:
+            if decoding[0]:
+                spent["graph_call"] += time.perf_counter() - started
+
+    bare.run = graph_call
     engine._decode = timed("decode_call", engine._decode)  # type: ignore[method-assign]
     engine._update = timed("emit", engine._update)  # type: ignore[method-assign]
     # Laying the batch out again when sequences join or leave (and, under IO binding, fetching it from the GPU).
@@ -138,18 +156,21 @@ async def measure(repository: Path, model_name: str, batches: list[int], n: int,
         tokens = sum(await asyncio.gather(*(one(i, n) for i in range(b))))
         wall, steps = time.perf_counter() - started, engine.steps - steps_before
         ms = {k: 1000 * v / steps for k, v in spent.items()}
-        raw = 1000 * raw_steps(engine.session.session, graph, b, n)
+        bare.run = bare_run  # the raw steps untimed
+        raw = 1000 * raw_steps(bare, graph, b, n)
+        bare.run = graph_call
         rows.append({"batch": b, "tokens": tokens, "steps": steps, "wall_ms_per_step": 1000 * wall / steps,
                      "ort_ms_per_step": ms["ort_decode"], "prefill_ort_ms_per_step": ms["ort"] - ms["ort_decode"],
                      "assembly_ms_per_step": ms["decode_call"] - ms["ort_decode"], "sampling_ms_per_step": ms["emit"],
                      "layout_ms_per_step": ms["layout"], "layouts": layouts[0],
+                     "graph_call_ms_per_step": ms["graph_call"],
                      "tokens_per_s": tokens / wall, "raw_ms_per_step": raw,
                      "step_vs_raw": 1000 * wall / steps / raw})
         r = rows[-1]
         print(f"B={b:3d}: {r['wall_ms_per_step']:.2f} ms/step = ONNX Runtime {r['ort_ms_per_step']:.2f} + assembly "
               f"{r['assembly_ms_per_step']:.2f} + sampling/detokenising {r['sampling_ms_per_step']:.2f} + rest "
               f"(of which prefill ONNX Runtime {r['prefill_ort_ms_per_step']:.2f}, {r['layouts']} layouts "
-              f"{r['layout_ms_per_step']:.2f}); "
+              f"{r['layout_ms_per_step']:.2f}); the decode's graph call alone {r['graph_call_ms_per_step']:.2f}; "
               f"{r['tokens_per_s']:.0f} tokens/s ({tokens} tokens in {steps} steps); raw step on the same shapes "
               f"{raw:.2f} ms: engine step {r['step_vs_raw']:.2f}× raw", flush=True)
     await model.close()
