@@ -175,6 +175,15 @@ class DynamicBatcher(Generic[P, R]):
         return (len(batch) == 1 and not self._queue and not self._busy and self._metrics.inflight_now <= 1
                 and bool(self._recent_batches) and min(self._recent_batches) * 1000 < self.cfg.inline_max_ms)
 
+    def _timed_run(self, payloads: list[P]) -> tuple[list[R], float]:
+        """The batch's results and the seconds the model took, on the thread that ran it: not the wait for the
+        event loop to resume the worker afterwards, which a loop busy with other calls' requests (tokenizing a
+        large one, say) stretches far beyond the run, and which would make admission refuse calls that have
+        plenty of time."""
+        started = time.monotonic()
+        results = self._run(payloads)
+        return results, time.monotonic() - started
+
     def _drop_dead(self) -> None:
         """Forget rows whose caller went away; fail the expired ones (they never run)."""
         now = time.monotonic()
@@ -251,9 +260,9 @@ class DynamicBatcher(Generic[P, R]):
             try:
                 payloads = [r.payload for r in batch]
                 if self._inline(batch):
-                    results = self._run(payloads)
+                    results, took = self._timed_run(payloads)
                 else:
-                    results = await loop.run_in_executor(self._executor, self._run, payloads)
+                    results, took = await loop.run_in_executor(self._executor, self._timed_run, payloads)
             except Exception as e:  # the whole batch failed: every caller hears about it
                 log.exception("model %s: batch of %d rows failed", self.model, len(batch))
                 for row in batch:
@@ -263,7 +272,6 @@ class DynamicBatcher(Generic[P, R]):
             finally:
                 self._busy = self._arrivals > arrivals
             self.batches_run += 1
-            took = time.monotonic() - started
             if self.batches_run > 1:  # the first run allocates: it says nothing about the next ones
                 self._recent_batches.append(took)
             self._m_batch.observe(len(batch))

@@ -188,3 +188,40 @@ def test_a_fast_lone_row_of_an_idle_model_runs_on_the_loop_and_load_goes_to_the_
     threads.clear()
     asyncio.run(main(Batching(inline_max_ms=0.0, max_queue_delay_ms=5)))  # off: every run on the thread
     assert not any(on_loop for _, on_loop in threads)
+
+
+def test_admission_estimates_from_the_run_not_from_a_busy_loop() -> None:
+    """The wait admission expects behind queued rows is built from how long the model ran, on its thread: a
+    batch that finished while the event loop was busy (tokenizing a large request, say) does not count the
+    time the loop took to come back to it, so a call with ample time is not refused."""
+    release = threading.Event()
+
+    def run(rows: Sequence[int]) -> list[int]:
+        if rows[0] < 0:
+            release.wait(10)  # holds the model while later rows queue
+        time.sleep(0.002)
+        return list(rows)
+
+    async def main() -> float:
+        b: DynamicBatcher[int, int] = DynamicBatcher("m", run, Batching(max_batch_size=1, max_queue_delay_ms=0),
+                                                     Metrics())
+        b.start()
+        await b.submit([0], [1])  # the first, cold run: never counted
+        second = asyncio.get_running_loop().create_task(b.submit([1], [1]))
+        await asyncio.sleep(0.001)  # the second row is on the model's thread
+        time.sleep(0.3)  # the loop is busy meanwhile, long after the run ended
+        await second
+        held = asyncio.get_running_loop().create_task(b.submit([-1], [1]))
+        queued = [asyncio.get_running_loop().create_task(b.submit([i], [1])) for i in range(2, 6)]
+        await asyncio.sleep(0.01)
+        expected = b.expected_wait()
+        # 4 rows ahead, about 10 ms of work: queued, not refused (a refusal raises DeadlineExceeded here)
+        late = asyncio.get_running_loop().create_task(b.submit([9], [1], deadline=time.monotonic() + 0.5))
+        await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.gather(held, *queued)
+        assert await late == [9]
+        await b.close()
+        return expected
+
+    assert asyncio.run(main()) < 0.1

@@ -99,11 +99,14 @@ def test_batcher_deadline_paths() -> None:
 # ----------------------------------------------------------------------------- deadlines and limits, gRPC
 
 
+BACKLOG_ROWS = 192  # texts in each of the backlog's 16 calls
+
+
 @pytest.fixture(scope="module")
 def slow_gpt(tiny_repo: Path) -> Iterator[ServerThread]:
     """gpt one row per run (a slow model on purpose) with room for a long queue, and few calls in flight."""
     srv = ServerThread(make_config(
-        tiny_repo, models=("gpt",), limits=Limits(max_inflight_requests=24),
+        tiny_repo, models=("gpt",), limits=Limits(max_inflight_requests=24, max_inputs_per_request=BACKLOG_ROWS),
         model_batching={"gpt": Batching(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=4096)}))
     yield srv
     srv.stop()
@@ -118,22 +121,24 @@ def _score(stub: pb_grpc.LanguageModelServiceStub, n: int, timeout: float) -> tu
 
 
 def test_deadline_behind_a_backlog_never_runs(slow_gpt: ServerThread) -> None:
-    """A backlog of 16 × 64 rows (one ONNX run each); calls with a 0.2 s deadline sent behind it are refused
-    (at admission or from the queue) and never run: the rows run are exactly the backlog's rows."""
+    """A backlog of 16 × 192 rows (one ONNX run each); calls with a 0.2 s deadline sent behind it are refused
+    (at admission or from the queue) and never run: the rows run are exactly the backlog's rows. The backlog is
+    sized so that admission's estimate of the wait (queued rows × the fastest recent run) is several times the
+    deadline: at 16 × 64 rows it was only 1.4–2 times, and a run of fast batches let the short calls in."""
     before = slow_gpt.running.metrics.exposition().decode()
     with grpc.insecure_channel(slow_gpt.target) as ch, concurrent.futures.ThreadPoolExecutor(24) as pool:
         stub = pb_grpc.LanguageModelServiceStub(ch)
-        backlog = [pool.submit(_score, stub, 64, 120) for _ in range(16)]
+        backlog = [pool.submit(_score, stub, BACKLOG_ROWS, 120) for _ in range(16)]
         time.sleep(0.3)  # the backlog is queued and the batcher has a batch time
         short = [pool.submit(_score, stub, 1, 0.2) for _ in range(6)]
         short_codes = [f.result() for f in short]
         backlog_codes = [f.result() for f in backlog]
-        assert all(code == grpc.StatusCode.OK for code, _ in backlog_codes), backlog_codes
+        assert all(code == grpc.StatusCode.OK for code, _ in backlog_codes), [c for c in backlog_codes if c[1]]
     after = slow_gpt.running.metrics.exposition().decode()
     assert {code for code, _ in short_codes} == {grpc.StatusCode.DEADLINE_EXCEEDED}
     assert any("cannot be met" in details for _, details in short_codes)  # the server said so, not the client
     rows = _delta(before, after, "plm_batch_size_sum")
-    assert rows == 16 * 64  # not one row of the expired calls ran
+    assert rows == 16 * BACKLOG_ROWS  # not one row of the expired calls ran
     refused = sum(_delta(before, after, "plm_rejections_total", reason=r) for r in ("deadline", "deadline_admission"))
     assert refused >= 1
 
@@ -158,6 +163,9 @@ def test_inflight_limit_refuses_fast_and_health_still_answers(slow_gpt: ServerTh
     assert _samples(after, "plm_inflight_requests") == 0  # every place given back
 
 
+STREAMS = 64  # long streams sent before the short Generate
+
+
 def test_generation_that_expires_while_waiting_is_never_prefilled(tiny_repo: Path) -> None:
     """The KV-cache engine runs one sequence at a time here; a Generate with a short deadline behind long
     streams never starts: the time-to-first-token histogram counts only the long ones. (Over gRPC the
@@ -169,14 +177,17 @@ def test_generation_that_expires_while_waiting_is_never_prefilled(tiny_repo: Pat
     try:
         before = srv.running.metrics.exposition().decode()
         engine = srv.running.registry.get("gpt").engine
-        with grpc.insecure_channel(srv.target) as ch, concurrent.futures.ThreadPoolExecutor(32) as pool:
+        with grpc.insecure_channel(srv.target) as ch, concurrent.futures.ThreadPoolExecutor(STREAMS) as pool:
             stub = pb_grpc.LanguageModelServiceStub(ch)
-            streams = [pool.submit(lambda: list(stub.GenerateStream(long, timeout=120))) for _ in range(32)]
+            streams = [pool.submit(lambda: list(stub.GenerateStream(long, timeout=120))) for _ in range(STREAMS)]
             until = time.monotonic() + 30
             # Most streams wait: the queue holds over 27 × 60 steps, far beyond the short call's deadline
             # however fast the engine steps (at 24 streams and 0.2 s the faster engine sometimes got there).
+            # Twice as many streams as that are sent: on a loaded machine the client's threads may send them
+            # slower than the engine finishes them, and the queue must still reach that depth.
             while engine.active < 28 and time.monotonic() < until:
                 time.sleep(0.002)
+            assert engine.active >= 28, f"the queue never reached 28 sequences ({engine.active}): nothing to test"
             with pytest.raises(grpc.RpcError) as e:
                 stub.Generate(pb.GenerateRequest(model="gpt", prompts=["O"]), timeout=0.1)
             for f in streams:
@@ -185,7 +196,7 @@ def test_generation_that_expires_while_waiting_is_never_prefilled(tiny_repo: Pat
     finally:
         srv.stop()
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _delta(before, after, "plm_time_to_first_token_seconds_count") == 32  # the expired one never ran
+    assert _delta(before, after, "plm_time_to_first_token_seconds_count") == STREAMS  # the expired one never ran
 
 
 # --------------------------------------------------------------------------- a real `plm serve` process
