@@ -16,7 +16,7 @@ from plm.service.contract.manifest import require
 from plm.service.families.base import Encoded, ManifestSource, ModelAdapter, TokenScores
 from plm.service.families.capabilities import NextWordPredictor, Scorer
 from plm.service.families.ngram_scorer import NgramModel
-from plm.service.families.words import PlainText, encode_words, join_words
+from plm.service.families.words import PlainText, encode_words, join_words, word_ids
 from plm.service.metrics import Metrics
 from tokenizers import Tokenizer
 
@@ -46,6 +46,9 @@ class NgramAdapter(ModelAdapter, Scorer, NextWordPredictor):
 
     def encode(self, text: str) -> Encoded:
         return encode_words(self.tokenizer, self.lm.word_to_id, self.lm.unk_id, text, self._plain)
+
+    def encode_ids(self, text: str) -> list[int]:
+        return word_ids(self.tokenizer, self.lm.word_to_id, self.lm.unk_id, text, self._plain)
 
     def decode(self, ids: list[int]) -> str:
         return join_words(self.lm.vocab, ids, self._skip)

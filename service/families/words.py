@@ -37,6 +37,12 @@ def split_words(tokenizer: Tokenizer, text: str, plain: PlainText | None = None)
     return [w for w, _ in pre.pre_tokenize_str(norm)] if pre is not None else norm.split()
 
 
+def word_ids(tokenizer: Tokenizer, word_to_id: Mapping[str, int], unk_id: int, text: str,
+             plain: PlainText | None = None) -> list[int]:
+    """`encode_words(...).ids` alone, for calls that need no token texts or words (a context's ids)."""
+    return [word_to_id.get(w, unk_id) for w in split_words(tokenizer, text, plain)]
+
+
 def encode_words(tokenizer: Tokenizer, word_to_id: Mapping[str, int], unk_id: int, text: str,
                  plain: PlainText | None = None) -> Encoded:
     """Each word is one token: its id, or `unk_id` (flagged out of vocabulary)."""
@@ -79,6 +85,9 @@ class WordVocabulary:
     def encode(self, text: str) -> Encoded:
         return encode_words(self.tokenizer, self.word_to_id, self.unk, text, self.plain)
 
+    def encode_ids(self, text: str) -> list[int]:
+        return word_ids(self.tokenizer, self.word_to_id, self.unk, text, self.plain)
+
     def decode(self, ids: list[int]) -> str:
         return join_words(self.id_to_word, ids, self.skip)
 
@@ -90,6 +99,9 @@ class WordModel(ModelAdapter):
 
     def encode(self, text: str) -> Encoded:
         return self.vocab.encode(text)
+
+    def encode_ids(self, text: str) -> list[int]:
+        return self.vocab.encode_ids(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.vocab.decode(ids)
