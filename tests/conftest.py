@@ -21,10 +21,10 @@ os.environ.setdefault("PLM_HTTP_PORT", "0")
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `--profile tiny` repository: every default model family, trained in seconds on a corpus slice."""
-    from plm.export.build import build_repository
-
     if os.environ.get("PLM_TEST_REPOSITORY"):  # reuse a tiny repository while iterating locally
         return Path(os.environ["PLM_TEST_REPOSITORY"])
+    from plm.export.build import build_repository  # torch and the trainers: only when building
+
     repo = tmp_path_factory.mktemp("repository")
     build_repository(profile="tiny", repository=repo, cache_dir=CACHE)
     return repo
