@@ -34,7 +34,9 @@ Writes the JSON and a PNG (throughput bars and the latency CDFs) and prints the 
 `--fill-ab DIR ...` runs only an A/B of 1's BERT `FillMask`: a BERT-only server of this checkout and one of each
 folder (another `plm` package laid out as installed, put on PYTHONPATH), every server's answers checked equal to
 the raw side's, then `--pairs` rounds each driving every server in turn (each first in turn) beside one raw timing.
-`--score-ab DIR ...` is the same for 1's GPT `Score` on GPT-only servers.
+`--score-ab DIR ...` is the same for 1's GPT `Score` on GPT-only servers. With `--ceiling` (the folders then
+optional), the minimal grpc.aio server of _minimal_server.py runs beside them: the same per-text work as the raw
+side's behind gRPC and a queue, what any Python grpc.aio server can reach here (`--concurrency`, default 64).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import re
 import time
@@ -52,15 +53,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _minimal_server import MinimalServer, bert_logprobs, fill_responses, gpt_logprobs, score_responses
 from _smoke import Servers, add_smoke_flag, no_errors, run  # this folder is on sys.path when run as a script
 from google.protobuf.message import Message
 from plm.client.client import PlmClient
 from plm.client.loadtest import LoadConfig, RequestSpec, mask_one_word, run_loadtest
 from plm.service.config import Runtime, ServerConfig
-from plm.service.families.base import MASK, top_of_rows
 from plm.service.metrics import Metrics
 from plm.service.registry import load_model
-from plm.service.runtime import open_graph, pad_right
+from plm.service.runtime import open_graph
 from tokenizers import Tokenizer
 
 from plm.api.v1 import plm_pb2 as pb
@@ -69,7 +70,6 @@ BATCHES = (1, 4, 8, 16, 32, 64)
 UNBATCHED = {"PLM_BATCHING__MAX_BATCH_SIZE": "1"}
 SPINNING = {"PLM_RUNTIME__SPIN_WAIT": "true"}
 BATCH_CAP = ServerConfig().batching.max_batch_size  # the server's rows per ONNX run, which the raw side keeps to
-TOP_K = 5  # FillMask's default top_k, which the load generator's requests leave unset
 TIED = re.compile(r"^\S*\.candidates\[\d+\]\.(token|token_str|sequence|token_ids)\b")
 
 
@@ -177,74 +177,23 @@ class Raw:
             self.nnlm_s = open_graph(self.nnlm.folder, self.nnlm.spec, "model", runtime, "nnlm", None)
             self.nnlm_ctx = [self.nnlm._history(self.nnlm.encode(t).ids) for t in texts]
 
-    def _gpt_run(self, rows: list[list[int]]) -> np.ndarray:
-        ids, mask = pad_right(rows, self.gpt.eos_id)  # (B, T), right-padded
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        return self.gpt_s.run(["token_logprobs"], {"input_ids": ids, "attention_mask": mask,
-                                                   "position_ids": pos})["token_logprobs"]  # (B, T)
-
     def gpt_score(self, idx: list[int]) -> list[np.ndarray]:
         """Each text's token log-probs (BOS excluded), from ids tokenized beforehand."""
-        lp = self._gpt_run([self.gpt_rows[i] for i in idx])
+        lp = gpt_logprobs(self.gpt_s, self.gpt.eos_id, [self.gpt_rows[i] for i in idx])
         return [lp[k, 1:len(self.gpt_rows[i])] for k, i in enumerate(idx)]
 
     def gpt_score_full(self, idx: list[int]) -> list[pb.ScoreResponse]:
         """`Score`'s response for each text alone (per-token and per-word fields, EOS scored), from the text."""
-        g = self.gpt
-        encoded = [g.encode(self.texts[i]) for i in idx]
-        lp = self._gpt_run([[g._bos, *e.ids, g.eos_id] for e in encoded])
-        eos_text = g.token_text(g.eos_id)
-        out = []
-        for k, (i, e) in enumerate(zip(idx, encoded, strict=True)):
-            lps = lp[k, 1:len(e.ids) + 2].astype(np.float64).tolist()
-            word_lps = [0.0] * len(e.words)
-            for t, w in enumerate(e.word_index):
-                word_lps[w] += lps[t]
-            total = sum(lps)
-            out.append(pb.ScoreResponse(model=g.name, model_version=g.version, method="causal", ranking=[0], scores=[
-                pb.SentenceScore(
-                    text=self.texts[i], log_prob=total, log10_prob=total / math.log(10.0),
-                    perplexity=math.exp(-total / len(lps)), word_perplexity=math.exp(-total / (len(e.words) + 1)),
-                    num_tokens=len(lps), num_words=len(e.words), num_oov=sum(e.oov),
-                    tokens=[pb.TokenScore(id=t, token=s, log_prob=v, ngram_length=0, oov=o) for t, s, v, o in
-                            zip([*e.ids, g.eos_id], [*e.tokens, eos_text], lps, [*e.oov, False], strict=True)],
-                    words=[pb.WordScore(word=w, log_prob=v) for w, v in zip(e.words, word_lps, strict=True)])]))
-        return out
-
-    def _bert_run(self, rows: list[list[int]], positions: list[list[int]]) -> np.ndarray:
-        ids, mask = pad_right(rows, self.bert._pad)
-        return self.bert_s.run(["mask_logprobs"], {
-            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-            "mask_positions": np.asarray(positions, dtype=np.int64)})["mask_logprobs"]  # (B, 1, V)
+        return score_responses(self.gpt, self.gpt_s, [self.texts[i] for i in idx])
 
     def bert_fill(self, idx: list[int]) -> np.ndarray:
         """The masked word's log-probs over the vocabulary, (B, V), from ids tokenized beforehand."""
-        return self._bert_run([self.bert_rows[i] for i in idx], [self.bert_pos[i] for i in idx])[:, 0]
+        return bert_logprobs(self.bert_s, self.bert._pad, [self.bert_rows[i] for i in idx],
+                             [self.bert_pos[i] for i in idx])[:, 0]
 
     def bert_fill_full(self, idx: list[int]) -> list[pb.FillMaskResponse]:
         """`FillMask`'s response (top 5 of the one blank) for each masked text alone, from the text."""
-        b = self.bert
-        rows, positions, halves = [], [], []
-        for i in idx:
-            left, right = self.masked[i].split(MASK, 1)
-            before = b.encode_ids(left) if left.strip() else []
-            rows.append([self._cls, *before, b.mask_id, *(b.encode_ids(right) if right.strip() else []), b.eos_id])
-            positions.append([len(before) + 1])
-            halves.append((left, right))
-        lp = self._bert_run(rows, positions)
-        tops = top_of_rows(lp[:, 0], self._allowed, TOP_K)  # the batch's blanks together, as the server takes them
-        out = []
-        for (ids, lps), (i, (left, right)) in zip(tops, zip(idx, halves, strict=True), strict=True):
-            cands = []
-            for t, v in zip(ids.tolist(), lps.astype(np.float64).tolist(), strict=True):
-                if math.isfinite(v):
-                    word = b.token_text(t)
-                    cands.append(pb.FillMaskCandidate(
-                        score=math.exp(v) if v > -745 else 0.0, token=t, token_str=word,
-                        sequence=left + (word.strip() or word) + right, log_prob=v, token_ids=[t]))
-            out.append(pb.FillMaskResponse(model=b.name, model_version=b.version, results=[
-                pb.FillMaskResult(text=self.masked[i], masks=[pb.MaskFill(index=0, candidates=cands)])]))
-        return out
+        return fill_responses(self.bert, self.bert_s, self._allowed, [self.masked[i] for i in idx])
 
     def nnlm_next(self, idx: list[int]) -> None:
         lp = self.nnlm_s.run(["next_logprobs"], {
@@ -274,23 +223,27 @@ def differences(served: Message, raw: Message, path: str = "", tol: float = 1e-4
     return found
 
 
-def check_same_responses(target: str, raw: Raw, model: str, count: int = 8) -> None:
+def check_same_responses(target: str, raw: Raw, model: str, count: int = 8, against: str | None = None) -> None:
     """Raises unless the raw side's responses equal the server's (GPT `Score` or BERT `FillMask`, one text per
-    request) on `count` texts."""
-    with PlmClient(target, timeout=60) as c:
+    request) on `count` texts; with `against`, the server's must equal that server's instead, candidates' ids and
+    order included (floats to 1e-4)."""
+    with PlmClient(target, timeout=60) as c, PlmClient(against or target, timeout=60) as other:
         for i in range(min(count, len(raw.texts))):
             if model == "gpt":
                 served: Message = c.stub.Score(pb.ScoreRequest(model=model, texts=[raw.texts[i]]))
-                built: Message = raw.gpt_score_full([i])[0]
+                built: Message = (other.stub.Score(pb.ScoreRequest(model=model, texts=[raw.texts[i]])) if against
+                                  else raw.gpt_score_full([i])[0])
             else:
                 served = c.stub.FillMask(pb.FillMaskRequest(model=model, texts=[raw.masked[i]]))
-                built = raw.bert_fill_full([i])[0]
-            # Candidates whose log-probs tie within the tolerance may come in either order.
-            found = [f for f in differences(served, built) if not TIED.match(f)]
+                built = (other.stub.FillMask(pb.FillMaskRequest(model=model, texts=[raw.masked[i]])) if against
+                         else raw.bert_fill_full([i])[0])
+            # Against raw, candidates whose log-probs tie within the tolerance may come in either order.
+            found = [f for f in differences(served, built) if against or not TIED.match(f)]
             if found:
-                raise AssertionError(f"raw {type(built).__name__} differs from the served one for text {i}: "
-                                     + "; ".join(found[:5]))
-    print(f"  raw {model} responses equal the served ones ({min(count, len(raw.texts))} texts)", flush=True)
+                raise AssertionError(f"{against or 'raw'}'s {type(built).__name__} differs from {target}'s for text "
+                                     f"{i}: " + "; ".join(found[:5]))
+    print(f"  {target}'s {model} responses equal {against or 'the raw ones'} ({min(count, len(raw.texts))} texts)",
+          flush=True)
 
 
 def drive(target: str, rpc: str, model: str, texts: list[str], concurrency: int, duration: float,
@@ -331,11 +284,13 @@ def raw_rates(raw: Raw, seconds: float, rounds: int) -> dict[str, Any]:
     return out
 
 
-def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, out: Path, model: str) -> None:
-    """BERT FillMask (`model` bert) or GPT Score (gpt), conc 64, one text per request, on servers of that one model
-    of this checkout's code and of each folder's (on PYTHONPATH), all started at once and driven in turn (each
-    first in turn), ÷ raw with tokenization timed in the same round; per round, each folder's server ÷ this
-    checkout's."""
+def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, out: Path, model: str,
+            ceiling: bool = False, concurrency: int = 64) -> None:
+    """BERT FillMask (`model` bert) or GPT Score (gpt), `concurrency` callers, one text per request, on servers of
+    that one model of this checkout's code and of each folder's (on PYTHONPATH), all started at once and driven in
+    turn (each first in turn), ÷ raw with tokenization timed in the same round; per round, each folder's server ÷ this
+    checkout's. With `ceiling`, also the minimal grpc.aio server of _minimal_server.py (`minimal`), its answers
+    checked equal to this checkout's server's (ids exactly, floats to 1e-4) as well as to raw's."""
     texts = held_out_texts(repository)
     raw = Raw(repository, texts, nnlm=False)
     rpc, full, order = (("FillMask", raw.bert_fill_full, raw.bert_order) if model == "bert"
@@ -344,14 +299,19 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
     names = list(sides)
     rounds: list[dict[str, float]] = []
     with contextlib.ExitStack() as stack:
-        servers = {n: stack.enter_context(Servers(repository, False).start([model], env)) for n, env in sides.items()}
+        servers: dict[str, Any] = {n: stack.enter_context(Servers(repository, False).start([model], env))
+                                   for n, env in sides.items()}
+        if ceiling:
+            servers["minimal"] = stack.enter_context(MinimalServer(repository, model))
+            names.append("minimal")
+            check_same_responses(servers["minimal"].target, raw, model, against=servers["this"].target)
         for srv in servers.values():
             check_same_responses(srv.target, raw, model)
         for pair in range(pairs):
             row = {"raw_with_tokenization": best_rate(full, len(raw.texts), 1.5, (BATCH_CAP,),
                                                       order)["best_items_per_s"]}
             for name in names[pair % len(names):] + names[:pair % len(names)]:
-                row[name] = drive(servers[name].target, rpc, model, texts, 64, duration)["texts_per_s"]
+                row[name] = drive(servers[name].target, rpc, model, texts, concurrency, duration)["texts_per_s"]
             rounds.append(row)
             print(f"  round {pair}: raw with tokenization {row['raw_with_tokenization']:.0f} texts/s; "
                   + "; ".join(f"{n} {row[n]:.0f} ({row[n] / row['raw_with_tokenization']:.2f} of raw)" for n in names),
@@ -359,10 +319,13 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
     summary = {f"{n} ÷ raw with tokenization": float(np.median([r[n] / r["raw_with_tokenization"] for r in rounds]))
                for n in names}
     summary |= {f"{n} ÷ this": float(np.median([r[n] / r["this"] for r in rounds])) for n in names[1:]}
+    if ceiling:
+        summary["this ÷ minimal"] = float(np.median([r["this"] / r["minimal"] for r in rounds]))
     for k, v in summary.items():
         print(f"  {k:40} {v:6.2f} (median of {pairs} rounds)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rounds": rounds, "summary": summary, "duration": duration}, indent=1) + "\n")
+    out.write_text(json.dumps({"rounds": rounds, "summary": summary, "duration": duration,
+                               "concurrency": concurrency}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
@@ -374,18 +337,22 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="server processes of the `plm serve --workers` runs [the cores]")
     ap.add_argument("--out", type=Path, default=Path("results/serving.json"))
-    ap.add_argument("--fill-ab", type=Path, nargs="+", default=[], metavar="DIR",
+    ap.add_argument("--fill-ab", type=Path, nargs="*", default=None, metavar="DIR",
                     help="only an A/B of BERT FillMask (conc 64, 1 text/request): this checkout's server and one per "
                          "folder (another `plm` package laid out as installed), alternated --pairs rounds")
-    ap.add_argument("--score-ab", type=Path, nargs="+", default=[], metavar="DIR",
+    ap.add_argument("--score-ab", type=Path, nargs="*", default=None, metavar="DIR",
                     help="the same A/B for GPT Score (GPT-only servers)")
     ap.add_argument("--pairs", type=int, default=3, help="rounds of --fill-ab / --score-ab")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="--fill-ab / --score-ab (folders optional) with the minimal grpc.aio server of "
+                         "_minimal_server.py beside them: what any Python grpc.aio server reaches here")
+    ap.add_argument("--concurrency", type=int, default=64, help="callers of --fill-ab / --score-ab")
     add_smoke_flag(ap)
     args = ap.parse_args()
     started = time.perf_counter()
-    if args.fill_ab or args.score_ab:
-        task_ab(args.repository, args.fill_ab or args.score_ab, args.pairs, args.duration, args.out,
-                "bert" if args.fill_ab else "gpt")
+    if args.fill_ab is not None or args.score_ab is not None:
+        task_ab(args.repository, args.fill_ab if args.fill_ab is not None else args.score_ab, args.pairs,
+                args.duration, args.out, "bert" if args.fill_ab is not None else "gpt", args.ceiling, args.concurrency)
         return
     # Runs repeated to check each other (`reps`, `floor_reps`), and the raw loops' time, rounds and calls.
     reps, floor_reps, raw_seconds, raw_rounds, raw_calls = ("", "_again"), ("", "_2", "_3"), 1.5, 3, 400
