@@ -47,6 +47,7 @@ import functools
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -284,6 +285,12 @@ def raw_rates(raw: Raw, seconds: float, rounds: int) -> dict[str, Any]:
     return out
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, out: Path, model: str,
             ceiling: bool = False, concurrency: int = 64) -> None:
     """BERT FillMask (`model` bert) or GPT Score (gpt), `concurrency` callers, one text per request, on servers of
@@ -308,19 +315,34 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
         for srv in servers.values():
             check_same_responses(srv.target, raw, model)
         for pair in range(pairs):
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             row = {"raw_with_tokenization": best_rate(full, len(raw.texts), 1.5, (BATCH_CAP,),
                                                       order)["best_items_per_s"]}
+            # CPU per text or call (µs): the raw loop's process (ONNX Runtime's threads included); each server's
+            # process and the load generator's over the measured window (the cores they share).
+            wall = time.perf_counter() - wall0
+            row["raw_cpu_us"] = 1e6 * (time.process_time() - cpu0) / (row["raw_with_tokenization"] * wall)
             for name in names[pair % len(names):] + names[:pair % len(names)]:
-                row[name] = drive(servers[name].target, rpc, model, texts, concurrency, duration)["texts_per_s"]
+                pid = servers[name].proc.pid
+                marks: list[float] = []  # the server's CPU seconds at the end of drive's 2 s warm-up
+                threading.Timer(2.0, lambda m=marks, p=pid: m.append(_cpu_seconds(p))).start()
+                result = drive(servers[name].target, rpc, model, texts, concurrency, duration)
+                done = result["summary"]
+                row[name] = result["texts_per_s"]
+                row[f"{name}_server_cpu_us"] = 1e6 * (_cpu_seconds(pid) - marks[0]) / done["ok"]
+                row[f"{name}_client_cpu_us"] = 1e4 * done["client_cpu_percent"] / done["throughput_ok_per_s"]
             rounds.append(row)
-            print(f"  round {pair}: raw with tokenization {row['raw_with_tokenization']:.0f} texts/s; "
-                  + "; ".join(f"{n} {row[n]:.0f} ({row[n] / row['raw_with_tokenization']:.2f} of raw)" for n in names),
-                  flush=True)
+            print(f"  round {pair}: raw with tokenization {row['raw_with_tokenization']:.0f} texts/s "
+                  f"({row['raw_cpu_us']:.0f} µs CPU/text); "
+                  + "; ".join(f"{n} {row[n]:.0f} ({row[n] / row['raw_with_tokenization']:.2f} of raw; CPU/call "
+                              f"server {row[n + '_server_cpu_us']:.0f} µs, client {row[n + '_client_cpu_us']:.0f} µs)"
+                              for n in names), flush=True)
     summary = {f"{n} ÷ raw with tokenization": float(np.median([r[n] / r["raw_with_tokenization"] for r in rounds]))
                for n in names}
     summary |= {f"{n} ÷ this": float(np.median([r[n] / r["this"] for r in rounds])) for n in names[1:]}
     if ceiling:
         summary["this ÷ minimal"] = float(np.median([r["this"] / r["minimal"] for r in rounds]))
+    summary |= {f"{k} (median)": float(np.median([r[k] for r in rounds])) for k in rounds[0] if k.endswith("_us")}
     for k, v in summary.items():
         print(f"  {k:40} {v:6.2f} (median of {pairs} rounds)")
     out.parent.mkdir(parents=True, exist_ok=True)
