@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import threading
@@ -305,6 +306,11 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
     sides = {"this": {}, **{d.name: {"PYTHONPATH": str(d.resolve())} for d in folders}}
     names = list(sides)
     rounds: list[dict[str, float]] = []
+    shown = raw.masked if model == "bert" else raw.texts  # as the requests carry them
+    arrived = np.random.default_rng(0).permutation(len(shown)).tolist()
+    taken = min(2 * BATCH_CAP, concurrency)  # what one of its rounds takes: at most the calls in flight
+    arrival_batches = [i for k in range(0, len(arrived), taken)
+                       for i in sorted(arrived[k:k + taken], key=lambda i: len(shown[i]))]
     with contextlib.ExitStack() as stack:
         servers: dict[str, Any] = {n: stack.enter_context(Servers(repository, False).start([model], env))
                                    for n, env in sides.items()}
@@ -322,6 +328,9 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
             # process and the load generator's over the measured window (the cores they share).
             wall = time.perf_counter() - wall0
             row["raw_cpu_us"] = 1e6 * (time.process_time() - cpu0) / (row["raw_with_tokenization"] * wall)
+            if ceiling:  # the same in the minimal server's batches: texts as they come, each round's by length
+                row["raw_in_minimal_batches"] = best_rate(full, len(raw.texts), 1.5, (min(BATCH_CAP, concurrency),),
+                                                          arrival_batches)["best_items_per_s"]
             for name in names[pair % len(names):] + names[:pair % len(names)]:
                 pid = servers[name].proc.pid
                 marks: list[float] = []  # the server's CPU seconds at the end of drive's 2 s warm-up
@@ -333,7 +342,8 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
                 row[f"{name}_client_cpu_us"] = 1e4 * done["client_cpu_percent"] / done["throughput_ok_per_s"]
             rounds.append(row)
             print(f"  round {pair}: raw with tokenization {row['raw_with_tokenization']:.0f} texts/s "
-                  f"({row['raw_cpu_us']:.0f} µs CPU/text); "
+                  f"({row['raw_cpu_us']:.0f} µs CPU/text; in the minimal server's batches "
+                  f"{row.get('raw_in_minimal_batches', math.nan):.0f}); "
                   + "; ".join(f"{n} {row[n]:.0f} ({row[n] / row['raw_with_tokenization']:.2f} of raw; CPU/call "
                               f"server {row[n + '_server_cpu_us']:.0f} µs, client {row[n + '_client_cpu_us']:.0f} µs)"
                               for n in names), flush=True)
@@ -342,6 +352,8 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
     summary |= {f"{n} ÷ this": float(np.median([r[n] / r["this"] for r in rounds])) for n in names[1:]}
     if ceiling:
         summary["this ÷ minimal"] = float(np.median([r["this"] / r["minimal"] for r in rounds]))
+        summary |= {f"{n} ÷ raw in the minimal server's batches": float(np.median(
+            [r[n] / r["raw_in_minimal_batches"] for r in rounds])) for n in names}
     summary |= {f"{k} (median)": float(np.median([r[k] for r in rounds])) for k in rounds[0] if k.endswith("_us")}
     for k, v in summary.items():
         print(f"  {k:40} {v:6.2f} (median of {pairs} rounds)")
