@@ -5,9 +5,10 @@ The work (`fill_responses`, `score_responses`) is what "raw with tokenization" d
 tokenizer, right-padding, one ONNX Runtime run, BERT's top-k of the blank or GPT's per-token and per-word sums,
 the response message. The server wraps only that in gRPC: plm.v1's `FillMask` (BERT) or `Score` (GPT) on uvloop,
 requests parsed by protobuf, each call queued with a future; one worker takes up to twice the batch cap of what is
-queued (waiting up to the server's `max_queue_delay_ms` for company when the queue is short), orders it by text
-length, runs it in chunks of at most `max_batch_size` rows on one executor thread (the session has plm's options
-and threads) and answers every call of the round with its serialized response. No validation, metrics, logging,
+queued (waiting up to the server's `max_queue_delay_ms` for company when the queue is short) and on one executor
+thread (the session has plm's options and threads) tokenizes it, splits it into batches of like lengths as plm's
+padding floor does (`batches`: at most `max_batch_size` rows, `min_padding_efficiency` of the cells real), runs
+them and answers every call of the round with its serialized response. No validation, metrics, logging,
 request ids, admission or deadlines: what any Python grpc.aio server must spend per call, and no more.
 
     python benchmarks/_minimal_server.py --repository repository --model bert --port 50071
@@ -26,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -66,9 +67,13 @@ def bert_logprobs(session: OrtSession, pad: int, rows: list[list[int]], position
         "mask_positions": np.asarray(positions, dtype=np.int64)})["mask_logprobs"]
 
 
-def score_responses(g: Any, session: OrtSession, texts: list[str]) -> list[pb.ScoreResponse]:
+def score_rows(g: Any, texts: list[str]) -> list[Any]:
+    """Each text's tokens (the adapter's `Encoded`); its row is BOS, the ids, EOS."""
+    return [g.encode(t) for t in texts]
+
+
+def score_answers(g: Any, session: OrtSession, texts: list[str], encoded: list[Any]) -> list[pb.ScoreResponse]:
     """`Score`'s response for each text alone (per-token and per-word fields, EOS scored), in one run."""
-    encoded = [g.encode(t) for t in texts]
     lp = gpt_logprobs(session, g.eos_id, [[g._bos, *e.ids, g.eos_id] for e in encoded])
     eos_text = g.token_text(g.eos_id)
     out = []
@@ -89,57 +94,107 @@ def score_responses(g: Any, session: OrtSession, texts: list[str]) -> list[pb.Sc
     return out
 
 
-def fill_responses(b: Any, session: OrtSession, allowed: np.ndarray, masked: list[str]) -> list[pb.FillMaskResponse]:
-    """`FillMask`'s response (top 5 of the one blank) for each masked text alone, in one run; `allowed` is
-    ~never_generate_mask(), made once by the caller."""
-    cls = b._cls
-    rows, positions, halves = [], [], []
+def score_responses(g: Any, session: OrtSession, texts: list[str]) -> list[pb.ScoreResponse]:
+    return score_answers(g, session, texts, score_rows(g, texts))
+
+
+class Blank(NamedTuple):
+    row: list[int]  # [CLS] left [MASK] right [SEP]
+    at: int  # the blank's column
+    left: str
+    right: str
+
+
+def fill_rows(b: Any, masked: list[str]) -> list[Blank]:
+    """Each masked text's row: the text before and after its one blank tokenized apart, as plm does."""
+    out = []
     for text in masked:
         left, right = text.split(MASK, 1)
         before = b.encode_ids(left) if left.strip() else []
-        rows.append([cls, *before, b.mask_id, *(b.encode_ids(right) if right.strip() else []), b.eos_id])
-        positions.append([len(before) + 1])
-        halves.append((left, right))
-    lp = bert_logprobs(session, b._pad, rows, positions)
+        out.append(Blank([b._cls, *before, b.mask_id, *(b.encode_ids(right) if right.strip() else []), b.eos_id],
+                         len(before) + 1, left, right))
+    return out
+
+
+def fill_answers(b: Any, session: OrtSession, allowed: np.ndarray, masked: list[str],
+                 blanks: list[Blank]) -> list[pb.FillMaskResponse]:
+    """`FillMask`'s response (top 5 of the one blank) for each masked text alone, in one run; `allowed` is
+    ~never_generate_mask(), made once by the caller."""
+    lp = bert_logprobs(session, b._pad, [x.row for x in blanks], [[x.at] for x in blanks])
     tops = top_of_rows(lp[:, 0], allowed, TOP_K)  # the batch's blanks together, as the server takes them
     out = []
-    for (ids, lps), text, (left, right) in zip(tops, masked, halves, strict=True):
+    for (ids, lps), text, x in zip(tops, masked, blanks, strict=True):
         cands = []
         for t, v in zip(ids.tolist(), lps.astype(np.float64).tolist(), strict=True):
             if math.isfinite(v):
                 word = b.token_text(t)
                 cands.append(pb.FillMaskCandidate(
                     score=math.exp(v) if v > -745 else 0.0, token=t, token_str=word,
-                    sequence=left + (word.strip() or word) + right, log_prob=v, token_ids=[t]))
+                    sequence=x.left + (word.strip() or word) + x.right, log_prob=v, token_ids=[t]))
         out.append(pb.FillMaskResponse(model=b.name, model_version=b.version, results=[
             pb.FillMaskResult(text=text, masks=[pb.MaskFill(index=0, candidates=cands)])]))
     return out
 
 
-def _answerer(model: ModelAdapter, session: OrtSession) -> tuple[str, Any, Callable[[list[str]], list[Any]]]:
-    """The one method served, its request type and the batch work (texts -> responses)."""
+def fill_responses(b: Any, session: OrtSession, allowed: np.ndarray, masked: list[str]) -> list[pb.FillMaskResponse]:
+    return fill_answers(b, session, allowed, masked, fill_rows(b, masked))
+
+
+def row_lengths(model: Any, texts: list[str]) -> list[int]:
+    """The tokens of each text's row (specials included): what its batch pads to."""
+    if model.family == "bert":
+        return [len(x.row) for x in fill_rows(model, texts)]
+    return [len(e.ids) + 2 for e in score_rows(model, texts)]
+
+
+def batches(lengths: list[int], cap: int, floor: float) -> list[list[int]]:
+    """One round's rows (indices into `lengths`) in batches, longest first: a row joins the batch while at least
+    `floor` of the batch's padded cells stay real tokens, and at most `cap` rows (plm's padding floor)."""
+    out: list[list[int]] = []
+    batch: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batch and (len(batch) == cap or real + lengths[i] < floor * (len(batch) + 1) * lengths[batch[0]]):
+            out.append(batch)
+            batch, real = [], 0
+        batch.append(i)
+        real += lengths[i]
+    return [*out, batch] if batch else out
+
+
+class _Work(NamedTuple):
+    method: str  # the one RPC served
+    request_type: Any
+    prepare: Callable[[list[str]], list[Any]]  # texts -> their rows
+    length: Callable[[Any], int]  # a prepared row -> its tokens
+    answer: Callable[[list[str], list[Any]], list[Any]]  # texts, their rows -> responses, in one run
+
+
+def _work(model: ModelAdapter, session: OrtSession) -> _Work:
     if model.family == "bert":
         allowed = ~model.never_generate_mask()
-        return "FillMask", pb.FillMaskRequest, lambda texts: fill_responses(model, session, allowed, texts)
-    return "Score", pb.ScoreRequest, lambda texts: score_responses(model, session, texts)
+        return _Work("FillMask", pb.FillMaskRequest, lambda texts: fill_rows(model, texts), lambda x: len(x.row),
+                     lambda texts, rows: fill_answers(model, session, allowed, texts, rows))
+    return _Work("Score", pb.ScoreRequest, lambda texts: score_rows(model, texts), lambda e: len(e.ids) + 2,
+                 lambda texts, rows: score_answers(model, session, texts, rows))
 
 
 async def serve(repository: Path, name: str, port: int) -> None:
     model, session = load(repository, name)
-    method, request_type, work = _answerer(model, session)
+    work = _work(model, session)
     batching = ServerConfig().batching
-    cap, wait = batching.max_batch_size, batching.max_queue_delay_ms / 1000
+    cap, wait, floor = batching.max_batch_size, batching.max_queue_delay_ms / 1000, batching.min_padding_efficiency
     queue: collections.deque[tuple[str, asyncio.Future[bytes]]] = collections.deque()
     arrived = asyncio.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1)  # the model's one thread
     loop = asyncio.get_running_loop()
 
     def run_round(texts: list[str]) -> list[bytes]:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # chunks of like lengths pad least
+        rows = work.prepare(texts)
         out: list[bytes] = [b""] * len(texts)
-        for start in range(0, len(order), cap):
-            chunk = order[start:start + cap]
-            for i, response in zip(chunk, work([texts[i] for i in chunk]), strict=True):
+        for batch in batches([work.length(r) for r in rows], cap, floor):
+            for i, response in zip(batch, work.answer([texts[i] for i in batch], [rows[i] for i in batch]),
+                                   strict=True):
                 out[i] = response.SerializeToString()
         return out
 
@@ -164,7 +219,7 @@ async def serve(repository: Path, name: str, port: int) -> None:
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
-        method: grpc.unary_unary_rpc_method_handler(answer, request_deserializer=request_type.FromString)}),))
+        work.method: grpc.unary_unary_rpc_method_handler(answer, request_deserializer=work.request_type.FromString)}),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     task = asyncio.create_task(worker())

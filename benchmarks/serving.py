@@ -55,7 +55,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _minimal_server import MinimalServer, bert_logprobs, fill_responses, gpt_logprobs, score_responses
+from _minimal_server import (
+    MinimalServer,
+    batches,
+    bert_logprobs,
+    fill_responses,
+    gpt_logprobs,
+    row_lengths,
+    score_responses,
+)
 from _smoke import Servers, add_smoke_flag, no_errors, run  # this folder is on sys.path when run as a script
 from google.protobuf.message import Message
 from plm.client.client import PlmClient
@@ -306,11 +314,13 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
     sides = {"this": {}, **{d.name: {"PYTHONPATH": str(d.resolve())} for d in folders}}
     names = list(sides)
     rounds: list[dict[str, float]] = []
-    shown = raw.masked if model == "bert" else raw.texts  # as the requests carry them
-    arrived = np.random.default_rng(0).permutation(len(shown)).tolist()
-    taken = min(2 * BATCH_CAP, concurrency)  # what one of its rounds takes: at most the calls in flight
-    arrival_batches = [i for k in range(0, len(arrived), taken)
-                       for i in sorted(arrived[k:k + taken], key=lambda i: len(shown[i]))]
+    # The minimal server's batches of the texts as they come: rounds of min(2 caps, callers), each split by length.
+    lengths = row_lengths(raw.bert if model == "bert" else raw.gpt, raw.masked if model == "bert" else raw.texts)
+    arrived = np.random.default_rng(0).permutation(len(lengths)).tolist()
+    taken = min(2 * BATCH_CAP, concurrency)
+    in_rounds = [[arrived[k + i] for i in b] for k in range(0, len(arrived), taken)
+                 for b in batches([lengths[i] for i in arrived[k:k + taken]], BATCH_CAP,
+                                  ServerConfig().batching.min_padding_efficiency)]
     with contextlib.ExitStack() as stack:
         servers: dict[str, Any] = {n: stack.enter_context(Servers(repository, False).start([model], env))
                                    for n, env in sides.items()}
@@ -328,9 +338,11 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
             # process and the load generator's over the measured window (the cores they share).
             wall = time.perf_counter() - wall0
             row["raw_cpu_us"] = 1e6 * (time.process_time() - cpu0) / (row["raw_with_tokenization"] * wall)
-            if ceiling:  # the same in the minimal server's batches: texts as they come, each round's by length
-                row["raw_in_minimal_batches"] = best_rate(full, len(raw.texts), 1.5, (min(BATCH_CAP, concurrency),),
-                                                          arrival_batches)["best_items_per_s"]
+            if ceiling:  # the same in the minimal server's batches
+                done, began = 0, time.perf_counter()
+                while time.perf_counter() - began < 1.5:
+                    done += len(full(in_rounds[done % len(in_rounds)]))
+                row["raw_in_minimal_batches"] = done / (time.perf_counter() - began)
             for name in names[pair % len(names):] + names[:pair % len(names)]:
                 pid = servers[name].proc.pid
                 marks: list[float] = []  # the server's CPU seconds at the end of drive's 2 s warm-up
