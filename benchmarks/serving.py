@@ -339,10 +339,12 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
             wall = time.perf_counter() - wall0
             row["raw_cpu_us"] = 1e6 * (time.process_time() - cpu0) / (row["raw_with_tokenization"] * wall)
             if ceiling:  # the same in the minimal server's batches
-                done, began = 0, time.perf_counter()
+                done, k, began, cpu0 = 0, 0, time.perf_counter(), time.process_time()
                 while time.perf_counter() - began < 1.5:
-                    done += len(full(in_rounds[done % len(in_rounds)]))
+                    done += len(full(in_rounds[k % len(in_rounds)]))
+                    k += 1
                 row["raw_in_minimal_batches"] = done / (time.perf_counter() - began)
+                row["raw_in_minimal_batches_cpu_us"] = 1e6 * (time.process_time() - cpu0) / done
             for name in names[pair % len(names):] + names[:pair % len(names)]:
                 pid = servers[name].proc.pid
                 marks: list[float] = []  # the server's CPU seconds at the end of drive's 2 s warm-up
@@ -355,7 +357,8 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
             rounds.append(row)
             print(f"  round {pair}: raw with tokenization {row['raw_with_tokenization']:.0f} texts/s "
                   f"({row['raw_cpu_us']:.0f} µs CPU/text; in the minimal server's batches "
-                  f"{row.get('raw_in_minimal_batches', math.nan):.0f}); "
+                  f"{row.get('raw_in_minimal_batches', math.nan):.0f}, "
+                  f"{row.get('raw_in_minimal_batches_cpu_us', math.nan):.0f} µs); "
                   + "; ".join(f"{n} {row[n]:.0f} ({row[n] / row['raw_with_tokenization']:.2f} of raw; CPU/call "
                               f"server {row[n + '_server_cpu_us']:.0f} µs, client {row[n + '_client_cpu_us']:.0f} µs)"
                               for n in names), flush=True)
