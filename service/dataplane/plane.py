@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -59,7 +59,9 @@ class Call:
                  protocol: str = "grpc") -> None:
         self.started = time.perf_counter()
         self.plane, self.method, self.protocol = plane, method, protocol
-        self.request_id = str(request_id or os.urandom(8).hex())[:64]
+        # A generated id needs to be unique, not secret: `random` (reseeded in each forked worker) takes no system
+        # call, where os.urandom's lets go of the GIL and must win it back from the model's thread.
+        self.request_id = str(request_id or f"{random.getrandbits(64):016x}")[:64]
         self.deadline = time.monotonic() + timeout if timeout is not None else None
         self.model_label = "-"
         self.code = OK
