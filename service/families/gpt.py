@@ -139,7 +139,7 @@ class GptAdapter(ByteLevelText, ModelAdapter, Scorer, NextWordPredictor, Generat
         rows = [_Row((self._bos, *s, *((self._eos,) if add_eos else ())), want_tokens=True) for s in seqs]
         outs = await self._batcher.submit(rows, [len(r.ids) for r in rows], deadline)
         # Position t of token_logprobs scores ids[t]; position 0 is the BOS, which is given, not scored.
-        return [TokenScores(o.token_logprobs[1:].astype(np.float64)) for o in outs if o.token_logprobs is not None]
+        return [TokenScores(o.token_logprobs[1:]) for o in outs if o.token_logprobs is not None]  # float64 views
 
     async def next_logprobs(self, contexts: list[list[int]], deadline: float | None) -> np.ndarray:
         rows = [_Row((self._bos, *c), want_next=True) for c in contexts]
@@ -165,9 +165,11 @@ class GptAdapter(ByteLevelText, ModelAdapter, Scorer, NextWordPredictor, Generat
         })
         tok, nxt = results.get("token_logprobs"), results.get("next_logprobs")  # (B, T), (B, V)
         hid = results.get("hidden_states")  # (B, T, C)
+        if tok is not None:  # float64 for the whole batch at once, here on the model's thread, not per row on the loop
+            tok = tok.astype(np.float64)
         return [
             _RowOut(
-                tok[i, : len(r.ids)].copy() if (tok is not None and r.want_tokens) else None,
+                tok[i, : len(r.ids)] if (tok is not None and r.want_tokens) else None,  # views of the new array
                 nxt[i].copy() if (nxt is not None and r.want_next) else None,
                 hid[i, : len(r.ids)].copy() if (hid is not None and r.want_hidden) else None,
             )

@@ -94,17 +94,19 @@ class LanguageModelServicer(pb_grpc.LanguageModelServiceServicer):
             request.model, request.texts, request.add_eos if request.HasField("add_eos") else None,
             request.per_token if request.HasField("per_token") else None, request.sources))
         result = served.result
-        return pb.ScoreResponse(
-            model=served.model, model_version=served.version, method=result.method, ranking=result.ranking,
-            scores=[pb.SentenceScore(
-                text=s.text, log_prob=s.log_prob, log10_prob=s.log10_prob, perplexity=s.perplexity,
-                word_perplexity=s.word_perplexity(result.add_eos), num_tokens=s.num_tokens,
-                num_words=s.num_words, num_oov=s.num_oov,
-                tokens=[pb.TokenScore(id=t.id, token=t.token, log_prob=t.log_prob, ngram_length=t.ngram_length,
-                                      oov=t.oov) for t in s.tokens],
-                words=[pb.WordScore(word=w, log_prob=lp) for w, lp in s.words],
-            ) for s in result.sentences],
-        )
+        response = pb.ScoreResponse(model=served.model, model_version=served.version, method=result.method,
+                                    ranking=result.ranking)
+        add_score = response.scores.add
+        for s in result.sentences:  # written in place (`add`): a message built apart is copied in again
+            m = add_score(text=s.text, log_prob=s.log_prob, log10_prob=s.log10_prob, perplexity=s.perplexity,
+                          word_perplexity=s.word_perplexity(result.add_eos), num_tokens=s.num_tokens,
+                          num_words=s.num_words, num_oov=s.num_oov)
+            add_token, add_word = m.tokens.add, m.words.add
+            for t in s.tokens:
+                add_token(id=t.id, token=t.token, log_prob=t.log_prob, ngram_length=t.ngram_length, oov=t.oov)
+            for w, lp in s.words:
+                add_word(word=w, log_prob=lp)
+        return response
 
     @unary("PredictNext", FIELDS["PredictNext"])
     async def PredictNext(self, request: pb.PredictNextRequest, call: Call) -> pb.PredictNextResponse:

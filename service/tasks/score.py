@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 from plm.service.errors import InvalidArgument
 from plm.service.families.base import Encoded, ModelAdapter, TokenScores
 from plm.service.families.capabilities import ConditionalScorer, Scorer, SourceReader
@@ -88,21 +89,23 @@ def _result(model: ModelAdapter, params: ScoreParams, method: str, add_eos: bool
             scored: list[TokenScores]) -> ScoreResult:
     sentences = []
     for text, enc, sc in zip(params.texts, encoded, scored, strict=True):
-        lps = [float(x) for x in sc.log_probs]
+        lps = np.asarray(sc.log_probs, dtype=np.float64).tolist()  # Python floats in one C call, not per token
         ids, names, oov = list(enc.ids), list(enc.tokens), list(enc.oov)
         if add_eos:
             ids.append(model.eos_id)
             names.append(model.token_text(model.eos_id))
             oov.append(False)
         lengths = sc.ngram_lengths or [0] * len(lps)
-        tokens = tuple(TokenResult(i, n, lp, ln, o) for i, n, lp, ln, o in zip(ids, names, lps, lengths, oov,
-                                                                            strict=True))
+        if not len(ids) == len(names) == len(lps) == len(lengths) == len(oov):
+            raise ValueError(f"{len(lps)} scores for {len(ids)} tokens")
+        # map calls the NamedTuple per token with no generator frame between; only when the tokens are asked for
+        tokens = tuple(map(TokenResult, ids, names, lps, lengths, oov)) if params.per_token else ()
         word_lps = [0.0] * len(enc.words)
         for k, w in enumerate(enc.word_index):
             word_lps[w] += lps[k]
         sentences.append(SentenceResult(
             text=text, log_prob=sum(lps), num_tokens=len(lps), num_words=len(enc.words), num_oov=sum(enc.oov),
-            tokens=tokens if params.per_token else (),
+            tokens=tokens,
             words=tuple(zip(enc.words, word_lps, strict=True)) if params.per_token else (),
         ))
     ranking = tuple(sorted(range(len(sentences)), key=lambda i: -sentences[i].log_prob))
