@@ -29,7 +29,8 @@ Prints µs per call and writes the JSON and a PNG.
 
 `--fill-task-ab REPOSITORY OLD_TREE ROUNDS CALLS` (alone) A/Bs FillMask's task of another tree against this
 checkout's in one process (`_fill_task_ab`): no process-to-process spread, which across servers is wider than
-a few µs per call.
+a few µs per call. `--score-task-ab REPOSITORY OLD_TREE ROUNDS CALLS` does the same for GPT `Score`'s whole
+servicer method (`_score_task_ab`).
 """
 
 from __future__ import annotations
@@ -359,6 +360,22 @@ async def _stages(repository: Path, n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def _time_ort(session: Any) -> list[float]:
+    """Wrap `session.run` to add the thread CPU seconds of each run to the returned one-item list (reset by
+    the caller): ONNX Runtime's time, to take from the process's."""
+    ort, ort_run = [0.0], session.run
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.thread_time()
+        try:
+            return ort_run(*args, **kwargs)
+        finally:
+            ort[0] += time.thread_time() - started
+
+    session.run = timed
+    return ort
+
+
 async def _fill_task_ab(repository: Path, old: Path, rounds: int, calls: int) -> dict[str, list[float]]:
     """FillMask's task (`tasks/fill_mask.fill_mask` and BERT's batch top-k, `bert._batch_tops`) of the tree `old`
     against this checkout's, in one process on one BERT adapter: 16 callers, process CPU per call less ONNX
@@ -387,16 +404,7 @@ async def _fill_task_ab(repository: Path, old: Path, rounds: int, calls: int) ->
     registry.load_all()
     model: Any = registry.models["bert"]
     await model.start()
-    ort, ort_run = [0.0], model.session.run
-
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        started = time.thread_time()
-        try:
-            return ort_run(*args, **kwargs)
-        finally:
-            ort[0] += time.thread_time() - started
-
-    model.session.run = timed
+    ort = _time_ort(model.session)
     params = [new_fm.FillMaskParams(texts=(t.replace(w, "[MASK]", 1),)) for t, w in
               zip(METHODS["FillMask"][2], ("dead", "be", "yonder"), strict=True)]
     answers = {}
@@ -422,6 +430,87 @@ async def _fill_task_ab(repository: Path, old: Path, rounds: int, calls: int) ->
             print(f"round {r} {name}: {out[name][-1]:6.1f} µs per call less ORT ({1e6 * ort[0] / n:.0f} µs ORT)",
                   flush=True)
     bert_mod._batch_tops = sides["new"][1]
+    await model.close()
+    print(f"new − old per round: {[round(b - a, 1) for a, b in zip(out['old'], out['new'], strict=True)]}; "
+          f"medians {statistics.median(out['old']):.1f} → {statistics.median(out['new']):.1f} µs")
+    return out
+
+
+async def _score_task_ab(repository: Path, old: Path, rounds: int, calls: int) -> dict[str, list[float]]:
+    """GPT Score's whole servicer method without gRPC, serialisation included, of the tree `old` against this
+    checkout's, in one process on one GPT adapter: the Score handler (frontends/plm_v1.py), the call's edge
+    (dataplane/plane.py's `Call`), the task (tasks/score.py) and GPT's scoring and batch run (families/gpt.py)
+    swapped as a set; 16 callers over held-out texts, process CPU per call less ONNX Runtime's thread time, the two
+    alternated `rounds` times (each first in turn); answers checked bit-equal first."""
+    import importlib.util
+    import types
+    from dataclasses import replace
+
+    from plm.service import logs
+    from plm.service.admission import Admission
+    from plm.service.config import Runtime, ServerConfig
+    from plm.service.dataplane import plane as plane_mod
+    from plm.service.families import gpt as new_gpt
+    from plm.service.frontends import plm_v1 as new_v1
+    from plm.service.metrics import Metrics
+    from plm.service.registry import Registry
+    from plm.service.tasks import score as new_score
+    from serving import held_out_texts
+
+    def load(name: str, rel: str) -> Any:
+        spec: Any = importlib.util.spec_from_file_location(name, old / "plm" / rel)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    mods = {"old": (load("old_plm_v1", "service/frontends/plm_v1.py"), load("old_plane", "service/dataplane/plane.py"),
+                    load("old_score", "service/tasks/score.py"), load("old_gpt", "service/families/gpt.py")),
+            "new": (new_v1, plane_mod, new_score, new_gpt)}
+    new_init = plane_mod.Call.__init__
+    config = replace(ServerConfig(), repository=repository, models=("gpt",),
+                     runtime=replace(Runtime(), intra_op_threads=1), log_buffer_seconds=1.0)
+    logs.setup_logging("WARNING", "text", 1.0)
+    metrics = Metrics()
+    registry = Registry(config, metrics)
+    registry.load_all()
+    model: Any = registry.models["gpt"]
+    await model.start()
+    plane = plane_mod.DataPlane(registry, Admission(config.limits, metrics), metrics, config.limits)
+    ort = _time_ort(model.session)
+    servicers = {name: m[0].LanguageModelServicer(plane) for name, m in mods.items()}
+
+    def use(name: str) -> Any:
+        _, plane_side, score_side, gpt_side = mods[name]
+        plane_mod.Call.__init__ = plane_side.Call.__init__ if name == "old" else new_init  # type: ignore[method-assign]
+        plane_mod.score = score_side
+        model.score = types.MethodType(gpt_side.GptAdapter.score, model)
+        model._batcher._run = types.MethodType(gpt_side.GptAdapter._run, model)
+        return servicers[name]
+
+    requests = [pb.ScoreRequest(model="gpt", texts=[t]) for t in held_out_texts(repository)[:400]]
+    ctx: Any = _Context()
+    answers = {}
+    for name in mods:
+        servicer = use(name)
+        answers[name] = [(await servicer.Score(r, ctx)).SerializeToString() for r in requests[:100]]
+    assert answers["old"] == answers["new"], "the two trees' Score answers differ"
+
+    async def caller(servicer: Any, i: int, n: int) -> None:
+        for j in range(n):
+            (await servicer.Score(requests[(i * 37 + j) % len(requests)], ctx)).SerializeToString()
+
+    out: dict[str, list[float]] = {"old": [], "new": []}
+    n = calls // 16 * 16
+    for r in range(rounds):
+        for name in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            servicer = use(name)
+            await asyncio.gather(*(caller(servicer, i, 5) for i in range(16)))
+            ort[0], c0 = 0.0, time.process_time()
+            await asyncio.gather(*(caller(servicer, i, calls // 16) for i in range(16)))
+            out[name].append(1e6 * (time.process_time() - c0 - ort[0]) / n)
+            print(f"round {r} {name}: {out[name][-1]:6.1f} µs per call less ORT ({1e6 * ort[0] / n:.0f} µs ORT)",
+                  flush=True)
+    use("new")
     await model.close()
     print(f"new − old per round: {[round(b - a, 1) for a, b in zip(out['old'], out['new'], strict=True)]}; "
           f"medians {statistics.median(out['old']):.1f} → {statistics.median(out['new']):.1f} µs")
@@ -524,6 +613,10 @@ if __name__ == "__main__":
         i = sys.argv.index("--fill-task-ab")
         asyncio.run(_fill_task_ab(Path(sys.argv[i + 1]), Path(sys.argv[i + 2]), int(sys.argv[i + 3]),
                                   int(sys.argv[i + 4])))
+    elif "--score-task-ab" in sys.argv:  # --score-task-ab REPOSITORY OLD_TREE ROUNDS CALLS
+        i = sys.argv.index("--score-task-ab")
+        asyncio.run(_score_task_ab(Path(sys.argv[i + 1]), Path(sys.argv[i + 2]), int(sys.argv[i + 3]),
+                                   int(sys.argv[i + 4])))
     elif "--stages" in sys.argv:
         i = sys.argv.index("--stages")
         print(json.dumps(asyncio.run(_stages(Path(sys.argv[i + 1]), int(sys.argv[i + 2])))))
