@@ -220,3 +220,29 @@ def test_admission_refuses_both_protocols_alike(server: ServerThread, stub: Any,
     finally:
         admission.limit, admission.draining = saved
     assert got == [code, code]
+
+
+def test_generated_request_ids_are_unique_in_every_forked_worker() -> None:
+    """A call without a client id gets 16 hex digits, new each call, and `plm serve --workers` children forked from
+    one parent do not repeat each other's (nor the parent's) ids."""
+    import os
+    import re
+
+    from plm.service.dataplane.plane import Call
+
+    def new_id() -> str:
+        return Call(None, "Score", None, None).request_id  # type: ignore[arg-type]  # __init__ only stores the plane
+
+    ids = {new_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(re.fullmatch("[0-9a-f]{16}", i) for i in ids)
+    assert Call(None, "Score", "client-id", None).request_id == "client-id"  # type: ignore[arg-type]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id, then gone
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert child != new_id()
