@@ -311,7 +311,9 @@ def task_ab(repository: Path, folders: list[Path], pairs: int, duration: float, 
     raw = Raw(repository, texts, nnlm=False)
     rpc, full, order = (("FillMask", raw.bert_fill_full, raw.bert_order) if model == "bert"
                         else ("Score", raw.gpt_score_full, raw.gpt_order))
-    sides = {"this": {}, **{d.name: {"PYTHONPATH": str(d.resolve())} for d in folders}}
+    # PYTHONSAFEPATH: `python -m plm.cli` would put the working directory first on sys.path, and run from a
+    # checkout its `plm/` would shadow the folder's: every side would serve the checkout's code.
+    sides = {"this": {}, **{d.name: {"PYTHONPATH": str(d.resolve()), "PYTHONSAFEPATH": "1"} for d in folders}}
     names = list(sides)
     rounds: list[dict[str, float]] = []
     # The minimal server's batches of the texts as they come: rounds of min(2 caps, callers), each split by length.
