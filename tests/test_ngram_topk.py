@@ -120,11 +120,15 @@ def test_a_tie_made_by_rounding_goes_to_the_lower_id(tmp_path: Path) -> None:
         assert ids.tolist() == _brute_force(model, model.ids(context), allowed, 1)[0]
 
 
-def test_served_repository_model_if_built() -> None:
-    """Where `repository/ngram-kn` exists, a few served contexts against the brute force over its vocabulary."""
-    path = Path(__file__).resolve().parents[1] / "repository" / "ngram-kn" / "model.arpa"
+@pytest.mark.parametrize("repository", ["tiny", "default"])
+def test_a_built_models_top_equals_the_dense_top(repository: str, request: pytest.FixtureRequest) -> None:
+    """A built `ngram-kn` (the tests' tiny repository, always; the default `repository/` where it was built): a few
+    served contexts against the dense distribution over its whole vocabulary."""
+    folder = (request.getfixturevalue("tiny_repo") if repository == "tiny"
+              else Path(__file__).resolve().parents[1] / "repository")
+    path = folder / "ngram-kn" / "model.arpa"
     if not path.exists():
-        pytest.skip("no built repository")
+        pytest.skip("no default repository built here (`make serve` builds it)")
     model = NgramModel.load_arpa(path)
     allowed = np.ones(len(model.vocab), dtype=bool)
     for special in ("<s>", "<unk>", "</s>"):
