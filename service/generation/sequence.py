@@ -358,15 +358,11 @@ class Sequence:
 
 def observe_step(seqs: list[Sequence], now: float) -> None:
     """The metrics of one step's tokens, one for each of `seqs` (then advanced with `observed=True`): the
-    generated-tokens counter once and the inter-token gaps in one histogram update where the sequences share a
-    model's series, as the engine's batch does; else each sequence's own, as `advance` records them."""
+    generated-tokens counter once and the inter-token gaps in one histogram update. The sequences are one
+    engine's, so of one model: they share its series."""
     if not seqs:
         return
     first = seqs[0]
-    if any(s._m_tokens is not first._m_tokens or s._m_gap is not first._m_gap for s in seqs):
-        for s in seqs:
-            s.observe(now)
-        return
     first._m_tokens.inc(len(seqs))
     gaps = []
     for s in seqs:
